@@ -1,0 +1,112 @@
+"""Embedded default: DFT on SmolLM2-135M-Instruct over the built-in arithmetic set.
+
+  python -m dft_jax.train                                  # this file, CPU-sized
+  python -m dft_jax.train --config=configs/default.py:gpu  # same run, GPU-sized
+  python -m dft_jax.train --config.objective.name=psft --config.train.num_steps=10
+
+Variants (the part after ':'): cpu (default), gpu, and an objective name
+(sft, dft, dft_seq, power, psft) to switch the objective, e.g. `:psft` or `gpu,psft`.
+"""
+import ml_collections
+
+OBJECTIVES = ("sft", "dft", "dft_seq", "power", "psft")
+
+
+def get_config(arg=None):
+  variants = [a for a in (arg or "cpu").split(",") if a]
+  c = ml_collections.ConfigDict()
+
+  c.model = ml_collections.ConfigDict(dict(
+      name="smollm2-135m-instruct",  # alias | HF dir | .gguf file | preset:NAME (random init)
+      param_dtype="float32",         # master weights
+      compute_dtype="float32",       # float32 on CPU, bfloat16 on accelerators
+      remat="nothing_saveable",      # none | nothing_saveable | dots_saveable | dots_with_no_batch_dims_saveable
+      scan_layers=True,
+      attention="auto",              # auto (cudnn on GPU, xla elsewhere) | xla | cudnn
+      lm_head_chunk=1024,            # tokens per chunk of the fused LM head
+  ))
+
+  c.data = ml_collections.ConfigDict(dict(
+      source="builtin:arith_train",  # builtin:NAME | hub name | file | glob | save_to_disk folder
+      split="train",
+      format="prompt_response",      # prompt_response | messages | text
+      prompt_field="prompt",
+      response_field="response",
+      messages_field="messages",
+      text_field="text",
+      assistant_loss="all",          # all | last | every_turn (messages: which turns are trained)
+      system_prompt=ml_collections.FieldReference(None, field_type=str),
+      chat_template=ml_collections.FieldReference(None, field_type=str),
+      max_length=192,                # longest example kept (tokens)
+      truncation="drop",             # drop | truncate_response | truncate_prompt
+      packing=True,
+      streaming=False,
+      num_proc=1,
+      max_rows=ml_collections.FieldReference(None, field_type=int),
+      shuffle_seed=0,
+      error_on_dropped=False,
+  ))
+
+  c.objective = ml_collections.ConfigDict(dict(
+      name="dft",                    # one of OBJECTIVES
+      alpha=0.5,                     # power
+      eps_low=0.2, eps_high=0.28,    # psft (official run script)
+      entropy_coef=0.0,              # entropy bonus  -beta * H_t
+      kl_coef=0.0,                   # KL anchor to the starting model  beta_kl * k3
+      aggregation="token_mean",      # token_mean | seq_mean | sum_norm
+      norm_constant=1.0,             # sum_norm divisor
+  ))
+
+  c.optimizer = ml_collections.ConfigDict(dict(
+      learning_rate=2e-5,
+      schedule="cosine",             # cosine | linear | constant
+      warmup_steps=3,
+      min_lr_ratio=0.1,
+      weight_decay=0.0,
+      b1=0.9, b2=0.95, eps=1e-8,
+      grad_clip_norm=1.0,
+  ))
+
+  c.train = ml_collections.ConfigDict(dict(
+      num_steps=30,
+      global_batch_size=8,           # rows of seq_len tokens per optimizer batch
+      seq_len=256,
+      microbatches=1,                # gradient accumulation inside the step
+      minibatches=1,                 # updates per global batch (PSFT's K; old_logp fixed across them)
+      seed=0,
+      nonfinite="skip",              # skip | stop
+  ))
+
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+
+  c.checkpoint = ml_collections.ConfigDict(dict(
+      every_steps=15, keep=2, async_save=True, export_hf=False))
+
+  c.eval = ml_collections.ConfigDict(dict(
+      before=True, after=True,
+      in_domain="builtin:arith_test", num_examples=24, max_new_tokens=96,
+      general_prompts="builtin:general_prompts", num_general=24,
+      batch_size=24,
+  ))
+
+  c.log = ml_collections.ConfigDict(dict(
+      every_steps=1, progress=True, jsonl=True, tensorboard=True))
+
+  for v in variants:
+    if v == "cpu":
+      pass
+    elif v == "gpu":
+      c.model.compute_dtype = "bfloat16"
+      c.train.num_steps = 200
+      c.train.global_batch_size = 32
+      c.train.seq_len = 1024
+      c.checkpoint.every_steps = 100
+      c.eval.num_examples = 200
+      c.eval.num_general = 64
+      c.eval.batch_size = 100
+    elif v in OBJECTIVES:
+      c.objective.name = v
+    else:
+      raise ValueError(
+          f"configs/default.py: unknown variant {v!r}; expected cpu, gpu or one of {OBJECTIVES}")
+  return c

@@ -1,0 +1,33 @@
+"""User-facing errors: bad config, data or model input, reported as one line by every CLI."""
+import functools
+import sys
+
+
+class UserInputError(ValueError):
+  """Input the user can fix; the message names the field, file, row or flag."""
+
+
+class ConfigError(UserInputError):
+  """A config field has an unknown name, a wrong type or a value out of range."""
+
+
+class DataError(UserInputError):
+  """A dataset source, file or row cannot be used."""
+
+
+class ModelError(UserInputError):
+  """A model path, checkpoint, architecture or tokenizer cannot be used."""
+
+
+def cli_entry(main):
+  """Wraps a CLI `main` so a UserInputError prints `dft_jax: error: <message>` and exits 2."""
+
+  @functools.wraps(main)
+  def wrapped(*args, **kwargs):
+    try:
+      return main(*args, **kwargs)
+    except UserInputError as e:
+      print(f"dft_jax: error: {e}", file=sys.stderr, flush=True)
+      sys.exit(2)
+
+  return wrapped
