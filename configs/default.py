@@ -28,23 +28,28 @@ def get_config(arg=None):
 
   c.data = ml_collections.ConfigDict(dict(
       source="builtin:arith_train",  # builtin:NAME | hub name | file | glob | save_to_disk folder
-      split="train",
+      split="train",                 # hub / save_to_disk split; files: train (or train[:1000])
+      subset=ml_collections.FieldReference(None, field_type=str),  # hub dataset config name
       format="prompt_response",      # prompt_response | messages | text
-      prompt_field="prompt",
+      prompt_field="prompt",         # dotted keys reach nested fields: extra_info.question
       response_field="response",
       messages_field="messages",
       text_field="text",
-      assistant_loss="all",          # all | last | every_turn (messages: which turns are trained)
+      loss_on="assistant",           # assistant (all its turns) | last_assistant | all (tokens)
       system_prompt=ml_collections.FieldReference(None, field_type=str),
+      # None: the tokenizer's; or Jinja text, a .jinja file, "none" (prompt + response + EOS)
       chat_template=ml_collections.FieldReference(None, field_type=str),
       max_length=192,                # longest example kept (tokens)
       truncation="drop",             # drop | truncate_response | truncate_prompt
-      packing=True,
+      packing=True,                  # best-fit packing; False: one example per row, padded
       streaming=False,
-      num_proc=1,
+      shuffle_buffer=10_000,         # streaming: rows in the shuffle buffer (0: no shuffle)
+      pack_window=4096,              # streaming: rows packed together
+      num_proc=1,                    # processes for tokenisation
       max_rows=ml_collections.FieldReference(None, field_type=int),
-      shuffle_seed=0,
-      error_on_dropped=False,
+      shuffle_seed=ml_collections.FieldReference(None, field_type=int),  # None: train.seed
+      error_on_dropped=False,        # make dropped rows (too long, empty) an error
+      cache_dir=ml_collections.FieldReference(None, field_type=str),  # None: the datasets default
   ))
 
   c.objective = ml_collections.ConfigDict(dict(

@@ -1,0 +1,92 @@
+"""Shows what the loss sees: rendered examples with trained spans marked, counts, packing stats.
+
+  python -m dft_jax.data.inspect [--config=configs/default.py] [--config.data.source=FILE] [--num=3]
+                                 [--tokenizer=HF_TOKENIZER_DIR]
+
+Trained tokens (the targets the loss is computed on) are shown green on a terminal and between
+[[ and ]] otherwise (--color=always|never|auto). The packing line comes from the real train
+iterator at config.train.seq_len / global_batch_size.
+"""
+import itertools
+import os
+import sys
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from dft_jax.data import formats
+from dft_jax.data import pipeline
+from dft_jax.data import sources
+from dft_jax.errors import DataError, cli_entry
+
+_DEFAULT_CONFIG = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", "configs",
+                                                "default.py"))
+
+MARKS = {False: ("[[", "]]"), True: ("\033[1;32m", "\033[0m")}
+
+
+def mark_spans(tokenizer, ids, trained, color=False):
+  """The decoded example with each run of trained tokens wrapped in MARKS[color]."""
+  opening, closing = MARKS[color]
+  out = []
+  for flag, run in itertools.groupby(zip(ids, trained), key=lambda x: bool(x[1])):
+    text = tokenizer.decode([i for i, _ in run], skip_special_tokens=False)
+    out.append(f"{opening}{text}{closing}" if flag else text)
+  return "".join(out)
+
+
+def report(config, tokenizer, *, num=3, color=False):
+  """The inspection text for `config` (data, train blocks) with `tokenizer`."""
+  data_cfg = config.data
+  source = sources.load_source(data_cfg, streaming=data_cfg.streaming)
+  encoder = formats.Encoder(data_cfg, tokenizer, source.locate)
+  opening, closing = MARKS[color]
+  lines = [f"data.source={data_cfg.source} format={data_cfg.format}; trained tokens "
+           f"{opening}marked{closing}"]
+  for i, row in enumerate(itertools.islice(source.dataset, num)):
+    ids, trained = encoder.encode(row, i)
+    lines += [f"--- {source.locate(i)}: {len(ids)} tokens, {sum(trained)} trained",
+              mark_spans(tokenizer, ids, trained, color)]
+  it = pipeline.make_train_iterator(
+      data_cfg, tokenizer, seq_len=config.train.seq_len,
+      global_batch_size=config.train.global_batch_size, seed=config.train.seed,
+      process_index=0, process_count=1)
+  batch = next(it)
+  lines.append("--- " + it.summary())
+  for b, seg in enumerate(batch["segment_ids"][:4]):
+    lengths = [int((seg == s).sum()) for s in range(1, seg.max() + 1)]
+    lines.append(f"first batch, row {b}: segments of {lengths} tokens, {int((seg == 0).sum())} "
+                 f"padding, {int(batch['loss_mask'][b].sum())} loss tokens")
+  return "\n".join(lines)
+
+
+@cli_entry
+def main(config, *, num, tokenizer_dir, color):
+  """Prints the report for `config`, with the tokenizer of config.model.name or `tokenizer_dir`."""
+  if tokenizer_dir:
+    import transformers  # pylint: disable=g-import-not-at-top
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+  else:
+    from dft_jax import models  # pylint: disable=g-import-not-at-top
+    _, tokenizer = models.load(config.model.name)
+  if tokenizer is None:
+    raise DataError(f"model.name={config.model.name!r} comes with no tokenizer; pass --tokenizer")
+  color = {"always": True, "never": False, "auto": sys.stdout.isatty()}[color]
+  print(report(config, tokenizer, num=num, color=color))
+
+
+def _cli():
+  """Flags are defined here, not at import, so importing this module defines no global flags."""
+  config = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Config file.")
+  num = flags.DEFINE_integer("num", 3, "Examples to print.")
+  tokenizer_dir = flags.DEFINE_string(
+      "tokenizer", None, "A saved HF tokenizer folder; default: config.model.name's tokenizer.")
+  color = flags.DEFINE_enum("color", "auto", ["auto", "always", "never"],
+                            "Mark trained spans with ANSI colours (auto: on a terminal).")
+  app.run(lambda argv: main(config.value, num=num.value, tokenizer_dir=tokenizer_dir.value,
+                            color=color.value))
+
+
+if __name__ == "__main__":
+  _cli()

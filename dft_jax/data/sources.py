@@ -1,0 +1,218 @@
+"""Where rows come from: `data.source` -> `datasets.Dataset` (`IterableDataset` when streaming).
+
+`data.source` is one of
+  builtin:NAME          data shipped with dft_jax (`builtin.load_builtin`)
+  FILE or GLOB          local .json / .jsonl / .parquet / .csv / .txt files (all of one kind)
+  FOLDER                a folder written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk`
+  ORG/NAME              a hub dataset (`data.subset` = its config name), split `data.split`
+
+Library errors (missing files, malformed JSON lines, unreadable parquet, an offline hub) become one
+`DataError` line naming the file and, where it can be found, the line.
+"""
+import contextlib
+import dataclasses
+import glob
+import json
+import logging
+import os
+
+import datasets
+
+from dft_jax.errors import DataError
+
+BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
+_GLOB_CHARS = "*?["
+
+
+@dataclasses.dataclass(frozen=True)
+class RowLocator:
+  """Names a row for error messages: `row 17 of data/train.jsonl`.
+
+  `files` and `builder` are set for multi-file sources; the file holding a row is then found
+  (on the error path only) by counting each file's rows in order.
+  """
+  source: str
+  split_note: str = ""
+  files: tuple = ()
+  builder: str = ""
+  cache_dir: str | None = None
+
+  def __call__(self, index):
+    if len(self.files) > 1:
+      found = _file_of_row(self.files, self.builder, index, self.cache_dir)
+      if found is not None:
+        return f"row {found[1]} of {found[0]}{self.split_note}"
+    return f"row {index} of {self.source}{self.split_note}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  dataset: datasets.Dataset | datasets.IterableDataset
+  locate: RowLocator
+  files: tuple = ()  # local data files, with their builder
+  builder: str = ""
+
+  def read_error(self, e):
+    """A library exception raised while reading rows (streaming) -> DataError."""
+    if self.files:
+      return file_error(e, self.files, self.builder)
+    return DataError(f"cannot read {self.locate.source}: {_one_line(e)}")
+
+
+def load_source(data_cfg, *, streaming=False):
+  """`data.source` (+ split, subset, max_rows, cache_dir) -> Source; DataError when unusable."""
+  spec = data_cfg.source
+  if not isinstance(spec, str) or not spec.strip():
+    raise DataError(f"data.source={spec!r}: expected builtin:NAME, a file, a glob, a folder or a "
+                    "hub dataset name")
+  if spec.startswith("builtin:"):
+    source = _builtin(spec)
+  elif os.path.isdir(spec):
+    source = _folder(spec, data_cfg.split)
+  elif os.path.isfile(spec) or any(c in spec for c in _GLOB_CHARS):
+    source = _files(spec, data_cfg.split, data_cfg.cache_dir, streaming)
+  elif os.path.splitext(spec)[1].lower() in BUILDERS or spec.startswith((".", "/", "~")):
+    raise DataError(f"data.source={spec!r}: no such file or directory")
+  else:
+    source = _hub(spec, data_cfg.subset, data_cfg.split, data_cfg.cache_dir, streaming)
+  ds = source.dataset
+  if streaming and isinstance(ds, datasets.Dataset):
+    ds = ds.to_iterable_dataset()
+  if data_cfg.max_rows is not None:
+    n = data_cfg.max_rows
+    ds = ds.take(n) if streaming else ds.select(range(min(n, len(ds))))
+  if isinstance(ds, datasets.Dataset) and len(ds) == 0:
+    raise DataError(f"data.source={spec!r} has no rows{source.locate.split_note}")
+  return dataclasses.replace(source, dataset=ds)
+
+
+def _builtin(spec):
+  from dft_jax.data import builtin  # pylint: disable=g-import-not-at-top
+  rows = builtin.load_builtin(spec.removeprefix("builtin:"))
+  return Source(datasets.Dataset.from_list(rows), RowLocator(spec))
+
+
+def _folder(path, split):
+  markers = ("dataset_info.json", "state.json", "dataset_dict.json")
+  if not any(os.path.exists(os.path.join(path, m)) for m in markers):
+    raise DataError(f"data.source={path!r} is a folder but not one written by save_to_disk (no "
+                    f"{' / '.join(markers)}); for a folder of files use a glob like {path}/*.jsonl")
+  try:
+    with quiet_datasets():
+      ds = datasets.load_from_disk(path)
+  except (OSError, ValueError) as e:
+    raise DataError(f"cannot load save_to_disk folder {path}: {_one_line(e)}") from None
+  if isinstance(ds, datasets.DatasetDict):
+    if split not in ds:
+      raise DataError(f"{path} has splits {sorted(ds)}; data.split={split!r} is not one of them")
+    return Source(ds[split], RowLocator(path, f" (split {split!r})"))
+  return Source(ds, RowLocator(path))
+
+
+def _files(spec, split, cache_dir, streaming):
+  files = sorted(glob.glob(os.path.expanduser(spec), recursive=True))
+  files = [f for f in files if os.path.isfile(f)]
+  if not files:
+    raise DataError(f"data.source={spec!r}: no files match")
+  kinds = {os.path.splitext(f)[1].lower() for f in files}
+  unknown = kinds - set(BUILDERS)
+  if unknown:
+    raise DataError(f"data.source={spec!r}: unsupported file type {sorted(unknown)}; "
+                    f"expected one of {sorted(BUILDERS)}")
+  builders = {BUILDERS[k] for k in kinds}
+  if len(builders) > 1:
+    raise DataError(f"data.source={spec!r} mixes file types {sorted(kinds)}; use one kind per "
+                    "source")
+  builder = builders.pop()
+  if split.split("[")[0] != "train":
+    raise DataError(f"data.split={split!r}: local files have one split, 'train' (slices such as "
+                    "'train[:1000]' work)")
+  for f in files:
+    if os.path.getsize(f) == 0:
+      raise DataError(f"{f} is empty")
+  try:
+    with quiet_datasets():
+      ds = datasets.load_dataset(builder, data_files=files, split=split, cache_dir=cache_dir,
+                                 streaming=streaming)
+  except Exception as e:  # pylint: disable=broad-except  (library errors -> one line at the edge)
+    raise file_error(e, files, builder) from None
+  note = "" if split == "train" else f" (split {split!r})"
+  locate = RowLocator(spec if len(files) > 1 else files[0], note, tuple(files), builder, cache_dir)
+  return Source(ds, locate, tuple(files), builder)
+
+
+def _hub(name, subset, split, cache_dir, streaming):
+  try:
+    with quiet_datasets():
+      ds = datasets.load_dataset(name, subset, split=split, cache_dir=cache_dir,
+                                 streaming=streaming)
+  except Exception as e:  # pylint: disable=broad-except
+    raise DataError(f"cannot load hub dataset {name!r} (subset {subset!r}, split {split!r}): "
+                    f"{_one_line(e)}; without a network, use a local file, a glob or a "
+                    "save_to_disk folder") from None
+  return Source(ds, RowLocator(f"hub dataset {name}", f" (split {split!r})"))
+
+
+def file_error(e, files, builder):
+  """A library exception from reading `files` -> DataError naming the file (and line)."""
+  if builder == "json":
+    for f in files:
+      bad = _first_bad_json(f)
+      if bad:
+        return DataError(f"{f}: {bad}")
+  root = e
+  while root.__cause__ is not None or root.__context__ is not None:
+    root = root.__cause__ or root.__context__
+  bad_file = next((f for f in files if f in str(e) or f in str(root)), None)
+  where = bad_file or (files[0] if len(files) == 1 else f"one of {len(files)} files")
+  return DataError(f"cannot read {where} as {builder}: {_one_line(root)}")
+
+
+def _first_bad_json(path):
+  """'line N: invalid JSON (...)' for the first unparsable line of a JSON-lines file (one whose
+  first line is a JSON value), else for a JSON document; None if the file parses."""
+  with open(path, encoding="utf-8", errors="replace") as f:
+    text = f.read()
+  lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+  try:
+    json.loads(lines[0][1] if lines else "")
+    candidates = lines  # JSON lines
+  except json.JSONDecodeError:
+    candidates = [(1, text)]  # one document
+  for offset, chunk in candidates:
+    try:
+      json.loads(chunk)
+    except json.JSONDecodeError as e:
+      return f"line {offset + e.lineno - 1}: invalid JSON ({e.msg} at column {e.colno})"
+  return None
+
+
+def _file_of_row(files, builder, index, cache_dir):
+  """(file, row within file) for row `index` of the concatenation of `files`, or None."""
+  for f in files:
+    try:
+      with quiet_datasets():
+        n = len(datasets.load_dataset(builder, data_files=[f], split="train", cache_dir=cache_dir))
+    except Exception:  # pylint: disable=broad-except  (error path: fall back to the glob)
+      return None
+    if index < n:
+      return f, index
+    index -= n
+  return None
+
+
+def _one_line(e):
+  text = " ".join(str(e).split()) or type(e).__name__
+  return text if len(text) <= 300 else text[:297] + "..."
+
+
+@contextlib.contextmanager
+def quiet_datasets():
+  """Silences the library's own error logging while we load; we report the error ourselves."""
+  logger = logging.getLogger("datasets")
+  level = logger.level
+  logger.setLevel(logging.CRITICAL)
+  try:
+    yield
+  finally:
+    logger.setLevel(level)

@@ -1,0 +1,152 @@
+"""Built-in data sets and the answer checkers the evaluator uses."""
+import collections
+import re
+import time
+
+import pytest
+
+from dft_jax import data
+from dft_jax.data import arith
+from dft_jax.data import inspect as data_inspect
+from dft_jax.data import testing
+
+EQUATION = re.compile(r"(\d+) ([-+*/]) (\d+) = (\d+)")
+CHAIN = re.compile(r"\d+ [-+*/] \d+ [-+*/] \d+ =")  # a step with two operations
+OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b,
+       "/": lambda a, b: a / b}
+
+
+def test_sizes_and_fields():
+  sizes = {name: len(data.load_builtin(name)) for name in data.BUILTINS}
+  assert sizes == {"arith_train": 2000, "arith_test": 300, "arith_terse_train": 2000,
+                   "arith_terse_test": 300, "general_prompts": 80, "factual_qa": 70,
+                   "heldout_text": 8}
+  for name in ("arith_train", "arith_test", "arith_terse_train", "factual_qa", "general_prompts"):
+    assert {"prompt", "response", "answer"} <= set(data.load_builtin(name)[0])
+  assert data.load_builtin("builtin:heldout_text") == data.load_builtin("heldout_text")
+
+
+def test_generation_is_deterministic_and_test_is_held_out():
+  assert arith.generate(50, 10, seed=3) == arith.generate(50, 10, seed=3)
+  assert arith.generate(50, 10, seed=3) != arith.generate(50, 10, seed=4)
+  key = lambda r: (r["kind"], tuple(r["numbers"]))  # noqa: E731
+  train, test = data.load_builtin("arith_train"), data.load_builtin("arith_test")
+  assert not {key(r) for r in train} & {key(r) for r in test}
+  assert len({r["prompt"] for r in train}) == len(train)
+
+
+@pytest.mark.parametrize("name", ["arith_train", "arith_test"])
+def test_every_step_is_correct_and_the_answer_is_checkable(name):
+  for row in data.load_builtin(name):
+    steps = EQUATION.findall(row["response"])
+    assert len(steps) >= 2 and not CHAIN.search(row["response"]), row
+    for a, op, b, c in steps:
+      assert OPS[op](int(a), int(b)) == int(c), (row["response"], a, op, b)
+    assert row["response"].splitlines()[-1] == f"#### {row['answer']}"
+    assert data.extract_answer(row["response"]) == row["answer"]
+    assert len(row["prompt"]) < 300 and len(row["response"]) < 400
+
+
+def test_several_reasoning_paths_and_phrasings_per_kind():
+  train = data.load_builtin("arith_train")
+  paths, openings = collections.defaultdict(set), collections.defaultdict(set)
+  for r in train:
+    paths[r["kind"]].add(r["path"])
+    openings[r["kind"]].add(r["response"].splitlines()[0])
+  assert len(paths) == 10
+  assert all(len(p) >= 2 for p in paths.values()), paths
+  assert all(len(o) >= 20 for o in openings.values())
+  # the same problem kind reaches its answer through differently ordered steps
+  ops = {tuple(op for _, op, _, _ in EQUATION.findall(r["response"])) for r in train
+         if r["kind"] == "distributive"}
+  assert {("*", "*", "+"), ("+", "*")} <= ops
+
+
+def test_terse_variant_answers_the_same_problems():
+  full, terse = data.load_builtin("arith_train"), data.load_builtin("arith_terse_train")
+  for f, t in zip(full, terse):
+    assert t["response"] == f"#### {f['answer']}" and t["answer"] == f["answer"]
+    assert t["prompt"].split("\n")[0] == f["prompt"].split("\n")[0]
+    assert data.is_correct(t["response"], f["answer"])
+
+
+def test_general_prompts_are_varied():
+  rows = data.load_builtin("general_prompts")
+  assert len({r["prompt"] for r in rows}) == len(rows) >= 64
+  categories = collections.Counter(r["category"] for r in rows)
+  assert {"instruction", "question", "chit-chat", "code", "facts"} <= set(categories)
+  assert min(categories[c] for c in ("instruction", "question", "chit-chat", "code", "facts")) >= 8
+
+
+def test_factual_qa_answers_match_their_aliases():
+  rows = data.load_builtin("factual_qa")
+  assert len({r["prompt"] for r in rows}) == len(rows) >= 60
+  for r in rows:
+    assert r["answer"] in r["aliases"]
+    assert data.matches_fact(f"It is {r['response']}.", r["aliases"])
+
+
+@pytest.mark.parametrize("text,answer,expected", [
+    ("3 * 4 = 12\n#### 12", "12", True),
+    ("#### 12", 12, True),
+    ("#### 1,234", "1234", True),
+    ("#### 7.0", "7", True),
+    ("#### $15", "15", True),
+    ("#### -3", "-3", True),
+    ("So the answer is 42.", "42", True),
+    ("The final result is \\boxed{9}.", "9", True),
+    ("#### 5\n...\n#### 6", "6", True),        # the last marker counts
+    ("#### 13", "12", False),                  # wrong
+    ("#### 120", "12", False),
+    ("The answer is 12 apples? #### 13", "12", False),  # the marker outranks prose
+    ("twelve", "12", False),                   # malformed: no number stated
+    ("####", "12", False),
+    ("", "12", False),
+    ("I think 12", "12", False),               # a bare number is not a stated answer
+])
+def test_is_correct(text, answer, expected):
+  assert data.is_correct(text, answer) is expected
+
+
+def test_extract_answer_malformed_is_none():
+  assert data.extract_answer("no answer here") is None
+  assert data.extract_answer("#### x") is None
+  assert data.extract_answer("#### 0012") == "12"
+
+
+@pytest.mark.parametrize("text,aliases,expected", [
+    ("The capital of France is Paris.", ["Paris"], True),
+    ("PARIS", ["Paris"], True),
+    ("It's Brasilia", ["Brasília"], True),
+    ("Parisian cafes", ["Paris"], False),
+    ("There are 17 of them", ["7", "seven"], False),
+    ("Seven continents.", ["7", "seven"], True),
+    ("Washington, D.C.", ["Washington, D.C."], True),
+    ("", ["Paris"], False),
+])
+def test_matches_fact(text, aliases, expected):
+  assert data.matches_fact(text, aliases) is expected
+
+
+def test_inspect_report_marks_trained_spans():
+  tok = testing.tiny_chat_tokenizer()
+  config = testing.default_config()
+  config.data.max_rows = 50
+  row = data.load_builtin("arith_train")[0]
+  plain = data_inspect.report(config, tok, num=2, color=False)
+  assert f"[[{row['response']}<|im_end|>]]" in plain
+  assert "--- row 0 of builtin:arith_train: " in plain and "50 rows read, 50 kept" in plain
+  assert "first batch, row 0: segments of [" in plain
+  colored = data_inspect.report(config, tok, num=1, color=True)
+  assert f"\033[1;32m{row['response']}<|im_end|>\033[0m" in colored
+
+
+def test_tokenising_builtin_data_takes_seconds():
+  tok = testing.tiny_chat_tokenizer()
+  config = testing.default_config()
+  start = time.perf_counter()
+  it = data.make_train_iterator(config.data, tok, seq_len=256, global_batch_size=8, seed=0,
+                                process_index=0, process_count=1)
+  next(it)
+  elapsed = time.perf_counter() - start
+  assert it.stats["kept"] == 2000 and elapsed < 20, elapsed
