@@ -1,0 +1,13 @@
+"""Decoder LMs (Llama / Qwen2 / Qwen3 families) in Flax NNX: config, weights import, loading.
+
+  model, tokenizer = models.load("smollm2-135m-instruct")   # or an HF folder, .gguf, preset:NAME
+  logits_BxTxV = model(tokens_BxT)
+"""
+from dft_jax.models.config import ARCHITECTURES, PRESETS, Llama3RopeScaling, ModelConfig
+from dft_jax.models.decoder import Decoder, KVCache, logical_specs
+from dft_jax.models.loader import ALIASES, from_state_dict, load
+
+__all__ = [
+    "ALIASES", "ARCHITECTURES", "PRESETS", "Decoder", "KVCache", "Llama3RopeScaling",
+    "ModelConfig", "from_state_dict", "load", "logical_specs",
+]

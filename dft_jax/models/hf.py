@@ -1,0 +1,165 @@
+"""HF <-> decoder parameter mapping, and reading HF folders (config.json + safetensors).
+
+HF Linear weights are [out, in]; ours put the input axes first ([D, N, H] for q_proj, [N, H, D] for
+o_proj) and stack layers on a leading axis. One table drives both directions.
+"""
+import json
+import math
+import pathlib
+from collections.abc import Mapping
+
+import numpy as np
+from safetensors import safe_open
+
+from dft_jax.errors import ModelError
+from dft_jax.models.config import ModelConfig
+from dft_jax.models.decoder import layer_param_shapes
+
+# name -> (HF name, kind); kind: k = number of our leading axes that form HF's "in" axis of a
+# Linear weight (transposed), "vector" = flattened 1-D (norm scales, biases), "table" = as is.
+_TOP = {
+    "embed": ("model.embed_tokens.weight", "table"),
+    "final_norm": ("model.norm.weight", "vector"),
+    "lm_head": ("lm_head.weight", 1),
+}
+_LAYER = {
+    "attn_norm": ("model.layers.{i}.input_layernorm.weight", "vector"),
+    "wq": ("model.layers.{i}.self_attn.q_proj.weight", 1),
+    "wk": ("model.layers.{i}.self_attn.k_proj.weight", 1),
+    "wv": ("model.layers.{i}.self_attn.v_proj.weight", 1),
+    "wo": ("model.layers.{i}.self_attn.o_proj.weight", 2),
+    "bq": ("model.layers.{i}.self_attn.q_proj.bias", "vector"),
+    "bk": ("model.layers.{i}.self_attn.k_proj.bias", "vector"),
+    "bv": ("model.layers.{i}.self_attn.v_proj.bias", "vector"),
+    "q_norm": ("model.layers.{i}.self_attn.q_norm.weight", "vector"),
+    "k_norm": ("model.layers.{i}.self_attn.k_norm.weight", "vector"),
+    "mlp_norm": ("model.layers.{i}.post_attention_layernorm.weight", "vector"),
+    "w_gate": ("model.layers.{i}.mlp.gate_proj.weight", 1),
+    "w_up": ("model.layers.{i}.mlp.up_proj.weight", 1),
+    "w_down": ("model.layers.{i}.mlp.down_proj.weight", 1),
+}
+# Present in some checkpoints, never used: RoPE buffers of old exports.
+_IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+
+
+def _hf_shape(kind, shape):
+  if kind == "vector":
+    return (math.prod(shape),)
+  if kind == "table":
+    return tuple(shape)
+  return (math.prod(shape[kind:]), math.prod(shape[:kind]))
+
+
+def _to_ours(a, kind, shape):
+  return (a if isinstance(kind, str) else a.T).reshape(shape)
+
+
+def _to_hf(a, kind, shape):
+  hf_shape = _hf_shape(kind, shape)
+  return a.reshape(hf_shape) if isinstance(kind, str) else a.reshape(hf_shape[::-1]).T
+
+
+def _entries(c: ModelConfig):
+  """(path in our params, HF name, kind, our shape) for every parameter, layers unstacked."""
+  top = dict(embed=(c.vocab_size, c.hidden_size), final_norm=(c.hidden_size,))
+  if not c.tie_word_embeddings:
+    top["lm_head"] = (c.hidden_size, c.vocab_size)
+  out = [((name,), _TOP[name][0], _TOP[name][1], shape) for name, shape in top.items()]
+  for name, (shape, _) in layer_param_shapes(c).items():
+    template, kind = _LAYER[name]
+    out += [(("layers", name, i), template.format(i=i), kind, shape)
+            for i in range(c.num_layers)]
+  return out
+
+
+def params_from_hf(config: ModelConfig, state_dict: Mapping[str, np.ndarray], dtype) -> dict:
+  """Pure-dict params (nnx.to_pure_dict layout) from HF-named [out, in] tensors, cast to dtype.
+
+  Raises ModelError naming a missing or unexpected tensor, or a shape mismatch."""
+  entries = _entries(config)
+  expected = {hf for _, hf, _, _ in entries}
+  unexpected = sorted(k for k in state_dict if k not in expected
+                      and not k.endswith(_IGNORED_SUFFIXES)
+                      and not (k == "lm_head.weight" and config.tie_word_embeddings))
+  if unexpected:
+    raise ModelError(f"checkpoint has {len(unexpected)} tensor(s) this {config.model_type} config "
+                     f"does not use, e.g. {unexpected[:3]}")
+  pure, layers = {}, {}
+  for path, hf_name, kind, shape in entries:
+    if hf_name not in state_dict:
+      raise ModelError(f"checkpoint lacks the tensor {hf_name!r}")
+    a = np.asarray(state_dict[hf_name])
+    if a.shape != _hf_shape(kind, shape):
+      raise ModelError(f"checkpoint tensor {hf_name!r} has shape {a.shape}, expected "
+                       f"{_hf_shape(kind, shape)} from config.json")
+    a = _to_ours(a, kind, shape).astype(dtype)
+    if path[0] == "layers":
+      layers.setdefault(path[1], []).append(a)
+    else:
+      pure[path[0]] = a
+  pure["layers"] = {name: np.stack(arrays) for name, arrays in layers.items()}
+  return pure
+
+
+def params_to_hf(config: ModelConfig, pure: dict) -> dict[str, np.ndarray]:
+  """HF-named [out, in] tensors from pure-dict params (inverse of params_from_hf)."""
+  out = {}
+  for path, hf_name, kind, shape in _entries(config):
+    a = pure[path[0]] if len(path) == 1 else pure["layers"][path[1]][path[2]]
+    out[hf_name] = np.ascontiguousarray(_to_hf(np.asarray(a), kind, shape))
+  return out
+
+
+def read_config(folder: pathlib.Path) -> dict:
+  """config.json of an HF folder."""
+  path = folder / "config.json"
+  if not path.is_file():
+    raise ModelError(f"{folder} has no config.json (not an HF model folder)")
+  try:
+    return json.loads(path.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ModelError(f"{path} is not valid JSON: {e}") from None
+
+
+class SafetensorsDict(Mapping):
+  """Read-only name -> numpy array view over model.safetensors or a sharded index (lazy)."""
+
+  def __init__(self, folder: pathlib.Path):
+    self._folder, self._handles = folder, {}
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+      try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+      except (json.JSONDecodeError, KeyError) as e:
+        raise ModelError(f"{index} is not a safetensors index ({e})") from None
+    elif (folder / "model.safetensors").is_file():
+      self._handles["model.safetensors"] = self._open(folder / "model.safetensors")
+      weight_map = dict.fromkeys(self._handles["model.safetensors"].keys(), "model.safetensors")
+    else:
+      raise ModelError(f"{folder} has no model.safetensors or model.safetensors.index.json "
+                       "(other weight formats are not supported)")
+    self._map = weight_map
+
+  @staticmethod
+  def _open(path):
+    if not path.is_file():
+      raise ModelError(f"safetensors file {path} does not exist")
+    try:
+      return safe_open(str(path), framework="numpy")
+    except Exception as e:  # pylint: disable=broad-except  (safetensors raises its own error types)
+      raise ModelError(f"cannot read {path}: {e}") from None
+
+  def __getitem__(self, name):
+    file = self._map[name]
+    if file not in self._handles:
+      self._handles[file] = self._open(self._folder / file)
+    try:
+      return self._handles[file].get_tensor(name)
+    except Exception as e:  # pylint: disable=broad-except
+      raise ModelError(f"cannot read tensor {name!r} from {self._folder / file}: {e}") from None
+
+  def __iter__(self):
+    return iter(self._map)
+
+  def __len__(self):
+    return len(self._map)

@@ -1,0 +1,89 @@
+"""Batched autoregressive sampling with a KV cache: greedy, temperature and top-p (nucleus).
+
+Prompts are left-padded to one length; pads are masked out of attention and positions count real
+tokens only, so a row's output does not depend on its batch-mates. One jitted program: a prefill
+over the prompts, then a `lax.while_loop` of one-token steps until every row hit EOS or
+max_new_tokens. Deterministic for a seed (step i draws with fold_in(PRNGKey(seed), i)).
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dft_jax.errors import DataError
+
+PROMPT_BUCKET = 16  # prompt lengths are padded up to a multiple of this (fewer recompiles)
+
+
+def sample_token(logits_BxV, key, *, temperature, top_p, greedy: bool):
+  """argmax if greedy, else a draw from softmax(logits / temperature) restricted to the smallest
+  set of top tokens whose mass reaches top_p (nucleus sampling, arXiv:1904.09751)."""
+  if greedy:
+    return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+  logits_BxV = logits_BxV / temperature
+  sorted_BxV = jnp.sort(logits_BxV, axis=-1)[:, ::-1]
+  probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
+  keep_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV < top_p  # mass before this token
+  cutoff_Bx1 = jnp.min(jnp.where(keep_BxV, sorted_BxV, jnp.inf), axis=-1, keepdims=True)
+  logits_BxV = jnp.where(logits_BxV >= cutoff_Bx1, logits_BxV, -jnp.inf)
+  return jax.random.categorical(key, logits_BxV, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "greedy"))
+def _generate(graphdef, state, tokens_BxP, valid_BxP, key, temperature, top_p, eos_E, pad_id, *,
+              max_new_tokens, greedy):
+  """new tokens [B, max_new_tokens]; pad_id after a row's EOS."""
+  model = nnx.merge(graphdef, state)
+  b, p = tokens_BxP.shape
+  positions_BxP = jnp.maximum(jnp.cumsum(valid_BxP, axis=1) - 1, 0)
+  cache = model.init_cache(b, p + max_new_tokens)
+  hidden, cache = model.forward_cached(tokens_BxP, positions_BxP, valid_BxP, cache)
+  sample = functools.partial(sample_token, temperature=temperature, top_p=top_p, greedy=greedy)
+
+  def cond(carry):
+    i, _, _, done_B, _, _ = carry
+    return (i < max_new_tokens) & ~jnp.all(done_B)
+
+  def body(carry):
+    i, cache, logits_BxV, done_B, position_B, out_BxN = carry
+    token_B = jnp.where(done_B, pad_id, sample(logits_BxV, jax.random.fold_in(key, i)))
+    out_BxN = out_BxN.at[:, i].set(token_B)
+    done_B = done_B | jnp.isin(token_B, eos_E)
+    hidden, cache = model.forward_cached(token_B[:, None], position_B[:, None],
+                                         jnp.ones((b, 1), bool), cache)
+    return i + 1, cache, model.logits(hidden)[:, 0], done_B, position_B + 1, out_BxN
+
+  carry = (jnp.zeros((), jnp.int32), cache, model.logits(hidden[:, -1:])[:, 0],
+           jnp.zeros((b,), bool), positions_BxP[:, -1] + 1,
+           jnp.full((b, max_new_tokens), pad_id, jnp.int32))
+  return jax.lax.while_loop(cond, body, carry)[-1]
+
+
+def generate(model, prompt_ids: list[list[int]], *, max_new_tokens: int, temperature: float = 0.0,
+             top_p: float = 1.0, eos_ids=(), pad_id: int = 0, seed: int = 0) -> list[list[int]]:
+  """New token ids per prompt, cut before the first EOS (EOS itself not included).
+
+  temperature 0 is greedy; otherwise temperature / top_p sampling, deterministic for `seed`."""
+  if not prompt_ids or any(len(ids) == 0 for ids in prompt_ids):
+    raise DataError("generate needs at least one prompt and no empty prompt")
+  if temperature < 0 or not 0 < top_p <= 1 or max_new_tokens < 1:
+    raise DataError(f"generate: need temperature >= 0 (got {temperature}), 0 < top_p <= 1 "
+                    f"(got {top_p}), max_new_tokens >= 1 (got {max_new_tokens})")
+  p = -(-max(map(len, prompt_ids)) // PROMPT_BUCKET) * PROMPT_BUCKET
+  tokens = np.full((len(prompt_ids), p), pad_id, np.int32)
+  valid = np.zeros((len(prompt_ids), p), bool)
+  for row, ids in enumerate(prompt_ids):
+    tokens[row, p - len(ids):], valid[row, p - len(ids):] = ids, True
+  eos = np.asarray(sorted(set(eos_ids)) or [-1], np.int32)
+  graphdef, state = nnx.split(model)
+  out = np.asarray(_generate(
+      graphdef, state, tokens, valid, jax.random.PRNGKey(seed), jnp.float32(temperature or 1.0),
+      jnp.float32(top_p), eos, jnp.int32(pad_id), max_new_tokens=max_new_tokens,
+      greedy=temperature == 0))
+  results = []
+  for row in out.tolist():
+    stop = next((j for j, t in enumerate(row) if t in set(eos.tolist())), len(row))
+    results.append(row[:stop])
+  return results

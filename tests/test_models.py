@@ -1,0 +1,379 @@
+"""Decoder (dft_jax/models) against HF PyTorch golden logits, and its own invariances.
+
+References: tests/fixtures/tiny_<family>/ (tiny random transformers models + PyTorch float32 logits,
+made by tests/fixtures/make_golden.py), float64 numpy attention, separate forwards of packed docs.
+"""
+import importlib
+import importlib.util
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from safetensors.numpy import load_file, save_file
+
+from dft_jax import export, models
+from dft_jax.errors import ConfigError, ModelError
+from dft_jax.models import attention
+
+FIXTURES = pathlib.Path(__file__).parent / "fixtures"
+FAMILIES = ("llama", "qwen2", "qwen3")
+LOGICAL_NAMES = {"layers", "vocab", "embed", "q_heads", "kv_heads", "head_dim", "mlp", "norm"}
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request):
+  folder = FIXTURES / f"tiny_{request.param}"
+  model, tokenizer = models.load(str(folder))
+  golden = np.load(folder / "golden.npz")
+  return folder, model, tokenizer, golden
+
+
+def _pure(model):
+  return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+
+
+# ---------------------------------------------------------------- parity with transformers
+
+
+def test_logits_match_transformers(family):
+  _, model, _, golden = family
+  logits = model(jnp.asarray(golden["tokens"]))
+  assert logits.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(logits), golden["logits"], atol=1e-4, rtol=0)
+
+
+def test_family_switches_from_config(family):
+  folder, model, tokenizer, _ = family
+  c = model.config
+  hf_config = json.loads((folder / "config.json").read_text())
+  assert c.model_type == hf_config["model_type"]
+  assert c.attention_bias == (c.model_type == "qwen2")
+  assert c.qk_norm == (c.model_type == "qwen3")
+  assert c.tie_word_embeddings == (c.model_type == "qwen2") == (model.lm_head is None)
+  assert (c.rope_scaling is not None) == (c.model_type == "llama")
+  assert tokenizer.eos_token == "<|im_end|>" and tokenizer.chat_template
+  assert all(isinstance(a, jax.Array) for a in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+@pytest.fixture(scope="module")
+def qwen3_loss_and_grad():
+  """(remat, scan_layers) -> jitted (loss, grads) of the tiny Qwen3 fixture (train-step style)."""
+  folder = FIXTURES / "tiny_qwen3"
+  graphdef, params = nnx.split(models.load(str(folder))[0], nnx.Param)
+  tokens = jnp.asarray(np.load(folder / "golden.npz")["tokens"])
+
+  def run(remat, scan_layers):
+    def loss(params):
+      m = nnx.merge(graphdef, params)
+      m.remat, m.scan_layers = remat, scan_layers
+      return jnp.mean(jax.nn.log_softmax(m(tokens))[..., 0])
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+  return run
+
+
+@pytest.mark.parametrize("remat, scan_layers", [
+    ("nothing_saveable", True), ("dots_with_no_batch_dims_saveable", False)])
+def test_remat_and_unrolled_layers_same_loss_and_grads(qwen3_loss_and_grad, remat, scan_layers):
+  ref_loss, ref_grad = qwen3_loss_and_grad("none", True)
+  loss, grad = qwen3_loss_and_grad(remat, scan_layers)
+  np.testing.assert_allclose(loss, ref_loss, atol=1e-6)
+  assert jax.tree.structure(grad) == jax.tree.structure(ref_grad)
+  for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(ref_grad)):
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_packed_segments_equal_separate_forwards():
+  folder = FIXTURES / "tiny_llama"  # llama3 RoPE: positions must restart per segment
+  model, _ = models.load(str(folder))
+  golden = np.load(folder / "golden.npz")
+  doc1, doc2 = golden["tokens"][0, :7], golden["tokens"][1, :9]
+  pad = 4
+  tokens = np.concatenate([doc1, doc2, np.zeros(pad, np.int32)])[None]
+  segments = np.array([[1] * 7 + [2] * 9 + [0] * pad], np.int32)
+  positions = np.array([list(range(7)) + list(range(9)) + [0] * pad], np.int32)
+  packed = np.asarray(model(jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(segments)))
+  assert np.all(np.isfinite(packed))
+  one = np.asarray(model(jnp.asarray(doc1[None])))[0]
+  two = np.asarray(model(jnp.asarray(doc2[None])))[0]
+  np.testing.assert_allclose(packed[0, :7], one, rtol=1e-6, atol=1e-5)
+  np.testing.assert_allclose(packed[0, 7:16], two, rtol=1e-6, atol=1e-5)
+  # Without segment ids doc2 would see doc1: the test can tell the difference.
+  unmasked = np.asarray(model(jnp.asarray(tokens), jnp.asarray(positions)))
+  assert np.abs(unmasked[0, 7:16] - two).max() > 1e-2
+
+
+def test_bfloat16_compute_and_params(family):
+  folder, model, _, golden = family
+  tokens = jnp.asarray(golden["tokens"])
+  bf16, _ = models.load(str(folder), param_dtype="bfloat16", compute_dtype="bfloat16")
+  assert {a.dtype for a in jax.tree.leaves(nnx.state(bf16, nnx.Param))} == {jnp.dtype("bfloat16")}
+  assert bf16.hidden_states(tokens).dtype == jnp.bfloat16
+  logits = bf16(tokens)
+  assert logits.dtype == jnp.float32
+  scale = np.abs(golden["logits"]).max()
+  assert np.abs(np.asarray(logits) - golden["logits"]).max() < 0.05 * scale
+  assert np.mean(np.asarray(logits).argmax(-1) == golden["logits"].argmax(-1)) > 0.9
+
+
+def test_hidden_states_and_head_weight_give_logits(family):
+  _, model, _, golden = family
+  tokens = jnp.asarray(golden["tokens"])
+  hidden = model.hidden_states(tokens)
+  w = model.head_weight()
+  assert hidden.shape == (*tokens.shape, model.config.hidden_size)
+  assert w.shape == (model.config.hidden_size, model.config.vocab_size)
+  np.testing.assert_allclose(np.asarray(hidden @ w), golden["logits"], atol=1e-4)
+
+
+def test_logical_specs_name_every_axis(family):
+  _, model, _, _ = family
+  params = nnx.state(model, nnx.Param)
+  specs = models.logical_specs(params)
+  pairs = list(zip(jax.tree.leaves(params), jax.tree.leaves(specs)))
+  assert len(pairs) == len(jax.tree.leaves(params))
+  for array, spec in pairs:
+    assert isinstance(spec, jax.sharding.PartitionSpec)
+    assert len(spec) == array.ndim and set(spec) <= LOGICAL_NAMES
+  assert models.logical_specs(params)["layers"]["wq"].get_value() == jax.sharding.PartitionSpec(
+      "layers", "embed", "q_heads", "head_dim")
+
+
+def test_params_shard_by_logical_rules_on_a_mesh():
+  """Rules over the logical names shard every parameter; the sharded forward is unchanged."""
+  folder = FIXTURES / "tiny_qwen3"
+  model, _ = models.load(str(folder))
+  tokens = jnp.asarray(np.load(folder / "golden.npz")["tokens"])
+  graphdef, params = nnx.split(model, nnx.Param)
+  rules = dict(embed="fsdp", q_heads="tensor", kv_heads="tensor", mlp="tensor", vocab="tensor")
+  # Auto axes: the decoder has no sharding code and leaves propagation to the compiler (GSPMD).
+  mesh = jax.make_mesh((4, 2), ("fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  shardings = jax.tree.map(
+      lambda spec: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
+          *(rules.get(name) for name in spec))), models.logical_specs(params))
+  sharded = jax.device_put(params, shardings)
+  assert sharded["layers"]["wq"].get_value().sharding.spec == jax.sharding.PartitionSpec(
+      None, "fsdp", "tensor", None)
+  logits = jax.jit(lambda p, t: nnx.merge(graphdef, p)(t))(sharded, tokens)
+  np.testing.assert_allclose(np.asarray(logits), np.asarray(model(tokens)), atol=1e-5)
+
+
+# ---------------------------------------------------------------- export round trip
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_export_then_import_identical_params(family, tmp_path, dtype):
+  folder, model, tokenizer, _ = family
+  export.export_hf(model, tokenizer, tmp_path, dtype=dtype)
+  back, back_tokenizer = models.load(str(tmp_path), param_dtype=dtype)
+  assert back.config == model.config
+  for a, b in zip(jax.tree.leaves(_pure(back)), jax.tree.leaves(_pure(model))):
+    assert a.dtype == jnp.dtype(dtype)
+    np.testing.assert_array_equal(a, b.astype(dtype))
+  hf_config = json.loads((tmp_path / "config.json").read_text())
+  assert hf_config["torch_dtype"] == dtype
+  # Same tensors, names and layout as the transformers checkpoint we imported.
+  ours, theirs = load_file(tmp_path / "model.safetensors"), load_file(folder / "model.safetensors")
+  assert sorted(ours) == sorted(theirs)
+  for name, value in theirs.items():
+    np.testing.assert_array_equal(ours[name], value.astype(dtype))
+  assert back_tokenizer.chat_template == tokenizer.chat_template
+  assert back_tokenizer("Paris 42").input_ids == tokenizer("Paris 42").input_ids
+
+
+def test_export_cli(tmp_path, capsys):
+  folder = FIXTURES / "tiny_qwen3"
+  export.main(["--model", str(folder), "--out", str(tmp_path / "out")])
+  assert "exported qwen3" in capsys.readouterr().out
+  back, _ = models.load(str(tmp_path / "out"))
+  original, _ = models.load(str(folder))
+  for a, b in zip(jax.tree.leaves(_pure(back)), jax.tree.leaves(_pure(original))):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_export_cli_checkpoint_needs_restore_model(tmp_path, capsys):
+  if hasattr(importlib.util.find_spec("dft_jax.checkpoint") and
+             importlib.import_module("dft_jax.checkpoint"), "restore_model"):
+    pytest.skip("dft_jax.checkpoint.restore_model exists; the CLI uses it")
+  with pytest.raises(SystemExit) as e:
+    export.main(["--checkpoint", str(tmp_path), "--out", str(tmp_path / "out")])
+  assert e.value.code == 2
+  assert "restore_model" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- attention
+
+
+def _numpy_attention(q, k, v, mask):
+  """float64 reference: softmax(q k^T / sqrt(H) masked) v, k/v heads repeated for GQA."""
+  q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+  g = q.shape[2] // k.shape[2]
+  k, v = np.repeat(k, g, axis=2), np.repeat(v, g, axis=2)
+  s = np.einsum("btnh,bsnh->bnts", q, k) / np.sqrt(q.shape[-1])
+  s = np.where(mask, s, -np.inf)
+  p = np.exp(s - s.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  return np.einsum("bnts,bsnh->btnh", p, v)
+
+
+def test_xla_attention_matches_numpy_with_segments():
+  rng = np.random.RandomState(0)
+  q = rng.randn(2, 10, 4, 8).astype(np.float32)
+  k, v = (rng.randn(2, 10, 2, 8).astype(np.float32) for _ in range(2))
+  seg = np.array([[1, 1, 1, 2, 2, 2, 2, 3, 0, 0], [1] * 10], np.int32)
+  out = attention.attend(q, k, v, segment_ids_BxT=jnp.asarray(seg), impl="xla")
+  i, j = np.arange(10)[:, None], np.arange(10)[None]
+  mask = (((seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] != 0) & (j <= i))
+          | (i == j))[:, None]
+  np.testing.assert_allclose(np.asarray(out), _numpy_attention(q, k, v, mask), atol=1e-5)
+  causal = attention.attend(q, k, v, impl="xla")
+  np.testing.assert_allclose(np.asarray(causal[1]), np.asarray(out[1]), atol=1e-6)
+
+
+def test_segment_runs_describe_the_same_mask():
+  """cuDNN's packed arguments, expanded back to a mask, give causal-within-run attention."""
+  seg = np.array([[1, 1, 1, 2, 2, 3, 0, 0], [5] * 8, [1, 2, 3, 4, 5, 6, 7, 7]], np.int32)
+  seqlen, offsets = (np.asarray(a) for a in attention.segment_runs(jnp.asarray(seg), 4))
+  np.testing.assert_array_equal(seqlen, [[3, 2, 1, 2], [8, -1, -1, -1], [1, 1, 1, 5]])
+  np.testing.assert_array_equal(offsets, [[0, 3, 5, 6, -1], [0, -1, -1, -1, -1],
+                                          [0, 1, 2, 3, -1]])
+  for b in range(2):  # within max_segments: runs are exactly the segments
+    run = np.zeros(8, int)
+    for r, (start, n) in enumerate(zip(offsets[b], seqlen[b])):
+      if n > 0:
+        run[start:start + n] = r
+    np.testing.assert_array_equal(run[:, None] == run[None], seg[b][:, None] == seg[b][None])
+
+
+def test_attention_impl_resolution():
+  assert attention.resolve_impl("auto", jnp.float32) == "xla"
+  assert attention.resolve_impl("cudnn", jnp.float32) == "cudnn"
+  with pytest.raises(ModelError, match="supported: auto, xla, cudnn"):
+    attention.resolve_impl("flash", jnp.bfloat16)
+
+
+# ---------------------------------------------------------------- config and errors
+
+
+def test_from_hf_reads_both_rope_layouts():
+  base = dict(model_type="llama", vocab_size=32, hidden_size=16, intermediate_size=32,
+              num_hidden_layers=1, num_attention_heads=2)
+  scaling = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                 original_max_position_embeddings=64)
+  legacy = models.ModelConfig.from_hf(
+      dict(base, rope_theta=5e5, rope_scaling=dict(rope_type="llama3", **scaling)))
+  v5 = models.ModelConfig.from_hf(
+      dict(base, rope_parameters=dict(rope_type="llama3", rope_theta=5e5, **scaling)))
+  assert legacy == v5
+  assert legacy.rope_scaling == models.Llama3RopeScaling(8.0, 1.0, 4.0, 64)
+  assert legacy.num_kv_heads == 2 and legacy.head_dim == 8
+  assert models.ModelConfig.from_hf(legacy.to_hf()) == legacy
+
+
+@pytest.mark.parametrize("field, value, shown, supported", [
+    ("model_type", "gemma", "'gemma'", "llama, qwen2, qwen3"),
+    ("rope_scaling", {"rope_type": "yarn", "factor": 4.0}, "'yarn'", "default, llama3"),
+    ("hidden_act", "gelu", "'gelu'", "'silu'"),
+    ("attention_bias", True, "True", "False"),
+    ("use_sliding_window", True, "True", "False"),
+    ("layer_types", ["sliding_attention"], "'sliding_attention'", "'full_attention'"),
+])
+def test_unsupported_config_fields_name_field_and_options(field, value, shown, supported):
+  hf_config = json.loads((FIXTURES / "tiny_llama" / "config.json").read_text())
+  hf_config.pop("rope_parameters")
+  hf_config[field] = value
+  with pytest.raises(ModelError) as e:
+    models.ModelConfig.from_hf(hf_config)
+  message = str(e.value)
+  assert f"{field}" in message and shown in message and f"supported: {supported}" in message
+
+
+def _copy_fixture(tmp_path, family="tiny_qwen2"):
+  folder = tmp_path / family
+  folder.mkdir()
+  for f in (FIXTURES / family).iterdir():
+    (folder / f.name).write_bytes(f.read_bytes())
+  return folder
+
+
+def test_load_errors(tmp_path):
+  with pytest.raises(ModelError, match="not found.*smollm2-135m-instruct"):
+    models.load(str(tmp_path / "nope"))
+  with pytest.raises(ModelError, match="presets: qwen2.5-0.5b"):
+    models.load("preset:qwen9")
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  with pytest.raises(ModelError, match="has no config.json"):
+    models.load(str(empty))
+  folder = _copy_fixture(tmp_path)
+  (folder / "model.safetensors").unlink()
+  with pytest.raises(ModelError, match="has no model.safetensors"):
+    models.load(str(folder))
+
+
+def test_truncated_safetensors(tmp_path):
+  folder = _copy_fixture(tmp_path)
+  data = (folder / "model.safetensors").read_bytes()
+  (folder / "model.safetensors").write_bytes(data[:len(data) // 2])
+  with pytest.raises(ModelError, match="model.safetensors"):
+    models.load(str(folder))
+
+
+def test_missing_unexpected_and_misshapen_tensors(tmp_path):
+  folder = _copy_fixture(tmp_path)
+  tensors = load_file(folder / "model.safetensors")
+  name = "model.layers.1.self_attn.k_proj.bias"
+  save_file({k: v for k, v in tensors.items() if k != name}, folder / "model.safetensors")
+  with pytest.raises(ModelError, match=f"lacks the tensor '{name}'"):
+    models.load(str(folder))
+  save_file(dict(tensors, **{name: np.zeros(3, np.float32)}), folder / "model.safetensors")
+  with pytest.raises(ModelError, match=rf"'{name}' has shape \(3,\), expected \(32,\)"):
+    models.load(str(folder))
+  extra = "model.layers.0.self_attn.o_proj.bias"
+  save_file(dict(tensors, **{extra: np.zeros(64, np.float32)}), folder / "model.safetensors")
+  with pytest.raises(ModelError, match=extra):
+    models.load(str(folder))
+
+
+def test_sharded_index(tmp_path):
+  folder = _copy_fixture(tmp_path, "tiny_llama")
+  tensors = load_file(folder / "model.safetensors")
+  (folder / "model.safetensors").unlink()
+  names = sorted(tensors)
+  shards = {"a.safetensors": names[::2], "b.safetensors": names[1::2]}
+  for file, keys in shards.items():
+    save_file({k: tensors[k] for k in keys}, folder / file)
+  weight_map = {k: f for f, keys in shards.items() for k in keys}
+  (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+  model, _ = models.load(str(folder))
+  golden = np.load(folder / "golden.npz")
+  np.testing.assert_allclose(np.asarray(model(jnp.asarray(golden["tokens"]))), golden["logits"],
+                             atol=1e-4)
+  (folder / "b.safetensors").unlink()
+  with pytest.raises(ModelError, match="b.safetensors does not exist"):
+    models.load(str(folder))
+
+
+def test_bad_decoder_options():
+  config = models.PRESETS["tiny-llama"]
+  with pytest.raises(ConfigError, match="remat 'all' is not supported; supported: none"):
+    models.Decoder(config, remat="all", rngs=nnx.Rngs(0))
+  with pytest.raises(ConfigError, match="attention 'flash'"):
+    models.Decoder(config, attention="flash", rngs=nnx.Rngs(0))
+  with pytest.raises(ConfigError, match="param_dtype 'float16'"):
+    models.Decoder(config, param_dtype="float16", rngs=nnx.Rngs(0))
+
+
+def test_presets():
+  for name, n_params in [("qwen2.5-0.5b", 494e6), ("qwen2.5-1.5b", 1544e6), ("qwen2.5-7b", 7616e6)]:
+    model = nnx.eval_shape(lambda name=name: models.Decoder(models.PRESETS[name], rngs=nnx.Rngs(0)))
+    n = sum(a.size for a in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    assert abs(n / n_params - 1) < 0.005, (name, n)  # published parameter counts
+  model, tokenizer = models.load("preset:tiny-qwen3", seed=1)
+  assert tokenizer is None
+  assert model.config == models.PRESETS["tiny-qwen3"]
+  assert model(jnp.zeros((1, 4), jnp.int32)).shape == (1, 4, 320)
