@@ -1,14 +1,12 @@
 """Export a decoder as an HF folder that transformers / vLLM / lm-eval load directly.
 
-  python -m dft_jax.export --checkpoint WORKDIR/checkpoints --out hf_model/
+  python -m dft_jax.export --checkpoint WORKDIR --out hf_model/   # a dft_jax.train workdir
   python -m dft_jax.export --model smollm2-135m-instruct --out smollm2_hf/ [--dtype bfloat16]
 
 Writes config.json, generation_config.json, model.safetensors (HF names, [out, in] layout; no
 lm_head when tied) and, with a tokenizer, its files and chat template (tokenizer.save_pretrained).
 """
 import argparse
-import importlib
-import importlib.util
 import json
 import pathlib
 
@@ -46,30 +44,20 @@ def export_hf(model, tokenizer, out_dir, *, dtype=None) -> pathlib.Path:
   return out
 
 
-def _restore_checkpoint(directory):
-  """(model, tokenizer) through dft_jax.checkpoint.restore_model, when that exists."""
-  module = (importlib.import_module("dft_jax.checkpoint")
-            if importlib.util.find_spec("dft_jax.checkpoint") else None)
-  restore_model = getattr(module, "restore_model", None)
-  if restore_model is None:
-    raise ModelError("--checkpoint needs dft_jax.checkpoint.restore_model, which this version "
-                     "lacks; export a model spec with --model instead")
-  return restore_model(directory)
-
-
 @cli_entry
 def main(argv=None):
   parser = argparse.ArgumentParser(prog="python -m dft_jax.export",
                                    description=__doc__.split("\n")[0])
   source = parser.add_mutually_exclusive_group(required=True)
-  source.add_argument("--checkpoint", help="a training checkpoint directory")
+  source.add_argument("--checkpoint", help="a dft_jax.train workdir (its latest checkpoint)")
   source.add_argument("--model", help="a models.load spec: alias, HF folder, .gguf, preset:NAME")
   parser.add_argument("--out", required=True, help="output folder (created)")
   parser.add_argument("--dtype", choices=PARAM_DTYPES, default=None,
                       help="weights dtype (default: the model's parameter dtype)")
   args = parser.parse_args(argv)
   if args.checkpoint:
-    model, tokenizer = _restore_checkpoint(args.checkpoint)
+    from dft_jax import train  # pylint: disable=g-import-not-at-top
+    model, tokenizer = train.restore_model(args.checkpoint)
   else:
     from dft_jax import models  # pylint: disable=g-import-not-at-top
     model, tokenizer = models.load(args.model)

@@ -1,0 +1,281 @@
+"""The train step and the run: sharding, accumulation, PSFT's schedule, resume, logs, config errors.
+
+All on a tiny Llama (tests/fixtures/tiny_llama) with its real tokenizer and a small jsonl file.
+"""
+import functools
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+from tensorboard.backend.event_processing import event_accumulator
+
+from dft_jax import models, objectives, sharding, train
+from dft_jax.data.testing import default_config
+from dft_jax.errors import ConfigError, UserInputError
+
+REPO = pathlib.Path(__file__).parent.parent
+TINY = str(REPO / "tests" / "fixtures" / "tiny_llama")
+
+
+def write_rows(path, n=64, seed=0):
+  rng = np.random.default_rng(seed)
+  with open(path, "w") as f:
+    for _ in range(n):
+      a, b = (int(x) for x in rng.integers(1, 20, size=2))
+      f.write(json.dumps({"prompt": f"What is {a} + {b}?", "response": f"{a} + {b} = {a + b}. #### {a + b}"}) + "\n")
+  return str(path)
+
+
+@pytest.fixture(scope="module")
+def rows_dir(tmp_path_factory):
+  return tmp_path_factory.mktemp("rows")
+
+
+def tiny_config(tmp_path, **overrides):
+  """The default config pointed at the tiny model and a jsonl file, evaluation off."""
+  c = default_config()
+  c.model.name = TINY
+  c.model.lm_head_chunk = 96
+  c.data.source = write_rows(tmp_path / "rows.jsonl")
+  c.data.max_length = 64
+  c.train.update(seq_len=64, global_batch_size=8, num_steps=4)
+  c.optimizer.update(learning_rate=1e-3, warmup_steps=0, schedule="constant")
+  c.checkpoint.update(every_steps=2, async_save=False)
+  c.eval.update(before=False, after=False)
+  c.log.progress = False
+  for key, value in overrides.items():
+    section, field = key.split("__")
+    c[section][field] = value
+  return c
+
+
+def batches(config, n):
+  from dft_jax import data
+  tokenizer = models.load(TINY)[1]
+  it = data.make_train_iterator(config.data, tokenizer, seq_len=config.train.seq_len,
+                                global_batch_size=config.train.global_batch_size, seed=0)
+  return [next(it) for _ in range(n)]
+
+
+def run_steps(config, mesh, host_batches):
+  """Trains on host_batches over `mesh`; returns (per-step metrics, final params on the host)."""
+  model, _ = models.load(config.model.name, compute_dtype="float32")
+  graphdef, state, tx, _ = train.init_train_state(model, config, mesh)
+  ref = jax.tree.map(jax.numpy.copy, state.params) if objectives.needs_ref_logp(config.objective) else None
+  step = train.make_train_step(graphdef, tx, config, mesh, train.shardings_of(state),
+                               ref_needed=ref is not None)
+  metrics = []
+  for b in host_batches:
+    state, m = step(state, train.global_batch(b, mesh), ref)
+    metrics.append(jax.device_get(m))
+  return metrics, jax.device_get(state.params)
+
+
+def mesh_of(n, **axes):
+  cfg = dict(data=1, fsdp=1, tensor=1)
+  cfg.update(axes)
+  return sharding.make_mesh(cfg, jax.devices()[:n])
+
+
+def assert_trees_close(a, b, rtol=2e-5, atol=2e-6):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
+
+
+@functools.cache
+def reference_run(objective, rows_path):
+  """Two steps of K=2 minibatch updates on one device: the sharded runs must match it."""
+  config = tiny_config(pathlib.Path(rows_path), objective__name=objective, train__minibatches=2)
+  host = batches(config, 2)
+  return config, host, run_steps(config, mesh_of(1), host)
+
+
+@pytest.mark.parametrize("objective,layout", [
+    ("dft", dict(data=8)), ("dft", dict(fsdp=8)), ("dft", dict(data=2, tensor=4)),
+    ("psft", dict(data=2, fsdp=2, tensor=2))])
+def test_sharded_equals_single_device(rows_dir, objective, layout):
+  config, host, (single_metrics, single_params) = reference_run(objective, str(rows_dir))
+  metrics, params = run_steps(config, mesh_of(8, **layout), host)
+  for m1, m8 in zip(single_metrics, metrics):
+    np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-5)
+    np.testing.assert_allclose(m8["grad_norm"], m1["grad_norm"], rtol=1e-4)
+  assert_trees_close(params, single_params)
+
+
+def test_params_really_sharded(tmp_path):
+  config = tiny_config(tmp_path)
+  model, _ = models.load(TINY)
+  _, state, _, _ = train.init_train_state(model, config, mesh_of(8, fsdp=4, tensor=2))
+  wq = state.params["layers"]["wq"]  # [L, D, N, H]: embed on fsdp, q_heads on tensor
+  assert wq.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
+  assert wq.addressable_shards[0].data.shape == (2, 64 // 4, 4 // 2, 16)
+
+
+@pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean", "sum_norm"])
+def test_microbatches_equal_one_big_batch(tmp_path, aggregation):
+  base = tiny_config(tmp_path, objective__aggregation=aggregation)
+  host = batches(base, 1)
+  one_metrics, one = run_steps(base, mesh_of(1), host)
+  acc_metrics, acc = run_steps(tiny_config(tmp_path, objective__aggregation=aggregation,
+                                           train__microbatches=4), mesh_of(1), host)
+  np.testing.assert_allclose(acc_metrics[0]["loss"], one_metrics[0]["loss"], rtol=1e-5)
+  np.testing.assert_allclose(acc_metrics[0]["target_prob"], one_metrics[0]["target_prob"], rtol=1e-5)
+  assert_trees_close(acc, one)
+
+
+def test_psft_first_update_equals_sft(tmp_path):
+  """With K=1 the snapshot is the current policy: r = 1, so PSFT's gradient is SFT's."""
+  host = batches(tiny_config(tmp_path), 1)
+  _, sft = run_steps(tiny_config(tmp_path, objective__name="sft"), mesh_of(1), host)
+  _, psft = run_steps(tiny_config(tmp_path, objective__name="psft"), mesh_of(1), host)
+  assert_trees_close(psft, sft)
+
+
+def test_psft_snapshot_is_held_across_minibatches(tmp_path):
+  """K=4 updates against one old_logp: later minibatches see r != 1, so the mean ratio moves and
+  the update differs from K=4 updates of SFT."""
+  host = batches(tiny_config(tmp_path), 1)
+  psft_metrics, psft = run_steps(tiny_config(tmp_path, objective__name="psft", train__minibatches=4),
+                                 mesh_of(1), host)
+  _, sft = run_steps(tiny_config(tmp_path, objective__name="sft", train__minibatches=4),
+                     mesh_of(1), host)
+  assert abs(psft_metrics[0]["psft/ratio"] - 1.0) > 1e-3
+  diff = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(psft), jax.tree.leaves(sft)))
+  assert diff > 1e-6
+
+
+@pytest.mark.parametrize("objective,extra", [
+    ("sft", {}), ("dft", {}), ("power", {}), ("psft", {}),
+    ("sft", {"objective__entropy_coef": 0.01}), ("dft", {"objective__kl_coef": 0.001})])
+def test_each_objective_learns(tmp_path, objective, extra):
+  """A few steps on one repeated batch raise the target probability (lower the NLL)."""
+  config = tiny_config(tmp_path, objective__name=objective, **extra)
+  host = batches(config, 1) * 6
+  metrics, _ = run_steps(config, mesh_of(1), host)
+  nll = [-np.log(m["target_prob"]) for m in metrics]
+  assert nll[-1] < nll[0] - 0.05, nll
+
+
+def test_dft_seq_stalls_when_the_sequence_probability_underflows(tmp_path):
+  """The sequence-level weight sg(pi(y|x)) is exp(sum of ~20 logps of about -6) = 0 in float32 for
+  a fresh tiny model: no gradient, no update -- the instability that makes DFT token-level."""
+  config = tiny_config(tmp_path, objective__name="dft_seq")
+  host = batches(config, 1)
+  model, _ = models.load(TINY)
+  start = jax.device_get(nnx.state(model))
+  metrics, params = run_steps(config, mesh_of(1), host)
+  assert metrics[0]["dft_seq/seq_prob"] == 0.0
+  assert metrics[0]["grad_norm"] == 0.0
+  assert_trees_close(params, start, rtol=0, atol=0)
+
+
+def read_jsonl(path):
+  with open(path) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+  straight = tiny_config(tmp_path, train__num_steps=4)
+  train.train_and_evaluate(straight, str(tmp_path / "straight"))
+  first = tiny_config(tmp_path, train__num_steps=2)
+  train.train_and_evaluate(first, str(tmp_path / "resumed"))
+  train.train_and_evaluate(straight, str(tmp_path / "resumed"))
+  a = read_jsonl(tmp_path / "straight" / "metrics.jsonl")
+  b = read_jsonl(tmp_path / "resumed" / "metrics.jsonl")
+  assert [r["step"] for r in b] == [1, 2, 3, 4]
+  for ra, rb in zip(a, b):
+    for key in ("loss", "grad_norm", "target_prob", "entropy"):
+      assert ra[key] == rb[key], (ra["step"], key)
+  params = [nnx.state(train.restore_model(str(tmp_path / d))[0]) for d in ("straight", "resumed")]
+  assert_trees_close(*params, rtol=0, atol=0)
+
+
+def test_logs_tensorboard_and_jsonl(tmp_path):
+  config = tiny_config(tmp_path, train__num_steps=2, objective__name="psft")
+  train.train_and_evaluate(config, str(tmp_path / "run"))
+  rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+  assert [r["step"] for r in rows] == [1, 2]
+  for key in ("loss", "target_prob", "entropy", "grad_norm", "learning_rate", "tokens_per_s",
+              "psft/clip_frac_high", "psft/ratio", "p_below_0.1"):
+    assert np.isfinite(rows[-1][key]), key
+  assert sum(rows[-1]["hist/target_prob"]["counts"]) == rows[-1]["num_tokens"]
+  acc = event_accumulator.EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+  acc.Reload()
+  assert [e.step for e in acc.Scalars("loss")] == [1, 2]
+  assert acc.Scalars("loss")[-1].value == pytest.approx(rows[-1]["loss"], rel=1e-6)
+  hist = acc.Histograms("hist/target_prob")[-1].histogram_value
+  assert hist.num == pytest.approx(rows[-1]["num_tokens"])
+
+
+@pytest.mark.parametrize("override,message", [
+    (dict(objective__name="ppo"), "objective.name='ppo' is unknown"),
+    (dict(objective__eps_high=1.5), "objective.eps_high"),
+    (dict(train__global_batch_size=12), "train.global_batch_size=12 must be divisible"),
+    (dict(train__microbatches=0), "train.microbatches=0"),
+    (dict(optimizer__schedule="step"), "optimizer.schedule='step'"),
+    (dict(train__nonfinite="ignore"), "train.nonfinite='ignore'"),
+    (dict(mesh__data=3), "mesh"),
+    (dict(model__name="/no/such/model"), "model '/no/such/model' not found"),
+])
+def test_config_errors_name_the_field(tmp_path, override, message):
+  config = tiny_config(tmp_path, **override)
+  with pytest.raises(UserInputError) as e:
+    train.setup(config, str(tmp_path / "run"))
+  assert message in str(e.value)
+
+
+def test_workdir_of_another_run_is_refused(tmp_path):
+  train.train_and_evaluate(tiny_config(tmp_path, train__num_steps=2), str(tmp_path / "run"))
+  with pytest.raises(ConfigError, match="objective.name='dft'"):
+    train.setup(tiny_config(tmp_path, objective__name="sft"), str(tmp_path / "run"))
+
+
+def free_port():
+  with socket.socket() as sock:
+    sock.bind(("localhost", 0))
+    return sock.getsockname()[1]
+
+
+def cli_flags(config):
+  """--config.* overrides reproducing `config` from configs/default.py on the command line."""
+  default = default_config()
+  flags = []
+  for section in ("model", "data", "train", "optimizer", "checkpoint", "eval", "log", "objective"):
+    for key, value in config[section].items():
+      if value != default[section][key]:
+        flags.append(f"--config.{section}.{key}={value}")
+  return flags
+
+
+def test_two_processes_equal_one(tmp_path):
+  """jax.distributed over 2 CPU processes (one device each, gloo collectives), each reading half of
+  the global batch: same losses as one process with the same global batch on 2 devices."""
+  config = tiny_config(tmp_path, train__num_steps=2)
+  command = [sys.executable, "-m", "dft_jax.train", *cli_flags(config)]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+  single = subprocess.run(
+      command + [f"--workdir={tmp_path / 'one'}"], cwd=REPO, capture_output=True, text=True,
+      env=dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=2"), timeout=300)
+  assert single.returncode == 0, single.stderr[-3000:]
+  port = free_port()
+  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+  procs = [subprocess.Popen(
+      command + [f"--workdir={tmp_path / 'two'}", f"--coordinator_address=localhost:{port}",
+                 "--num_processes=2", f"--process_id={i}"],
+      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  outputs = [p.communicate(timeout=300) for p in procs]
+  for p, (_, err) in zip(procs, outputs):
+    assert p.returncode == 0, err[-3000:]
+  one = read_jsonl(tmp_path / "one" / "metrics.jsonl")
+  two = read_jsonl(tmp_path / "two" / "metrics.jsonl")
+  assert [r["step"] for r in two] == [1, 2]
+  for a, b in zip(one, two):
+    np.testing.assert_allclose(b["loss"], a["loss"], rtol=1e-5)
+    np.testing.assert_allclose(b["grad_norm"], a["grad_norm"], rtol=1e-4)
