@@ -5,11 +5,12 @@
   python -m dft_jax.train --config.objective.name=psft --config.train.num_steps=10
 
 Variants (the part after ':'): cpu (default), gpu, and an objective name
-(sft, dft, dft_seq, power, psft) to switch the objective, e.g. `:psft` or `gpu,psft`.
+(sft, dft, dft_seq, power, psft, eaft, gem, deft) to switch the objective, e.g. `:psft` or
+`gpu,eaft`.
 """
 import ml_collections
 
-OBJECTIVES = ("sft", "dft", "dft_seq", "power", "psft")
+OBJECTIVES = ("sft", "dft", "dft_seq", "power", "psft", "eaft", "gem", "deft")
 
 
 def get_config(arg=None):
@@ -20,7 +21,7 @@ def get_config(arg=None):
       name="smollm2-135m-instruct",  # alias | HF dir | .gguf file | preset:NAME (random init)
       param_dtype="float32",         # master weights
       compute_dtype="float32",       # float32 on CPU, bfloat16 on accelerators
-      remat="nothing_saveable",      # none | nothing_saveable | dots_saveable | dots_with_no_batch_dims_saveable
+      remat="none",                  # none | nothing_saveable | dots_saveable | dots_with_no_batch_dims_saveable
       scan_layers=True,
       attention="auto",              # auto (cudnn on GPU, xla elsewhere) | xla | cudnn
       lm_head_chunk=1024,            # tokens per chunk of the fused LM head
@@ -60,6 +61,15 @@ def get_config(arg=None):
       kl_coef=0.0,                   # KL anchor to the starting model  beta_kl * k3
       aggregation="token_mean",      # token_mean | seq_mean | sum_norm
       norm_constant=1.0,             # sum_norm divisor
+      # eaft: -sg((H_t / eaft_norm)**eaft_alpha) * logp_t; defaults: the authors' LLaMA-Factory code
+      eaft_alpha=1.0,                # gate exponent
+      eaft_entropy="topk",           # topk (entropy of the top-eaft_k softmax) | full (exact)
+      eaft_k=20,                     # top-k size (references: 20)
+      eaft_norm=3.0,                 # entropy divisor (references: 3.0 ~ ln 20; full: ~ln(vocab))
+      # gem: q = softmax(logits / gem_beta); defaults of the official train.py
+      gem_beta=0.7,                  # 1: SFT's gradient; lower: flatter, more diverse outputs
+      gem_h="linear",                # linear | logsigmoid (the paper's released scripts)
+      # deft: parameter-free (q-log exponent = sum_v p_v**2 per token)
   ))
 
   c.optimizer = ml_collections.ConfigDict(dict(
@@ -74,8 +84,8 @@ def get_config(arg=None):
 
   c.train = ml_collections.ConfigDict(dict(
       num_steps=30,
-      global_batch_size=8,           # rows of seq_len tokens per optimizer batch
-      seq_len=256,
+      global_batch_size=4,           # rows of seq_len tokens per optimizer batch
+      seq_len=384,                   # two built-in examples fit a row: 82% real tokens
       microbatches=1,                # gradient accumulation inside the step
       minibatches=1,                 # updates per global batch (PSFT's K; old_logp fixed across them)
       seed=0,
@@ -102,6 +112,7 @@ def get_config(arg=None):
       pass
     elif v == "gpu":
       c.model.compute_dtype = "bfloat16"
+      c.model.remat = "nothing_saveable"
       c.train.num_steps = 200
       c.train.global_batch_size = 32
       c.train.seq_len = 1024

@@ -9,10 +9,15 @@ Chunks cut the time axis, not the flattened B*T: every chunk holds all B rows fo
 `chunk_size // B` positions, so a batch sharded over rows (data parallelism) stays local to each
 device through the scan.
 
-Statistics are named functions of one chunk's float32 log-softmax, `fn(logp_xV, targets_x) -> x`;
-a new one (e.g. top-k or Renyi-2 entropy) is one entry in STATISTICS.
+Statistics are named functions of one chunk's float32 log-softmax and targets (STATISTICS). A
+name may carry parameters after colons: "topk_entropy:20" (k), "gem_cross_entropy:0.7:linear"
+(beta, h); the returned dict is keyed by the names as given. Gate statistics (topk_entropy,
+renyi2_entropy, gem_mass) are computed under stop_gradient: the objectives use them only as
+stop-gradient gates, and this spares their backward (top_k, softmax) in the recomputed chunks.
 """
+import dataclasses
 import functools
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -21,28 +26,60 @@ from dft_jax import objectives
 from dft_jax.errors import ConfigError
 
 
-def _logp(logp_xV, targets_x):
-  return objectives.target_log_prob(logp_xV, targets_x)
+@dataclasses.dataclass(frozen=True)
+class Statistic:
+  """fn(logp_xV, targets_x, *params) -> x; `params` convert the name's ':'-separated parameters."""
+  fn: Callable
+  params: tuple = ()
+  usage: str = ""        # how the name is written when it has parameters
+  gradient: bool = True  # False: computed under stop_gradient
 
 
-def _entropy(logp_xV, targets_x):
-  del targets_x
-  return objectives.entropy(logp_xV)
-
-
-STATISTICS = {"logp": _logp, "entropy": _entropy}
+STATISTICS = {
+    "logp": Statistic(objectives.target_log_prob),
+    "entropy": Statistic(lambda logp_xV, _: objectives.entropy(logp_xV)),
+    "renyi2_entropy": Statistic(lambda logp_xV, _: objectives.renyi2_entropy(logp_xV),
+                                gradient=False),
+    "topk_entropy": Statistic(lambda logp_xV, _, k: objectives.topk_entropy(logp_xV, k),
+                              params=(int,), usage="topk_entropy:K", gradient=False),
+    "gem_cross_entropy": Statistic(objectives.gem_cross_entropy, params=(float, str),
+                                   usage="gem_cross_entropy:BETA:H"),
+    "gem_mass": Statistic(objectives.gem_mass, params=(float, str), usage="gem_mass:BETA:H",
+                          gradient=False),
+}
 DEFAULT_STATS = ("logp", "entropy")
+
+
+def _parse(name):
+  """"topk_entropy:20" -> (STATISTICS["topk_entropy"], (20,)); ConfigError if malformed."""
+  base, *args = name.split(":") if isinstance(name, str) else ("",)
+  stat = STATISTICS.get(base)
+  allowed = ", ".join(s.usage or n for n, s in STATISTICS.items())
+  if stat is None or len(args) != len(stat.params):
+    raise ConfigError(f"lm_head stats name {name!r} is unknown; allowed names are {allowed}")
+  try:
+    return stat, tuple(convert(arg) for convert, arg in zip(stat.params, args))
+  except ValueError:
+    raise ConfigError(
+        f"lm_head stats name {name!r}: bad parameter; allowed: {stat.usage}") from None
+
+
+def _check_stats(names):
+  if isinstance(names, str) or not names:
+    raise ConfigError(f"lm_head stats={names!r}: allowed: a non-empty tuple of names like "
+                      f"{DEFAULT_STATS}")
+  for name in names:
+    _parse(name)
 
 
 def _statistics(logits_xV, targets_x, names):
   logp_xV = objectives.log_softmax(logits_xV)
-  return {name: STATISTICS[name](logp_xV, targets_x) for name in names}
-
-
-def _check_stats(names):
-  unknown = [n for n in names if n not in STATISTICS]
-  if unknown or not names:
-    raise ConfigError(f"lm_head stats={tuple(names)!r}: allowed names are {', '.join(STATISTICS)}")
+  out = {}
+  for name in names:
+    stat, params = _parse(name)
+    source_xV = logp_xV if stat.gradient else jax.lax.stop_gradient(logp_xV)
+    out[name] = stat.fn(source_xV, targets_x, *params)
+  return out
 
 
 def _logits(hidden_xD, w_DxV):
@@ -68,7 +105,9 @@ def token_stats(hidden_BxTxD, w_DxV, targets_BxT, *, chunk_size=1024, compute_dt
   chunk_size: tokens per chunk of the global batch, B rows x max(1, chunk_size // B) positions
     (T is padded up to a multiple of the latter; a chunk holds at least B tokens).
   compute_dtype: matmul dtype (default: hidden's); accumulation and softmax are float32.
-  Gradients flow to hidden and w through every statistic (logp and entropy).
+  stats: statistic names (STATISTICS, with parameters: "topk_entropy:20"); objectives.
+    required_stats(cfg) gives those an objective needs.
+  Gradients flow to hidden and w through every statistic but the gate statistics (module doc).
   """
   _check_stats(stats)
   if not isinstance(chunk_size, int) or chunk_size < 1:

@@ -33,38 +33,62 @@ def make_data(seed=0):
 
 
 def composite_loss(hidden, w, data, cfg, head):
-  stats = head(hidden, w, data["targets"])
+  stats = head(hidden, w, data["targets"], stats=objectives.required_stats(cfg))
   stats = dict(stats, old_logp=data["old_logp"], ref_logp=data["ref_logp"])
   return objectives.objective_loss(stats, data, cfg)[0]
 
 
-def reference_head(hidden, w, targets):
-  """Full logits -> objectives.logp_and_entropy, independent of lm_head's statistics table."""
+def reference_head(hidden, w, targets, stats=lm_head.DEFAULT_STATS):
+  """Full logits -> the objectives' math directly, independent of lm_head's statistics table."""
   logits = jnp.einsum("btd,dv->btv", hidden, w, precision="highest")
-  return dict(zip(("logp", "entropy"), objectives.logp_and_entropy(logits, targets)))
+  logp_all = objectives.log_softmax(logits)
+  fns = {"logp": lambda: objectives.logp_and_entropy(logits, targets)[0],
+         "entropy": lambda: objectives.logp_and_entropy(logits, targets)[1],
+         "renyi2_entropy": lambda: objectives.renyi2_entropy(logp_all),
+         "topk_entropy": lambda k: objectives.topk_entropy(logp_all, int(k)),
+         "gem_cross_entropy": lambda beta, h: objectives.gem_cross_entropy(
+             logp_all, targets, float(beta), h),
+         "gem_mass": lambda beta, h: objectives.gem_mass(logp_all, targets, float(beta), h)}
+  return {name: fns[name.split(":")[0]](*name.split(":")[1:]) for name in stats}
 
 
 NAIVE = lm_head.token_stats_naive
 CHUNKED = functools.partial(lm_head.token_stats, chunk_size=CHUNK)
+ALL_STATS = ("logp", "entropy", "renyi2_entropy", "topk_entropy:20", "topk_entropy:3",
+             "gem_cross_entropy:0.7:linear", "gem_cross_entropy:0.4:logsigmoid",
+             "gem_mass:0.4:logsigmoid")
+FAMILY_STATS = ("logp", "entropy", "topk_entropy:20", "renyi2_entropy",
+                "gem_cross_entropy:0.7:logsigmoid", "gem_mass:0.7:logsigmoid")
+# Every objective, plus the family's other statistics (full-entropy EAFT, logsigmoid GEM).
+OBJECTIVE_CFGS = [dict(name=name) for name in objectives.OBJECTIVES] + [
+    dict(name="eaft", eaft_entropy="full", eaft_norm=4.0),
+    dict(name="gem", gem_beta=0.4, gem_h="logsigmoid")]
 
 
 @pytest.mark.parametrize("chunk_size", [1, CHUNK, 10_000])
 def test_stats_match_reference(chunk_size):
   data = make_data()
   args = (data["hidden"], data["w"], data["targets"])
-  chunked = jax.jit(functools.partial(lm_head.token_stats, chunk_size=chunk_size))(*args)
-  naive, ref = jax.jit(NAIVE)(*args), jax.jit(reference_head)(*args)
-  assert set(chunked) == set(naive) == {"logp", "entropy"}
+  chunked = jax.jit(functools.partial(lm_head.token_stats, chunk_size=chunk_size,
+                                      stats=ALL_STATS))(*args)
+  naive = jax.jit(functools.partial(NAIVE, stats=ALL_STATS))(*args)
+  ref = jax.jit(functools.partial(reference_head, stats=ALL_STATS))(*args)
+  assert set(chunked) == set(naive) == set(ALL_STATS)
   for name in ref:
     for got in (chunked[name], naive[name]):
       assert got.shape == (B, T) and got.dtype == jnp.float32
-      np.testing.assert_allclose(got, ref[name], rtol=1e-5, atol=1e-5)
+      np.testing.assert_allclose(got, ref[name], rtol=1e-5, atol=1e-5, err_msg=name)
 
 
-@pytest.mark.parametrize("name", tuple(objectives.OBJECTIVES))
-def test_loss_and_gradients_match_reference(name):
+def test_default_stats_are_logp_and_entropy():
   data = make_data()
-  cfg = dict(name=name, entropy_coef=0.05, kl_coef=0.1)  # entropy and k3 gradients flow too
+  assert set(CHUNKED(data["hidden"], data["w"], data["targets"])) == {"logp", "entropy"}
+
+
+@pytest.mark.parametrize("cfg", OBJECTIVE_CFGS, ids=lambda c: "-".join(map(str, c.values())))
+def test_loss_and_gradients_match_reference(cfg):
+  data = make_data()
+  cfg = dict(cfg, entropy_coef=0.05, kl_coef=0.1)  # entropy and k3 gradients flow too
 
   def value_and_grads(head):
     fn = jax.value_and_grad(functools.partial(composite_loss, cfg=cfg, head=head), argnums=(0, 1))
@@ -96,37 +120,39 @@ def test_bfloat16_compute_close_to_float32():
   np.testing.assert_allclose(bf16_grad, f32_grad, atol=0.03 * np.abs(f32_grad).max())
 
 
-def test_padding_tokens_give_no_nan():
+@pytest.mark.parametrize("cfg", [dict(name="psft"), dict(name="eaft"),
+                                 dict(name="gem", gem_h="logsigmoid")], ids=lambda c: c["name"])
+def test_padding_tokens_give_no_nan(cfg):
   data = make_data()
   data["hidden"][data["segment_ids"] == 0] = 1e4  # garbage on padding must not leak
-  cfg = dict(name="psft", entropy_coef=0.05, kl_coef=0.1)
+  cfg = dict(cfg, entropy_coef=0.05, kl_coef=0.1)
   fn = jax.jit(jax.value_and_grad(functools.partial(composite_loss, cfg=cfg, head=CHUNKED),
                                   argnums=(0, 1)))
   loss, (d_hidden, d_w) = fn(data["hidden"], data["w"], data)
   assert np.isfinite(loss) and np.all(np.isfinite(d_hidden)) and np.all(np.isfinite(d_w))
-  stats = CHUNKED(data["hidden"], data["w"], data["targets"])
+  stats = CHUNKED(data["hidden"], data["w"], data["targets"], stats=ALL_STATS)
   assert all(np.all(np.isfinite(v)) for v in stats.values())
 
 
-def _temp_bytes(head, tokens, vocab, dim=64):
+def _temp_bytes(head, tokens, vocab, stats, dim=64):
   """Compiled temp memory of d(loss)/d(hidden, w) for a [1, tokens] batch (compile only)."""
   shapes = (jax.ShapeDtypeStruct((1, tokens, dim), jnp.float32),
             jax.ShapeDtypeStruct((dim, vocab), jnp.float32),
             jax.ShapeDtypeStruct((1, tokens), jnp.int32))
 
   def loss(hidden, w, targets):
-    stats = head(hidden, w, targets)
-    return jnp.sum(stats["logp"]) + jnp.sum(stats["entropy"])
+    return sum(jnp.sum(v) for v in head(hidden, w, targets, stats=stats).values())
 
   compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(*shapes).compile()
   return compiled.memory_analysis().temp_size_in_bytes
 
 
-def test_backward_does_not_keep_per_chunk_logits():
+@pytest.mark.parametrize("stats", [lm_head.DEFAULT_STATS, FAMILY_STATS], ids=["default", "family"])
+def test_backward_does_not_keep_per_chunk_logits(stats):
   chunked = functools.partial(lm_head.token_stats, chunk_size=256)
   logits_bytes = 2048 * 8192 * 4
-  naive = _temp_bytes(NAIVE, 2048, 8192)
-  short, long = _temp_bytes(chunked, 2048, 8192), _temp_bytes(chunked, 8192, 8192)
+  naive = _temp_bytes(NAIVE, 2048, 8192, stats)
+  short, long = (_temp_bytes(chunked, 2048, 8192, stats), _temp_bytes(chunked, 8192, 8192, stats))
   assert naive > logits_bytes          # the naive path holds full logits (and their gradient)
   assert short < naive / 4
   assert long - short < logits_bytes / 8  # 4x the tokens: no per-chunk [256, V] buffers kept
@@ -137,5 +163,26 @@ def test_bad_arguments_raise_config_error():
   args = (data["hidden"], data["w"], data["targets"])
   with pytest.raises(ConfigError, match="chunk_size=0"):
     lm_head.token_stats(*args, chunk_size=0)
-  with pytest.raises(ConfigError, match="allowed names are logp, entropy"):
-    lm_head.token_stats(*args, stats=("logp", "renyi2"))
+  allowed = "allowed names are logp, entropy, renyi2_entropy, topk_entropy:K, "
+  for bad in ("renyi2", "topk_entropy", "topk_entropy:5:6", "gem_mass:0.7"):
+    with pytest.raises(ConfigError, match=f"{bad!r} is unknown; {allowed}"):
+      lm_head.token_stats(*args, stats=("logp", bad))
+  with pytest.raises(ConfigError, match="'topk_entropy:k'.*topk_entropy:K"):
+    lm_head.token_stats(*args, stats=("topk_entropy:k",))
+  with pytest.raises(ConfigError, match=rf"topk_entropy k=51 .*\[2, vocabulary size {V}\]"):
+    lm_head.token_stats(*args, stats=("topk_entropy:51",))
+  with pytest.raises(ConfigError, match="gem beta=0.0"):
+    lm_head.token_stats_naive(*args, stats=("gem_cross_entropy:0:linear",))
+  with pytest.raises(ConfigError, match="non-empty tuple"):
+    lm_head.token_stats(*args, stats="logp")
+
+
+def test_gate_statistics_carry_no_gradient():
+  """topk/Renyi-2 entropy and GEM's mass are stop-gradient gates; entropy and GEM's X are not."""
+  data = make_data()
+  for name in FAMILY_STATS:
+    for head in (CHUNKED, NAIVE):
+      stat = lambda h, n=name, f=head: jnp.sum(f(h, data["w"], data["targets"], stats=(n,))[n])
+      grad = jax.jit(jax.grad(stat))(data["hidden"])
+      gate = name.startswith(("topk_entropy", "renyi2_entropy", "gem_mass"))
+      assert (np.abs(grad).max() == 0) == gate, name

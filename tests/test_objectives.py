@@ -10,7 +10,7 @@ from dft_jax import objectives
 from dft_jax.errors import ConfigError
 
 B, T, V, D = 8, 6, 9, 5
-NAMES = tuple(objectives.OBJECTIVES)
+NAMES = ("sft", "dft", "dft_seq", "power", "psft")  # eaft, gem, deft: test_objectives_family.py
 AGGREGATIONS = objectives.AGGREGATIONS
 HP = dict(alpha=0.5, eps_low=0.2, eps_high=0.28, norm_constant=7.0)
 # PSFT: old_logp = logp + delta, so r = exp(-delta) = 1.82, 1.35, 1.11, 0.90, 0.74, 0.55 cycles

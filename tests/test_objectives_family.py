@@ -1,0 +1,317 @@
+"""EAFT, GEM and DEFT vs float64 numpy references written from the papers' formulas: losses,
+gradients wrt logits under jit, the stop-gradient of each gate, metrics, config validation."""
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dft_jax import objectives
+from dft_jax.errors import ConfigError
+
+B, T, V, D = 4, 7, 32, 6
+SEGMENTS = np.array([[1, 1, 1, 2, 2, 2, 0],
+                     [1, 1, 1, 1, 1, 1, 1],
+                     [1, 1, 2, 2, 3, 3, 3],
+                     [1, 1, 1, 1, 0, 0, 0]], np.int32)
+# (objective, hyperparameters): the defaults first, then other settings of each knob.
+CASES = [
+    ("eaft", dict()),  # top-20 entropy / 3.0, alpha 1 (LLaMA-Factory)
+    ("eaft", dict(eaft_alpha=0.5, eaft_k=5, eaft_norm=1.5)),
+    ("eaft", dict(eaft_alpha=2.0, eaft_entropy="full", eaft_norm=math.log(V))),
+    ("gem", dict()),  # beta 0.7, h linear (official train.py)
+    ("gem", dict(gem_beta=0.4, gem_h="logsigmoid")),
+    ("gem", dict(gem_beta=1.5, gem_h="logsigmoid")),
+    ("deft", dict()),  # parameter-free
+]
+IDS = ["-".join([name] + ([f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                           for k, v in hp.items()] or ["default"])) for name, hp in CASES]
+SCALES = (0.7, 4.0)  # flat and peaked predictions: gates spread over their range
+
+
+def make_data(seed=0, scale=4.0):
+  rng = np.random.default_rng(seed)
+  hidden = rng.normal(size=(B, T, D)).astype(np.float32)
+  w = (scale * rng.normal(size=(D, V)) / np.sqrt(D)).astype(np.float32)
+  logits = np.einsum("btd,dv->btv", hidden.astype(np.float64), w).astype(np.float32)
+  targets = np.where(rng.random((B, T)) < 0.5, logits.argmax(-1),
+                     rng.integers(0, V, (B, T))).astype(np.int32)
+  last = np.append(SEGMENTS[:, 1:] != SEGMENTS[:, :-1], np.ones((B, 1), bool), axis=1)
+  mask = ((SEGMENTS > 0) & ~last).astype(np.float32)
+  targets[SEGMENTS == 0] = -100
+  return dict(hidden=hidden, w=w, logits=logits, targets=targets, loss_mask=mask,
+              segment_ids=SEGMENTS)
+
+
+# ------------------------------------------------------------------------------------ float64
+
+
+def ref_logsoftmax(z):
+  z = np.asarray(z, np.float64)
+  z = z - z.max(-1, keepdims=True)
+  return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def ref_entropy(logq):
+  return -(np.exp(logq) * logq).sum(-1)
+
+
+def ref_per_token(data, name, **hp):
+  """float64 (loss [B, T], d loss / d logits [B, T, V], gate-like values) from the formulas."""
+  hp = {**objectives.DEFAULTS, **hp}
+  z = np.asarray(data["logits"], np.float64)
+  logp_all = ref_logsoftmax(z)
+  probs = np.exp(logp_all)
+  onehot = np.eye(V)[np.clip(data["targets"], 0, V - 1)]
+  logp = (logp_all * onehot).sum(-1)
+  p = np.exp(logp)
+  sft_grad = probs - onehot  # d(-log p_t) / d logits
+  if name == "eaft":  # arXiv 2601.02151: -sg((H / norm)**alpha) log p_t
+    if hp["eaft_entropy"] == "full":
+      h = ref_entropy(logp_all)
+    else:
+      h = ref_entropy(ref_logsoftmax(np.sort(z, -1)[..., -hp["eaft_k"]:]))
+    gate = (h / hp["eaft_norm"]) ** hp["eaft_alpha"]
+    return -gate * logp, gate[..., None] * sft_grad, dict(gate=gate, gate_entropy=h)
+  if name == "gem":  # arXiv 2408.16673: sum_v sg(q_v w_v) (log p_v - log p_t)
+    q = np.exp(ref_logsoftmax(z / hp["gem_beta"]))
+    zy = (z * onehot).sum(-1, keepdims=True)
+    wts = np.ones_like(z) if hp["gem_h"] == "linear" else 1 / (1 + np.exp(-0.01 * (z - zy)))
+    a = q * wts
+    mass = a.sum(-1)
+    loss = (a * (logp_all - logp[..., None])).sum(-1)
+    return loss, a - mass[..., None] * onehot, dict(xent=-(a * logp_all).sum(-1), mass=mass)
+  if name == "deft":  # arXiv 2602.11424: -(p**a - 1) / a, a = sg(sum_v p_v**2)
+    alpha = (probs**2).sum(-1)
+    gate = p**alpha
+    return -(gate - 1) / alpha, gate[..., None] * sft_grad, dict(alpha=alpha, gate=gate)
+  raise ValueError(name)
+
+
+def ref_loss_and_grad(data, name, **hp):
+  loss, grad, _ = ref_per_token(data, name, **hp)
+  weights = data["loss_mask"] / data["loss_mask"].sum()  # token_mean
+  return (weights * loss).sum(), weights[..., None] * grad
+
+
+# ------------------------------------------------------------------------------------ jax
+
+
+def stats_from_logits(logits, targets, names):
+  """Statistics from full logits through the objectives' math, all differentiable as written
+  (the fused head stops the gates' gradient itself; here only the objectives do)."""
+  logp_all = objectives.log_softmax(logits)
+  fns = {"logp": lambda: objectives.target_log_prob(logp_all, targets),
+         "entropy": lambda: objectives.entropy(logp_all),
+         "renyi2_entropy": lambda: objectives.renyi2_entropy(logp_all),
+         "topk_entropy": lambda k: objectives.topk_entropy(logp_all, int(k)),
+         "gem_cross_entropy": lambda beta, h: objectives.gem_cross_entropy(
+             logp_all, targets, float(beta), h),
+         "gem_mass": lambda beta, h: objectives.gem_mass(logp_all, targets, float(beta), h)}
+  return {name: fns[name.split(":")[0]](*name.split(":")[1:]) for name in names}
+
+
+def cfg_for(name, **hp):
+  return dict(name=name, **hp)
+
+
+def loss_from_logits(logits, data, cfg, denominators=None):
+  stats = stats_from_logits(logits, data["targets"], objectives.required_stats(cfg))
+  batch = dict(loss_mask=data["loss_mask"], segment_ids=data["segment_ids"])
+  return objectives.objective_loss(stats, batch, cfg, denominators=denominators)
+
+
+@functools.lru_cache
+def _jitted_grad(cfg_items):
+  cfg = dict(cfg_items)
+  return jax.jit(jax.value_and_grad(functools.partial(loss_from_logits, cfg=cfg), has_aux=True))
+
+
+def grad_wrt_logits(data, cfg):
+  """(loss, metrics, d loss / d logits) under jit; compiled once per config."""
+  (loss, metrics), grad = _jitted_grad(tuple(sorted(cfg.items())))(data["logits"], data)
+  return loss, metrics, grad
+
+
+def assert_close(actual, expected, rtol=2e-5):
+  expected = np.asarray(expected)
+  np.testing.assert_allclose(actual, expected, rtol=rtol, atol=rtol * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("scale", SCALES)
+@pytest.mark.parametrize("name, hp", CASES, ids=IDS)
+def test_gradient_matches_float64(name, hp, scale):
+  data = make_data(scale=scale)
+  loss, _, grad = grad_wrt_logits(data, cfg_for(name, **hp))
+  ref_loss, ref_grad = ref_loss_and_grad(data, name, **hp)
+  assert_close(loss, ref_loss)
+  assert_close(grad, ref_grad)
+
+
+def _ungated(logits, data, name, hp):
+  """The same per-token formulas with the gate's stop-gradient removed (what must NOT happen)."""
+  hp = {**objectives.DEFAULTS, **hp}
+  logp_all = objectives.log_softmax(logits)
+  logp = objectives.target_log_prob(logp_all, data["targets"])
+  if name == "eaft":
+    h = objectives.topk_entropy(logp_all, hp["eaft_k"]) if hp["eaft_entropy"] == "topk" else (
+        objectives.entropy(logp_all))
+    loss = -(h / hp["eaft_norm"]) ** hp["eaft_alpha"] * logp
+  elif name == "gem":
+    a = jax.nn.softmax(logp_all / hp["gem_beta"], axis=-1)
+    if hp["gem_h"] == "logsigmoid":
+      a = a * jax.nn.sigmoid(0.01 * (logp_all - logp[..., None]))
+    loss = jnp.sum(a * (logp_all - logp[..., None]), axis=-1)
+  else:
+    alpha = jnp.sum(jnp.exp(2 * logp_all), axis=-1)
+    loss = -jnp.expm1(alpha * logp) / alpha
+  return objectives.aggregate(loss, data["loss_mask"])
+
+
+@pytest.mark.parametrize("name, hp", CASES, ids=IDS)
+def test_stop_gradient_of_the_gate_matters(name, hp):
+  """Differentiating through the gate changes the gradient a lot on this data, so the float64
+  comparison above catches a missing stop-gradient."""
+  data = make_data()
+  _, _, grad = grad_wrt_logits(data, cfg_for(name, **hp))
+  ungated = functools.partial(_ungated, data=data, name=name, hp=hp)
+  loss, full_grad = jax.jit(jax.value_and_grad(ungated))(data["logits"])
+  assert_close(loss, ref_loss_and_grad(data, name, **hp)[0])  # same values...
+  assert np.abs(np.asarray(full_grad) - grad).max() > 0.1 * np.abs(grad).max()  # ...other grad
+
+
+def test_gem_beta_one_linear_is_sft_gradient():
+  data = make_data()
+  _, _, gem_grad = grad_wrt_logits(data, cfg_for("gem", gem_beta=1.0))
+  _, _, sft_grad = grad_wrt_logits(data, cfg_for("sft"))
+  np.testing.assert_allclose(gem_grad, sft_grad, rtol=1e-5, atol=1e-7)
+
+
+def test_deft_is_power_with_alpha_per_token():
+  """deft and power share the q-log: with a constant Renyi-2 entropy log(2), deft = power(0.5)."""
+  logp = jnp.linspace(-8.0, 0.0, 9)
+  deft = objectives.deft(logp, renyi2=jnp.full_like(logp, math.log(2.0)))
+  np.testing.assert_allclose(deft, objectives.power(logp, alpha=0.5), rtol=1e-6)
+  np.testing.assert_allclose(objectives.neg_qlog(logp, 1.0), 1 - np.exp(logp), rtol=1e-6)
+
+
+def test_statistics_match_float64():
+  data = make_data(scale=20.0)
+  names = ("renyi2_entropy", "topk_entropy:20", "topk_entropy:5", f"topk_entropy:{V}")
+  stats = jax.jit(functools.partial(stats_from_logits, names=names))(
+      data["logits"], data["targets"])
+  logp_all = ref_logsoftmax(data["logits"])
+  assert_close(stats["renyi2_entropy"], -np.log((np.exp(logp_all)**2).sum(-1)), rtol=1e-5)
+  for k in (20, 5):
+    top = ref_logsoftmax(np.sort(np.asarray(data["logits"], np.float64), -1)[..., -k:])
+    assert_close(stats[f"topk_entropy:{k}"], ref_entropy(top), rtol=1e-4)
+  assert_close(stats[f"topk_entropy:{V}"], ref_entropy(logp_all), rtol=1e-4)  # k = V: exact
+
+
+@pytest.mark.parametrize("name, hp", [CASES[0], CASES[4], CASES[6]], ids=[IDS[0], IDS[4], IDS[6]])
+def test_metrics_match_float64(name, hp):
+  data = make_data(scale=2.0)
+  _, metrics, _ = grad_wrt_logits(data, cfg_for(name, **hp))
+  final = objectives.finalize_metrics(metrics)
+  _, _, ref = ref_per_token(data, name, **hp)
+  live = data["loss_mask"] > 0
+  ref = {k: v[live] for k, v in ref.items()}
+  if name == "gem":
+    expected = {"gem/tempered_xent": ref["xent"].mean(), "gem/tempered_mass": ref["mass"].mean()}
+  else:
+    down = ref["gate"] < objectives.GATED_DOWN_BELOW
+    assert 0 < down.mean() < 1  # the data has tokens on both sides of the threshold
+    expected = {f"{name}/gate": ref["gate"].mean(), f"{name}/gated_down": down.mean()}
+    extra = "gate_entropy" if name == "eaft" else "alpha"
+    expected[f"{name}/{extra}"] = ref[extra].mean()
+  for key, value in expected.items():
+    np.testing.assert_allclose(final[key], value, rtol=1e-5, err_msg=key)
+
+
+@pytest.mark.parametrize("name, hp", [CASES[0], CASES[4], CASES[6]], ids=[IDS[0], IDS[4], IDS[6]])
+def test_microbatches_equal_full_batch(name, hp):
+  data = make_data()
+  cfg = cfg_for(name, aggregation="seq_mean", entropy_coef=0.05, **hp)
+  loss_fn = lambda w, d, den: loss_from_logits(jnp.einsum("btd,dv->btv", d["hidden"], w), d, cfg,
+                                               den)
+  step = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
+  (loss, metrics), grad = step(data["w"], data, None)
+  den = objectives.global_denominators(data["loss_mask"], data["segment_ids"])
+  parts = [step(data["w"], {k: v if k == "w" else v[i:i + 2] for k, v in data.items()}, den)
+           for i in (0, 2)]
+  (micro_loss, micro_metrics), micro_grad = jax.tree.map(lambda a, b: a + b, *parts)
+  np.testing.assert_allclose(micro_loss, loss, rtol=1e-5)
+  np.testing.assert_allclose(micro_grad, grad, rtol=1e-5, atol=1e-7)
+  full, micro = objectives.finalize_metrics(metrics), objectives.finalize_metrics(micro_metrics)
+  for key in full:
+    np.testing.assert_allclose(micro[key], full[key], rtol=1e-5, atol=1e-7, err_msg=key)
+
+
+@pytest.mark.parametrize("name, hp", CASES, ids=IDS)
+def test_extreme_and_masked_batches_stay_finite(name, hp):
+  data = make_data(scale=300.0)  # logp down to about -1000, entropies ~0
+  loss, metrics, grad = grad_wrt_logits(data, cfg_for(name, **hp))
+  assert np.isfinite(loss) and np.all(np.isfinite(grad))
+  assert all(np.all(np.isfinite(v)) for v in objectives.finalize_metrics(metrics).values())
+  data["loss_mask"][:] = 0.0
+  loss, metrics, grad = grad_wrt_logits(data, cfg_for(name, **hp))
+  assert float(loss) == 0.0 and np.all(np.asarray(grad) == 0.0)
+
+
+@pytest.mark.parametrize("name, hp", CASES, ids=IDS)
+def test_bfloat16_stats_give_float32(name, hp):
+  data = make_data()
+  cfg = cfg_for(name, **hp)
+  stats = stats_from_logits(data["logits"], data["targets"], objectives.required_stats(cfg))
+  stats = {k: v.astype(jnp.bfloat16) for k, v in stats.items()}
+  loss, metrics = objectives.objective_loss(stats, data, cfg)
+  assert loss.dtype == jnp.float32 and all(v.dtype == jnp.float32 for v in metrics.values())
+
+
+def test_required_stats():
+  assert objectives.required_stats(cfg_for("eaft")) == ("logp", "entropy", "topk_entropy:20")
+  assert objectives.required_stats(cfg_for("eaft", eaft_k=7.0)) == (
+      "logp", "entropy", "topk_entropy:7")
+  assert objectives.required_stats(cfg_for("eaft", eaft_entropy="full")) == ("logp", "entropy")
+  assert objectives.required_stats(cfg_for("gem")) == (
+      "logp", "entropy", "gem_cross_entropy:0.7:linear")
+  assert objectives.required_stats(cfg_for("gem", gem_beta=1, gem_h="logsigmoid")) == (
+      "logp", "entropy", "gem_cross_entropy:1.0:logsigmoid", "gem_mass:1.0:logsigmoid")
+  assert objectives.required_stats(cfg_for("deft")) == ("logp", "entropy", "renyi2_entropy")
+
+
+@pytest.mark.parametrize("field, value, allowed", [
+    ("eaft_alpha", 0.0, "> 0"), ("eaft_alpha", float("nan"), "> 0"), ("eaft_alpha", "x", "> 0"),
+    ("eaft_k", 1, "integer >= 2"), ("eaft_k", 2.5, "integer >= 2"), ("eaft_k", True, "integer"),
+    ("eaft_norm", 0.0, "> 0"), ("eaft_entropy", "exact", "topk, full"),
+    ("gem_beta", 0.0, "> 0"), ("gem_beta", float("inf"), "> 0"),
+    ("gem_h", "tanh", "linear, logsigmoid"),
+])
+def test_bad_config_names_field_and_allowed_values(field, value, allowed):
+  cfg = {**cfg_for(field.split("_")[0]), field: value}
+  with pytest.raises(ConfigError, match=f"objective.{field}=") as err:
+    objectives.required_stats(cfg)
+  assert allowed in str(err.value)
+  data = make_data()
+  with pytest.raises(ConfigError, match=f"objective.{field}="):
+    jax.jit(functools.partial(loss_from_logits, cfg=cfg))(data["logits"], data)
+
+
+def test_missing_stats_and_bad_direct_arguments_raise_config_error():
+  data = make_data()
+  logp = -jnp.ones((2, 3))
+  with pytest.raises(ConfigError, match=r"objective.name='eaft' needs stats\['topk_entropy:20'\]"):
+    objectives.objective_loss(dict(logp=logp, entropy=logp), dict(loss_mask=logp), cfg_for("eaft"))
+  for fn, keyword in ((objectives.eaft, "gate_entropy"), (objectives.gem, "tempered_xent"),
+                      (objectives.deft, "renyi2")):
+    with pytest.raises(ConfigError, match=keyword):
+      fn(logp)
+  with pytest.raises(ConfigError, match="eaft_norm=-1"):
+    objectives.eaft(logp, gate_entropy=logp, eaft_norm=-1)
+  with pytest.raises(ConfigError, match=rf"topk_entropy k=40 .*\[2, vocabulary size {V}\]"):
+    jax.jit(functools.partial(loss_from_logits, cfg=cfg_for("eaft", eaft_k=40)))(
+        data["logits"], data)
+  with pytest.raises(ConfigError, match="gem h='tanh'.*linear, logsigmoid"):
+    objectives.gem_mass(jnp.zeros((2, V)), jnp.zeros(2, jnp.int32), 0.7, "tanh")
