@@ -1,0 +1,108 @@
+"""The scanner study end to end on the tiny Llama (configs/study.py:gpu,smoke: the GPU code path on
+CPU), its arm parsing, config overrides, resume and time budget."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from dft_jax import objectives
+from dft_jax.errors import ConfigError
+from dft_jax.experiments import report, scanner
+
+ARMS = ("sft=sft", "psft=psft", "dft+kl=dft,kl_coef=0.1,lr=2e-3")
+
+
+def test_parse_arm():
+  assert scanner.parse_arm("sft") == scanner.Arm("sft", {"name": "sft"}, None)
+  arm = scanner.parse_arm("p=power,alpha=0.25,lr=1e-4")
+  assert arm == scanner.Arm("p", {"name": "power", "alpha": 0.25}, 1e-4)
+  assert scanner.parse_arm("e=eaft,eaft_entropy=full").objective["eaft_entropy"] == "full"
+  for bad in ("=sft", "x=", "x=sft,alpha"):
+    with pytest.raises(ConfigError, match="--arm"):
+      scanner.parse_arm(bad)
+
+
+def test_arm_config_sets_objective_lr_and_seed():
+  config = scanner.load_study_config("gpu", smoke=True)
+  c = scanner.arm_config(config, scanner.parse_arm("k=dft,kl_coef=0.2,lr=3e-4"), seed=2)
+  assert (c.objective.name, c.objective.kl_coef, c.optimizer.learning_rate, c.train.seed) == (
+      "dft", 0.2, 3e-4, 2)
+  assert config.objective.kl_coef == 0.0  # the study config itself is untouched
+  with pytest.raises(ConfigError, match="arm 'x'.*objective.name='nope'"):
+    scanner.arm_config(config, scanner.parse_arm("x=nope"), 0)
+  with pytest.raises(ConfigError, match="arm 'y'.*objective.alpha"):
+    scanner.arm_config(config, scanner.parse_arm("y=power,alpha=-1"), 0)
+  with pytest.raises(ConfigError, match="arm 'z': objective.alhpa is not a field"):
+    scanner.arm_config(config, scanner.parse_arm("z=power,alhpa=0.5"), 0)
+  with pytest.raises(ConfigError, match="arm 'w': objective.alpha='big' has the wrong type"):
+    scanner.arm_config(config, scanner.parse_arm("w=power,alpha=big"), 0)
+
+
+def test_optional_arms_need_a_registered_objective():
+  config = scanner.load_study_config("cpu", smoke=False)
+  config.study.optional_arms = ("x=not_registered", "e=" + next(iter(objectives.OBJECTIVES)))
+  arms, skipped = scanner.select_arms(config.study)
+  assert skipped == ["x"] and arms[-1].label == "e"
+
+
+def test_overrides():
+  config = scanner.load_study_config("cpu", smoke=False)
+  scanner.apply_overrides(config, ["train.num_steps=3", "optimizer.learning_rate=1", "eval.suites="
+                                   "in_domain", "study.arms=sft;dft"])
+  assert config.train.num_steps == 3 and config.optimizer.learning_rate == 1.0
+  assert config.eval.suites == "in_domain" and config.study.arms == ("sft", "dft")
+  with pytest.raises(ConfigError, match="no config field 'train.nope'"):
+    scanner.apply_overrides(config, ["train.nope=1"])
+
+
+def test_study_end_to_end(tmp_path):
+  """2 seeds x 3 arms through train + evaluation; then --resume adds a third seed only."""
+  config = scanner.load_study_config("gpu", smoke=True)
+  config.study.update(seeds=2, compilation_cache=str(tmp_path / "xla"))
+  out = str(tmp_path / "out")
+  results = scanner.run_study(config, out, arm_specs=ARMS, log=lambda s: None)
+
+  assert [(r["seed"], r["arm"]) for r in results["runs"]] == [
+      (s, a.split("=")[0]) for s in range(2) for a in ARMS]
+  for run in results["runs"]:
+    assert [h["step"] for h in run["history"]] == [1, 2]
+    assert all(np.isfinite(h["loss"]) and 0 < h["target_prob"] < 1 for h in run["history"])
+    assert run["eval"]["kl_to_base"] > 0
+    assert sum(run["eval"]["target_prob_hist"]) == sum(results["base"]["target_prob_hist"])
+  psft = [r for r in results["runs"] if r["arm"] == "psft"][0]["history"]
+  assert all("psft/ratio" in h for h in psft)
+  assert results["base"]["kl_to_base"] == 0.0
+  # Every arm of a seed trains on the same batches; seeds change the data order.
+  tokens = {(r["seed"], r["arm"]): [h["loss_tokens"] for h in r["history"]]
+            for r in results["runs"]}
+  assert tokens[0, "sft"] == tokens[0, "psft"] == tokens[0, "dft+kl"] != tokens[1, "sft"]
+  assert tokens[1, "sft"] == tokens[1, "psft"]
+
+  for name in ("results.json", "results.md", "curves.png", "target_prob_hist.png",
+               "gain_vs_forgetting.png"):
+    assert os.path.getsize(os.path.join(out, name)) > 0, name
+  table = open(os.path.join(out, "results.md")).read()
+  assert "| base |" in table and "| dft+kl | dft, kl_coef=0.1 | 0.002 | 2 |" in table
+  summary = report.summarize(results)
+  kl = [r["eval"]["kl_to_base"] for r in results["runs"] if r["arm"] == "sft"]
+  assert summary["sft"]["kl_to_base"] == pytest.approx((np.mean(kl), np.std(kl, ddof=1)))
+
+  config.study.seeds = 3
+  resumed = scanner.run_study(config, out, arm_specs=ARMS, resume=True, log=lambda s: None)
+  assert len(resumed["runs"]) == 9 and resumed["runs"][:6] == json.loads(
+      open(os.path.join(out, "results.json")).read())["runs"][:6]
+  assert [r["seed"] for r in resumed["runs"][6:]] == [2, 2, 2]
+  assert "base_eval_s" not in resumed["timing"]  # the base evaluation was kept, not redone
+
+  config.train.num_steps = 3
+  with pytest.raises(ConfigError, match="another config"):
+    scanner.run_study(config, out, arm_specs=ARMS, resume=True, log=lambda s: None)
+
+
+def test_budget_stops_before_a_run(tmp_path):
+  config = scanner.load_study_config("gpu", smoke=True)
+  config.study.update(seeds=1, budget_s=1e-3, compilation_cache="", compile_workers=0)
+  config.eval.update(suites="in_domain")
+  results = scanner.run_study(config, str(tmp_path), arm_specs=("sft",), log=lambda s: None)
+  assert results["runs"] == [] and "time budget" in results["stopped_early"]
