@@ -25,6 +25,7 @@ def get_config(arg=None):
       scan_layers=True,
       attention="auto",              # auto (cudnn on GPU, xla elsewhere) | xla | cudnn
       lm_head_chunk=1024,            # tokens per chunk of the fused LM head
+      tokenizer=ml_collections.FieldReference(None, field_type=str),  # HF folder, for presets
   ))
 
   c.data = ml_collections.ConfigDict(dict(
@@ -80,10 +81,11 @@ def get_config(arg=None):
       weight_decay=0.0,
       b1=0.9, b2=0.95, eps=1e-8,
       grad_clip_norm=1.0,
+      mu_dtype=ml_collections.FieldReference(None, field_type=str),  # None (= params) | bfloat16
   ))
 
   c.train = ml_collections.ConfigDict(dict(
-      num_steps=30,
+      num_steps=24,
       global_batch_size=4,           # rows of seq_len tokens per optimizer batch
       seq_len=384,                   # two built-in examples fit a row: 82% real tokens
       microbatches=1,                # gradient accumulation inside the step
@@ -95,7 +97,7 @@ def get_config(arg=None):
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
 
   c.checkpoint = ml_collections.ConfigDict(dict(
-      every_steps=15, keep=2, async_save=True, export_hf=False))
+      every_steps=12, keep=2, async_save=True, export_hf=False))
 
   c.eval = ml_collections.ConfigDict(dict(
       before=True, after=True,
@@ -106,6 +108,13 @@ def get_config(arg=None):
 
   c.log = ml_collections.ConfigDict(dict(
       every_steps=1, progress=True, jsonl=True, tensorboard=True))
+
+  # Fault injection for tests (dft_jax/faults.py); 0 = off, and then the run is unchanged.
+  c.debug = ml_collections.ConfigDict(dict(
+      inject_nan_at_step=0,          # NaN in that step's batch: non-finite loss and gradients
+      slow_save_at_step=0,           # that step's checkpoint stays uncommitted for save_delay_s
+      save_delay_s=0.0,
+  ))
 
   for v in variants:
     if v == "cpu":

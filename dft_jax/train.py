@@ -72,6 +72,8 @@ def validate_config(config, num_devices, process_count=1):
     raise ConfigError(f"optimizer.schedule={o.schedule!r}: expected one of {sorted(SCHEDULES)}")
   if not o.learning_rate > 0:
     raise ConfigError(f"optimizer.learning_rate={o.learning_rate!r}: must be > 0")
+  if o.get("mu_dtype") not in (None, "float32", "bfloat16"):
+    raise ConfigError(f"optimizer.mu_dtype={o.mu_dtype!r}: expected None, 'float32' or 'bfloat16'")
   if o.warmup_steps < 0 or o.weight_decay < 0 or o.grad_clip_norm < 0:
     raise ConfigError("optimizer.warmup_steps, weight_decay and grad_clip_norm must be >= 0")
 
@@ -108,7 +110,8 @@ def make_optimizer(opt_cfg, total_updates, logical_specs):
   tx = optax.chain(
       optax.clip_by_global_norm(clip) if clip else optax.identity(),
       optax.adamw(schedule, b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps,
-                  weight_decay=opt_cfg.weight_decay, mask=decay_mask(logical_specs)))
+                  weight_decay=opt_cfg.weight_decay, mask=decay_mask(logical_specs),
+                  mu_dtype=opt_cfg.get("mu_dtype")))
   return tx, schedule
 
 
@@ -143,6 +146,9 @@ def make_train_step(graphdef, tx, config, mesh, state_shardings, ref_needed):
   """
   obj_cfg, t, chunk = config.objective, config.train, config.model.lm_head_chunk
   needs_old = objectives.needs_old_logp(obj_cfg)
+  # With one update per batch the snapshot is the current policy: old_logp = sg(logp), no extra
+  # forward. With K > 1 updates, pi_old is computed once, before the first of them.
+  snapshot_forward = needs_old and t.minibatches > 1
   stat_names = objectives.required_stats(obj_cfg)
 
   def target_logp(params, mb):  # forward only: the policy snapshot's or the reference's logp
@@ -151,7 +157,7 @@ def make_train_step(graphdef, tx, config, mesh, state_shardings, ref_needed):
   def microbatch_loss(params, mb, old_logp_BxT, ref_params, denominators):
     stats = model_token_stats(graphdef, params, mb, chunk, stat_names)
     if needs_old:
-      stats["old_logp"] = old_logp_BxT
+      stats["old_logp"] = old_logp_BxT if snapshot_forward else jax.lax.stop_gradient(stats["logp"])
     if ref_needed:
       stats["ref_logp"] = target_logp(ref_params, mb)
     return objectives.objective_loss(stats, mb, obj_cfg, denominators=denominators)
@@ -161,7 +167,7 @@ def make_train_step(graphdef, tx, config, mesh, state_shardings, ref_needed):
   def train_step(state, batch, ref_params):
     split = jax.tree.map(lambda v: split_rows(split_rows(v, t.minibatches), t.microbatches, axis=1), batch)
     old_logp = None
-    if needs_old:  # pi_old: the parameters before this batch's K updates, forward only
+    if snapshot_forward:  # pi_old: the parameters before this batch's K updates, forward only
       old_logp = jax.lax.map(lambda mini: jax.lax.map(lambda mb: target_logp(state.params, mb), mini),
                              split)
 
@@ -434,6 +440,10 @@ def train_and_evaluate(config, workdir):
     logger(*pending)
   run.manager.wait_until_finished()
   writer.close()
+  if config.checkpoint.export_hf and is_main:
+    from dft_jax import export
+    export.export_hf(nnx.merge(run.model_graphdef, run.state.params), run.tokenizer,
+                     os.path.join(workdir, "hf"))
   after = evaluator(run.state.params) if config.eval.after else None
   summary = make_summary(config, logger.history, before, after, time.time() - started)
   if is_main:

@@ -19,11 +19,21 @@ from dft_jax.errors import ConfigError
 from dft_jax.models import attention as attn_lib
 from dft_jax.models.config import ModelConfig
 
+
+def _cudnn_attention_saveable(prim, *_, **__):
+  """Keep cuDNN flash attention's forward outputs (output + softmax statistics), so the backward
+  pass does not run the attention forward again. Matches nothing off GPU."""
+  return prim.name == "dot_product_attention_fwd_wrapper"
+
+
 REMAT_POLICIES = {
     "none": None,
     "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
     "dots_saveable": jax.checkpoint_policies.dots_saveable,
     "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "attention_saveable": _cudnn_attention_saveable,
+    "dots_attention_saveable": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable, _cudnn_attention_saveable),
 }
 PARAM_DTYPES = ("float32", "bfloat16")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
