@@ -1,0 +1,1 @@
+"""Step throughput, MFU and memory benchmarks (see benchmarks/README.md)."""
