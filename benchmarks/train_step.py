@@ -89,6 +89,18 @@ PLANS = {
         dict(name="jax/dft/no_triton_gemm", remat="best",
              xla_flags="--xla_gpu_enable_triton_gemm=false"),
     ],
+    # The second H100 call: what the first one's budget left out (explicit remat, no "best").
+    "gpu_extra": [
+        dict(name="torch/dft/liger", framework="torch", objective="dft", liger=True,
+             probe_batches=(8, 16, 32), est_s=45),
+        dict(name="jax/dft/lean_chunk1024", remat="nothing_saveable", mu_dtype="bfloat16",
+             lm_head_chunk=1024, est_s=50),
+        dict(name="jax/psft/k4", objective="psft", minibatches=4,
+             remat="dots_attention_saveable", est_s=60),
+        dict(name="jax/dft/nothing_b16", remat="nothing_saveable", batch=16, est_s=70),
+        dict(name="jax/0.5b/dft", model="qwen2.5-0.5b", remat="dots_attention_saveable",
+             est_s=40),
+    ],
     # Tiny shapes on CPU: the plumbing of every path above in seconds.
     "smoke": [
         dict(name="torch/dft", framework="torch", model="tiny-qwen2", seq_len=128,
