@@ -111,3 +111,17 @@ def test_smoke_sweep_writes_records_and_table(tmp_path):
     assert peer["num_params"] == psft["num_params"]  # same model, tied embedding counted once
     assert np.all(np.isfinite(peer["losses"])) and peer["probes"][0]["status"] == "ok"
   assert "variant" in proc.stdout and "summary:" in proc.stdout.splitlines()[-1]
+
+
+def test_breakdown_times_every_part(tmp_path):
+  """benchmarks/breakdown.py --smoke: each part and the whole step timed, one JSON record."""
+  out = tmp_path / "breakdown.jsonl"
+  proc = subprocess.run([sys.executable, "-m", "benchmarks.breakdown", "--smoke", f"--out={out}"],
+                        cwd=ROOT, capture_output=True, text=True, timeout=300,
+                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  record = json.loads(out.read_text())
+  seconds = record["seconds"]
+  assert {"trunk fwd+bwd", "optimizer (clip + AdamW)", "whole train step"} <= set(seconds)
+  assert sum(k.startswith("head+objective") for k in seconds) == 2
+  assert all(np.isfinite(t) and t > 0 for t in seconds.values())
