@@ -142,17 +142,6 @@ def accuracy_metrics(correct_NxK, prefix):
 # ----------------------------------------------------------------------------- generation
 
 
-def stop_ids(model, tokenizer):
-  ids = set(model.config.eos_token_ids)
-  if tokenizer.eos_token_id is not None:
-    ids.add(tokenizer.eos_token_id)
-  return sorted(ids)
-
-
-def pad_id(tokenizer):
-  return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-
 class Progress:
   """`label: done/total` on stderr, redrawn in place on a terminal; one closing line otherwise."""
 
@@ -185,7 +174,8 @@ def generate_ids(model, tokenizer, prompt_ids, *, max_new_tokens, batch_size, te
     filled = part + [part[-1]] * (min(batch_size, len(prompt_ids)) - len(part))
     replies += sampling.generate(
         model, filled, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-        eos_ids=stop_ids(model, tokenizer), pad_id=pad_id(tokenizer), seed=seed + start)[:len(part)]
+        eos_ids=sampling.stop_ids(model, tokenizer), pad_id=sampling.pad_id(tokenizer),
+        seed=seed + start)[:len(part)]
     if progress:
       progress.advance()
   return replies
@@ -385,7 +375,7 @@ class RunEvaluator:
     in-domain reference responses)."""
     if ("batch", name) not in self._cache:
       self._cache[("batch", name)] = teacher_forced_batch(*self._forced_rows(name),
-                                                          pad_id(self.tokenizer))
+                                                          sampling.pad_id(self.tokenizer))
     return self._cache[("batch", name)]
 
   def _forced_rows(self, name):

@@ -21,14 +21,6 @@ def chat_prompt_ids(tokenizer, prompt: str, *, system: str | None = None, raw: b
   return tokenizer(text, add_special_tokens=False).input_ids
 
 
-def stop_ids(model, tokenizer) -> list[int]:
-  """EOS ids from the tokenizer and the model config."""
-  ids = set(model.config.eos_token_ids)
-  if tokenizer.eos_token_id is not None:
-    ids.add(tokenizer.eos_token_id)
-  return sorted(ids)
-
-
 @cli_entry
 def main(argv=None):
   parser = argparse.ArgumentParser(prog="python -m dft_jax.generate",
@@ -49,10 +41,10 @@ def main(argv=None):
   if tokenizer is None:
     raise ModelError(f"model {args.model!r} has no tokenizer; generate needs one")
   prompts = [chat_prompt_ids(tokenizer, p, system=args.system, raw=args.raw) for p in args.prompt]
-  pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
   replies = sampling.generate(
       model, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-      top_p=args.top_p, eos_ids=stop_ids(model, tokenizer), pad_id=pad_id, seed=args.seed)
+      top_p=args.top_p, eos_ids=sampling.stop_ids(model, tokenizer),
+      pad_id=sampling.pad_id(tokenizer), seed=args.seed)
   for prompt, reply in zip(args.prompt, replies):
     if len(args.prompt) > 1:
       print(f"### {prompt}")

@@ -61,6 +61,22 @@ def _generate(graphdef, state, tokens_BxP, valid_BxP, key, temperature, top_p, e
   return jax.lax.while_loop(cond, body, carry)[-1]
 
 
+def stop_ids(model, tokenizer) -> list[int]:
+  """EOS ids from the model config and the tokenizer: generation stops at any of them."""
+  ids = set(model.config.eos_token_ids)
+  if tokenizer.eos_token_id is not None:
+    ids.add(tokenizer.eos_token_id)
+  return sorted(ids)
+
+
+def pad_id(tokenizer) -> int:
+  """The tokenizer's pad id, else its EOS id, else 0 (pads are masked out; any id works)."""
+  for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+    if token_id is not None:
+      return token_id
+  return 0
+
+
 def generate(model, prompt_ids: list[list[int]], *, max_new_tokens: int, temperature: float = 0.0,
              top_p: float = 1.0, eos_ids=(), pad_id: int = 0, seed: int = 0) -> list[list[int]]:
   """New token ids per prompt, cut before the first EOS (EOS itself not included).

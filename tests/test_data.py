@@ -17,18 +17,6 @@ from dft_jax.errors import ConfigError, DataError
 EOS = "<|im_end|>"
 
 
-@pytest.fixture(scope="module")
-def tok():
-  return testing.tiny_chat_tokenizer()
-
-
-@pytest.fixture
-def cfg(tmp_path):
-  c = testing.default_config().data
-  c.cache_dir = str(tmp_path / "hf_cache")
-  return c
-
-
 def spans(tokenizer, ids, trained, flag=1):
   """Decoded maximal runs of tokens whose trained flag equals `flag`."""
   return [tokenizer.decode([i for i, _ in run], skip_special_tokens=False)

@@ -8,23 +8,15 @@ import pytest
 from dft_jax import data
 from dft_jax.data import formats
 from dft_jax.data import packing
-from dft_jax.data import testing
 from dft_jax.errors import DataError
 
 T = 256
 
 
-@pytest.fixture(scope="module")
-def tok():
-  return testing.tiny_chat_tokenizer()
-
-
 @pytest.fixture
-def cfg(tmp_path):
-  c = testing.default_config().data
-  c.cache_dir = str(tmp_path / "hf_cache")
-  c.max_rows = 120
-  return c
+def cfg(cfg):  # conftest's data config, on the first 120 rows
+  cfg.max_rows = 120
+  return cfg
 
 
 def make_iter(c, tokenizer, batch=8, seed=0, process_index=0, process_count=1, seq_len=T):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dft_jax import data, evaluate, models, objectives
+from dft_jax import data, evaluate, models, objectives, sampling
 from dft_jax.errors import ConfigError, DataError
 
 TINY = str(pathlib.Path(__file__).parent / "fixtures" / "tiny_llama")
@@ -122,7 +122,7 @@ def small_batch(tokenizer):
   prompts = [tokenizer("What is 2 + 3?")["input_ids"], tokenizer("Name a colour.")["input_ids"]]
   replies = [tokenizer(" 2 + 3 = 5. #### 5")["input_ids"],
              tokenizer(" Blue, like the sky")["input_ids"]]
-  return evaluate.teacher_forced_batch(prompts, replies, evaluate.pad_id(tokenizer))
+  return evaluate.teacher_forced_batch(prompts, replies, sampling.pad_id(tokenizer))
 
 
 def test_kl_zero_against_itself_and_positive_after_a_step(tiny):
@@ -167,7 +167,7 @@ def test_run_evaluator_suites(tiny, tmp_path):
   # Perplexity: exp of the mean NLL over every held-out token after the first (float64 reference).
   texts = [tokenizer(r["text"])["input_ids"] for r in evaluate.load_rows("builtin:heldout_text")]
   batch = evaluate.teacher_forced_batch([t[:1] for t in texts], [t[1:] for t in texts],
-                                        evaluate.pad_id(tokenizer))
+                                        sampling.pad_id(tokenizer))
   target, _, _ = numpy_stats(model, model, batch)
   assert out["perplexity_heldout"] == pytest.approx(math.exp(-target.mean()), rel=1e-4)
   # Histogram: every reference response token of the held-out problems is counted once.
