@@ -8,6 +8,7 @@ import pytest
 
 from dft_jax import lm_head, objectives
 from dft_jax.errors import ConfigError
+from objectives_testlib import stats_from_logits
 
 B, T, D, V = 3, 37, 16, 50  # B * T = 111 tokens: not a multiple of any chunk size used
 CHUNK = 16                   # 3 rows x 5 positions per chunk, T padded to 40
@@ -40,16 +41,8 @@ def composite_loss(hidden, w, data, cfg, head):
 
 def reference_head(hidden, w, targets, stats=lm_head.DEFAULT_STATS):
   """Full logits -> the objectives' math directly, independent of lm_head's statistics table."""
-  logits = jnp.einsum("btd,dv->btv", hidden, w, precision="highest")
-  logp_all = objectives.log_softmax(logits)
-  fns = {"logp": lambda: objectives.logp_and_entropy(logits, targets)[0],
-         "entropy": lambda: objectives.logp_and_entropy(logits, targets)[1],
-         "renyi2_entropy": lambda: objectives.renyi2_entropy(logp_all),
-         "topk_entropy": lambda k: objectives.topk_entropy(logp_all, int(k)),
-         "gem_cross_entropy": lambda beta, h: objectives.gem_cross_entropy(
-             logp_all, targets, float(beta), h),
-         "gem_mass": lambda beta, h: objectives.gem_mass(logp_all, targets, float(beta), h)}
-  return {name: fns[name.split(":")[0]](*name.split(":")[1:]) for name in stats}
+  return stats_from_logits(jnp.einsum("btd,dv->btv", hidden, w, precision="highest"), targets,
+                           stats)
 
 
 NAIVE = lm_head.token_stats_naive

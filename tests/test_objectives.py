@@ -8,6 +8,7 @@ import pytest
 
 from dft_jax import objectives
 from dft_jax.errors import ConfigError
+from objectives_testlib import packed_logits, ref_logsoftmax
 
 B, T, V, D = 8, 6, 9, 5
 NAMES = ("sft", "dft", "dft_seq", "power", "psft")  # eaft, gem, deft: test_objectives_family.py
@@ -28,29 +29,16 @@ SEGMENTS = np.array([[1, 1, 1, 2, 2, 0],
 
 def make_data(seed=0, scale=3.0):
   """Packed batch + logits (= hidden @ w) + float64 log-probs; old/ref logp around them."""
-  rng = np.random.default_rng(seed)
-  hidden = rng.normal(size=(B, T, D)).astype(np.float32)
-  w = (scale * rng.normal(size=(D, V)) / np.sqrt(D)).astype(np.float32)
-  logits = np.einsum("btd,dv->btv", hidden.astype(np.float64), w).astype(np.float32)
-  # Mostly the argmax as target, so probabilities spread over (0, 1) and dft_seq is not ~0.
-  targets = np.where(rng.random((B, T)) < 0.6, logits.argmax(-1),
-                     rng.integers(0, V, (B, T))).astype(np.int32)
-  last = np.append(SEGMENTS[:, 1:] != SEGMENTS[:, :-1], np.ones((B, 1), bool), axis=1)
-  mask = ((SEGMENTS > 0) & ~last).astype(np.float32)
-  mask[1, 0] = mask[6, :2] = 0.0  # a few prompt tokens
-  targets[SEGMENTS == 0] = -100  # HF-style padding targets: must stay harmless
-  logp = ref_logp_all(logits)[np.arange(B)[:, None], np.arange(T), np.clip(targets, 0, V - 1)]
+  data, rng = packed_logits(SEGMENTS, V, D, seed=seed, scale=scale, argmax_frac=0.6)
+  data["loss_mask"][1, 0] = data["loss_mask"][6, :2] = 0.0  # a few prompt tokens
+  logp = ref_logp_all(data["logits"])[np.arange(B)[:, None], np.arange(T),
+                                      np.clip(data["targets"], 0, V - 1)]
   old_logp = logp + np.resize(PSFT_DELTAS, (B, T))
   ref_logp = logp + rng.normal(scale=0.5, size=(B, T))
-  return dict(hidden=hidden, w=w, logits=logits, targets=targets, loss_mask=mask,
-              segment_ids=SEGMENTS, old_logp=old_logp.astype(np.float32),
-              ref_logp=ref_logp.astype(np.float32))
+  return dict(data, old_logp=old_logp.astype(np.float32), ref_logp=ref_logp.astype(np.float32))
 
 
-def ref_logp_all(logits):
-  z = np.asarray(logits, np.float64)
-  z = z - z.max(-1, keepdims=True)
-  return z - np.log(np.exp(z).sum(-1, keepdims=True))
+ref_logp_all = ref_logsoftmax
 
 
 def ref_segments(mask, seg):

@@ -10,6 +10,7 @@ import pytest
 
 from dft_jax import objectives
 from dft_jax.errors import ConfigError
+from objectives_testlib import packed_logits, ref_logsoftmax, stats_from_logits
 
 B, T, V, D = 4, 7, 32, 6
 SEGMENTS = np.array([[1, 1, 1, 2, 2, 2, 0],
@@ -32,26 +33,10 @@ SCALES = (0.7, 4.0)  # flat and peaked predictions: gates spread over their rang
 
 
 def make_data(seed=0, scale=4.0):
-  rng = np.random.default_rng(seed)
-  hidden = rng.normal(size=(B, T, D)).astype(np.float32)
-  w = (scale * rng.normal(size=(D, V)) / np.sqrt(D)).astype(np.float32)
-  logits = np.einsum("btd,dv->btv", hidden.astype(np.float64), w).astype(np.float32)
-  targets = np.where(rng.random((B, T)) < 0.5, logits.argmax(-1),
-                     rng.integers(0, V, (B, T))).astype(np.int32)
-  last = np.append(SEGMENTS[:, 1:] != SEGMENTS[:, :-1], np.ones((B, 1), bool), axis=1)
-  mask = ((SEGMENTS > 0) & ~last).astype(np.float32)
-  targets[SEGMENTS == 0] = -100
-  return dict(hidden=hidden, w=w, logits=logits, targets=targets, loss_mask=mask,
-              segment_ids=SEGMENTS)
+  return packed_logits(SEGMENTS, V, D, seed=seed, scale=scale, argmax_frac=0.5)[0]
 
 
 # ------------------------------------------------------------------------------------ float64
-
-
-def ref_logsoftmax(z):
-  z = np.asarray(z, np.float64)
-  z = z - z.max(-1, keepdims=True)
-  return z - np.log(np.exp(z).sum(-1, keepdims=True))
 
 
 def ref_entropy(logq):
@@ -97,20 +82,6 @@ def ref_loss_and_grad(data, name, **hp):
 
 
 # ------------------------------------------------------------------------------------ jax
-
-
-def stats_from_logits(logits, targets, names):
-  """Statistics from full logits through the objectives' math, all differentiable as written
-  (the fused head stops the gates' gradient itself; here only the objectives do)."""
-  logp_all = objectives.log_softmax(logits)
-  fns = {"logp": lambda: objectives.target_log_prob(logp_all, targets),
-         "entropy": lambda: objectives.entropy(logp_all),
-         "renyi2_entropy": lambda: objectives.renyi2_entropy(logp_all),
-         "topk_entropy": lambda k: objectives.topk_entropy(logp_all, int(k)),
-         "gem_cross_entropy": lambda beta, h: objectives.gem_cross_entropy(
-             logp_all, targets, float(beta), h),
-         "gem_mass": lambda beta, h: objectives.gem_mass(logp_all, targets, float(beta), h)}
-  return {name: fns[name.split(":")[0]](*name.split(":")[1:]) for name in names}
 
 
 def cfg_for(name, **hp):

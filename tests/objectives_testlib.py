@@ -1,0 +1,45 @@
+"""Shared by the objective and LM-head tests: packed batches with known logits, and references
+computed independently of dft_jax.lm_head (float64 numpy, or full logits through the objectives'
+own math)."""
+import numpy as np
+
+from dft_jax import objectives
+
+
+def packed_logits(segments, vocab, hidden_size, *, seed, scale, argmax_frac):
+  """hidden [B, T, D], w [D, V], logits = hidden @ w, targets (the argmax on `argmax_frac` of the
+  tokens, so probabilities spread over (0, 1); -100 on padding), loss_mask (0 on padding and on
+  each segment's last token) for the packed rows `segments` [B, T]."""
+  rng = np.random.default_rng(seed)
+  b, t = segments.shape
+  hidden = rng.normal(size=(b, t, hidden_size)).astype(np.float32)
+  w = (scale * rng.normal(size=(hidden_size, vocab)) / np.sqrt(hidden_size)).astype(np.float32)
+  logits = np.einsum("btd,dv->btv", hidden.astype(np.float64), w).astype(np.float32)
+  targets = np.where(rng.random((b, t)) < argmax_frac, logits.argmax(-1),
+                     rng.integers(0, vocab, (b, t))).astype(np.int32)
+  last = np.append(segments[:, 1:] != segments[:, :-1], np.ones((b, 1), bool), axis=1)
+  mask = ((segments > 0) & ~last).astype(np.float32)
+  targets[segments == 0] = -100  # HF-style padding targets: must stay harmless
+  return dict(hidden=hidden, w=w, logits=logits, targets=targets, loss_mask=mask,
+              segment_ids=segments), rng
+
+
+def ref_logsoftmax(z):
+  """float64 log-softmax over the last axis."""
+  z = np.asarray(z, np.float64)
+  z = z - z.max(-1, keepdims=True)
+  return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def stats_from_logits(logits, targets, names):
+  """lm_head statistics (`names`, e.g. "topk_entropy:20") from full logits through the objectives'
+  math, all differentiable as written (the fused head stops the gates' gradient itself)."""
+  logp_all = objectives.log_softmax(logits)
+  fns = {"logp": lambda: objectives.target_log_prob(logp_all, targets),
+         "entropy": lambda: objectives.entropy(logp_all),
+         "renyi2_entropy": lambda: objectives.renyi2_entropy(logp_all),
+         "topk_entropy": lambda k: objectives.topk_entropy(logp_all, int(k)),
+         "gem_cross_entropy": lambda beta, h: objectives.gem_cross_entropy(
+             logp_all, targets, float(beta), h),
+         "gem_mass": lambda beta, h: objectives.gem_mass(logp_all, targets, float(beta), h)}
+  return {name: fns[name.split(":")[0]](*name.split(":")[1:]) for name in names}
