@@ -5,19 +5,33 @@ Layout of a workdir:
   checkpoints/<step>/      orbax items: `state` (step, params, optimizer state; sharded arrays)
                            and `data` (the data iterator's JSON state)
 Orbax writes each step into a temporary folder and renames it when complete, so a run killed
-mid-save leaves the previous checkpoint as the latest complete one.
+mid-save leaves the previous checkpoint as the latest complete one. A state holding NaN or inf is
+never written; a write that fails (disk full, no permission) or a checkpoint that does not fit the
+run raises CheckpointError: one line naming the folder and the last complete checkpoint.
 """
+import contextlib
+import functools
 import json
+import logging
 import os
+import re
+import sys
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from dft_jax.errors import ConfigError, ModelError
+from dft_jax import faults
+from dft_jax.errors import ConfigError, ModelError, UserInputError
 
 CONFIG_FILE = "config.json"
 # Fields that must match between a run and the checkpoints it resumes from.
 IDENTITY_FIELDS = (("model", "name"), ("objective", "name"), ("train", "seq_len"))
+
+
+class CheckpointError(UserInputError):
+  """A checkpoint cannot be written (disk full, no permission, non-finite state) or does not fit
+  this run (another model or config); earlier checkpoints stay intact."""
 
 
 def checkpoint_dir(workdir):
@@ -28,37 +42,147 @@ def make_manager(workdir, ckpt_cfg):
   options = ocp.CheckpointManagerOptions(
       max_to_keep=ckpt_cfg.keep, enable_async_checkpointing=ckpt_cfg.async_save, create=True,
       cleanup_tmp_directories=True)
-  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=("state", "data"))
+  # slow_commit: only in checkpoints saved with the debug knob (faults.SlowCommitSave)
+  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
+                               item_names=("state", "data", "slow_commit"))
 
 
-def save(manager, step, state, data_state, *, force=False):
-  """Starts saving (async when configured); returns whether a save was started."""
-  return manager.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)), force=force)
+def complete_steps(directory):
+  """Steps whose checkpoint folder orbax has committed (renamed from its temporary name)."""
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+
+
+@jax.jit
+def _all_finite(tree):
+  leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.stack(leaves).all() if leaves else jnp.bool_(True)
+
+
+def _last_complete(manager):
+  steps = complete_steps(manager.directory)
+  return f"step {steps[-1]}" if steps else "none"
+
+
+def _reason(e):
+  """One line for an exception; tensorstore reports OS errors as "[os_error_code='28']"."""
+  if isinstance(e, OSError) and e.errno:
+    return f"[Errno {e.errno}] {e.strerror}" + (f": {e.filename}" if e.filename else "")
+  text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+  code = re.search(r"os_error_code='?(\d+)", text)
+  if code:
+    return f"[Errno {code[1]}] {os.strerror(int(code[1]))}"
+  paths = re.findall(r"^(\S+):$", str(e), re.MULTILINE)  # orbax's tree diff: one path per entry
+  if paths:
+    return f"{text.rstrip(':')} at {len(paths)} entries, e.g. {', '.join(paths[:3])}"
+  return text[:400]
+
+
+def save(manager, step, state, data_state, *, slow_commit_s=0.0):
+  """Starts saving (async when configured); returns whether a save was started.
+
+  Raises CheckpointError, with nothing written, when `state` holds NaN or inf, and when a write
+  fails (an async write reports its failure at the next save or `wait`). slow_commit_s > 0 (fault
+  injection) keeps this checkpoint uncommitted for that many seconds.
+  """
+  if not bool(jax.device_get(_all_finite(state))):
+    raise CheckpointError(
+        f"step {step}: the state holds NaN or inf values; no checkpoint written to "
+        f"{manager.directory} (the last complete checkpoint, {_last_complete(manager)}, is intact)")
+  items = dict(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state))
+  if slow_commit_s:
+    items["slow_commit"] = faults.SlowCommitSave({"seconds": slow_commit_s})
+  try:
+    return manager.save(step, args=ocp.args.Composite(**items))
+  except Exception as e:  # pylint: disable=broad-except  (orbax, tensorstore, OS errors)
+    raise _write_error(manager, e) from None
+
+
+def wait(manager):
+  """Blocks until in-flight saves are committed; CheckpointError if one failed."""
+  try:
+    manager.wait_until_finished()
+  except Exception as e:  # pylint: disable=broad-except
+    raise _write_error(manager, e) from None
+
+
+@contextlib.contextmanager
+def finishing_saves(manager):
+  """On an exception, lets in-flight saves (of earlier, good steps) commit before it propagates."""
+  try:
+    yield
+  except BaseException:
+    with contextlib.suppress(Exception):
+      manager.wait_until_finished()
+    raise
+
+
+@functools.cache  # once per process
+def _silence_abandoned_writes():
+  """After a failed write orbax abandons the checkpoint's other writes: as they finish, tensorstore
+  reports 'Event loop is closed' (unraisable) and asyncio logs 'Task exception was never
+  retrieved', tracebacks that would bury the one-line error. Only those reports are dropped."""
+  default = sys.unraisablehook
+
+  def hook(unraisable):
+    error = unraisable.exc_value
+    if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+      default(unraisable)
+
+  sys.unraisablehook = hook
+  logging.getLogger("asyncio").addFilter(
+      lambda record: "exception was never retrieved" not in record.getMessage())
+
+
+def _write_error(manager, e):
+  _silence_abandoned_writes()
+  return CheckpointError(
+      f"writing a checkpoint to {manager.directory} failed: {_reason(e)}; the last complete "
+      f"checkpoint ({_last_complete(manager)}) is intact: free disk space or fix permissions, then "
+      "run the same command to resume")
 
 
 def restore(manager, abstract_state, step=None):
   """Restores (state, data_state) at `step` (default: latest complete) onto the shardings that
-  `abstract_state` (a tree of jax.ShapeDtypeStruct with .sharding) describes."""
+  `abstract_state` (a tree of jax.ShapeDtypeStruct with .sharding) describes; CheckpointError when
+  the checkpoint does not fit that state (another model or optimizer wrote it)."""
   step = manager.latest_step() if step is None else step
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+  except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
+    raise CheckpointError(
+        f"cannot restore checkpoint step {step} from {manager.directory}: {_reason(e)}; it was "
+        "written for another model or config (config.json next to it names the run) or is "
+        f"damaged: use a new --workdir or that run's config, or delete {manager.directory}/{step} "
+        "to resume from an earlier checkpoint") from None
   return restored["state"], restored["data"]
 
 
+def check_config(workdir, config):
+  """ConfigError when `workdir` holds checkpoints of a run with another model, objective or
+  sequence length (its config.json says which)."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path) or not complete_steps(checkpoint_dir(workdir)):
+    return
+  with open(path) as f:
+    old = json.load(f)
+  new = json.loads(config.to_json())
+  for section, field in IDENTITY_FIELDS:
+    before, now = old.get(section, {}).get(field), new[section][field]
+    if before != now:
+      raise ConfigError(
+          f"--workdir={workdir} holds checkpoints of a run with {section}.{field}={before!r}, "
+          f"but this run has {section}.{field}={now!r}; use a new --workdir")
+
+
 def write_config(workdir, config):
-  """Writes config.json, or checks that an existing one describes the same run."""
+  """Writes config.json (after check_config), atomically."""
+  check_config(workdir, config)
   path = os.path.join(workdir, CONFIG_FILE)
   new = json.loads(config.to_json())
-  if os.path.exists(path):
-    with open(path) as f:
-      old = json.load(f)
-    for section, field in IDENTITY_FIELDS:
-      before, now = old.get(section, {}).get(field), new[section][field]
-      if before != now and os.path.isdir(checkpoint_dir(workdir)):
-        raise ConfigError(
-            f"--workdir={workdir} holds checkpoints of a run with {section}.{field}={before!r}, "
-            f"but this run has {section}.{field}={now!r}; use a new --workdir")
   if jax.process_index() == 0:
     tmp = path + ".tmp"
     with open(tmp, "w") as f:

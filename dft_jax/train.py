@@ -6,12 +6,15 @@ One jitted `train_step(state, batch)` over a device Mesh does, per global batch:
   1. (PSFT only) old_logp = log pi_old(y_t) with the current parameters, forward only;
   2. K = train.minibatches optimizer updates, each on 1/K of the rows, each summing the gradients
      of train.microbatches gradient-accumulation slices, all against the same old_logp.
-Running the same command with the same --workdir resumes from the last complete checkpoint.
+Running the same command with the same --workdir resumes from the last complete checkpoint. A
+first SIGTERM / SIGINT ends the run after the current step with a checkpoint (exit 0); see
+dft_jax/faults.py for that and the other faults a run survives.
 """
 import dataclasses
 import json
 import logging
 import os
+import sys
 import time
 from typing import Any
 
@@ -23,13 +26,16 @@ from flax import nnx
 from flax import struct
 
 from dft_jax import checkpoint as ckpt
+from dft_jax import faults
 from dft_jax import lm_head
 from dft_jax import metrics as metrics_lib
 from dft_jax import objectives
 from dft_jax import sharding
-from dft_jax.errors import ConfigError, ModelError
+from dft_jax.errors import ConfigError, ModelError, UserInputError, cli_entry
 
 BATCH_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                              "configs", "default.py")
 # Dense bf16 peak FLOP/s by device kind, for the MFU estimate (None: not reported).
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12,
               "TPU v5 lite": 197e12, "TPU v5p": 459e12, "TPU v6 lite": 918e12}
@@ -309,8 +315,8 @@ def setup(config, workdir):
   validate_config(config, jax.device_count(), jax.process_count())
   data.validate(config.data, seq_len=t.seq_len, global_batch_size=t.global_batch_size,
                 process_count=jax.process_count())
-  os.makedirs(workdir, exist_ok=True)
-  ckpt.write_config(workdir, config)
+  faults.check_workdir(workdir)
+  ckpt.check_config(workdir, config)
   mesh = sharding.make_mesh(config.mesh)
   model, tokenizer = load_model(config.model)
   tokenizer = tokenizer or load_tokenizer(config.model)
@@ -326,6 +332,7 @@ def setup(config, workdir):
   if manager.latest_step() is not None:
     state, data_state = ckpt.restore(manager, abstract_of(state))
     data_iter.restore(data_state)
+  ckpt.write_config(workdir, config)  # only once the checkpoints are known to fit this run
   train_step = make_train_step(graphdef, tx, config, mesh, state_shardings,
                                ref_needed=objectives.needs_ref_logp(config.objective))
   return Run(config=config, workdir=workdir, mesh=mesh, model_graphdef=graphdef,
@@ -356,11 +363,17 @@ def load_tokenizer(model_cfg):
     raise ConfigError(f"model.name={model_cfg.name!r} comes without a tokenizer; set "
                       "model.tokenizer to an HF tokenizer folder")
   import transformers
-  return transformers.AutoTokenizer.from_pretrained(model_cfg.tokenizer)
+  try:
+    return transformers.AutoTokenizer.from_pretrained(model_cfg.tokenizer)
+  except (OSError, ValueError) as e:
+    first_line = (str(e).strip() or type(e).__name__).splitlines()[0]
+    raise ModelError(f"model.tokenizer={model_cfg.tokenizer!r}: no usable tokenizer there "
+                     f"({first_line})") from None
 
 
-class NonFiniteError(RuntimeError):
-  """train.nonfinite='stop' and a step had a non-finite loss or gradient."""
+class NonFiniteError(UserInputError):
+  """train.nonfinite='stop' and a step had a non-finite loss or gradient (one line from the CLI,
+  naming the step and where its batch starts in the data)."""
 
 
 def save_json(workdir, name, obj):
@@ -388,7 +401,8 @@ class StepLogger:
     self.peak = peak_flops(jax.devices()[0])
     self.last_time = time.time()
 
-  def __call__(self, step, metrics, data_state):
+  def __call__(self, step, metrics, batch_position):
+    """batch_position: the data iterator state where this step's batch starts."""
     scalars, histograms = host_metrics(metrics)  # blocks until the step is done
     now = time.time()
     seconds, self.last_time = now - self.last_time, now
@@ -402,19 +416,66 @@ class StepLogger:
       self.writer.write(step, scalars, histograms)
     if scalars["skipped"] > 0:
       message = (f"step {step}: non-finite loss or gradient (loss={scalars['loss']}, "
-                 f"grad_norm={scalars['grad_norm']}); the update was skipped. Batch: data "
-                 f"iterator state {json.dumps(data_state)}")
+                 f"grad_norm={scalars['grad_norm']}) on the batch starting at data position "
+                 f"{json.dumps(batch_position)}")
       if self.run.config.train.nonfinite == "stop":
         raise NonFiniteError(message + "; stopping (train.nonfinite='stop')")
-      logging.warning(message)
+      logging.warning("%s; the update was skipped (train.nonfinite='skip')", message)
+
+
+def next_batch(run, step):
+  """(global batch of `step`, the data iterator state where it starts); the NaN-injection knob
+  poisons the host batch, so the compiled step is the same with the knob off."""
+  position = run.data_iter.state()
+  host_batch = next(run.data_iter)
+  if step == faults.knob(run.config, "inject_nan_at_step"):
+    host_batch = faults.poison(host_batch)
+  return global_batch(host_batch, run.mesh), position
+
+
+def save_checkpoint(run, step):
+  """Starts writing checkpoint `step` (the slow-save knob holds its commit back)."""
+  slow = step == faults.knob(run.config, "slow_save_at_step")
+  delay = faults.knob(run.config, "save_delay_s") if slow else 0.0
+  ckpt.save(run.manager, step, run.state, run.data_iter.state(), slow_commit_s=delay)
+
+
+def train_steps(run, logger, ref_params):
+  """Trains from the restored step to train.num_steps, checkpointing every checkpoint.every_steps
+  and at the end. A stop signal checkpoints the current step and raises faults.Preempted."""
+  config, t = run.config, run.config.train
+  pending = None
+  with faults.StopSignals() as signals, ckpt.finishing_saves(run.manager):
+    for step in range(int(run.state.step) + 1, t.num_steps + 1):
+      batch, position = next_batch(run, step)
+      run.state, metrics = run.train_step(run.state, batch, ref_params)
+      if pending is not None:  # read the previous step's metrics while this one runs
+        logger(*pending)
+      pending = (step, metrics, position)
+      stop = signals.requested(step, run.manager)
+      if stop or step % config.checkpoint.every_steps == 0 or step == t.num_steps:
+        logger(*pending)  # the non-finite policy sees this step before its checkpoint is written
+        pending = None
+        save_checkpoint(run, step)
+      if stop:
+        ckpt.wait(run.manager)
+        raise faults.Preempted(
+            f"stopped by {signals.received} after step {step} of {t.num_steps}; checkpoint "
+            f"{ckpt.checkpoint_dir(run.workdir)}/{step} written: run the same command to resume")
+    ckpt.wait(run.manager)
 
 
 def train_and_evaluate(config, workdir):
-  """Runs (or resumes) training in `workdir`; returns the summary dict (also summary.json)."""
+  """Runs (or resumes) training in `workdir`; returns the summary dict (also summary.json).
+
+  Raises faults.Preempted when a stop signal ended the run early (after a checkpoint).
+  """
   from dft_jax import evaluate
   run = setup(config, workdir)
   t, is_main = config.train, jax.process_index() == 0
   start_step = int(run.state.step)
+  if is_main:  # rows a killed run logged after its last checkpoint are logged again
+    faults.rewind_jsonl(os.path.join(workdir, "metrics.jsonl"), start_step)
   evaluator = None
   if config.eval.before or config.eval.after:
     evaluator = evaluate.RunEvaluator(config.eval, config.data, run.tokenizer, run.model_graphdef,
@@ -426,20 +487,11 @@ def train_and_evaluate(config, workdir):
       save_json(workdir, "eval_before.json", before)
   ref_params = run.base_params if objectives.needs_ref_logp(config.objective) else None
   writer = metrics_lib.make_writer(config.log, workdir, t.num_steps, is_main)
-  logger, pending, started = StepLogger(run, writer), None, time.time()
-  for step in range(start_step + 1, t.num_steps + 1):
-    batch = global_batch(next(run.data_iter), run.mesh)
-    data_state = run.data_iter.state()
-    run.state, metrics = run.train_step(run.state, batch, ref_params)
-    if pending is not None:  # read the previous step's metrics while this one runs
-      logger(*pending)
-    pending = (step, metrics, data_state)
-    if step % config.checkpoint.every_steps == 0 or step == t.num_steps:
-      ckpt.save(run.manager, step, run.state, data_state)
-  if pending is not None:
-    logger(*pending)
-  run.manager.wait_until_finished()
-  writer.close()
+  logger, started = StepLogger(run, writer), time.time()
+  try:
+    train_steps(run, logger, ref_params)
+  finally:
+    writer.close()
   if config.checkpoint.export_hf and is_main:
     from dft_jax import export
     export.export_hf(nnx.merge(run.model_graphdef, run.state.params), run.tokenizer,
@@ -515,27 +567,38 @@ def main(argv):
   maybe_initialize_distributed(FLAGS)
   config = FLAGS.config
   workdir = FLAGS.workdir or os.path.join("runs", config.objective.name)
-  summary = train_and_evaluate(config, workdir)
+  try:
+    summary = train_and_evaluate(config, workdir)
+  except faults.Preempted as stopped:  # every process says where it stopped
+    print(f"dft_jax: {stopped}", flush=True)
+    return
   if jax.process_index() == 0:
     print(format_summary(summary), flush=True)
     print(f"workdir: {os.path.abspath(workdir)}", flush=True)
 
 
-def define_flags():
+def define_flags(argv):
+  """The CLI's flags; ml_collections reads the --config.a.b=v overrides from `argv`."""
   from absl import flags
   from ml_collections import config_flags
-  default_config = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                "configs", "default.py")
-  config_flags.DEFINE_config_file("config", default_config, "config file[:variant]",
-                                  lock_config=True)
+  config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "config file[:variant]",
+                                  lock_config=True, sys_argv=argv)
   flags.DEFINE_string("workdir", None, "run folder (default runs/<objective>); resumes if present")
   flags.DEFINE_string("coordinator_address", None, "multi-process: host:port of process 0")
   flags.DEFINE_integer("num_processes", None, "multi-process: number of processes")
   flags.DEFINE_integer("process_id", None, "multi-process: this process's index")
 
 
-if __name__ == "__main__":
+def cli(argv=None):
+  """`python -m dft_jax.train ARGS`: a bad flag, config file or config field is one line (exit 2),
+  as is every UserInputError of the run."""
   from absl import app
-  from dft_jax.errors import cli_entry
-  define_flags()
-  app.run(cli_entry(main))
+  argv = sys.argv if argv is None else argv
+  # before define_flags: ml_collections reports an unknown field with a traceback
+  cli_entry(faults.check_config_flags)(argv, DEFAULT_CONFIG)
+  define_flags(argv)
+  app.run(cli_entry(main), argv=argv, flags_parser=faults.parse_flags)
+
+
+if __name__ == "__main__":
+  cli()

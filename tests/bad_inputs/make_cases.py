@@ -1,0 +1,58 @@
+"""Writes the binary / model files of the bad-input corpus (cases.json names what each must print).
+
+  PYTHONPATH=. python tests/bad_inputs/make_cases.py
+
+Text files (jsonl, json) are written by hand and kept as they are; this script makes the ones that
+need a library: a micro HF model folder without tokenizer files, the same with its safetensors cut
+short, an HF config of an unsupported architecture, a GGUF cut short and a parquet file that is not
+parquet. Everything is a few KB.
+"""
+import json
+import pathlib
+
+import numpy as np
+from flax import nnx
+
+from dft_jax import export
+from dft_jax.models import ModelConfig
+from dft_jax.models.decoder import Decoder
+
+HERE = pathlib.Path(__file__).parent
+MICRO = {"model_type": "llama", "vocab_size": 32, "hidden_size": 8, "intermediate_size": 16,
+         "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
+         "head_dim": 4, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+         "max_position_embeddings": 64, "tie_word_embeddings": True,
+         "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+
+
+def micro_model(folder):
+  model = Decoder(ModelConfig.from_hf(MICRO), rngs=nnx.Rngs(0))
+  export.export_hf(model, None, folder)
+  return folder
+
+
+def main():
+  micro_model(HERE / "model_no_tokenizer")
+  cut = micro_model(HERE / "model_truncated_safetensors")
+  weights = (cut / "model.safetensors").read_bytes()
+  (cut / "model.safetensors").write_bytes(weights[:len(weights) // 2])
+  gpt2 = HERE / "model_unsupported_arch"
+  gpt2.mkdir(exist_ok=True)
+  (gpt2 / "config.json").write_text(json.dumps(dict(MICRO, model_type="gpt2"), indent=2) + "\n")
+
+  import gguf  # pylint: disable=g-import-not-at-top
+  path = HERE / "truncated.gguf"
+  writer = gguf.GGUFWriter(str(path), "llama")
+  writer.add_block_count(1)
+  writer.add_tensor("token_embd.weight", np.zeros((32, 8), np.float32))
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+  writer.close()
+  data = path.read_bytes()
+  path.write_bytes(data[:len(data) - 700])  # the tensor data ends early
+  (HERE / "not_parquet.parquet").write_bytes(b"PAR1 these bytes are not a parquet file PAR1")
+
+
+if __name__ == "__main__":
+  main()

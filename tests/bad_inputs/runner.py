@@ -1,0 +1,88 @@
+"""Runs command lines through the real CLI entry points, each in a fork of one warm process.
+
+  python tests/bad_inputs/runner.py JOBS_JSON RESULTS_JSON
+
+JOBS_JSON: [{"name": ..., "entry": "train" | "export" | "generate", "argv": [...]}, ...].
+The parent imports the CLI modules once (the slow part, seconds); each job runs in a forked child
+exactly as `python -m dft_jax.<entry> ARGV` would: its own argv and absl flags, stdout and stderr on
+real file descriptors, an uncaught exception printed as the interpreter prints it, and the exit
+status of the child process. The parent never starts JAX's backends, so forking it is safe.
+RESULTS_JSON: {name: {"code": int, "stdout": str, "stderr": str, "seconds": float}}.
+"""
+import json
+import os
+import sys
+import tempfile
+import time
+import traceback
+
+from transformers import AutoTokenizer  # pylint: disable=unused-import  (its lazy imports, once)
+
+from dft_jax import data, export, generate, train  # pylint: disable=unused-import
+
+ENTRIES = {  # entry -> how `python -m dft_jax.<entry> ARGV` calls it
+    "train": lambda argv: train.cli(["dft_jax.train", *argv]),
+    "export": export.main,
+    "generate": generate.main,
+}
+
+
+def exit_code(e):
+  """The status the interpreter gives a SystemExit."""
+  if e.code is None:
+    return 0
+  if isinstance(e.code, int):
+    return e.code
+  print(e.code, file=sys.stderr)
+  return 1
+
+
+def child(job, out, err):
+  os.dup2(out, 1)
+  os.dup2(err, 2)
+  code = 0
+  try:
+    ENTRIES[job["entry"]](job["argv"])
+  except SystemExit as e:
+    code = exit_code(e)
+  except BaseException:  # pylint: disable=broad-except  (what the interpreter does with it)
+    traceback.print_exc()
+    code = 1
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(code)
+
+
+def run(job, timeout=120):
+  with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+    start = time.time()
+    pid = os.fork()
+    if pid == 0:
+      child(job, out.fileno(), err.fileno())
+    while True:
+      done, status = os.waitpid(pid, os.WNOHANG)
+      if done:
+        break
+      if time.time() - start > timeout:
+        os.kill(pid, 9)
+        _, status = os.waitpid(pid, 0)
+        break
+      time.sleep(0.01)
+    texts = []
+    for f in (out, err):
+      f.seek(0)
+      texts.append(f.read().decode(errors="replace"))
+  return {"code": os.waitstatus_to_exitcode(status), "stdout": texts[0], "stderr": texts[1],
+          "seconds": round(time.time() - start, 2)}
+
+
+def main(jobs_path, results_path):
+  with open(jobs_path) as f:
+    jobs = json.load(f)
+  results = {job["name"]: run(job) for job in jobs}
+  with open(results_path, "w") as f:
+    json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+  main(*sys.argv[1:])

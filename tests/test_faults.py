@@ -1,0 +1,472 @@
+"""Faults and bad input: kill, interrupt and poison real training runs; nothing may be lost.
+
+The run tests start the real CLI (`python -m dft_jax.train`) on the tiny Llama in a subprocess
+(one CPU device, a JAX compilation cache shared by all of them) and compare what survives with an
+uninterrupted reference run bit for bit: metrics rows, parameters, optimizer state, data position.
+The bad-input corpus (tests/bad_inputs/cases.json) goes through the CLI entry points in forks of one
+warm process (tests/bad_inputs/runner.py).
+"""
+import hashlib
+import json
+import os
+import random
+import re
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import warnings
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from dft_jax import checkpoint as ckpt
+from dft_jax import faults
+import test_train
+from test_train import REPO, cli_flags, read_jsonl, tiny_config
+
+STEPS = 8
+CORPUS = REPO / "tests" / "bad_inputs"
+CASES = json.loads((CORPUS / "cases.json").read_text())
+VOLATILE = ("time", "step_seconds", "tokens_per_s", "mfu")  # wall-clock metrics
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+  cache = tmp_path_factory.mktemp("jax_cache")
+  return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1",
+              XLA_FLAGS="--xla_force_host_platform_device_count=1",
+              JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+
+
+@pytest.fixture(scope="module")
+def rows_dir(tmp_path_factory):
+  return tmp_path_factory.mktemp("rows")
+
+
+def fault_config(rows_dir, **overrides):
+  """STEPS steps, an async checkpoint after every step."""
+  settings = dict(train__num_steps=STEPS, checkpoint__every_steps=1, checkpoint__async_save=True)
+  settings.update(overrides)
+  return tiny_config(rows_dir, **settings)
+
+
+def command(config, workdir, *extra):
+  return [sys.executable, "-m", "dft_jax.train", *cli_flags(config), f"--workdir={workdir}", *extra]
+
+
+def run(cmd, env, **kwargs):
+  return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+                        **kwargs)
+
+
+def start(cmd, env):
+  return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for(condition, proc, timeout=120):
+  end = time.time() + timeout
+  while not condition():
+    if proc.poll() is not None:
+      output = proc.stdout.read()[-3000:]
+      raise AssertionError(f"the run ended (rc={proc.returncode}) first:\n{output}")
+    if time.time() > end:
+      proc.kill()
+      raise AssertionError("timed out")
+    time.sleep(0.01)
+
+
+def read_until(proc, text, timeout=60):
+  """Reads the run's output until a line holds `text`; returns what it read."""
+  seen, end = "", time.time() + timeout
+  while text not in seen:
+    if time.time() > end:
+      proc.kill()
+      raise AssertionError(f"no {text!r} in the output:\n{seen[-3000:]}")
+    if select.select([proc.stdout], [], [], 0.1)[0]:
+      chunk = os.read(proc.stdout.fileno(), 1 << 16).decode(errors="replace")
+      if not chunk:
+        raise AssertionError(f"the run ended first:\n{seen[-3000:]}")
+      seen += chunk
+  return seen
+
+
+def complete_steps(workdir):
+  return ckpt.complete_steps(workdir / "checkpoints")
+
+
+def temporary_folders(workdir):
+  folder = workdir / "checkpoints"
+  return sorted(p.name for p in folder.iterdir() if "orbax-checkpoint-tmp" in p.name)
+
+
+def saving(workdir, step):
+  """Whether checkpoint `step` is being written (its temporary folder exists)."""
+  folder = workdir / "checkpoints"
+  return folder.is_dir() and any(name.startswith(f"{step}.") for name in temporary_folders(workdir))
+
+
+def metric_steps(workdir):
+  path = workdir / "metrics.jsonl"
+  return [r["step"] for r in read_jsonl(path)] if path.exists() else []
+
+
+def error_lines(output):
+  return [line for line in output.splitlines() if line.startswith("dft_jax: error:")]
+
+
+def read_state(workdir, step):
+  """{path: numpy array} of checkpoint `step`'s state (params, optimizer state, step)."""
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    tree = ocp.PyTreeCheckpointer().restore(str(workdir / "checkpoints" / str(step) / "state"))
+  leaves = jax.tree_util.tree_leaves_with_path(tree)
+  return {jax.tree_util.keystr(path): np.asarray(value) for path, value in leaves}
+
+
+def read_data_state(workdir, step):
+  return json.loads((workdir / "checkpoints" / str(step) / "data" / "metadata").read_text())
+
+
+def assert_same_state(a, b):
+  assert a.keys() == b.keys()
+  for key in a:
+    assert a[key].dtype == b[key].dtype and a[key].tobytes() == b[key].tobytes(), key
+
+
+def assert_same_run(workdir, reference):
+  """Bit-identical to the reference: every logged metric of every step, the final state and the
+  data position; no temporary checkpoint folder left behind."""
+  rows, ref_rows = read_jsonl(workdir / "metrics.jsonl"), read_jsonl(reference / "metrics.jsonl")
+  assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+  for row, ref in zip(rows, ref_rows):
+    for key in ref:
+      if key not in VOLATILE:
+        assert row[key] == ref[key], (row["step"], key)
+  assert_same_state(read_state(workdir, STEPS), read_state(reference, STEPS))
+  assert read_data_state(workdir, STEPS) == read_data_state(reference, STEPS)
+  assert not temporary_folders(workdir)
+
+
+def tree_digest(folder):
+  digest = hashlib.sha256()
+  for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+    digest.update(str(path.relative_to(folder)).encode() + path.read_bytes())
+  return digest.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def reference(rows_dir, env, tmp_path_factory):
+  """The uninterrupted run; it keeps every checkpoint, so a copy can stand for a run stopped at
+  any step (see stopped_copy)."""
+  workdir = tmp_path_factory.mktemp("reference") / "run"
+  result = run(command(fault_config(rows_dir, checkpoint__keep=STEPS), workdir), env)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert complete_steps(workdir) == list(range(1, STEPS + 1))
+  return workdir
+
+
+def stopped_copy(reference, step, workdir):
+  """The reference workdir as a run killed after checkpoint `step` leaves it: later checkpoints
+  gone, metrics rows of later steps still in metrics.jsonl."""
+  shutil.copytree(reference, workdir)
+  for later in range(step + 1, STEPS + 1):
+    shutil.rmtree(workdir / "checkpoints" / str(later))
+  (workdir / "summary.json").unlink()
+  return workdir
+
+
+# ----------------------------------------------------------------------------- stop signals
+
+
+def test_sigterm_finishes_the_step_checkpoints_and_resume_continues(rows_dir, env, reference,
+                                                                     tmp_path):
+  """SIGTERM while the checkpoint of step 3 is still being written (slow commit): the run waits
+  for it, checkpoints the step it is at, says so and exits 0; the same command finishes the run
+  exactly as if it had never stopped."""
+  workdir = tmp_path / "run"
+  cmd = command(fault_config(rows_dir), workdir, "--config.debug.slow_save_at_step=3",
+                "--config.debug.save_delay_s=2")
+  proc = start(cmd, env)
+  wait_for(lambda: saving(workdir, 3), proc)
+  proc.send_signal(signal.SIGTERM)
+  output, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 0, output[-3000:]
+  stopped = re.search(rf"dft_jax: stopped by SIGTERM after step (\d+) of {STEPS}; checkpoint "
+                      rf"{re.escape(str(workdir / 'checkpoints'))}/(\d+) written", output)
+  assert stopped and stopped[1] == stopped[2], output[-3000:]
+  step = int(stopped[1])
+  assert 3 <= step < STEPS
+  assert complete_steps(workdir)[-2:] == [step - 1, step] and not temporary_folders(workdir)
+  assert metric_steps(workdir) == list(range(1, step + 1))
+  resumed = run(cmd, env)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert_same_run(workdir, reference)
+
+
+def test_second_signal_exits_at_once_and_keeps_the_last_checkpoint(rows_dir, env, tmp_path):
+  """SIGTERM, then SIGINT while the run waits for a slow (60 s) checkpoint commit: the process
+  ends at once, the last complete checkpoint is untouched and the next run resumes from it."""
+  workdir = tmp_path / "run"
+  cmd = command(fault_config(rows_dir), workdir)
+  proc = start(cmd + ["--config.debug.slow_save_at_step=3", "--config.debug.save_delay_s=60"], env)
+  wait_for(lambda: saving(workdir, 3), proc)
+  before = tree_digest(workdir / "checkpoints" / "2")
+  proc.send_signal(signal.SIGTERM)
+  read_until(proc, "SIGTERM: stopping after the current step")
+  signalled = time.time()
+  proc.send_signal(signal.SIGINT)
+  proc.communicate(timeout=30)
+  assert proc.returncode == -signal.SIGINT and time.time() - signalled < 10
+  assert complete_steps(workdir) == [1, 2] and tree_digest(workdir / "checkpoints" / "2") == before
+  resumed = run(cmd + ["--config.train.num_steps=3"], env)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert metric_steps(workdir) == [1, 2, 3] and 3 in complete_steps(workdir)
+
+
+def test_sigterm_to_one_process_stops_all_at_the_same_step(rows_dir, env, tmp_path):
+  """Two processes (jax.distributed, one CPU device each); only process 1 gets SIGTERM. JAX's
+  preemption sync point makes both checkpoint the same step and exit 0."""
+  workdir = tmp_path / "run"
+  config = fault_config(rows_dir, train__num_steps=200, checkpoint__every_steps=1000)
+  port = test_train.free_port()
+  procs = [start(command(config, workdir, f"--coordinator_address=localhost:{port}",
+                         "--num_processes=2", f"--process_id={i}"), env) for i in range(2)]
+  wait_for(lambda: len(metric_steps(workdir)) >= 3, procs[0])
+  procs[1].send_signal(signal.SIGTERM)
+  outputs = [p.communicate(timeout=120)[0] for p in procs]
+  steps = []
+  for proc, output in zip(procs, outputs):
+    assert proc.returncode == 0, output[-3000:]
+    stopped = re.search(r"dft_jax: stopped by SIGTERM.* after step (\d+) of 200", output)
+    assert stopped, output[-3000:]
+    steps.append(int(stopped[1]))
+  assert steps[0] == steps[1] < 200
+  assert complete_steps(workdir) == [steps[0]]
+  assert metric_steps(workdir) == list(range(1, steps[0] + 1))
+
+
+# ----------------------------------------------------------------------------- hard kills
+
+
+def test_kill9_during_an_async_save_resumes_from_the_previous_checkpoint(rows_dir, env, reference,
+                                                                         tmp_path):
+  """kill -9 while checkpoint 3 sits written but uncommitted in its temporary folder (its commit
+  held for 60 s) and step 4 already trains: the restart resumes from checkpoint 2, deletes the
+  partial folder and ends bit-identical to the uninterrupted run."""
+  workdir = tmp_path / "run"
+  cmd = command(fault_config(rows_dir), workdir)
+  proc = start(cmd + ["--config.debug.slow_save_at_step=3", "--config.debug.save_delay_s=60"], env)
+  wait_for(lambda: len(metric_steps(workdir)) >= 4 and saving(workdir, 3), proc)
+  proc.kill()
+  proc.wait()
+  assert complete_steps(workdir) == [1, 2]
+  assert temporary_folders(workdir) == ["3.orbax-checkpoint-tmp"]
+  assert list((workdir / "checkpoints" / "3.orbax-checkpoint-tmp").glob("state*/ocdbt*/d/*"))
+  resumed = run(cmd, env)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert_same_run(workdir, reference)
+
+
+@pytest.mark.parametrize("every,seed", [(1, 0), (3, 1)])
+def test_kill9_at_a_random_moment_then_resume_is_bit_identical(rows_dir, env, reference, tmp_path,
+                                                              every, seed):
+  """kill -9 at a random moment after the first checkpoint (with a save after every step it mostly
+  hits an async save in flight or the deletion of an old one; with one every 3 steps, a step or
+  the time between saves), then the same command: same metrics, parameters, optimizer state and
+  data position as the run that was never interrupted."""
+  delay = random.Random(seed).uniform(0.0, 0.4)
+  workdir = tmp_path / "run"
+  cmd = command(fault_config(rows_dir, checkpoint__every_steps=every), workdir)
+  proc = start(cmd, env)
+  wait_for(lambda: (workdir / "checkpoints").is_dir() and complete_steps(workdir), proc)
+  time.sleep(delay)
+  proc.kill()
+  proc.wait()
+  where = (f"killed {delay:.3f} s after checkpoint {every}: complete {complete_steps(workdir)}, "
+           f"temporary {temporary_folders(workdir)}, logged steps {metric_steps(workdir)}")
+  print(where)
+  resumed = run(cmd, env)
+  assert resumed.returncode == 0, (where, resumed.stderr[-3000:])
+  assert_same_run(workdir, reference)
+
+
+# ----------------------------------------------------------------------------- non-finite values
+
+
+def test_nan_batch_is_skipped_and_only_finite_states_are_saved(rows_dir, env, tmp_path):
+  """train.nonfinite=skip: a NaN batch at step 2 leaves parameters and optimizer state exactly
+  as after step 1 (checked bit for bit in checkpoint 2), is counted, and training goes on."""
+  workdir = tmp_path / "run"
+  config = fault_config(rows_dir, train__num_steps=3, checkpoint__keep=3)
+  result = run(command(config, workdir, "--config.debug.inject_nan_at_step=2"), env)
+  assert result.returncode == 0, result.stderr[-3000:]
+  rows = read_jsonl(workdir / "metrics.jsonl")
+  assert [r["skipped"] for r in rows] == [0.0, 1.0, 0.0] and np.isnan(rows[1]["loss"])
+  assert json.loads((workdir / "summary.json").read_text())["skipped_steps"] == 1
+  states = {step: read_state(workdir, step) for step in (1, 2, 3)}
+  for state in states.values():
+    assert all(np.isfinite(v).all() for v in state.values())
+  assert_same_state({k: v for k, v in states[2].items() if k != "['step']"},
+                    {k: v for k, v in states[1].items() if k != "['step']"})
+  assert states[3]["['params']['embed']['value']"].tobytes() != \
+      states[2]["['params']['embed']['value']"].tobytes()
+
+
+def test_nan_batch_stops_the_run_with_one_line(rows_dir, env, tmp_path):
+  """train.nonfinite=stop: one line naming the step and where its batch starts, exit 2, and no
+  checkpoint of that step or later (checkpoints are written after every step here)."""
+  workdir = tmp_path / "run"
+  config = fault_config(rows_dir, train__num_steps=4, train__nonfinite="stop")
+  result = run(command(config, workdir, "--config.debug.inject_nan_at_step=2"), env)
+  assert result.returncode == 2
+  assert "Traceback" not in result.stderr
+  [line] = error_lines(result.stderr)
+  assert line.startswith("dft_jax: error: step 2: non-finite loss or gradient (loss=nan")
+  assert '"epoch": 0, "row": 8' in line and "train.nonfinite='stop'" in line
+  assert complete_steps(workdir) == [1] and not temporary_folders(workdir)
+
+
+def test_save_refuses_a_non_finite_state(tmp_path):
+  """The last line of defence: a state holding inf is never written; the earlier one stays."""
+  manager = ckpt.make_manager(str(tmp_path), tiny_config(tmp_path).checkpoint)
+  state = {"w": jax.numpy.ones((4,)), "count": jax.numpy.zeros((), jax.numpy.int32)}
+  ckpt.save(manager, 1, state, {"row": 0})
+  ckpt.wait(manager)
+  with pytest.raises(ckpt.CheckpointError, match=r"step 2: the state holds NaN or inf values; "
+                     r"no checkpoint written to .*\(the last complete checkpoint, step 1, is "
+                     r"intact\)"):
+    ckpt.save(manager, 2, dict(state, w=state["w"].at[1].set(np.inf)), {"row": 8})
+  ckpt.wait(manager)
+  assert ckpt.complete_steps(tmp_path / "checkpoints") == [1]
+  assert not temporary_folders(tmp_path)
+
+
+# ----------------------------------------------------------------------------- disk and files
+
+
+def with_file_size_limit(cmd, limit):
+  """`cmd` in a process whose files may not grow past `limit` bytes: bigger writes fail with
+  EFBIG as they fail with ENOSPC on a full disk (Python ignores SIGXFSZ)."""
+  limit_and_exec = ("import os, resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, "
+                    f"({limit}, {limit})); os.execv(sys.argv[1], sys.argv[1:])")
+  return [sys.executable, "-c", limit_and_exec, *cmd]
+
+
+def test_full_disk_during_a_save_keeps_earlier_checkpoints(rows_dir, env, reference, tmp_path):
+  """A run resumed from checkpoint 2 cannot write checkpoint 3 (files over 256 KiB fail, the
+  state's are ~1 MiB): one line naming the folder and the intact checkpoint, exit 2; once the
+  'disk' has room the same command resumes from checkpoint 2 and ends as the reference."""
+  workdir = stopped_copy(reference, 2, tmp_path / "run")
+  cmd = command(fault_config(rows_dir), workdir)
+  full = run(with_file_size_limit(cmd, 256 * 1024), env)
+  assert full.returncode == 2, full.stderr[-3000:]
+  tail = full.stderr[-3000:]
+  assert full.stderr.strip().splitlines()[-1] == error_lines(full.stderr)[-1], tail
+  [line] = error_lines(full.stderr)
+  assert re.match(rf"dft_jax: error: writing a checkpoint to {re.escape(str(workdir))}/checkpoints "
+                  r"failed: \[Errno 27\] File too large; the last complete checkpoint "
+                  r"\(step 2\) is intact", line), line
+  assert complete_steps(workdir) == [1, 2]
+  resumed = run(cmd, env)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert_same_run(workdir, reference)
+
+
+def test_workdir_of_another_model_or_config_is_refused(rows_dir, env, reference, tmp_path):
+  """Another model in a workdir with checkpoints: refused by config.json (one line, before any
+  work); without config.json the restore itself fails in one line. Nothing in the folder changes,
+  and the original command then resumes and ends as the reference."""
+  workdir = stopped_copy(reference, 4, tmp_path / "run")
+  qwen = fault_config(rows_dir, model__name=str(REPO / "tests" / "fixtures" / "tiny_qwen2"))
+  before = tree_digest(workdir)
+  refused = run(command(qwen, workdir), env)
+  assert refused.returncode == 2
+  [line] = error_lines(refused.stderr)
+  assert "holds checkpoints of a run with model.name=" in line and "tiny_llama" in line
+  assert tree_digest(workdir) == before
+  (workdir / "config.json").unlink()
+  before = tree_digest(workdir)
+  mismatch = run(command(qwen, workdir), env)
+  assert mismatch.returncode == 2 and "Traceback" not in mismatch.stderr
+  [line] = error_lines(mismatch.stderr)
+  assert line.startswith(f"dft_jax: error: cannot restore checkpoint step 4 from "
+                         f"{workdir / 'checkpoints'}: "), line
+  assert "written for another model or config" in line
+  assert tree_digest(workdir) == before  # config.json is written only after a good restore
+  resumed = run(command(fault_config(rows_dir), workdir), env)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert_same_run(workdir, reference)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_workdir_is_one_line(rows_dir, env, tmp_path):
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  workdir.chmod(0o500)
+  result = run(command(fault_config(rows_dir), workdir), env)
+  assert result.returncode == 2 and "Traceback" not in result.stderr
+  [line] = error_lines(result.stderr)
+  assert f"--workdir={workdir}: cannot write to {workdir}: Permission denied" in line
+
+
+def test_rewind_jsonl_drops_rows_after_the_checkpoint_and_a_torn_line(tmp_path):
+  path = tmp_path / "metrics.jsonl"
+  path.write_text("".join(json.dumps({"step": s, "loss": s / 10}) + "\n" for s in range(1, 6))
+                  + '{"step": 6, "lo')
+  faults.rewind_jsonl(str(path), 3)
+  assert [r["step"] for r in read_jsonl(path)] == [1, 2, 3]
+  faults.rewind_jsonl(str(path), 0)
+  assert path.read_text() == ""
+
+
+# ----------------------------------------------------------------------------- bad input corpus
+
+
+@pytest.fixture(scope="module")
+def corpus_results(rows_dir, tmp_path_factory):
+  """Every case of tests/bad_inputs/cases.json through its CLI entry, in forks of one process."""
+  tmp = tmp_path_factory.mktemp("bad_inputs")
+  base = cli_flags(fault_config(rows_dir, train__num_steps=1))
+  jobs = []
+  for case in CASES:
+    argv = [a.format(here=CORPUS, tmp=tmp / case["name"]) for a in case["argv"]]
+    entry = case.get("entry", "train")
+    if entry == "train":
+      argv = [*base, f"--workdir={tmp / case['name'] / 'run'}", *argv]
+    jobs.append(dict(name=case["name"], entry=entry, argv=argv))
+  (tmp / "jobs.json").write_text(json.dumps(jobs))
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1",
+             XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  result = subprocess.run([sys.executable, str(CORPUS / "runner.py"), str(tmp / "jobs.json"),
+                           str(tmp / "results.json")], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return json.loads((tmp / "results.json").read_text())
+
+
+def test_corpus_has_every_kind_of_case():
+  names = [c["name"] for c in CASES]
+  assert len(names) >= 20 and len(set(names)) == len(names)
+  for kind, least in (("config_", 5), ("data_", 7), ("model_", 4)):
+    assert sum(n.startswith(kind) for n in names) >= least, kind
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
+def test_bad_input_is_one_line_naming_it(corpus_results, case):
+  result = corpus_results[case["name"]]
+  output = result["stdout"] + result["stderr"]
+  assert result["code"] == 2, output[-3000:]
+  assert "Traceback" not in output, output[-3000:]
+  lines = error_lines(result["stderr"])
+  assert len(lines) == 1, output[-3000:]
+  assert case["expect"].format(here=CORPUS) in lines[0], lines[0]
