@@ -355,11 +355,14 @@ class RunEvaluator:
     return forced_stats(self.graphdef, params, self.base_params if against_base else None, batch,
                         batch_size=self.cfg["forced_batch_size"])
 
-  def _scored(self, model, prompt_ids, check, prefix, max_new_tokens):
-    """Greedy (and, with samples > 1, sampled) replies scored by check(text, i)."""
+  def _scored(self, model, prompt_ids, check, prefix, max_new_tokens, extract=None):
+    """Greedy (and, with samples > 1, sampled) replies scored by check(text, i); with
+    extract(text) -> answer or None, also the fraction of greedy replies that give an answer."""
     greedy = self._texts(model, prompt_ids, f"{prefix} greedy", max_new_tokens=max_new_tokens)
     correct = [[check(t, i) for t in texts] for i, texts in enumerate(greedy)]
     out = accuracy_metrics(correct, prefix)
+    if extract is not None:
+      out[f"{prefix}_answered"] = float(np.mean([extract(g[0]) is not None for g in greedy]))
     if self.cfg["samples"] > 1:
       sampled = self._texts(model, prompt_ids, f"{prefix} sampled", max_new_tokens=max_new_tokens,
                             sampled=True)
@@ -405,7 +408,8 @@ class RunEvaluator:
     prompt_ids = [self.encoder.prompt_ids(r["prompt"]) for r in rows]
     out, examples = self._scored(model, prompt_ids,
                                  lambda t, i: data_lib.is_correct(t, rows[i]["answer"]),
-                                 "in_domain", self.cfg["max_new_tokens"])
+                                 "in_domain", self.cfg["max_new_tokens"],
+                                 extract=data_lib.extract_answer)
     for e, r in zip(examples, rows):
       e.update(prompt=r["prompt"], answer=r["answer"])
     return out, examples
@@ -473,6 +477,7 @@ class RunEvaluator:
 
 ROWS = (  # (key, label, format) of the printed table, in order
     ("in_domain_accuracy", "in-domain accuracy (greedy)", "{:.3f}"),
+    ("in_domain_answered", "in-domain replies with a final answer", "{:.3f}"),
     ("math_accuracy", "math accuracy (greedy, math-verify)", "{:.3f}"),
     ("kl_to_base", "KL(base || model), general prompts", "{:.4f}"),
     ("entropy_general", "entropy, general prompts", "{:.4f}"),

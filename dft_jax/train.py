@@ -525,22 +525,23 @@ def make_summary(config, history, before, after, train_seconds):
 
 
 def format_summary(summary):
-  """A small before/after table for the console."""
+  """A before/after table for the console (the evaluation rows of evaluate.ROWS, then training)."""
+  from dft_jax import evaluate
   lines = [f"{summary['objective']} on {summary['model']}: {summary['steps']} steps in "
            f"{summary['train_seconds']:.0f} s, {summary.get('tokens_per_s', 0):,.0f} tokens/s"]
-  rows = [("in-domain accuracy", "in_domain_accuracy"), ("KL(base || model), general",
-                                                         "kl_to_base"),
-          ("entropy, general prompts", "entropy_general")]
-  if "before" in summary or "after" in summary:
-    lines.append(f"{'':30s} {'before':>10s} {'after':>10s}")
-    for label, key in rows:
-      cells = [summary.get(w, {}).get(key) for w in ("before", "after")]
-      lines.append(f"{label:30s} " + " ".join(
-          f"{c:10.4f}" if c is not None else f"{'-':>10s}" for c in cells))
+  before, after = summary.get("before") or {}, summary.get("after") or {}
+  width = max(len(label) for _, label, _ in evaluate.ROWS) + 2
+  if before or after:
+    lines.append(f"{'':{width}s} {'before':>10s} {'after':>10s}")
+  for key, label, fmt in evaluate.ROWS:
+    if key in before or key in after:
+      cells = [fmt.format(r[key]) if key in r else "-" for r in (before, after)]
+      lines.append(f"{label:{width}s} {cells[0]:>10s} {cells[1]:>10s}")
   for key in ("loss", "target_prob", "entropy"):
     if f"train_{key}" in summary:
       v = summary[f"train_{key}"]
-      lines.append(f"{'train ' + key + ' (first -> last)':30s} {v['first']:10.4f} {v['last']:10.4f}")
+      label = f"train {key} (first -> last step)"
+      lines.append(f"{label:{width}s} {v['first']:10.4f} {v['last']:10.4f}")
   return "\n".join(lines)
 
 
