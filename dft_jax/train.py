@@ -260,9 +260,10 @@ def init_train_state(model, config, mesh):
   t = config.train
   tx, schedule = make_optimizer(config.optimizer, t.num_steps * t.minibatches, logical)
   replicated = sharding.replicated(mesh)
-  opt_state = jax.tree.map(  # moments follow their parameters; scalars (counts) are replicated
-      lambda x: x if getattr(x.sharding, "mesh", None) == mesh else jax.device_put(x, replicated),
-      jax.jit(tx.init)(params))
+  opt_shardings = optax.tree_map_params(  # moments follow their parameters; counts replicated
+      tx, lambda _, param_sharding: param_sharding, jax.eval_shape(tx.init, params),
+      shardings_of(params), transform_non_params=lambda _: replicated)
+  opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
   state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), replicated), params=params,
                      opt_state=opt_state)
   return graphdef, state, tx, schedule

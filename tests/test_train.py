@@ -113,9 +113,14 @@ def test_params_really_sharded(tmp_path):
   config = tiny_config(tmp_path)
   model, _ = models.load(TINY)
   _, state, _, _ = train.init_train_state(model, config, mesh_of(8, fsdp=4, tensor=2))
+  spec = jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
   wq = state.params["layers"]["wq"]  # [L, D, N, H]: embed on fsdp, q_heads on tensor
-  assert wq.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
+  assert wq.sharding.spec == spec
   assert wq.addressable_shards[0].data.shape == (2, 64 // 4, 4 // 2, 16)
+  adam = state.opt_state[1][0]  # AdamW's moments follow the parameters they belong to
+  for moment in (adam.mu, adam.nu):
+    assert moment["layers"]["wq"].sharding.spec == spec
+  assert adam.count.sharding.spec == jax.sharding.PartitionSpec()
 
 
 @pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean", "sum_norm"])
