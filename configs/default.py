@@ -10,7 +10,9 @@ Variants (the part after ':'): cpu (default), gpu, and an objective name
 """
 import ml_collections
 
-OBJECTIVES = ("sft", "dft", "dft_seq", "power", "psft", "eaft", "gem", "deft")
+from dft_jax import evaluate, objectives
+
+OBJECTIVES = tuple(objectives.OBJECTIVES)
 
 
 def get_config(arg=None):
@@ -85,7 +87,7 @@ def get_config(arg=None):
   ))
 
   c.train = ml_collections.ConfigDict(dict(
-      num_steps=24,
+      num_steps=20,
       global_batch_size=4,           # rows of seq_len tokens per optimizer batch
       seq_len=384,                   # two built-in examples fit a row: 82% real tokens
       microbatches=1,                # gradient accumulation inside the step
@@ -97,14 +99,12 @@ def get_config(arg=None):
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
 
   c.checkpoint = ml_collections.ConfigDict(dict(
-      every_steps=12, keep=2, async_save=True, export_hf=False))
+      every_steps=10, keep=2, async_save=True, export_hf=False))
 
+  # Before/after evaluation (dft_jax/evaluate.py: every field of its DEFAULTS can be overridden).
   c.eval = ml_collections.ConfigDict(dict(
-      before=True, after=True,
-      in_domain="builtin:arith_test", num_examples=24, max_new_tokens=96,
-      general_prompts="builtin:general_prompts", num_general=24,
-      batch_size=24,
-  ))
+      evaluate.DEFAULTS, before=True, after=True,
+      num_examples=24, max_new_tokens=96, num_general=24, num_factual=32, batch_size=32))
 
   c.log = ml_collections.ConfigDict(dict(
       every_steps=1, progress=True, jsonl=True, tensorboard=True))
