@@ -3,8 +3,6 @@
 References: tests/fixtures/tiny_<family>/ (tiny random transformers models + PyTorch float32 logits,
 made by tests/fixtures/make_golden.py), float64 numpy attention, separate forwards of packed docs.
 """
-import importlib
-import importlib.util
 import json
 import pathlib
 
@@ -195,14 +193,32 @@ def test_export_cli(tmp_path, capsys):
     np.testing.assert_array_equal(a, b)
 
 
-def test_export_cli_checkpoint_needs_restore_model(tmp_path, capsys):
-  if hasattr(importlib.util.find_spec("dft_jax.checkpoint") and
-             importlib.import_module("dft_jax.checkpoint"), "restore_model"):
-    pytest.skip("dft_jax.checkpoint.restore_model exists; the CLI uses it")
-  with pytest.raises(SystemExit) as e:
-    export.main(["--checkpoint", str(tmp_path), "--out", str(tmp_path / "out")])
-  assert e.value.code == 2
-  assert "restore_model" in capsys.readouterr().err
+def test_export_cli_from_a_training_checkpoint(tmp_path, capsys):
+  """A trained workdir exports to an HF folder that loads back to the checkpoint's weights."""
+  from dft_jax import train
+  from dft_jax.data.testing import default_config
+  config = default_config()
+  config.model.update(name=str(FIXTURES / "tiny_llama"), lm_head_chunk=96)
+  rows = tmp_path / "rows.jsonl"
+  rows.write_text("".join(json.dumps({"prompt": f"{a} + 2?", "response": f"{a + 2}"}) + "\n"
+                          for a in range(16)))
+  config.data.update(source=str(rows), max_length=64)
+  config.train.update(seq_len=64, global_batch_size=8, num_steps=1)
+  config.optimizer.update(learning_rate=1e-3, warmup_steps=0, schedule="constant")
+  config.checkpoint.update(async_save=False)
+  config.eval.update(before=False, after=False)
+  config.log.update(progress=False, tensorboard=False)
+  train.train_and_evaluate(config, str(tmp_path / "run"))
+  export.main(["--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "out")])
+  assert "exported llama" in capsys.readouterr().out
+  trained, _ = train.restore_model(str(tmp_path / "run"))
+  back, _ = models.load(str(tmp_path / "out"))
+  original, _ = models.load(str(FIXTURES / "tiny_llama"))
+  moved = False
+  for a, b, c in zip(*(jax.tree.leaves(_pure(m)) for m in (back, trained, original))):
+    np.testing.assert_array_equal(a, b)
+    moved |= not np.array_equal(a, c)
+  assert moved  # the exported weights are the trained ones, not the starting model's
 
 
 # ---------------------------------------------------------------- attention
