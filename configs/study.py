@@ -63,6 +63,9 @@ def get_config(arg=None):
       seeds=3,                 # data-order seeds (train.seed = 0 .. seeds-1)
       arms=ARMS,
       optional_arms=OPTIONAL_ARMS,
+      lr_grid=(),              # learning rates to choose each arm's from first (--tune_lr)
+      tune_on="builtin:arith_val",  # ... by in-domain accuracy on this validation set
+      tune_examples=200,       # ... of this many problems
       budget_s=0.0,            # stop starting runs past this wall time (0: no limit)
       compilation_cache="~/.cache/dft_jax/xla",  # persistent XLA cache folder ("": none)
       compile_workers=-1,      # threads compiling train steps in the background (-1 auto, 0 none)
@@ -85,7 +88,7 @@ def get_config(arg=None):
     c.optimizer.update(learning_rate=5e-5, warmup_steps=2)
     c.eval.update(num_examples=16, batch_size=16, max_new_tokens=80, num_general=16,
                   num_factual=16, factual_max_new_tokens=32, num_hist=16, forced_batch_size=8)
-    c.study.update(seeds=1, budget_s=0.0)
+    c.study.update(seeds=1, budget_s=0.0, tune_examples=16)
 
   if "smoke" in variants:
     # Same code path, tiny model (vocabulary 320: the arithmetic rows are ~280 tokens) and budget.
@@ -96,5 +99,5 @@ def get_config(arg=None):
     c.optimizer.update(learning_rate=1e-3, warmup_steps=1)
     c.eval.update(num_examples=8, batch_size=8, max_new_tokens=8, num_general=8, num_factual=8,
                   factual_max_new_tokens=8, num_hist=8, forced_batch_size=8)
-    c.study.budget_s = 0.0
+    c.study.update(budget_s=0.0, tune_examples=8)
   return c

@@ -18,7 +18,8 @@ OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b
 
 def test_sizes_and_fields():
   sizes = {name: len(data.load_builtin(name)) for name in data.BUILTINS}
-  assert sizes == {"arith_train": 2000, "arith_test": 300, "arith_terse_train": 2000,
+  assert sizes == {"arith_train": 2000, "arith_test": 300, "arith_val": 200,
+                   "arith_terse_train": 2000,
                    "arith_terse_test": 300, "general_prompts": 80, "factual_qa": 70,
                    "heldout_text": 8}
   for name in ("arith_train", "arith_test", "arith_terse_train", "factual_qa", "general_prompts"):
@@ -30,12 +31,15 @@ def test_generation_is_deterministic_and_test_is_held_out():
   assert arith.generate(50, 10, seed=3) == arith.generate(50, 10, seed=3)
   assert arith.generate(50, 10, seed=3) != arith.generate(50, 10, seed=4)
   key = lambda r: (r["kind"], tuple(r["numbers"]))  # noqa: E731
-  train, test = data.load_builtin("arith_train"), data.load_builtin("arith_test")
-  assert not {key(r) for r in train} & {key(r) for r in test}
+  train, test, val = (data.load_builtin(f"arith_{split}") for split in ("train", "test", "val"))
+  splits = [{key(r) for r in rows} for rows in (train, test, val)]
+  assert not splits[0] & splits[1] and not splits[0] & splits[2] and not splits[1] & splits[2]
+  # the validation split is drawn after the others: it leaves train and test as they were
+  assert arith.generate(50, 10, seed=3, num_val=5)[:2] == arith.generate(50, 10, seed=3)[:2]
   assert len({r["prompt"] for r in train}) == len(train)
 
 
-@pytest.mark.parametrize("name", ["arith_train", "arith_test"])
+@pytest.mark.parametrize("name", ["arith_train", "arith_test", "arith_val"])
 def test_every_step_is_correct_and_the_answer_is_checkable(name):
   for row in data.load_builtin(name):
     steps = EQUATION.findall(row["response"])

@@ -106,3 +106,37 @@ def test_budget_stops_before_a_run(tmp_path):
   config.eval.update(suites="in_domain")
   results = scanner.run_study(config, str(tmp_path), arm_specs=("sft",), log=lambda s: None)
   assert results["runs"] == [] and "time budget" in results["stopped_early"]
+
+
+def test_best_lr_takes_the_top_score_and_the_smaller_lr_on_a_tie():
+  assert scanner.best_lr({1e-5: 0.2, 5e-5: 0.7, 1e-4: 0.5}) == 5e-5
+  assert scanner.best_lr({2e-4: 0.5, 5e-5: 0.5, 1e-4: 0.1}) == 5e-5
+
+
+def test_arm_spec_round_trips():
+  for spec in ("sft=sft", "k=dft,kl_coef=0.2,lr=0.0003", "e=eaft,eaft_entropy=full"):
+    arm = scanner.parse_arm(spec)
+    assert scanner.parse_arm(scanner.arm_spec(arm)) == arm
+
+
+def test_learning_rate_tuning_on_the_validation_set(tmp_path, capsys):
+  """--tune_lr: each arm without its own lr trains at every grid lr, scored on arith_val; the study
+  then runs each arm at its chosen lr and its table shows the choice."""
+  out = tmp_path / "out"
+  scanner.main(["--scale", "gpu", "--smoke", "--out", str(out), "--seeds", "1",
+                "--tune_lr", "1e-3,3e-3", "--compilation_cache", "", "--arm", "sft",
+                "--arm", "fixed=dft,lr=2e-3", "--set", "eval.suites=in_domain"])
+  tuning = json.loads((out / "lr_tuning.json").read_text())
+  assert tuning["tune_on"] == "builtin:arith_val" and list(tuning["arms"]) == ["sft"]
+  scores = {float(lr): v for lr, v in tuning["arms"]["sft"]["val_accuracy"].items()}
+  assert set(scores) == {1e-3, 3e-3} and tuning["arms"]["sft"]["lr"] == scanner.best_lr(scores)
+  tuning_runs = json.loads((out / "lr_tuning" / "results.json").read_text())
+  assert [r["arm"] for r in tuning_runs["runs"]] == ["sft@0.001", "sft@0.003"]
+  assert tuning_runs["study"]["config"]["eval"]["in_domain"] == "builtin:arith_val"
+  results = json.loads((out / "results.json").read_text())
+  lrs = {a["label"]: a["lr"] for a in results["study"]["arms"]}
+  assert lrs == {"sft": tuning["arms"]["sft"]["lr"], "fixed": 2e-3}
+  assert results["study"]["config"]["eval"]["in_domain"] == "builtin:arith_test"
+  assert "Learning rates chosen by in-domain accuracy on `builtin:arith_val`" in (
+      out / "results.md").read_text()
+  assert "sft: lr" in capsys.readouterr().out

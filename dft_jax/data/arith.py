@@ -337,13 +337,14 @@ KINDS = {f.__name__.lstrip("_"): f for f in (
     _compare_chain, _ages, _equal_groups)}
 
 
-def generate(num_train, num_test, seed=0):
-  """(train, test) rows {question, response, answer, kind, path, numbers}; test problems are
-  drawn from the same generator and never repeat a train problem (same kind and numbers)."""
+def generate(num_train, num_test, seed=0, num_val=0):
+  """(train, test, val) rows {question, response, answer, kind, path, numbers}, drawn in that
+  order from one generator; no problem (same kind and numbers) is in two splits, and adding val
+  rows leaves train and test as they were."""
   r = random.Random(seed)
   seen, rows = set(), []
   names = sorted(KINDS)
-  while len(rows) < num_train + num_test:
+  while len(rows) < num_train + num_test + num_val:
     kind = r.choice(names)
     key, question, ans, paths, closing = KINDS[kind](r)
     if (kind, key) in seen:
@@ -354,7 +355,7 @@ def generate(num_train, num_test, seed=0):
     steps = paths[path] + [ending, f"#### {ans}"]
     rows.append({"question": question, "response": "\n".join(steps), "answer": str(ans),
                  "kind": kind, "path": path, "numbers": list(key)})
-  return rows[:num_train], rows[num_train:]
+  return rows[:num_train], rows[num_train:num_train + num_test], rows[num_train + num_test:]
 
 
 def as_full(rows):

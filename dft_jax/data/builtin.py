@@ -1,8 +1,9 @@
 """Built-in data sets, generated or written for dft_jax; no network. `data.source=builtin:NAME`.
 
-  arith_train / arith_test              2000 / 300 multi-step word problems, several reasoning
-                                        paths each; {prompt, response, answer, kind, path,
-                                        numbers}
+  arith_train / arith_test / arith_val  2000 / 300 / 200 multi-step word problems, several
+                                        reasoning paths each; {prompt, response, answer, kind,
+                                        path, numbers}; val is for choosing hyperparameters (the
+                                        study's learning rates), test for reporting
   arith_terse_train / arith_terse_test  the same problems answered by the line `#### N` only
   general_prompts                       80 varied prompts for drift (KL, entropy) from the base
                                         model; {prompt, category, response: "", answer: ""}
@@ -18,13 +19,14 @@ from dft_jax.data import arith
 from dft_jax.data import builtin_text
 from dft_jax.errors import DataError
 
-ARITH_SIZES = (2000, 300)
+ARITH_SIZES = (2000, 300, 200)  # train, test, val
 ARITH_SEED = 0
 
 
 @functools.cache
 def _arith():
-  return arith.generate(*ARITH_SIZES, seed=ARITH_SEED)
+  train, test, val = ARITH_SIZES
+  return arith.generate(train, test, seed=ARITH_SEED, num_val=val)
 
 
 def _general_prompts():
@@ -40,6 +42,7 @@ def _factual_qa():
 BUILTINS = {
     "arith_train": lambda: arith.as_full(_arith()[0]),
     "arith_test": lambda: arith.as_full(_arith()[1]),
+    "arith_val": lambda: arith.as_full(_arith()[2]),
     "arith_terse_train": lambda: arith.as_terse(_arith()[0]),
     "arith_terse_test": lambda: arith.as_terse(_arith()[1]),
     "general_prompts": _general_prompts,

@@ -101,11 +101,27 @@ def markdown(results):
       else:
         cells.append("")
     lines.append(f"| {arm} | {objective} | {lr:g} | {entry['seeds']} | " + " | ".join(cells) + " |")
+  if results.get("lr_tuning"):
+    lines += ["", *lr_tuning_lines(results["lr_tuning"])]
   if results["study"].get("skipped_arms"):
     lines += ["", f"Not run (objective not registered): {', '.join(study['skipped_arms'])}."]
   if results.get("stopped_early"):
     lines += ["", f"Stopped early: {results['stopped_early']}."]
   return "\n".join(lines) + "\n"
+
+
+def lr_tuning_lines(tuning):
+  """The learning-rate choice as a markdown table: validation accuracy per lr, the chosen one bold."""
+  grid = list(next(iter(tuning["arms"].values()))["val_accuracy"])
+  lines = [f"Learning rates chosen by in-domain accuracy on `{tuning['tune_on']}` "
+           f"({tuning['num_examples']} problems, seed {tuning['seed']}; the table above is on the "
+           "test set):", "", "| arm | " + " | ".join(f"lr {lr}" for lr in grid) + " |",
+           "|---|" + "---|" * len(grid)]
+  for arm, entry in tuning["arms"].items():
+    cells = [(f"**{v:.3f}**" if float(lr) == entry["lr"] else f"{v:.3f}")
+             for lr, v in entry["val_accuracy"].items()]
+    lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+  return lines
 
 
 # ----------------------------------------------------------------------------- figures

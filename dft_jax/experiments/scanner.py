@@ -3,6 +3,7 @@
   python -m dft_jax.experiments.scanner --scale=gpu --model=/tmp/smollm2/SmolLM2-135M.gguf
   python -m dft_jax.experiments.scanner --scale=cpu                  # SmolLM2, 2 CPU cores, ~20 min
   python -m dft_jax.experiments.scanner --scale=gpu --smoke          # the GPU path, tiny, on a CPU
+  python -m dft_jax.experiments.scanner --scale=gpu --tune_lr 5e-5,1e-4,2e-4   # per-arm LRs first
   python -m dft_jax.experiments.scanner --replot results/scanner     # tables + figures again
 
 The setting is configs/study.py (`--set train.num_steps=10` overrides any field). For each seed
@@ -18,7 +19,8 @@ first arms train, then reused by all seeds (only the data differ); the evaluatio
 shared by all runs; a persistent XLA compilation cache makes a second invocation skip compiles.
 The loop is seed-major, so when `study.budget_s` runs out every arm has as many seeds as possible
 (`--resume` adds the missing runs later). OUT/results.json is rewritten after every run;
-OUT/results.md and the figures (report.py) after every seed.
+OUT/results.md and the figures (report.py) after every seed. With `--tune_lr` (study.lr_grid) each
+arm's learning rate is first chosen on the validation split (tune_learning_rates, OUT/lr_tuning/).
 """
 import argparse
 import concurrent.futures
@@ -77,6 +79,13 @@ def parse_arm(spec):
     fields[key.strip()] = _value(value)
   lr = fields.pop("lr", None)
   return Arm(label.strip(), dict(name=parts[0].strip(), **fields), lr)
+
+
+def arm_spec(arm):
+  """Arm -> the 'label=objective[,field=value...][,lr=X]' string parse_arm reads back."""
+  fields = [f"{k}={v}" for k, v in arm.objective.items() if k != "name"]
+  lr = [f"lr={arm.lr!r}"] if arm.lr is not None else []
+  return ",".join([f"{arm.label}={arm.objective['name']}", *fields, *lr])
 
 
 def select_arms(study_cfg, arm_specs=None):
@@ -256,9 +265,10 @@ def strip(results):
   return {k: v for k, v in results.items() if k != "samples"}
 
 
-def run_study(config, out_dir, *, arm_specs=None, resume=False, log=print):
+def run_study(config, out_dir, *, arm_specs=None, resume=False, lr_tuning=None, log=print):
   """Trains and evaluates every (seed, arm); returns the results dict (also OUT/results.json).
 
+  lr_tuning: tune_learning_rates' summary, kept in the results and the table.
   resume: keep the runs (and base evaluation) of an earlier OUT/results.json made with the same
   config and arms, and run only the missing (seed, arm) pairs.
   """
@@ -276,6 +286,8 @@ def run_study(config, out_dir, *, arm_specs=None, resume=False, log=print):
   results = {"study": {"model": config.model.name, "arms": [dataclasses.asdict(a) for a in arms],
                        "skipped_arms": skipped, "config": json.loads(config.to_json())},
              "environment": environment(), "runs": [], "timing": {}}
+  if lr_tuning:
+    results["lr_tuning"] = lr_tuning
   earlier = read_earlier(out_dir, results["study"]) if resume else None
   if earlier:
     results.update(base=earlier["base"], base_samples=earlier["base_samples"], runs=earlier["runs"])
@@ -347,6 +359,51 @@ def run_study(config, out_dir, *, arm_specs=None, resume=False, log=print):
   return results
 
 
+def best_lr(scores):
+  """The lr of the highest score in {lr: score}; the smaller lr on a tie."""
+  return min(scores, key=lambda lr: (-scores[lr], lr))
+
+
+def tune_learning_rates(config, out_dir, *, arm_specs=None, resume=False, log=print):
+  """(arm specs with learning rates chosen on the validation set, the choice); the tuning runs go
+  to OUT/lr_tuning/ and the choice to OUT/lr_tuning.json.
+
+  Every arm without its own lr trains once (seed 0, the study's token budget) at each lr of
+  study.lr_grid and is scored by in-domain accuracy on study.tune_on (held out from both the
+  training data and the test set that the study reports); the best lr wins, the smaller on a tie.
+  study.budget_s bounds the tuning and the study each.
+  """
+  arms, _ = select_arms(config.study, arm_specs)
+  tuned = [a for a in arms if a.lr is None]
+  tune_cfg = copy.deepcopy(config)
+  tune_cfg.study.update(seeds=1, lr_grid=())
+  tune_cfg.eval.update(suites="in_domain", in_domain=config.study.tune_on,
+                       num_examples=config.study.tune_examples)
+  candidates = [arm_spec(dataclasses.replace(a, label=f"{a.label}@{lr:g}", lr=lr))
+                for a in tuned for lr in config.study.lr_grid]
+  log(f"tuning the learning rate of {[a.label for a in tuned]} over {list(config.study.lr_grid)} "
+      f"on {config.study.tune_on}")
+  results = run_study(tune_cfg, os.path.join(out_dir, "lr_tuning"), arm_specs=candidates,
+                      resume=resume, log=log)
+  if "stopped_early" in results:
+    raise ConfigError(f"learning-rate tuning stopped early ({results['stopped_early']}); raise "
+                      "--budget_s or shrink study.lr_grid, then rerun with --resume")
+  accuracy = {r["arm"]: r["eval"]["in_domain_accuracy"] for r in results["runs"]}
+  choice = {}
+  for a in tuned:
+    scores = {lr: accuracy[f"{a.label}@{lr:g}"] for lr in config.study.lr_grid}
+    best = best_lr(scores)
+    choice[a.label] = {"lr": best, "val_accuracy": {f"{lr:g}": v for lr, v in scores.items()}}
+    log(f"{a.label}: lr {best:g} (validation accuracy " + ", ".join(
+        f"{lr:g}: {v:.3f}" for lr, v in scores.items()) + ")")
+  summary = {"tune_on": config.study.tune_on, "num_examples": config.study.tune_examples,
+             "seed": 0, "arms": choice}
+  with open(os.path.join(out_dir, "lr_tuning.json"), "w") as f:
+    json.dump(summary, f, indent=1)
+  return [arm_spec(dataclasses.replace(a, lr=choice[a.label]["lr"]) if a.label in choice else a)
+          for a in arms], summary
+
+
 def read_earlier(out_dir, study):
   """The earlier results.json of out_dir if it has the same config (the study section aside: seeds,
   budget and cache may change) and arms, else None."""
@@ -401,6 +458,8 @@ def parse_args(argv):
   p.add_argument("--seeds", type=int, help="number of data-order seeds")
   p.add_argument("--arm", action="append", help="label=objective[,field=value...][,lr=X] "
                  "(repeatable; replaces the config's arms)")
+  p.add_argument("--tune_lr", metavar="LR,LR,...", help="choose each arm's learning rate from "
+                 "this grid on the validation set first (study.lr_grid, study.tune_on)")
   p.add_argument("--budget_s", type=float, help="no new run starts past this many seconds")
   p.add_argument("--compilation_cache", help="persistent XLA cache folder ('' to disable)")
   p.add_argument("--set", action="append", metavar="FIELD=VALUE", help="config override, e.g. "
@@ -434,8 +493,14 @@ def main(argv=None):
     config.study.compilation_cache = args.compilation_cache
   out = args.out or (os.path.join("runs", f"scanner_{args.scale}_smoke") if args.smoke
                      else DEFAULT_OUT[args.scale])
-  run_study(config, out, arm_specs=args.arm, resume=args.resume,
-            log=lambda s: print(s, flush=True))
+  if args.tune_lr:
+    config.study.lr_grid = tuple(float(v) for v in args.tune_lr.split(","))
+  log = lambda s: print(s, flush=True)  # noqa: E731
+  arm_specs, tuning = args.arm, None
+  if config.study.lr_grid:
+    arm_specs, tuning = tune_learning_rates(config, out, arm_specs=args.arm, resume=args.resume,
+                                            log=log)
+  run_study(config, out, arm_specs=arm_specs, resume=args.resume, lr_tuning=tuning, log=log)
 
 
 if __name__ == "__main__":
