@@ -246,17 +246,9 @@ def test_cli_errors_are_one_line(argv, message, capsys):
 
 def test_cli_on_a_checkpoint(tmp_path, capsys):
   from dft_jax import train
-  from dft_jax.data.testing import default_config
-  config = default_config()
-  config.model.update(name=TINY, lm_head_chunk=96)
-  config.data.update(source=write_jsonl(tmp_path / "rows.jsonl", [
-      {"prompt": f"What is {a} + 2?", "response": f"{a} + 2 = {a + 2}. #### {a + 2}"}
-      for a in range(16)]), max_length=64)
-  config.train.update(seq_len=64, global_batch_size=8, num_steps=1)
-  config.optimizer.update(learning_rate=1e-3, warmup_steps=0, schedule="constant")
-  config.checkpoint.update(async_save=False)
-  config.eval.update(before=False, after=False)
-  config.log.update(progress=False, tensorboard=False)
+  from test_train import tiny_config
+  config = tiny_config(tmp_path, train__num_steps=1)
+  config.log.tensorboard = False
   train.train_and_evaluate(config, str(tmp_path / "run"))
   out = tmp_path / "eval.json"
   evaluate.main(["--checkpoint", str(tmp_path / "run"), "--suite", "in_domain,forgetting",

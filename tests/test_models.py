@@ -196,18 +196,9 @@ def test_export_cli(tmp_path, capsys):
 def test_export_cli_from_a_training_checkpoint(tmp_path, capsys):
   """A trained workdir exports to an HF folder that loads back to the checkpoint's weights."""
   from dft_jax import train
-  from dft_jax.data.testing import default_config
-  config = default_config()
-  config.model.update(name=str(FIXTURES / "tiny_llama"), lm_head_chunk=96)
-  rows = tmp_path / "rows.jsonl"
-  rows.write_text("".join(json.dumps({"prompt": f"{a} + 2?", "response": f"{a + 2}"}) + "\n"
-                          for a in range(16)))
-  config.data.update(source=str(rows), max_length=64)
-  config.train.update(seq_len=64, global_batch_size=8, num_steps=1)
-  config.optimizer.update(learning_rate=1e-3, warmup_steps=0, schedule="constant")
-  config.checkpoint.update(async_save=False)
-  config.eval.update(before=False, after=False)
-  config.log.update(progress=False, tensorboard=False)
+  from test_train import tiny_config
+  config = tiny_config(tmp_path, train__num_steps=1)
+  config.log.tensorboard = False
   train.train_and_evaluate(config, str(tmp_path / "run"))
   export.main(["--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "out")])
   assert "exported llama" in capsys.readouterr().out
