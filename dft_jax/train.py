@@ -562,9 +562,19 @@ def maybe_initialize_distributed(flags):
     jax.distributed.initialize()
 
 
+def quiet_library_logs():
+  """Drops the INFO lines of the libraries under absl's handler (orbax writes about ten per
+  checkpoint, jax one per missing backend); dft_jax's own INFO lines and every warning stay."""
+  from absl import logging as absl_logging
+  package = os.path.dirname(os.path.abspath(__file__))
+  absl_logging.get_absl_handler().addFilter(
+      lambda record: record.levelno >= logging.WARNING or record.pathname.startswith(package))
+
+
 def main(argv):
   del argv
   from absl import flags
+  quiet_library_logs()
   FLAGS = flags.FLAGS
   maybe_initialize_distributed(FLAGS)
   config = FLAGS.config
