@@ -421,17 +421,6 @@ def test_read_only_workdir_is_one_line(rows_dir, env, tmp_path):
   assert f"--workdir={workdir}: cannot write to {workdir}: Permission denied" in line
 
 
-def test_workdir_under_a_file_is_one_line(rows_dir, env, tmp_path):
-  """The same refusal for root too: a workdir whose parent is a regular file."""
-  blocker = tmp_path / "not_a_folder"
-  blocker.write_text("")
-  workdir = blocker / "run"
-  result = run(command(fault_config(rows_dir), workdir), env)
-  assert result.returncode == 2 and "Traceback" not in result.stderr
-  [line] = error_lines(result.stderr)
-  assert f"--workdir={workdir}: cannot write to {workdir}: Not a directory" in line
-
-
 def test_rewind_jsonl_drops_rows_after_the_checkpoint_and_a_torn_line(tmp_path):
   path = tmp_path / "metrics.jsonl"
   path.write_text("".join(json.dumps({"step": s, "loss": s / 10}) + "\n" for s in range(1, 6))

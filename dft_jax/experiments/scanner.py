@@ -359,6 +359,18 @@ def run_study(config, out_dir, *, arm_specs=None, resume=False, lr_tuning=None, 
   return results
 
 
+def parse_lr_grid(values):
+  """study.lr_grid (floats, or strings from --tune_lr / --set) -> a tuple of learning rates > 0."""
+  try:
+    grid = tuple(float(v) for v in values)
+  except (TypeError, ValueError):
+    grid = ()
+  if not grid or not all(0 < lr < float("inf") for lr in grid):
+    raise ConfigError(f"--tune_lr / study.lr_grid={values!r}: expected learning rates > 0, "
+                      "e.g. --tune_lr 5e-5,1e-4,2e-4")
+  return grid
+
+
 def best_lr(scores):
   """The lr of the highest score in {lr: score}; the smaller lr on a tie."""
   return min(scores, key=lambda lr: (-scores[lr], lr))
@@ -373,15 +385,18 @@ def tune_learning_rates(config, out_dir, *, arm_specs=None, resume=False, log=pr
   training data and the test set that the study reports); the best lr wins, the smaller on a tie.
   study.budget_s bounds the tuning and the study each.
   """
+  grid = parse_lr_grid(config.study.lr_grid)
   arms, _ = select_arms(config.study, arm_specs)
   tuned = [a for a in arms if a.lr is None]
+  if not tuned:
+    raise ConfigError("--tune_lr: every arm sets its own lr=..., so there is nothing to tune")
   tune_cfg = copy.deepcopy(config)
   tune_cfg.study.update(seeds=1, lr_grid=())
   tune_cfg.eval.update(suites="in_domain", in_domain=config.study.tune_on,
                        num_examples=config.study.tune_examples)
   candidates = [arm_spec(dataclasses.replace(a, label=f"{a.label}@{lr:g}", lr=lr))
-                for a in tuned for lr in config.study.lr_grid]
-  log(f"tuning the learning rate of {[a.label for a in tuned]} over {list(config.study.lr_grid)} "
+                for a in tuned for lr in grid]
+  log(f"tuning the learning rate of {[a.label for a in tuned]} over {list(grid)} "
       f"on {config.study.tune_on}")
   results = run_study(tune_cfg, os.path.join(out_dir, "lr_tuning"), arm_specs=candidates,
                       resume=resume, log=log)
@@ -391,7 +406,7 @@ def tune_learning_rates(config, out_dir, *, arm_specs=None, resume=False, log=pr
   accuracy = {r["arm"]: r["eval"]["in_domain_accuracy"] for r in results["runs"]}
   choice = {}
   for a in tuned:
-    scores = {lr: accuracy[f"{a.label}@{lr:g}"] for lr in config.study.lr_grid}
+    scores = {lr: accuracy[f"{a.label}@{lr:g}"] for lr in grid}
     best = best_lr(scores)
     choice[a.label] = {"lr": best, "val_accuracy": {f"{lr:g}": v for lr, v in scores.items()}}
     log(f"{a.label}: lr {best:g} (validation accuracy " + ", ".join(
@@ -493,8 +508,8 @@ def main(argv=None):
     config.study.compilation_cache = args.compilation_cache
   out = args.out or (os.path.join("runs", f"scanner_{args.scale}_smoke") if args.smoke
                      else DEFAULT_OUT[args.scale])
-  if args.tune_lr:
-    config.study.lr_grid = tuple(float(v) for v in args.tune_lr.split(","))
+  if args.tune_lr is not None:
+    config.study.lr_grid = tuple(args.tune_lr.split(","))
   log = lambda s: print(s, flush=True)  # noqa: E731
   arm_specs, tuning = args.arm, None
   if config.study.lr_grid:

@@ -2,7 +2,7 @@
 
   python tests/bad_inputs/runner.py JOBS_JSON RESULTS_JSON
 
-JOBS_JSON: [{"name": ..., "entry": "train" | "export" | "generate", "argv": [...]}, ...].
+JOBS_JSON: [{"name": ..., "entry": "train" | "export" | "generate" | "scanner", "argv": [...]}, ...].
 The parent imports the CLI modules once (the slow part, seconds); each job runs in a forked child
 exactly as `python -m dft_jax.<entry> ARGV` would: its own argv and absl flags, stdout and stderr on
 real file descriptors, an uncaught exception printed as the interpreter prints it, and the exit
@@ -19,11 +19,13 @@ import traceback
 from transformers import AutoTokenizer  # pylint: disable=unused-import  (its lazy imports, once)
 
 from dft_jax import data, export, generate, train  # pylint: disable=unused-import
+from dft_jax.experiments import scanner
 
 ENTRIES = {  # entry -> how `python -m dft_jax.<entry> ARGV` calls it
     "train": lambda argv: train.cli(["dft_jax.train", *argv]),
     "export": export.main,
     "generate": generate.main,
+    "scanner": scanner.main,
 }
 
 
