@@ -34,7 +34,6 @@ import sys
 import time
 import traceback
 
-import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -175,7 +174,7 @@ def memory_fields(state, devices):
 def run_case(v):
   """Builds, compiles and times one case on jax.devices()[:n] in this process -> record fields."""
   import jax
-  from dft_jax import objectives, sharding, train
+  from dft_jax import sharding, train
   n = v["n_gpus"]
   devices = jax.devices()[:n]
   if len(devices) < n:
@@ -184,41 +183,11 @@ def run_case(v):
   config.mesh.update(v["mesh"])
   train.validate_config(config, n)
   mesh = sharding.make_mesh(config.mesh, devices)
-  t0 = time.perf_counter()
-  model = sharded_model(config, mesh)
-  model_cfg = model.config
-  graphdef, state, tx, _ = train.init_train_state(model, config, mesh)
-  del model
-  jax.block_until_ready(state)
-  init_s = time.perf_counter() - t0
-  step = train.make_train_step(graphdef, tx, config, mesh, train.shardings_of(state),
-                               ref_needed=objectives.needs_ref_logp(config.objective))
-  rng, rows = np.random.default_rng(0), config.train.global_batch_size
-  batches = [train.global_batch(bench.packed_rows(rng, rows, v["seq_len"], model_cfg.vocab_size,
-                                                  v["doc_len"]), mesh) for _ in range(2)]
-  t0 = time.perf_counter()
-  compiled = step.lower(state, batches[0], None).compile()
-  compile_s = time.perf_counter() - t0
-  times, losses = [], []
-  for i in range(v["warmup"] + v["steps"]):
-    t0 = time.perf_counter()
-    state, metrics = compiled(state, batches[i % 2], None)
-    jax.block_until_ready((state, metrics))
-    times.append(time.perf_counter() - t0)
-    losses.append(float(metrics["loss"]))
-  num_params = train.count_params(state.params)
-  tokens = rows * v["seq_len"]
   peak = train.peak_flops(devices[0])
-  record = dict(
-      num_params=num_params, num_layers=model_cfg.num_layers, hidden_size=model_cfg.hidden_size,
-      vocab_size=model_cfg.vocab_size, rows_per_gpu=rows // n, tokens_per_step=tokens,
-      devices_used=[str(d) for d in mesh.devices.flat], init_s=init_s, compile_s=compile_s,
-      losses=losses, memory_analysis=bench.memory_stats(compiled),
-      versions=bench.versions("jax", "jaxlib", "flax", "optax", "numpy"), **bench.device_info())
-  record.update(memory_fields(state, devices))
-  record.update(bench.timing_fields(times[v["warmup"]:], tokens,
-                                    train.flops_per_token(num_params, model_cfg, v["seq_len"]),
-                                    peak * n if peak else None))
+  state, _, record = bench.time_train_step(v, config, mesh, lambda: sharded_model(config, mesh),
+                                           peak * n if peak else None)
+  record.update(rows_per_gpu=config.train.global_batch_size // n,
+                devices_used=[str(d) for d in mesh.devices.flat], **memory_fields(state, devices))
   record["tokens_per_s_per_gpu"] = record["tokens_per_s"] / n
   return record
 

@@ -246,15 +246,18 @@ def timing_fields(times, tokens_per_step, flops_per_token, peak_flops):
               mfu=tokens_per_s * flops_per_token / peak_flops if peak_flops else None)
 
 
-def run_jax(v):
-  """Builds, compiles and times one variant in this process; returns its record fields."""
+def time_train_step(v, config, mesh, make_model, peak_flops):
+  """make_model() -> its TrainState -> the compiled train step, timed over v["warmup"] +
+  v["steps"] steps on two alternating batches of packed random rows.
+
+  Returns (state, first batch, record fields every benchmark reports): sizes, init and compile
+  seconds, losses, XLA's memory analysis, versions, device, and timing_fields over the steps after
+  the warm-up (MFU against peak_flops, None: not reported).
+  """
   import jax
   from dft_jax import objectives, train
-  config = bench_config(v)
-  train.validate_config(config, 1)
-  mesh = single_device_mesh()
   t0 = time.perf_counter()
-  model, _ = train.load_model(config.model)
+  model = make_model()
   model_cfg = model.config
   graphdef, state, tx, _ = train.init_train_state(model, config, mesh)
   del model
@@ -277,21 +280,32 @@ def run_jax(v):
     times.append(time.perf_counter() - t0)
     losses.append(float(metrics["loss"]))
   num_params = train.count_params(state.params)
-  stats = jax.devices()[0].memory_stats() or {}
   tokens = rows * v["seq_len"]
-  seg = np.asarray(batches[0]["segment_ids"])
   record = dict(
       num_params=num_params, num_layers=model_cfg.num_layers, hidden_size=model_cfg.hidden_size,
-      vocab_size=model_cfg.vocab_size, tokens_per_step=tokens,
-      docs_per_row=float(np.mean(seg.max(axis=1))),
-      loss_token_frac=float(np.asarray(batches[0]["loss_mask"]).mean()),
-      init_s=init_s, compile_s=compile_s, losses=losses,
-      peak_bytes=stats.get("peak_bytes_in_use"), bytes_limit=stats.get("bytes_limit"),
-      memory_analysis=memory_stats(compiled),
+      vocab_size=model_cfg.vocab_size, tokens_per_step=tokens, init_s=init_s,
+      compile_s=compile_s, losses=losses, memory_analysis=memory_stats(compiled),
       versions=versions("jax", "jaxlib", "flax", "optax", "numpy"), **device_info())
   record.update(timing_fields(times[v["warmup"]:], tokens,
                               train.flops_per_token(num_params, model_cfg, v["seq_len"]),
-                              train.peak_flops(jax.devices()[0])))
+                              peak_flops))
+  return state, batches[0], record
+
+
+def run_jax(v):
+  """Builds, compiles and times one variant in this process; returns its record fields."""
+  import jax
+  from dft_jax import train
+  config = bench_config(v)
+  train.validate_config(config, 1)
+  _, batch, record = time_train_step(v, config, single_device_mesh(),
+                                     lambda: train.load_model(config.model)[0],
+                                     train.peak_flops(jax.devices()[0]))
+  stats = jax.devices()[0].memory_stats() or {}
+  seg = np.asarray(batch["segment_ids"])
+  record.update(docs_per_row=float(np.mean(seg.max(axis=1))),
+                loss_token_frac=float(np.asarray(batch["loss_mask"]).mean()),
+                peak_bytes=stats.get("peak_bytes_in_use"), bytes_limit=stats.get("bytes_limit"))
   return record
 
 
