@@ -7,25 +7,9 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/dft_jax_bench}
-PY=${PYTHON:-python3}
-mkdir -p "$OUT"
-if [ -z "${NO_WHEELS:-}" ] && compgen -G ".whl/*.whl" > /dev/null; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-fi
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 # Room for the largest-batch variant (peaks are the allocator's, whatever this fraction).
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.95}
-# Autotuning results shared by the variants' processes: shorter compiles, same kernels. Kept
-# only if this XLA knows the flag (an unknown one aborts every JAX process).
-flags="--xla_gpu_per_fusion_autotune_cache_dir=/tmp/xla_autotune_cache"
-info="import jax, sys; print('python', sys.version.split()[0], 'jax', jax.__version__, jax.devices())"
-if XLA_FLAGS="${XLA_FLAGS:-} $flags" "$PY" -c "$info" > "$OUT/machine.txt" 2>&1; then
-  export XLA_FLAGS="${XLA_FLAGS:-} $flags"
-else
-  "$PY" -c "$info" > "$OUT/machine.txt" 2>&1
-fi
+. benchmarks/gpu_env.sh
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm,power.limit \
     --format=csv 2>&1 || true
