@@ -32,7 +32,6 @@ import os
 import subprocess
 import sys
 import time
-import traceback
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -194,18 +193,7 @@ def run_case(v):
 
 def run_one(v):
   """One case in this process -> its record (status ok / oom / error)."""
-  record = dict(v, status="ok")
-  t0 = time.perf_counter()
-  try:
-    record.update(run_case(v))
-  except Exception as e:  # pylint: disable=broad-except
-    text = f"{type(e).__name__}: {e}"
-    oom = "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
-    record.update(status="oom" if oom else "error", error=text[-2000:])
-    if not oom:
-      traceback.print_exc()
-  record["wall_s"] = time.perf_counter() - t0
-  return record
+  return bench.run_recorded(dict(v, status="ok"), lambda: run_case(v))
 
 
 # ----------------------------------------------------------------------------- the run

@@ -22,7 +22,6 @@ import json
 import os
 import sys
 import time
-import traceback
 
 import numpy as np
 
@@ -188,18 +187,7 @@ def run_variant(v):
   record.update(name=v.get("name") or f"torch/{v['model']}/{v['objective']}", group=v["group"],
                 framework="torch", remat="checkpoint_layers", attention="sdpa",
                 lm_head_chunk=None, status="ok")
-  t0 = time.perf_counter()
-  try:
-    record.update(run_torch(v))
-  except ImportError as e:
-    record.update(status="skipped", error=f"{type(e).__name__}: {e}")
-  except Exception as e:  # pylint: disable=broad-except
-    text = f"{type(e).__name__}: {e}"
-    record.update(status="oom" if "out of memory" in text.lower() else "error",
-                  error=text[-2000:])
-    traceback.print_exc()
-  record["wall_s"] = time.perf_counter() - t0
-  return record
+  return bench.run_recorded(record, lambda: run_torch(v), skipped=(ImportError,))
 
 
 def main(argv=None):

@@ -141,6 +141,9 @@ MEMORY_NOTE = (
 class NeedsHook(Exception):
   """The variant needs a config knob or registry entry that dft_jax does not have (yet)."""
 
+  def __str__(self):
+    return f"needs a dft_jax hook: {self.args[0]}"
+
 
 # ----------------------------------------------------------------------------- inputs
 
@@ -315,11 +318,18 @@ def run_variant(v):
   record = {k: v[k] for k in DEFAULTS if k not in ("est_s", "group", "probe_batches", "liger")}
   record.update(name=v.get("name") or f"{v['framework']}/{v['model']}/{v['objective']}",
                 group=v["group"], status="ok")
+  return run_recorded(record, lambda: run_jax(v), skipped=(NeedsHook,))
+
+
+def run_recorded(record, measure, skipped=()):
+  """`record` with measure()'s fields and status ok; or status skipped (an exception of a
+  `skipped` type, its message), oom (RESOURCE_EXHAUSTED / out of memory) or error (the message;
+  the traceback printed); wall_s either way."""
   t0 = time.perf_counter()
   try:
-    record.update(run_jax(v))
-  except NeedsHook as e:
-    record.update(status="skipped", error=f"needs a dft_jax hook: {e}")
+    record.update(measure())
+  except skipped as e:
+    record.update(status="skipped", error=str(e))
   except Exception as e:  # pylint: disable=broad-except
     text = f"{type(e).__name__}: {e}"
     oom = "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
@@ -546,7 +556,7 @@ def precheck(v):
   try:
     bench_config(v)
   except NeedsHook as e:
-    return f"needs a dft_jax hook: {e}"
+    return str(e)
   return None
 
 
