@@ -15,10 +15,11 @@ Every arm makes train.minibatches optimizer updates per global batch, so PSFT's 
 region and the other objectives see the same tokens in the same order and take the same number of
 steps; only PSFT uses the per-batch policy snapshot.
 """
-import importlib.util
 import os
 
 import ml_collections
+
+from dft_jax import config_files
 
 # Arms: "label=objective[,field=value...]"; fields are config.objective fields, plus lr
 # (optimizer.learning_rate for this arm).
@@ -34,14 +35,6 @@ ARMS = (
 OPTIONAL_ARMS = ("eaft=eaft",)
 
 
-def _default_config(arg):
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default.py")
-  spec = importlib.util.spec_from_file_location("dft_jax_configs_default", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
-
-
 def get_config(arg=None):
   variants = [a for a in (arg or "cpu").split(",") if a]
   unknown = [v for v in variants if v not in ("cpu", "gpu", "smoke")]
@@ -49,7 +42,7 @@ def get_config(arg=None):
     raise ValueError(f"configs/study.py: unknown variant(s) {unknown}; expected cpu or gpu, "
                      "optionally with smoke")
   scale = "gpu" if "gpu" in variants else "cpu"
-  c = _default_config(scale)
+  c = config_files.load("default.py", scale)
   c.objective.name = "sft"  # each arm sets its own
   c.checkpoint.update(every_steps=10**9, async_save=False)  # the study keeps no checkpoints
   c.log.update(progress=False, tensorboard=False)

@@ -25,7 +25,6 @@ Fault-injection knobs, `config.debug` (tests only; off when 0, and then nothing 
 import concurrent.futures
 import dataclasses
 import errno
-import importlib.util
 import json
 import logging
 import os
@@ -38,6 +37,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from dft_jax import config_files
 from dft_jax.errors import ConfigError, cli_entry
 
 
@@ -148,11 +148,8 @@ def _load_config_file(spec):
   path, _, arg = spec.partition(":")
   if not os.path.isfile(path):
     raise ConfigError(f"--config={spec}: no such config file {path!r}")
-  module_spec = importlib.util.spec_from_file_location("dft_jax_config_check", path)
-  module = importlib.util.module_from_spec(module_spec)
   try:
-    module_spec.loader.exec_module(module)
-    return module.get_config(arg) if arg else module.get_config()
+    return config_files.load(os.path.abspath(path), arg)
   except Exception as e:  # pylint: disable=broad-except  (whatever the user's file raises)
     message = str(e).strip().splitlines()[0] if str(e).strip() else ""
     raise ConfigError(f"--config={spec}: {type(e).__name__}: {message}") from None

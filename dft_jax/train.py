@@ -26,6 +26,7 @@ from flax import nnx
 from flax import struct
 
 from dft_jax import checkpoint as ckpt
+from dft_jax import config_files
 from dft_jax import faults
 from dft_jax import lm_head
 from dft_jax import metrics as metrics_lib
@@ -34,8 +35,7 @@ from dft_jax import sharding
 from dft_jax.errors import ConfigError, ModelError, UserInputError, cli_entry
 
 BATCH_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
-DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                              "configs", "default.py")
+DEFAULT_CONFIG = config_files.DEFAULT
 # Dense bf16 peak FLOP/s by device kind, for the MFU estimate (None: not reported).
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12,
               "TPU v5 lite": 197e12, "TPU v5p": 459e12, "TPU v6 lite": 918e12}

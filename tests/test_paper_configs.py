@@ -1,7 +1,6 @@
 """configs/paper: each paper's official settings, and one train step with the config's batch
 geometry (global batch, PSFT's minibatches, microbatches, FSDP mesh) on the tiny Llama and a tiny
 local file in the config's field names."""
-import importlib.util
 import json
 import pathlib
 
@@ -9,17 +8,14 @@ import jax
 import numpy as np
 import pytest
 
-from dft_jax import train
+from dft_jax import config_files, train
 
 ROOT = pathlib.Path(__file__).parent.parent
 TINY = str(ROOT / "tests" / "fixtures" / "tiny_llama")
 
 
 def load(name, arg=None):
-  spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / "paper" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return config_files.load(f"paper/{name}.py", arg)
 
 
 def test_dft_official_settings():

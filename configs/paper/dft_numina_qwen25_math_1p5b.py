@@ -25,24 +25,15 @@ the run with microbatches of 4 rows per device; the authors used 8 GPUs. At the 
 code measured for this model shape on one H100, 390 steps x 256 rows x 2048 padded tokens (~204M)
 take ~1.5 h on one H100, ~12 min on 8 (data-parallel).
 """
-import importlib.util
-import os
+from dft_jax import config_files
 
 NUM_ROWS = 100_000
 GLOBAL_BATCH = 256
 
 
-def _default_config(arg):
-  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "default.py")
-  spec = importlib.util.spec_from_file_location("dft_jax_configs_default", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
-
-
 def get_config(arg=None):
   variants = [a for a in (arg or "").split(",") if a]
-  c = _default_config("gpu")
+  c = config_files.load("default.py", "gpu")
   c.model.update(name="Qwen/Qwen2.5-Math-1.5B", param_dtype="bfloat16", compute_dtype="bfloat16",
                  remat="nothing_saveable", lm_head_chunk=4096)
   c.data.update(source="AI-MO/NuminaMath-CoT", split="train", max_rows=NUM_ROWS,

@@ -27,8 +27,7 @@ Hardware: 7.6B parameters. float32 masters + AdamW moments are ~122 GB and bf16 
 remat keeps ~1.6 GB of checkpoints per row, plus one layer's recompute) plan on >= 4 x 80 GB, and
 the authors' 8 x 80 GB for their speed (fsdp over all devices, one row per device per microbatch).
 """
-import importlib.util
-import os
+from dft_jax import config_files
 
 ASSUMED_ROWS = 4_000
 GLOBAL_BATCH = 256
@@ -37,18 +36,10 @@ EPOCHS = 10
 SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
 
 
-def _default_config(arg):
-  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "default.py")
-  spec = importlib.util.spec_from_file_location("dft_jax_configs_default", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
-
-
 def get_config(arg=None):
   if arg:
     raise ValueError(f"{__file__}: takes no variant (got {arg!r})")
-  c = _default_config("gpu")
+  c = config_files.load("default.py", "gpu")
   c.model.update(name="Qwen/Qwen2.5-7B-Instruct", param_dtype="float32", compute_dtype="bfloat16",
                  remat="nothing_saveable", lm_head_chunk=4096)
   c.data.update(source="wh-zhu/train_openr1_4k", split="train", format="prompt_response",

@@ -8,20 +8,19 @@ Trained tokens (the targets the loss is computed on) are shown green on a termin
 iterator at config.train.seq_len / global_batch_size.
 """
 import itertools
-import os
 import sys
 
 from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from dft_jax import config_files
 from dft_jax.data import formats
 from dft_jax.data import pipeline
 from dft_jax.data import sources
 from dft_jax.errors import DataError, cli_entry
 
-_DEFAULT_CONFIG = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", "configs",
-                                                "default.py"))
+_DEFAULT_CONFIG = config_files.DEFAULT
 
 MARKS = {False: ("[[", "]]"), True: ("\033[1;32m", "\033[0m")}
 

@@ -4,11 +4,11 @@ Same shape as SmolLM2-Instruct's (byte-level BPE, <|im_start|>/<|im_end|> specia
 <|im_end|>), a few hundred tokens, built in well under a second with no download.
 """
 import functools
-import importlib.util
-import os
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
+
+from dft_jax import config_files
 
 CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + "
           "message['content'] + '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}"
@@ -40,9 +40,5 @@ def tiny_chat_tokenizer(corpus=None, vocab_size=600, chat_template=CHATML):
 
 
 def default_config(arg=None):
-  """configs/default.py's get_config(arg), loaded by path from a source checkout."""
-  path = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "default.py")
-  spec = importlib.util.spec_from_file_location("dft_jax_default_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  """configs/default.py's get_config(arg)."""
+  return config_files.load(config_files.DEFAULT, arg)

@@ -34,14 +34,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dft_jax import config_files
 from dft_jax import evaluate
 from dft_jax import objectives
 from dft_jax import train
 from dft_jax.errors import ConfigError, cli_entry
 from dft_jax.experiments import report
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-STUDY_CONFIG = os.path.join(REPO, "configs", "study.py")
 DEFAULT_OUT = {"gpu": os.path.join("results", "scanner"),
                "cpu": os.path.join("results", "scanner", "cpu")}
 HISTORY_KEYS = ("loss", "target_prob", "entropy", "grad_norm", "learning_rate", "loss_tokens",
@@ -148,13 +147,9 @@ def apply_overrides(config, items):
 
 
 def load_study_config(scale, smoke):
-  import importlib.util  # pylint: disable=g-import-not-at-top
   if scale not in ("cpu", "gpu"):
     raise ConfigError(f"--scale={scale!r}: expected cpu or gpu")
-  spec = importlib.util.spec_from_file_location("dft_jax_configs_study", STUDY_CONFIG)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(scale + (",smoke" if smoke else ""))
+  return config_files.load("study.py", scale + (",smoke" if smoke else ""))
 
 
 def enable_compilation_cache(path, log=print):
