@@ -14,6 +14,7 @@ from flax import nnx
 
 from dft_jax import data, evaluate, models, objectives, sampling
 from dft_jax.errors import ConfigError, DataError
+from test_data import write_jsonl
 
 TINY = str(pathlib.Path(__file__).parent / "fixtures" / "tiny_llama")
 SMALL = dict(num_examples=4, num_general=4, num_factual=3, num_hist=4, max_new_tokens=6,
@@ -180,13 +181,6 @@ def test_run_evaluator_suites(tiny, tmp_path):
     expected += last - trained.index(1) + 1
   assert sum(out["target_prob_hist"]) == expected
   assert out["target_prob_mean"] >= np.exp(-out["target_nll"])  # Jensen, on the same tokens
-
-
-def write_jsonl(path, rows):
-  with open(path, "w") as f:
-    for r in rows:
-      f.write(json.dumps(r) + "\n")
-  return str(path)
 
 
 def test_math_suite(tiny, tmp_path):
