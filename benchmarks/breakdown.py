@@ -20,7 +20,8 @@ import optax
 from flax import nnx
 
 from benchmarks import train_step as bench
-from dft_jax import lm_head, objectives, train
+from dft_jax import lm_head, objectives
+from dft_jax import step as step_lib
 
 
 def median_time(fn, *args, steps):
@@ -72,18 +73,17 @@ def parts(config, graphdef, state, tx, batch):
 def run(v, steps):
   config = bench.bench_config(v)
   mesh = bench.single_device_mesh()
-  model, _ = train.load_model(config.model)
+  model = bench.load_model(config.model)
   model_cfg = model.config
-  graphdef, state, tx, _ = train.init_train_state(model, config, mesh)
+  graphdef, state, tx, _ = step_lib.init_train_state(model, config, mesh)
   del model
   rng = np.random.default_rng(0)
   rows = config.train.global_batch_size
-  batch = train.global_batch(
+  batch = step_lib.global_batch(
       bench.packed_rows(rng, rows, v["seq_len"], model_cfg.vocab_size, v["doc_len"]), mesh)
   timings = {name: median_time(fn, *args, steps=steps)
              for name, (fn, args) in parts(config, graphdef, state, tx, batch).items()}
-  step = train.make_train_step(graphdef, tx, config, mesh, train.shardings_of(state),
-                               ref_needed=False)
+  step = step_lib.make_train_step(graphdef, tx, config, mesh, step_lib.shardings_of(state))
   step_fn = lambda s: step(s, batch, None)[0]
   times = []
   for i in range(steps + 2):

@@ -2,15 +2,18 @@
 
   JAX_PLATFORMS=cpu python benchmarks/cpu_default.py [--steps=8] [--out=benchmarks/results/cpu_default.json]
 
-configs/default.py as `python -m dft_jax.train` runs it (DFT on the embedded SmolLM2-135M-Instruct,
-built-in arithmetic set, packed rows, float32), through dft_jax.train.setup: the real step on real
-batches. Evaluation and checkpoints are left out; the first step (compilation) is timed apart.
-Run it alone: another process on the same cores changes the number.
+configs/default.py run by `python -m dft_jax.train` itself (DFT on the embedded
+SmolLM2-135M-Instruct, built-in arithmetic set, packed rows, float32) with evaluation off; the
+step times are those of its metrics.jsonl (compilation is apart, before step 1), and the peak host
+memory is the run's maximum resident set. Run it alone: another process on the same cores changes
+the number.
 """
 import argparse
 import json
 import os
+import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -33,44 +36,39 @@ def cpu_name():
 
 
 def measure(steps):
-  """Times `steps` train steps after one compile step; returns the record."""
-  import jax
-  from dft_jax import train
+  """Runs `python -m dft_jax.train` (the main job itself, evaluation off) for 1 + `steps` steps
+  in a fresh workdir and reads its metrics.jsonl: step times after the first, peak host memory."""
   from dft_jax.data.testing import default_config
   config = default_config()
-  config.eval.update(before=False, after=False)
-  with tempfile.TemporaryDirectory() as workdir:
-    t0 = time.perf_counter()
-    run = train.setup(config, workdir)
-    setup_s = time.perf_counter() - t0
-    times, data_times, real_tokens, loss_tokens, losses = [], [], [], [], []
-    for _ in range(steps + 1):
-      t0 = time.perf_counter()
-      batch = train.global_batch(next(run.data_iter), run.mesh)
-      data_times.append(time.perf_counter() - t0)
-      t0 = time.perf_counter()
-      run.state, metrics = run.train_step(run.state, batch, None)
-      jax.block_until_ready((run.state, metrics))
-      times.append(time.perf_counter() - t0)
-      real_tokens.append(float(metrics["tokens"]))
-      loss_tokens.append(float(metrics["loss_tokens"]))
-      losses.append(float(metrics["loss"]))
   t = config.train
+  num_steps = steps + 1
+  with tempfile.TemporaryDirectory() as workdir:
+    cmd = [sys.executable, "-m", "dft_jax.train", f"--workdir={workdir}",
+           f"--config.train.num_steps={num_steps}", "--config.eval.before=False",
+           "--config.eval.after=False", "--config.log.progress=False",
+           f"--config.checkpoint.every_steps={num_steps}"]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
+    wall_s = time.perf_counter() - t0
+    if proc.returncode:
+      raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  times = [r["step_seconds"] for r in rows]
   median = statistics.median(times[1:])
-  record = dict(
-      config="configs/default.py", model=config.model.name, objective=config.objective.name,
-      global_batch_size=t.global_batch_size, seq_len=t.seq_len, steps=steps,
-      num_params=run.num_params, setup_s=setup_s, first_step_s=times[0],
-      step_time_s=median, step_times_s=[round(x, 4) for x in times[1:]],
-      data_time_s=statistics.median(data_times[1:]),
+  return dict(
+      config="configs/default.py", command=" ".join(cmd[1:]), model=config.model.name,
+      objective=config.objective.name, global_batch_size=t.global_batch_size, seq_len=t.seq_len,
+      steps=steps, wall_s=wall_s, first_step_s=times[0], step_time_s=median,
+      step_times_s=[round(x, 4) for x in times[1:]],
       tokens_per_s=t.global_batch_size * t.seq_len / median,
-      real_tokens_per_s=float(np.mean(real_tokens[1:])) / median,
-      loss_tokens_per_s=float(np.mean(loss_tokens[1:])) / median,
-      losses=losses, cpu=cpu_name(), cpu_count=os.cpu_count(),
+      real_tokens_per_s=float(np.mean([r["tokens"] for r in rows[1:]])) / median,
+      loss_tokens_per_s=float(np.mean([r["loss_tokens"] for r in rows[1:]])) / median,
+      losses=[r["loss"] for r in rows],
+      peak_rss_bytes=resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
+      cpu=cpu_name(), cpu_count=os.cpu_count(),
       load_average_after=os.getloadavg(),  # ~1 per core busy with this run alone
       versions=bench.versions("jax", "jaxlib", "flax", "optax", "numpy"),
       created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-  return record
 
 
 def main(argv=None):

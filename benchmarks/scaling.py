@@ -4,12 +4,12 @@
   python benchmarks/scaling.py --smoke --out=DIR      # tiny shapes, 8 fake CPU devices (tests)
   python benchmarks/scaling.py --case=JSON            # one case, in this process
 
-Every case is dft_jax.train.make_train_step (DFT, Qwen2.5-1.5B shape, 4096 tokens a row, random
+Every case is dft_jax.step.make_train_step (DFT, Qwen2.5-1.5B shape, 4096 tokens a row, random
 packed rows from benchmarks/train_step.py) on the first n devices, `jax.devices()[:n]`, in a mesh
 
   data       n x 1 x 1   parameters and AdamW state replicated, gradients all-reduced
   fsdp       1 x n x 1   parameters and gradients sharded over n ("embed" axis), and the AdamW
-                         moments once train.init_train_state places them like their parameters
+                         moments once step.init_train_state places them like their parameters
   data_fsdp  2 x n/2 x 1 (n >= 4) FSDP within each half, data parallel across the halves
 
 each in a fresh process (the allocator's peak only grows). Weak scaling: rows_per_gpu rows per
@@ -136,10 +136,10 @@ def sharded_model(config, mesh):
   partitionable PRNG): no device holds the whole model, so the 7B state never lands on one GPU."""
   import jax
   from flax import nnx
-  from dft_jax import models, sharding, train
-  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: train.load_model(config.model)[0]))
+  from dft_jax import models, sharding
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: bench.load_model(config.model)))
   shardings = sharding.param_shardings(abstract, models.logical_specs(abstract), mesh)
-  params = jax.jit(lambda: nnx.split(train.load_model(config.model)[0])[1],
+  params = jax.jit(lambda: nnx.split(bench.load_model(config.model))[1],
                    out_shardings=shardings)()
   return nnx.merge(graphdef, params)
 
@@ -173,16 +173,17 @@ def memory_fields(state, devices):
 def run_case(v):
   """Builds, compiles and times one case on jax.devices()[:n] in this process -> record fields."""
   import jax
-  from dft_jax import sharding, train
+  from dft_jax import sharding, throughput
+  from dft_jax import step as step_lib
   n = v["n_gpus"]
   devices = jax.devices()[:n]
   if len(devices) < n:
     raise RuntimeError(f"needs {n} devices, jax sees {len(jax.devices())}")
   config = bench.bench_config(v)
   config.mesh.update(v["mesh"])
-  train.validate_config(config, n)
+  step_lib.validate(config, n)
   mesh = sharding.make_mesh(config.mesh, devices)
-  peak = train.peak_flops(devices[0])
+  peak = throughput.peak_flops(devices[0])
   state, _, record = bench.time_train_step(v, config, mesh, lambda: sharded_model(config, mesh),
                                            peak * n if peak else None)
   record.update(rows_per_gpu=config.train.global_batch_size // n,

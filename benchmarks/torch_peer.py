@@ -138,7 +138,7 @@ def run_torch(v):
   s = SHAPES[v["model"]]
   flops = 6 * num_params + 12 * s["num_hidden_layers"] * s["hidden_size"] * v["seq_len"]
   name = torch.cuda.get_device_name() if cuda else "cpu"
-  from dft_jax.train import PEAK_FLOPS  # the same peak as the JAX records' MFU
+  from dft_jax.throughput import PEAK_FLOPS  # the same peak as the JAX records' MFU
   peak_flops = next((f for k, f in PEAK_FLOPS.items() if k in name), None)
   record = dict(num_params=num_params, num_layers=s["num_hidden_layers"],
                 hidden_size=s["hidden_size"], vocab_size=vocab,

@@ -8,14 +8,16 @@
                                                             # XLA's buffer sizes, CPU is fine
   python benchmarks/train_step.py --sweep=smoke --out=DIR   # tiny shapes on CPU (tests)
 
-The step is dft_jax.train.make_train_step itself (forward, fused LM head, objective, backward,
-clip + AdamW, donated state) on a random-init preset, fed random packed rows built on the host:
-several documents per row (segment_ids 1..n, positions restarting), loss on ~75% of each document.
-Timing: compile (AOT), `warmup` steps, then `steps` timed steps, each ended by
-jax.block_until_ready; the median is the step time. tokens/s = B*T / median (padding included:
-rows are full). MFU = tokens/s * (6 N + 12 L d T) / 989e12, N = all parameters including the
-(tied) embedding, T = seq_len (flops_per_token in dft_jax.train). Peak memory is the device
-allocator's peak_bytes_in_use, which only grows within a process: hence one process per variant.
+The step is dft_jax.step.make_train_step itself (forward, fused LM head, objective, backward,
+clip + AdamW, donated state) run by the train job's loop (dft_jax.loop.train_loop) on a
+random-init preset, fed random packed rows built on the host: several documents per row
+(segment_ids 1..n, positions restarting), loss on ~75% of each document. Timing: compile (AOT),
+`warmup` steps, then `steps` timed steps; a step's time is the interval between reading its
+metrics and the previous step's (the loop dispatches the next step first, as in training); the
+median is the step time. tokens/s = B*T / median (padding included: rows are full).
+MFU = tokens/s * (6 N + 12 L d T) / 989e12, N = all parameters including the (tied) embedding,
+T = seq_len (dft_jax.throughput). Peak memory is the device allocator's peak_bytes_in_use, which
+only grows within a process: hence one process per variant.
 """
 import argparse
 import json
@@ -32,6 +34,8 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
+
+from dft_jax import throughput  # noqa: E402  (no jax at import)
 
 PEER_SCRIPT = os.path.join(ROOT, "benchmarks", "torch_peer.py")
 GIB = 2 ** 30
@@ -249,6 +253,12 @@ def timing_fields(times, tokens_per_step, flops_per_token, peak_flops):
               mfu=tokens_per_s * flops_per_token / peak_flops if peak_flops else None)
 
 
+def load_model(model_cfg):
+  """The decoder of config.model (a preset: random init; benchmarks need no tokenizer)."""
+  from dft_jax import models
+  return models.load(model_cfg.name, **models.decoder_options(model_cfg))[0]
+
+
 def time_train_step(v, config, mesh, make_model, peak_flops):
   """make_model() -> its TrainState -> the compiled train step, timed over v["warmup"] +
   v["steps"] steps on two alternating batches of packed random rows.
@@ -257,32 +267,33 @@ def time_train_step(v, config, mesh, make_model, peak_flops):
   seconds, losses, XLA's memory analysis, versions, device, and timing_fields over the steps after
   the warm-up (MFU against peak_flops, None: not reported).
   """
+  import itertools
   import jax
-  from dft_jax import objectives, train
+  from dft_jax import loop
+  from dft_jax import step as step_lib
   t0 = time.perf_counter()
   model = make_model()
   model_cfg = model.config
-  graphdef, state, tx, _ = train.init_train_state(model, config, mesh)
+  graphdef, state, tx, _ = step_lib.init_train_state(model, config, mesh)
   del model
   jax.block_until_ready(state)
   init_s = time.perf_counter() - t0
-  step = train.make_train_step(graphdef, tx, config, mesh, train.shardings_of(state),
-                               ref_needed=objectives.needs_ref_logp(config.objective))
+  step = step_lib.make_train_step(graphdef, tx, config, mesh, step_lib.shardings_of(state))
   rng = np.random.default_rng(0)
   rows = config.train.global_batch_size
-  batches = [train.global_batch(packed_rows(rng, rows, v["seq_len"], model_cfg.vocab_size,
-                                            v["doc_len"]), mesh) for _ in range(2)]
+  batches = [step_lib.global_batch(packed_rows(rng, rows, v["seq_len"], model_cfg.vocab_size,
+                                               v["doc_len"]), mesh) for _ in range(2)]
   t0 = time.perf_counter()
   compiled = step.lower(state, batches[0], None).compile()
   compile_s = time.perf_counter() - t0
-  times, losses = [], []
-  for i in range(v["warmup"] + v["steps"]):
-    t0 = time.perf_counter()
-    state, metrics = compiled(state, batches[i % 2], None)
-    jax.block_until_ready((state, metrics))
-    times.append(time.perf_counter() - t0)
-    losses.append(float(metrics["loss"]))
-  num_params = train.count_params(state.params)
+  # The train job's loop: each step's time is the interval between reading its metrics and the
+  # previous step's (the next step is dispatched first, as in training).
+  recorder = loop.Recorder(num_steps=v["warmup"] + v["steps"])
+  state = loop.train_loop(state, compiled, ((b, None) for b in itertools.cycle(batches)),
+                          num_steps=v["warmup"] + v["steps"], record=recorder)
+  times = [h["step_seconds"] for h in recorder.history]
+  losses = [h["loss"] for h in recorder.history]
+  num_params = step_lib.count_params(state.params)
   tokens = rows * v["seq_len"]
   record = dict(
       num_params=num_params, num_layers=model_cfg.num_layers, hidden_size=model_cfg.hidden_size,
@@ -290,7 +301,7 @@ def time_train_step(v, config, mesh, make_model, peak_flops):
       compile_s=compile_s, losses=losses, memory_analysis=memory_stats(compiled),
       versions=versions("jax", "jaxlib", "flax", "optax", "numpy"), **device_info())
   record.update(timing_fields(times[v["warmup"]:], tokens,
-                              train.flops_per_token(num_params, model_cfg, v["seq_len"]),
+                              throughput.flops_per_token(num_params, model_cfg, v["seq_len"]),
                               peak_flops))
   return state, batches[0], record
 
@@ -298,12 +309,12 @@ def time_train_step(v, config, mesh, make_model, peak_flops):
 def run_jax(v):
   """Builds, compiles and times one variant in this process; returns its record fields."""
   import jax
-  from dft_jax import train
+  from dft_jax import step as step_lib
   config = bench_config(v)
-  train.validate_config(config, 1)
+  step_lib.validate(config, 1)
   _, batch, record = time_train_step(v, config, single_device_mesh(),
-                                     lambda: train.load_model(config.model)[0],
-                                     train.peak_flops(jax.devices()[0]))
+                                     lambda: load_model(config.model),
+                                     throughput.peak_flops(jax.devices()[0]))
   stats = jax.devices()[0].memory_stats() or {}
   seg = np.asarray(batch["segment_ids"])
   record.update(docs_per_row=float(np.mean(seg.max(axis=1))),
@@ -349,14 +360,15 @@ def abstract_state(config, mesh):
   import jax
   import jax.numpy as jnp
   from flax import nnx
-  from dft_jax import models, sharding, train
-  model = nnx.eval_shape(lambda: train.load_model(config.model)[0])
+  from dft_jax import models, sharding
+  from dft_jax import step as step_lib
+  model = nnx.eval_shape(lambda: load_model(config.model))
   graphdef, params = nnx.split(model)
   logical = models.logical_specs(params)
-  tx, _ = train.make_optimizer(config.optimizer, config.train.num_steps, logical)
+  tx, _ = step_lib.make_optimizer(config.optimizer, config.train.num_steps, logical)
   replicated = sharding.replicated(mesh)
-  state = train.TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
-                           opt_state=jax.eval_shape(tx.init, params))
+  state = step_lib.TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
+                              opt_state=jax.eval_shape(tx.init, params))
   state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
                        state)
   return graphdef, state, tx
@@ -366,13 +378,13 @@ def compiled_memory(v):
   """XLA's memory analysis of one variant's step, compiled for this machine's default backend
   without running it (the 1.5B step compiles on a CPU with no device memory to spare)."""
   import jax
-  from dft_jax import objectives, sharding, train
+  from dft_jax import sharding
+  from dft_jax import step as step_lib
   v = dict(DEFAULTS, **v)
   config = bench_config(v)
   mesh = single_device_mesh()
   graphdef, state, tx = abstract_state(config, mesh)
-  step = train.make_train_step(graphdef, tx, config, mesh, train.shardings_of(state),
-                               ref_needed=objectives.needs_ref_logp(config.objective))
+  step = step_lib.make_train_step(graphdef, tx, config, mesh, step_lib.shardings_of(state))
   rows = config.train.global_batch_size
   batch = {k: jax.ShapeDtypeStruct((rows, v["seq_len"]), x.dtype,
                                    sharding=sharding.batch_sharding(mesh))
@@ -381,7 +393,7 @@ def compiled_memory(v):
   compiled = step.lower(state, batch, None).compile()
   out = memory_stats(compiled)
   out.update(compile_s=time.perf_counter() - t0, backend=jax.default_backend(),
-             num_params=train.count_params(state.params))
+             num_params=step_lib.count_params(state.params))
   return out
 
 
@@ -418,7 +430,7 @@ def objective_of(config):
   old_logp is the current logp (K=1: same shapes as any snapshot)."""
   import jax
   from dft_jax import objectives
-  needs_old = objectives.needs_old_logp(config.objective)
+  needs_old = "old_logp" in objectives.needs(config.objective)
 
   def loss(stats, batch):
     if needs_old:
@@ -436,15 +448,15 @@ def saved_activation_bytes(v):
   import re
   import jax
   from jax.ad_checkpoint import print_saved_residuals
-  from dft_jax import train
+  from dft_jax import step as step_lib
   v = dict(DEFAULTS, **v)
   config = bench_config(v)
   graphdef, state, _ = abstract_state(config, single_device_mesh())
   stats, objective = objective_of(config)
 
   def loss(params, batch):
-    return objective(train.model_token_stats(graphdef, params, batch, v["lm_head_chunk"], stats),
-                     batch)
+    return objective(step_lib.model_token_stats(graphdef, params, batch, v["lm_head_chunk"],
+                                                stats), batch)
 
   batch = abstract_batch(v["batch"] // v["microbatches"], v["seq_len"])
   params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state.params)

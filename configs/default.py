@@ -2,17 +2,17 @@
 
   python -m dft_jax.train                                  # this file, CPU-sized
   python -m dft_jax.train --config=configs/default.py:gpu  # same run, GPU-sized
-  python -m dft_jax.train --config.objective.name=psft --config.train.num_steps=10
+  python -m dft_jax.train --config.objective.name=psft --config.objective.psft.eps_high=0.3
 
-Variants (the part after ':'): cpu (default), gpu, and an objective name
-(sft, dft, dft_seq, power, psft, eaft, gem, deft) to switch the objective, e.g. `:psft` or
-`gpu,eaft`.
+Variants (the part after ':', comma-separated): cpu (default), gpu, and an objective name to
+switch the objective, e.g. `:psft` or `:gpu,eaft`. The objective block (name, aggregation,
+coefficients, one sub-block of hyperparameters per objective) comes from the objective registry,
+dft_jax/objectives.py, which this file reads without importing jax.
 """
 import ml_collections
+from ml_collections.config_dict import placeholder
 
-from dft_jax import evaluate, objectives
-
-OBJECTIVES = tuple(objectives.OBJECTIVES)
+from dft_jax import objectives
 
 
 def get_config(arg=None):
@@ -27,22 +27,22 @@ def get_config(arg=None):
       scan_layers=True,
       attention="auto",              # auto (cudnn on GPU, xla elsewhere) | xla | cudnn
       lm_head_chunk=1024,            # tokens per chunk of the fused LM head
-      tokenizer=ml_collections.FieldReference(None, field_type=str),  # HF folder, for presets
+      tokenizer=placeholder(str),    # HF tokenizer folder, for presets
   ))
 
   c.data = ml_collections.ConfigDict(dict(
       source="builtin:arith_train",  # builtin:NAME | hub name | file | glob | save_to_disk folder
       split="train",                 # hub / save_to_disk split; files: train (or train[:1000])
-      subset=ml_collections.FieldReference(None, field_type=str),  # hub dataset config name
+      subset=placeholder(str),       # hub dataset config name
       format="prompt_response",      # prompt_response | messages | text
       prompt_field="prompt",         # dotted keys reach nested fields: extra_info.question
       response_field="response",
       messages_field="messages",
       text_field="text",
       loss_on="assistant",           # assistant (all its turns) | last_assistant | all (tokens)
-      system_prompt=ml_collections.FieldReference(None, field_type=str),
+      system_prompt=placeholder(str),
       # None: the tokenizer's; or Jinja text, a .jinja file, "none" (prompt + response + EOS)
-      chat_template=ml_collections.FieldReference(None, field_type=str),
+      chat_template=placeholder(str),
       max_length=192,                # longest example kept (tokens)
       truncation="drop",             # drop | truncate_response | truncate_prompt
       packing=True,                  # best-fit packing; False: one example per row, padded
@@ -50,30 +50,15 @@ def get_config(arg=None):
       shuffle_buffer=10_000,         # streaming: rows in the shuffle buffer (0: no shuffle)
       pack_window=4096,              # streaming: rows packed together
       num_proc=1,                    # processes for tokenisation
-      max_rows=ml_collections.FieldReference(None, field_type=int),
-      shuffle_seed=ml_collections.FieldReference(None, field_type=int),  # None: train.seed
+      max_rows=placeholder(int),
+      shuffle_seed=placeholder(int),  # None: train.seed
       error_on_dropped=False,        # make dropped rows (too long, empty) an error
-      cache_dir=ml_collections.FieldReference(None, field_type=str),  # None: the datasets default
+      cache_dir=placeholder(str),    # None: the datasets default
   ))
 
-  c.objective = ml_collections.ConfigDict(dict(
-      name="dft",                    # one of OBJECTIVES
-      alpha=0.5,                     # power
-      eps_low=0.2, eps_high=0.28,    # psft (official run script)
-      entropy_coef=0.0,              # entropy bonus  -beta * H_t
-      kl_coef=0.0,                   # KL anchor to the starting model  beta_kl * k3
-      aggregation="token_mean",      # token_mean | seq_mean | sum_norm
-      norm_constant=1.0,             # sum_norm divisor
-      # eaft: -sg((H_t / eaft_norm)**eaft_alpha) * logp_t; defaults: the authors' LLaMA-Factory code
-      eaft_alpha=1.0,                # gate exponent
-      eaft_entropy="topk",           # topk (entropy of the top-eaft_k softmax) | full (exact)
-      eaft_k=20,                     # top-k size (references: 20)
-      eaft_norm=3.0,                 # entropy divisor (references: 3.0 ~ ln 20; full: ~ln(vocab))
-      # gem: q = softmax(logits / gem_beta); defaults of the official train.py
-      gem_beta=0.7,                  # 1: SFT's gradient; lower: flatter, more diverse outputs
-      gem_h="linear",                # linear | logsigmoid (the paper's released scripts)
-      # deft: parameter-free (q-log exponent = sum_v p_v**2 per token)
-  ))
+  # name, aggregation (token_mean | seq_mean | sum_norm), norm_constant, entropy_coef, kl_coef,
+  # and objective.<name>.<hyperparameter> for every objective that has some (README "Objectives").
+  c.objective = ml_collections.ConfigDict(objectives.config_block("dft"))
 
   c.optimizer = ml_collections.ConfigDict(dict(
       learning_rate=2e-5,
@@ -83,7 +68,7 @@ def get_config(arg=None):
       weight_decay=0.0,
       b1=0.9, b2=0.95, eps=1e-8,
       grad_clip_norm=1.0,
-      mu_dtype=ml_collections.FieldReference(None, field_type=str),  # None (= params) | bfloat16
+      mu_dtype=placeholder(str),     # None (= params) | bfloat16
   ))
 
   c.train = ml_collections.ConfigDict(dict(
@@ -101,20 +86,28 @@ def get_config(arg=None):
   c.checkpoint = ml_collections.ConfigDict(dict(
       every_steps=10, keep=2, async_save=True, export_hf=False))
 
-  # Before/after evaluation (dft_jax/evaluate.py: every field of its DEFAULTS can be overridden).
+  # Before/after evaluation (dft_jax/evaluate): suites in_domain | math | forgetting | target_probs.
   c.eval = ml_collections.ConfigDict(dict(
-      evaluate.DEFAULTS, before=True, after=True,
-      num_examples=24, max_new_tokens=96, num_general=24, num_factual=32, batch_size=32))
+      before=True, after=True,
+      suites="in_domain,forgetting",
+      in_domain="builtin:arith_test",  # held-out problems {prompt, answer, response}
+      num_examples=24, max_new_tokens=96,
+      samples=1, temperature=1.0, top_p=1.0, seed=0,  # samples > 1: avg@k / pass@k at temperature
+      math_file=placeholder(str),    # MATH500-format rows {problem, answer}: file or hub name
+      math_split=placeholder(str),   # hub split (default test; files: train)
+      num_math=placeholder(int),     # None: all rows
+      math_max_new_tokens=1024,
+      general_prompts="builtin:general_prompts", num_general=24,
+      factual_qa="builtin:factual_qa", num_factual=32, factual_max_new_tokens=48,
+      heldout_text="builtin:heldout_text",
+      num_hist=200,                  # held-out responses in the target-probability histogram
+      batch_size=32,                 # rows per generation batch
+      forced_batch_size=8,           # rows per teacher-forced batch
+      progress=True,
+  ))
 
   c.log = ml_collections.ConfigDict(dict(
       every_steps=1, progress=True, jsonl=True, tensorboard=True))
-
-  # Fault injection for tests (dft_jax/faults.py); 0 = off, and then the run is unchanged.
-  c.debug = ml_collections.ConfigDict(dict(
-      inject_nan_at_step=0,          # NaN in that step's batch: non-finite loss and gradients
-      slow_save_at_step=0,           # that step's checkpoint stays uncommitted for save_delay_s
-      save_delay_s=0.0,
-  ))
 
   for v in variants:
     if v == "cpu":
@@ -129,9 +122,9 @@ def get_config(arg=None):
       c.eval.num_examples = 200
       c.eval.num_general = 64
       c.eval.batch_size = 100
-    elif v in OBJECTIVES:
+    elif v in objectives.OBJECTIVES:
       c.objective.name = v
     else:
-      raise ValueError(
-          f"configs/default.py: unknown variant {v!r}; expected cpu, gpu or one of {OBJECTIVES}")
+      raise ValueError(f"configs/default.py: unknown variant {v!r}; expected cpu, gpu or one of "
+                       f"{', '.join(objectives.OBJECTIVES)}")
   return c

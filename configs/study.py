@@ -1,9 +1,10 @@
 """The "SFT under the scanner" study: one base model, the same data, token budget, learning-rate
 protocol and evaluation for every objective (run by dft_jax.experiments.scanner).
 
-  python -m dft_jax.experiments.scanner --scale=gpu --model=/tmp/smollm2/SmolLM2-135M.gguf
-  python -m dft_jax.experiments.scanner --scale=cpu                  # SmolLM2 on 2 CPU cores
-  python -m dft_jax.experiments.scanner --scale=gpu --smoke          # the GPU path, tiny, on a CPU
+  python -m dft_jax.experiments.scanner --config=configs/study.py:gpu \
+      --config.model.name=PATH/SmolLM2-135M-Instruct.Q4_1.gguf
+  python -m dft_jax.experiments.scanner                              # :cpu, SmolLM2 on 2 CPU cores
+  python -m dft_jax.experiments.scanner --config=configs/study.py:gpu,smoke  # the GPU path, tiny
   python -m dft_jax.train --config=configs/study.py:gpu --config.objective.name=psft  # one arm
 
 Variants (the part after ':', comma-separated): cpu (default) | gpu, and smoke (tests/fixtures/
@@ -21,8 +22,9 @@ import ml_collections
 
 from dft_jax import config_files
 
-# Arms: "label=objective[,field=value...]"; fields are config.objective fields, plus lr
-# (optimizer.learning_rate for this arm).
+# Arms: "label=objective[,field=value...]"; fields are the objective's hyperparameters
+# (objective.<name>.<field>) or generic config.objective fields, plus lr (this arm's
+# optimizer.learning_rate).
 ARMS = (
     "sft=sft",
     "dft=dft",
@@ -30,9 +32,8 @@ ARMS = (
     "power_0.5=power,alpha=0.5",
     "sft+entropy=sft,entropy_coef=0.05",
     "dft+kl=dft,kl_coef=0.1",
+    "eaft=eaft",
 )
-# Run when the objective is registered (objectives.OBJECTIVES), skipped with a note otherwise.
-OPTIONAL_ARMS = ("eaft=eaft",)
 
 
 def get_config(arg=None):
@@ -55,13 +56,13 @@ def get_config(arg=None):
   c.study = ml_collections.ConfigDict(dict(
       seeds=3,                 # data-order seeds (train.seed = 0 .. seeds-1)
       arms=ARMS,
-      optional_arms=OPTIONAL_ARMS,
       lr_grid=(),              # learning rates to choose each arm's from first (--tune_lr)
       tune_on="builtin:arith_val",  # ... by in-domain accuracy on this validation set
       tune_examples=200,       # ... of this many problems
       budget_s=0.0,            # stop starting runs past this wall time (0: no limit)
       compilation_cache="~/.cache/dft_jax/xla",  # persistent XLA cache folder ("": none)
       compile_workers=-1,      # threads compiling train steps in the background (-1 auto, 0 none)
+      out=os.path.join("results", "scanner", *(["cpu"] if scale == "cpu" else [])),  # results
   ))
 
   if scale == "gpu":
@@ -92,5 +93,5 @@ def get_config(arg=None):
     c.optimizer.update(learning_rate=1e-3, warmup_steps=1)
     c.eval.update(num_examples=8, batch_size=8, max_new_tokens=8, num_general=8, num_factual=8,
                   factual_max_new_tokens=8, num_hist=8, forced_batch_size=8)
-    c.study.update(budget_s=0.0, tune_examples=8)
+    c.study.update(budget_s=0.0, tune_examples=8, out=os.path.join("runs", "scanner_smoke"))
   return c

@@ -2,8 +2,9 @@
 
 Layout of a workdir:
   config.json              the run's full config (written once, checked on resume)
-  checkpoints/<step>/      orbax items: `state` (step, params, optimizer state; sharded arrays)
-                           and `data` (the data iterator's JSON state)
+  checkpoints/<step>/      orbax items: `params` and `optimizer` (sharded arrays) and `data` (the
+                           data iterator's JSON state); the step is the folder's name. Inference
+                           (evaluate, export, generate) restores `params` alone.
 Orbax writes each step into a temporary folder and renames it when complete, so a run killed
 mid-save leaves the previous checkpoint as the latest complete one. A state holding NaN or inf is
 never written; a write that fails (disk full, no permission) or a checkpoint that does not fit the
@@ -21,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from dft_jax import faults
+from dft_jax import files
 from dft_jax.errors import ConfigError, ModelError, UserInputError
 
 CONFIG_FILE = "config.json"
@@ -38,13 +39,14 @@ def checkpoint_dir(workdir):
   return os.path.join(os.path.abspath(workdir), "checkpoints")
 
 
-def make_manager(workdir, ckpt_cfg):
+def make_manager(workdir, ckpt_cfg=None):
+  """The workdir's CheckpointManager; ckpt_cfg (config.checkpoint) for a writing run, None to
+  read only."""
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=ckpt_cfg.keep, enable_async_checkpointing=ckpt_cfg.async_save, create=True,
-      cleanup_tmp_directories=True)
-  # slow_commit: only in checkpoints saved with the debug knob (faults.SlowCommitSave)
-  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
-                               item_names=("state", "data", "slow_commit"))
+      max_to_keep=ckpt_cfg.keep if ckpt_cfg else None, create=ckpt_cfg is not None,
+      enable_async_checkpointing=bool(ckpt_cfg and ckpt_cfg.async_save),
+      cleanup_tmp_directories=ckpt_cfg is not None, read_only=ckpt_cfg is None)
+  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
 
 
 def complete_steps(directory):
@@ -80,20 +82,20 @@ def _reason(e):
   return text[:400]
 
 
-def save(manager, step, state, data_state, *, slow_commit_s=0.0):
-  """Starts saving (async when configured); returns whether a save was started.
+def save(manager, step, state, data_state):
+  """Starts saving TrainState `state` as checkpoint `step` (async when configured); returns
+  whether a save was started.
 
   Raises CheckpointError, with nothing written, when `state` holds NaN or inf, and when a write
-  fails (an async write reports its failure at the next save or `wait`). slow_commit_s > 0 (fault
-  injection) keeps this checkpoint uncommitted for that many seconds.
+  fails (an async write reports its failure at the next save or `wait`).
   """
-  if not bool(jax.device_get(_all_finite(state))):
+  if not bool(jax.device_get(_all_finite((state.params, state.opt_state)))):
     raise CheckpointError(
         f"step {step}: the state holds NaN or inf values; no checkpoint written to "
         f"{manager.directory} (the last complete checkpoint, {_last_complete(manager)}, is intact)")
-  items = dict(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state))
-  if slow_commit_s:
-    items["slow_commit"] = faults.SlowCommitSave({"seconds": slow_commit_s})
+  items = dict(params=ocp.args.StandardSave(state.params),
+               optimizer=ocp.args.StandardSave(state.opt_state),
+               data=ocp.args.JsonSave(data_state))
   try:
     return manager.save(step, args=ocp.args.Composite(**items))
   except Exception as e:  # pylint: disable=broad-except  (orbax, tensorstore, OS errors)
@@ -144,21 +146,39 @@ def _write_error(manager, e):
       "run the same command to resume")
 
 
-def restore(manager, abstract_state, step=None):
-  """Restores (state, data_state) at `step` (default: latest complete) onto the shardings that
-  `abstract_state` (a tree of jax.ShapeDtypeStruct with .sharding) describes; CheckpointError when
-  the checkpoint does not fit that state (another model or optimizer wrote it)."""
-  step = manager.latest_step() if step is None else step
+def _restore(manager, step, items):
   try:
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+    return manager.restore(step, args=ocp.args.Composite(**items))
   except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
     raise CheckpointError(
         f"cannot restore checkpoint step {step} from {manager.directory}: {_reason(e)}; it was "
         "written for another model or config (config.json next to it names the run) or is "
         f"damaged: use a new --workdir or that run's config, or delete {manager.directory}/{step} "
         "to resume from an earlier checkpoint") from None
-  return restored["state"], restored["data"]
+
+
+def restore(manager, abstract_state, step=None):
+  """Restores (TrainState, data_state) at `step` (default: latest complete) onto the shardings
+  that `abstract_state` (TrainState of jax.ShapeDtypeStruct with .sharding) describes;
+  CheckpointError when the checkpoint does not fit it (another model or optimizer wrote it)."""
+  step = manager.latest_step() if step is None else step
+  restored = _restore(manager, step, dict(
+      params=ocp.args.StandardRestore(abstract_state.params),
+      optimizer=ocp.args.StandardRestore(abstract_state.opt_state), data=ocp.args.JsonRestore()))
+  state = abstract_state.replace(
+      step=jax.device_put(jnp.asarray(step, jnp.int32), abstract_state.step.sharding),
+      params=restored["params"], opt_state=restored["optimizer"])
+  return state, restored["data"]
+
+
+def restore_params(workdir, abstract_params, step=None):
+  """The trained parameters of a workdir's checkpoint (default: the latest), restored onto
+  `abstract_params` (jax.ShapeDtypeStruct with shardings) without the optimizer state."""
+  manager = make_manager(workdir)
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    raise ModelError(f"{workdir}: no complete checkpoint in {checkpoint_dir(workdir)}")
+  return _restore(manager, step, dict(params=ocp.args.StandardRestore(abstract_params)))["params"]
 
 
 def check_config(workdir, config):
@@ -181,19 +201,34 @@ def check_config(workdir, config):
 def write_config(workdir, config):
   """Writes config.json (after check_config), atomically."""
   check_config(workdir, config)
-  path = os.path.join(workdir, CONFIG_FILE)
-  new = json.loads(config.to_json())
   if jax.process_index() == 0:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-      json.dump(new, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    files.write_json(os.path.join(workdir, CONFIG_FILE), json.loads(config.to_json()),
+                     sort_keys=True)
+
+
+def is_workdir(path):
+  """Whether `path` is a dft_jax.train workdir (a folder with config.json)."""
+  return os.path.isfile(os.path.join(path, CONFIG_FILE))
 
 
 def read_config(workdir):
-  import ml_collections
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
-    raise ModelError(f"--checkpoint={workdir}: no {CONFIG_FILE} there; expected a dft_jax.train workdir")
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  config = files.read_json(os.path.join(workdir, CONFIG_FILE))
+  if config is None:
+    raise ModelError(f"{workdir}: no {CONFIG_FILE} there; expected a dft_jax.train workdir")
+  return ml_collections.ConfigDict(config)
+
+
+def restore_model(workdir, step=None):
+  """(model, tokenizer, config) of a workdir's checkpoint (default: the latest): the model built
+  abstractly from config.model (no base weights read) and its trained parameters restored onto
+  the first device, without the optimizer state."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from dft_jax import models  # pylint: disable=g-import-not-at-top
+  config = read_config(workdir)
+  abstract, tokenizer = models.load_from_config(config.model, abstract=True)
+  graphdef, abstract_params = nnx.split(abstract)
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                        abstract_params)
+  return nnx.merge(graphdef, restore_params(workdir, target, step)), tokenizer, config

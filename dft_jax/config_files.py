@@ -4,6 +4,7 @@ import os
 
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 DEFAULT = os.path.join(CONFIGS_DIR, "default.py")  # the main job's config
+STUDY = os.path.join(CONFIGS_DIR, "study.py")      # the scanner study's
 
 
 def load(path, arg=None):

@@ -56,8 +56,8 @@ def main(argv=None):
                       help="weights dtype (default: the model's parameter dtype)")
   args = parser.parse_args(argv)
   if args.checkpoint:
-    from dft_jax import train  # pylint: disable=g-import-not-at-top
-    model, tokenizer = train.restore_model(args.checkpoint)
+    from dft_jax import checkpoint  # pylint: disable=g-import-not-at-top
+    model, tokenizer, _ = checkpoint.restore_model(args.checkpoint)
   else:
     from dft_jax import models  # pylint: disable=g-import-not-at-top
     model, tokenizer = models.load(args.model)

@@ -1,5 +1,4 @@
-"""What a run does when it is stopped, killed, poisoned or given bad input; the knobs that inject
-those faults in tests (tests/test_faults.py).
+"""What a run does when it is stopped or killed (tests/test_faults.py injects these faults).
 
 - Stop signals: the first SIGTERM (what TPU VMs, SLURM and Kubernetes send before a kill) or SIGINT
   lets the current step finish, writes a checkpoint and ends the run with `Preempted` (the CLI
@@ -11,20 +10,8 @@ those faults in tests (tests/test_faults.py).
   item has committed; a restart lists only renamed folders (and deletes temporary ones), so it
   resumes from the last complete checkpoint. `rewind_jsonl` drops the metrics rows that a killed run
   wrote after that checkpoint, so the log of a resumed run reads as one uninterrupted run.
-- Bad flags: `check_config_flags` and `parse_flags` turn a missing config file, an unknown
-  `--config.a.b` field or a value of the wrong type into one line instead of absl's traceback.
 - Files: `check_workdir` names a workdir that cannot be written before any work starts.
-
-Fault-injection knobs, `config.debug` (tests only; off when 0, and then nothing in the run changes):
-  inject_nan_at_step  that step's batch gets a NaN in its loss_mask, so its loss and gradients are
-                      NaN inside the jitted step (train.nonfinite decides what happens)
-  slow_save_at_step   the checkpoint of that step stays uncommitted in its temporary folder for
-  save_delay_s        save_delay_s seconds (an extra item whose write waits), e.g. to kill a run
-                      while an async save is in flight
 """
-import concurrent.futures
-import dataclasses
-import errno
 import json
 import logging
 import os
@@ -33,17 +20,10 @@ import tempfile
 import threading
 
 import jax
-import ml_collections
-import numpy as np
-import orbax.checkpoint as ocp
 
-from dft_jax import config_files
-from dft_jax.errors import ConfigError, cli_entry
+from dft_jax import files
+from dft_jax.errors import ConfigError
 
-
-# OS errors a user fixes (space, quota, permissions): the CLI reports them in one line.
-FILE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM,
-                         errno.EROFS})
 
 
 class Preempted(Exception):
@@ -135,101 +115,4 @@ def rewind_jsonl(path, step):
       keep.append(line.rstrip("\n") + "\n")
   if len(keep) == len(lines) and all(line.endswith("\n") for line in lines):
     return
-  with open(path + ".tmp", "w") as f:
-    f.writelines(keep)
-  os.replace(path + ".tmp", path)
-
-
-# ----------------------------------------------------------------------------- command line
-
-
-def _load_config_file(spec):
-  """`FILE[:ARG]` -> the ConfigDict its get_config(ARG) returns (what config_flags loads)."""
-  path, _, arg = spec.partition(":")
-  if not os.path.isfile(path):
-    raise ConfigError(f"--config={spec}: no such config file {path!r}")
-  try:
-    return config_files.load(os.path.abspath(path), arg)
-  except Exception as e:  # pylint: disable=broad-except  (whatever the user's file raises)
-    message = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    raise ConfigError(f"--config={spec}: {type(e).__name__}: {message}") from None
-
-
-def check_config_flags(argv, default_config_file, flag="config"):
-  """ConfigError naming the flag when `--config=FILE[:ARG]` cannot be loaded or an override
-  `--config.a.b=v` names no field; absl and ml_collections report both with a traceback."""
-  spec = default_config_file
-  for i, arg in enumerate(argv[1:], 1):
-    if arg.startswith(f"--{flag}="):
-      spec = arg.split("=", 1)[1]
-    elif arg == f"--{flag}" and i + 1 < len(argv):
-      spec = argv[i + 1]
-  config = _load_config_file(spec)
-  for arg in argv[1:]:
-    if not arg.startswith(f"--{flag}."):
-      continue
-    path = arg[len(flag) + 3:].split("=", 1)[0]
-    node, seen = config, [flag]
-    for key in path.split("."):
-      if not isinstance(node, ml_collections.ConfigDict) or key not in node:
-        fields = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
-        raise ConfigError(f"--{flag}.{path}: {'.'.join(seen)} has no field {key!r}; "
-                          f"fields: {', '.join(fields) or 'none (not a section)'}")
-      node, seen = node[key], seen + [key]
-
-
-@cli_entry
-def parse_flags(argv):
-  """absl's flag parser with one-line errors (absl prints usage hints and exits 1)."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    raise ConfigError(str(e).strip().splitlines()[0]) from None
-
-
-# ----------------------------------------------------------------------------- fault injection
-
-
-def knob(config, name):
-  """config.debug.<name>, 0 when the config has no debug section (configs other than default.py)."""
-  debug = config.get("debug") or {}
-  return debug.get(name, 0) or 0
-
-
-def poison(batch):
-  """A copy of a host batch with one NaN in loss_mask: the step's loss and gradients become NaN."""
-  batch = dict(batch)
-  batch["loss_mask"] = np.array(batch["loss_mask"], copy=True)
-  batch["loss_mask"].flat[0] = np.nan
-  return batch
-
-
-def _done_after(seconds):
-  future = concurrent.futures.Future()
-  timer = threading.Timer(seconds, future.set_result, args=(None,))
-  timer.daemon = True
-  timer.start()
-  return future
-
-
-class SlowCommitHandler(ocp.JsonCheckpointHandler):
-  """Writes a small JSON item whose commit completes `seconds` later; orbax renames the step's
-  temporary folder only when every item has committed, so the whole checkpoint stays in flight."""
-
-  async def async_save(self, directory, item=None, args=None):
-    del item
-    futures = await super().async_save(directory, args=ocp.args.JsonSave(args.item))
-    return [*futures, _done_after(args.item["seconds"])]
-
-
-@ocp.args.register_with_handler(SlowCommitHandler, for_save=True)
-@dataclasses.dataclass
-class SlowCommitSave(ocp.args.CheckpointArgs):
-  item: dict
-
-
-@ocp.args.register_with_handler(SlowCommitHandler, for_restore=True)
-@dataclasses.dataclass
-class SlowCommitRestore(ocp.args.CheckpointArgs):
-  item: dict | None = None
+  files.write_text(path, "".join(keep))

@@ -103,6 +103,7 @@ class Statistic:
   usage: str = ""          # how the name is written when it has parameters
   gradient: bool = True    # False: computed under stop_gradient
   needs_ref: bool = False  # True: fn also takes the reference model's log-probs
+  k_of_vocab: bool = False  # True: its parameter is a count k in [2, vocabulary size]
 
 
 STATISTICS = {
@@ -110,7 +111,7 @@ STATISTICS = {
     "entropy": Statistic(lambda logp_xV, _: entropy(logp_xV)),
     "renyi2_entropy": Statistic(lambda logp_xV, _: renyi2_entropy(logp_xV), gradient=False),
     "topk_entropy": Statistic(lambda logp_xV, _, k: topk_entropy(logp_xV, k), params=(int,),
-                              usage="topk_entropy:K", gradient=False),
+                              usage="topk_entropy:K", gradient=False, k_of_vocab=True),
     "gem_cross_entropy": Statistic(gem_cross_entropy, params=(float, str),
                                    usage="gem_cross_entropy:BETA:H"),
     "gem_mass": Statistic(gem_mass, params=(float, str), usage="gem_mass:BETA:H", gradient=False),
@@ -155,7 +156,13 @@ def _logits(hidden_xD, w_DxV):
   return jnp.einsum("...d,dv->...v", hidden_xD, w_DxV, preferred_element_type=jnp.float32)
 
 
-def _check_ref(stats, ref_hidden_BxTxD, ref_w_DxV):
+def _check(stats, vocab_size, ref_hidden_BxTxD, ref_w_DxV):
+  """ConfigError for statistics this head cannot compute (shapes are known when it is traced)."""
+  for name in stats:
+    stat, params = parse(name)
+    if stat.k_of_vocab and not 2 <= params[0] <= vocab_size:
+      raise ConfigError(f"lm_head statistic {name!r}: k must be in [2, the vocabulary size "
+                        f"({vocab_size})]; the objective's hyperparameters choose k")
   if needs_ref(stats) and (ref_hidden_BxTxD is None or ref_w_DxV is None):
     raise ConfigError(f"lm_head statistics {stats} compare with a reference model: pass its "
                       "ref_hidden_BxTxD and ref_w_DxV")
@@ -164,7 +171,7 @@ def _check_ref(stats, ref_hidden_BxTxD, ref_w_DxV):
 def token_stats_naive(hidden_BxTxD, w_DxV, targets_BxT, *, compute_dtype=None,
                       stats=DEFAULT_STATS, ref_hidden_BxTxD=None, ref_w_DxV=None):
   """Reference path: the same statistics from the full [B, T, V] logits."""
-  _check_ref(stats, ref_hidden_BxTxD, ref_w_DxV)
+  _check(stats, w_DxV.shape[-1], ref_hidden_BxTxD, ref_w_DxV)
   dtype = jnp.dtype(compute_dtype or hidden_BxTxD.dtype)
   logits_BxTxV = _logits(hidden_BxTxD.astype(dtype), w_DxV.astype(dtype))
   ref_logits_BxTxV = None
@@ -187,7 +194,7 @@ def token_stats(hidden_BxTxD, w_DxV, targets_BxT, *, chunk_size=1024, compute_dt
   ref_hidden_BxTxD, ref_w_DxV: the reference model's, for statistics that need it (kl_from_ref).
   Gradients flow to hidden and w through every statistic but the gate statistics (module doc).
   """
-  _check_ref(stats, ref_hidden_BxTxD, ref_w_DxV)
+  _check(stats, w_DxV.shape[-1], ref_hidden_BxTxD, ref_w_DxV)
   if not isinstance(chunk_size, int) or chunk_size < 1:
     raise ConfigError(f"lm_head chunk_size={chunk_size!r}: allowed: an integer >= 1")
   batch, seq_len, _ = hidden_BxTxD.shape

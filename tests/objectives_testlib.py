@@ -3,6 +3,7 @@ computed independently of dft_jax.lm_head (float64 numpy, or full logits through
 own math)."""
 import numpy as np
 
+from dft_jax import lm_head
 from dft_jax import objectives
 
 
@@ -32,14 +33,30 @@ def ref_logsoftmax(z):
 
 
 def stats_from_logits(logits, targets, names):
-  """lm_head statistics (`names`, e.g. "topk_entropy:20") from full logits through the objectives'
+  """lm_head statistics (`names`, e.g. "topk_entropy:20") from full logits through lm_head's
   math, all differentiable as written (the fused head stops the gates' gradient itself)."""
-  logp_all = objectives.log_softmax(logits)
-  fns = {"logp": lambda: objectives.target_log_prob(logp_all, targets),
-         "entropy": lambda: objectives.entropy(logp_all),
-         "renyi2_entropy": lambda: objectives.renyi2_entropy(logp_all),
-         "topk_entropy": lambda k: objectives.topk_entropy(logp_all, int(k)),
-         "gem_cross_entropy": lambda beta, h: objectives.gem_cross_entropy(
+  logp_all = lm_head.log_softmax(logits)
+  fns = {"logp": lambda: lm_head.target_log_prob(logp_all, targets),
+         "entropy": lambda: lm_head.entropy(logp_all),
+         "renyi2_entropy": lambda: lm_head.renyi2_entropy(logp_all),
+         "topk_entropy": lambda k: lm_head.topk_entropy(logp_all, int(k)),
+         "gem_cross_entropy": lambda beta, h: lm_head.gem_cross_entropy(
              logp_all, targets, float(beta), h),
-         "gem_mass": lambda beta, h: objectives.gem_mass(logp_all, targets, float(beta), h)}
+         "gem_mass": lambda beta, h: lm_head.gem_mass(logp_all, targets, float(beta), h)}
   return {name: fns[name.split(":")[0]](*name.split(":")[1:]) for name in names}
+
+
+def logp_and_entropy(logits, targets):
+  """(logp, entropy) [B, T] in float32 from full logits (lm_head's reference math)."""
+  logp_all = lm_head.log_softmax(logits)
+  return lm_head.target_log_prob(logp_all, targets), lm_head.entropy(logp_all)
+
+
+def objective_cfg(name, **fields):
+  """A config.objective dict: the generic fields (objectives.GENERIC) at the top, the given
+  hyperparameters of `name` in its block; hyperparameters of other objectives are dropped, so one
+  set of test settings fits every objective."""
+  own = objectives.OBJECTIVES[name].hparams
+  cfg = {"name": name, **{k: v for k, v in fields.items() if k in objectives.GENERIC}}
+  cfg[name] = {k: v for k, v in fields.items() if k in own}
+  return cfg

@@ -8,7 +8,7 @@ import pytest
 
 from dft_jax import objectives
 from dft_jax.errors import ConfigError
-from objectives_testlib import packed_logits, ref_logsoftmax
+from objectives_testlib import logp_and_entropy, objective_cfg, packed_logits, ref_logsoftmax
 
 B, T, V, D = 8, 6, 9, 5
 NAMES = ("sft", "dft", "dft_seq", "power", "psft")  # eaft, gem, deft: test_objectives_family.py
@@ -95,12 +95,12 @@ def ref_loss_and_grad(data, name, aggregation="token_mean", entropy_coef=0.0, kl
 
 
 def cfg_for(name, aggregation="token_mean", entropy_coef=0.0, kl_coef=0.0, **overrides):
-  return dict(name=name, aggregation=aggregation, entropy_coef=entropy_coef, kl_coef=kl_coef,
-              **{**HP, **overrides})
+  return objective_cfg(name, aggregation=aggregation, entropy_coef=entropy_coef, kl_coef=kl_coef,
+                       **{**HP, **overrides})
 
 
 def loss_from_logits(logits, data, cfg, denominators=None):
-  logp, ent = objectives.logp_and_entropy(logits, data["targets"])
+  logp, ent = logp_and_entropy(logits, data["targets"])
   stats = dict(logp=logp, entropy=ent, old_logp=data["old_logp"], ref_logp=data["ref_logp"])
   batch = dict(loss_mask=data["loss_mask"], segment_ids=data["segment_ids"])
   return objectives.objective_loss(stats, batch, cfg, denominators=denominators)
@@ -124,7 +124,7 @@ def assert_close(actual, expected, rtol=2e-5):
 
 def test_logp_and_entropy_match_float64():
   data = make_data(scale=40.0)  # large logits: needs the max shift
-  logp, ent = jax.jit(objectives.logp_and_entropy)(data["logits"], data["targets"])
+  logp, ent = jax.jit(logp_and_entropy)(data["logits"], data["targets"])
   logp_all = ref_logp_all(data["logits"])
   ref = logp_all[np.arange(B)[:, None], np.arange(T), np.clip(data["targets"], 0, V - 1)]
   assert logp.dtype == ent.dtype == jnp.float32
@@ -173,7 +173,7 @@ def test_psft_with_old_equal_new_is_sft():
   data = make_data()
 
   def psft_old_is_new(logits):
-    logp, _ = objectives.logp_and_entropy(logits, data["targets"])
+    logp, _ = logp_and_entropy(logits, data["targets"])
     return objectives.objective_loss(dict(logp=logp, old_logp=logp), data, cfg_for("psft"))[0]
 
   psft_grad = jax.jit(jax.grad(psft_old_is_new))(data["logits"])
@@ -187,7 +187,7 @@ def test_dft_stop_gradient_matters():
   _, _, dft_grad = grad_wrt_logits(data, cfg_for("dft"))
 
   def no_stop_gradient(logits):
-    logp, _ = objectives.logp_and_entropy(logits, data["targets"])
+    logp, _ = logp_and_entropy(logits, data["targets"])
     return objectives.aggregate(-jnp.exp(logp) * logp, data["loss_mask"])
 
   full_grad = jax.jit(jax.grad(no_stop_gradient))(data["logits"])
@@ -244,9 +244,11 @@ def test_bfloat16_logits_give_float32(name):
   data = make_data()
   logits = jnp.asarray(data["logits"], jnp.bfloat16)
   data["logits"] = np.asarray(logits.astype(jnp.float32))  # the reference sees the same values
-  logp, ent = objectives.logp_and_entropy(logits, data["targets"])
-  per_token = objectives.OBJECTIVES[name](logp.astype(jnp.bfloat16), old_logp=data["old_logp"],
-                                          loss_mask=data["loss_mask"])
+  logp, ent = logp_and_entropy(logits, data["targets"])
+  setting = objectives.validate(cfg_for(name))
+  per_token = objectives.per_token_terms(
+      dict(logp=logp.astype(jnp.bfloat16), old_logp=data["old_logp"]),
+      dict(loss_mask=data["loss_mask"], segment_ids=data["segment_ids"]), setting)["objective"]
   loss, metrics, _ = grad_wrt_logits({**data, "logits": logits}, cfg_for(name, kl_coef=0.1))
   assert {logp.dtype, ent.dtype, per_token.dtype, loss.dtype} == {jnp.dtype(jnp.float32)}
   assert all(v.dtype == jnp.float32 for v in metrics.values())
@@ -348,24 +350,30 @@ def test_metrics_match_numpy():
 @pytest.mark.parametrize("name", NAMES)
 def test_objectives_vmap_over_rows(name):
   data = make_data()
-  kwargs = dict(loss_mask=data["loss_mask"], segment_ids=data["segment_ids"])
-  fn = objectives.OBJECTIVES[name]
-  whole = fn(data["ref_logp"], old_logp=data["old_logp"], **kwargs)
-  rows = jax.vmap(lambda lp, old, m, s: fn(lp, old_logp=old, loss_mask=m, segment_ids=s))(
-      data["ref_logp"], data["old_logp"], data["loss_mask"], data["segment_ids"])
-  np.testing.assert_allclose(rows, whole, rtol=1e-6)
+  setting = objectives.validate(cfg_for(name))
+  per_token = lambda lp, old, m, s: objectives.per_token_terms(
+      dict(logp=lp, old_logp=old), dict(loss_mask=m, segment_ids=s), setting)["objective"]
+  args = (data["ref_logp"], data["old_logp"], data["loss_mask"], data["segment_ids"])
+  np.testing.assert_allclose(jax.vmap(per_token)(*args), per_token(*args), rtol=1e-6)
 
 
 @pytest.mark.parametrize("field, value, allowed", [
     ("name", "dpo", "sft, dft, dft_seq, power, psft"),
     ("aggregation", "mean", "token_mean, seq_mean, sum_norm"),
-    ("alpha", 0.0, "> 0"), ("alpha", -1.0, "> 0"), ("alpha", float("nan"), "> 0"),
-    ("alpha", float("inf"), "> 0"), ("alpha", "big", "> 0"),
-    ("eps_low", 0.0, "(0, 1)"), ("eps_high", 1.0, "(0, 1)"), ("eps_high", -0.1, "(0, 1)"),
+    ("power.alpha", 0.0, "> 0"), ("power.alpha", -1.0, "> 0"),
+    ("power.alpha", float("nan"), "> 0"), ("power.alpha", float("inf"), "> 0"),
+    ("power.alpha", "big", "> 0"), ("power.alpha", True, "> 0"),
+    ("psft.eps_low", 0.0, "(0, 1)"), ("psft.eps_high", 1.0, "(0, 1)"),
+    ("psft.eps_high", -0.1, "(0, 1)"),
     ("entropy_coef", -0.01, ">= 0"), ("kl_coef", -1.0, ">= 0"), ("norm_constant", 0.0, "> 0"),
 ])
 def test_bad_config_names_field_and_allowed_values(field, value, allowed):
-  cfg = {**cfg_for("dft"), field: value}
+  name = field.split(".")[0] if "." in field else "dft"
+  cfg = cfg_for(name if name in objectives.OBJECTIVES else "dft")
+  if "." in field:
+    cfg[name][field.split(".")[1]] = value
+  else:
+    cfg[field] = value
   with pytest.raises(ConfigError, match=f"objective.{field}=") as err:
     objectives.validate(cfg)
   assert allowed in str(err.value)
@@ -374,24 +382,16 @@ def test_bad_config_names_field_and_allowed_values(field, value, allowed):
     jax.jit(functools.partial(loss_from_logits, cfg=cfg))(data["logits"], data)
 
 
-def test_bad_direct_arguments_raise_config_error():
-  logp = -jnp.ones((2, 3))
-  with pytest.raises(ConfigError, match="old_logp"):
-    objectives.psft(logp)
-  with pytest.raises(ConfigError, match=r"eps_high=1.5 .*\(0, 1\)"):
-    objectives.psft(logp, old_logp=logp, eps_high=1.5)
-  with pytest.raises(ConfigError, match="alpha=0"):
-    jax.jit(functools.partial(objectives.power, alpha=0))(logp)
-  with pytest.raises(ConfigError, match="token_mean, seq_mean, sum_norm"):
-    objectives.aggregate(logp, jnp.ones((2, 3)), "mean")
-  data = make_data()
-  del data["old_logp"]
-  with pytest.raises(ConfigError, match="objective.name='psft' needs stats\\['old_logp'\\]"):
-    objectives.objective_loss(dict(logp=logp, entropy=logp), dict(loss_mask=logp), cfg_for("psft"))
+def test_unknown_fields_are_named():
+  with pytest.raises(ConfigError, match=r"objective.eps_low is not a field.*objective.psft"):
+    objectives.validate({"name": "psft", "eps_low": 0.1})
+  with pytest.raises(ConfigError, match=r"objective.psft.alpha is not a hyperparameter of psft; "
+                     r"allowed: eps_low, eps_high"):
+    objectives.validate({"name": "psft", "psft": {"alpha": 0.1}})
 
 
-def test_needs_old_and_ref_logp():
-  assert objectives.needs_old_logp(cfg_for("psft"))
-  assert not objectives.needs_old_logp(cfg_for("dft", kl_coef=0.1))
-  assert objectives.needs_ref_logp(cfg_for("dft", kl_coef=0.1))
-  assert not objectives.needs_ref_logp(cfg_for("psft"))
+def test_needs():
+  assert objectives.needs(cfg_for("psft")) == {"old_logp"}
+  assert objectives.needs(cfg_for("dft", kl_coef=0.1)) == {"ref_logp"}
+  assert objectives.needs(cfg_for("dft_seq")) == {"segments"}
+  assert objectives.needs(cfg_for("sft", entropy_coef=0.1)) == set()

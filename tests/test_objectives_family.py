@@ -1,6 +1,7 @@
 """EAFT, GEM and DEFT vs float64 numpy references written from the papers' formulas: losses,
 gradients wrt logits under jit, the stop-gradient of each gate, metrics, config validation."""
 import functools
+import json
 import math
 
 import jax
@@ -8,9 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dft_jax import lm_head
 from dft_jax import objectives
 from dft_jax.errors import ConfigError
-from objectives_testlib import packed_logits, ref_logsoftmax, stats_from_logits
+from objectives_testlib import objective_cfg, packed_logits, ref_logsoftmax, stats_from_logits
 
 B, T, V, D = 4, 7, 32, 6
 SEGMENTS = np.array([[1, 1, 1, 2, 2, 2, 0],
@@ -20,11 +22,11 @@ SEGMENTS = np.array([[1, 1, 1, 2, 2, 2, 0],
 # (objective, hyperparameters): the defaults first, then other settings of each knob.
 CASES = [
     ("eaft", dict()),  # top-20 entropy / 3.0, alpha 1 (LLaMA-Factory)
-    ("eaft", dict(eaft_alpha=0.5, eaft_k=5, eaft_norm=1.5)),
-    ("eaft", dict(eaft_alpha=2.0, eaft_entropy="full", eaft_norm=math.log(V))),
+    ("eaft", dict(alpha=0.5, k=5, norm=1.5)),
+    ("eaft", dict(alpha=2.0, entropy="full", norm=math.log(V))),
     ("gem", dict()),  # beta 0.7, h linear (official train.py)
-    ("gem", dict(gem_beta=0.4, gem_h="logsigmoid")),
-    ("gem", dict(gem_beta=1.5, gem_h="logsigmoid")),
+    ("gem", dict(beta=0.4, h="logsigmoid")),
+    ("gem", dict(beta=1.5, h="logsigmoid")),
     ("deft", dict()),  # parameter-free
 ]
 IDS = ["-".join([name] + ([f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
@@ -45,7 +47,7 @@ def ref_entropy(logq):
 
 def ref_per_token(data, name, **hp):
   """float64 (loss [B, T], d loss / d logits [B, T, V], gate-like values) from the formulas."""
-  hp = {**objectives.DEFAULTS, **hp}
+  hp = {**defaults(name), **hp}
   z = np.asarray(data["logits"], np.float64)
   logp_all = ref_logsoftmax(z)
   probs = np.exp(logp_all)
@@ -54,16 +56,16 @@ def ref_per_token(data, name, **hp):
   p = np.exp(logp)
   sft_grad = probs - onehot  # d(-log p_t) / d logits
   if name == "eaft":  # arXiv 2601.02151: -sg((H / norm)**alpha) log p_t
-    if hp["eaft_entropy"] == "full":
+    if hp["entropy"] == "full":
       h = ref_entropy(logp_all)
     else:
-      h = ref_entropy(ref_logsoftmax(np.sort(z, -1)[..., -hp["eaft_k"]:]))
-    gate = (h / hp["eaft_norm"]) ** hp["eaft_alpha"]
+      h = ref_entropy(ref_logsoftmax(np.sort(z, -1)[..., -hp["k"]:]))
+    gate = (h / hp["norm"]) ** hp["alpha"]
     return -gate * logp, gate[..., None] * sft_grad, dict(gate=gate, gate_entropy=h)
   if name == "gem":  # arXiv 2408.16673: sum_v sg(q_v w_v) (log p_v - log p_t)
-    q = np.exp(ref_logsoftmax(z / hp["gem_beta"]))
+    q = np.exp(ref_logsoftmax(z / hp["beta"]))
     zy = (z * onehot).sum(-1, keepdims=True)
-    wts = np.ones_like(z) if hp["gem_h"] == "linear" else 1 / (1 + np.exp(-0.01 * (z - zy)))
+    wts = np.ones_like(z) if hp["h"] == "linear" else 1 / (1 + np.exp(-0.01 * (z - zy)))
     a = q * wts
     mass = a.sum(-1)
     loss = (a * (logp_all - logp[..., None])).sum(-1)
@@ -84,8 +86,12 @@ def ref_loss_and_grad(data, name, **hp):
 # ------------------------------------------------------------------------------------ jax
 
 
+def defaults(name):
+  return {k: hp.default for k, hp in objectives.OBJECTIVES[name].hparams.items()}
+
+
 def cfg_for(name, **hp):
-  return dict(name=name, **hp)
+  return objective_cfg(name, **hp)
 
 
 def loss_from_logits(logits, data, cfg, denominators=None):
@@ -95,14 +101,14 @@ def loss_from_logits(logits, data, cfg, denominators=None):
 
 
 @functools.lru_cache
-def _jitted_grad(cfg_items):
-  cfg = dict(cfg_items)
+def _jitted_grad(cfg_json):
+  cfg = json.loads(cfg_json)
   return jax.jit(jax.value_and_grad(functools.partial(loss_from_logits, cfg=cfg), has_aux=True))
 
 
 def grad_wrt_logits(data, cfg):
   """(loss, metrics, d loss / d logits) under jit; compiled once per config."""
-  (loss, metrics), grad = _jitted_grad(tuple(sorted(cfg.items())))(data["logits"], data)
+  (loss, metrics), grad = _jitted_grad(json.dumps(cfg, sort_keys=True))(data["logits"], data)
   return loss, metrics, grad
 
 
@@ -123,16 +129,16 @@ def test_gradient_matches_float64(name, hp, scale):
 
 def _ungated(logits, data, name, hp):
   """The same per-token formulas with the gate's stop-gradient removed (what must NOT happen)."""
-  hp = {**objectives.DEFAULTS, **hp}
-  logp_all = objectives.log_softmax(logits)
-  logp = objectives.target_log_prob(logp_all, data["targets"])
+  hp = {**defaults(name), **hp}
+  logp_all = lm_head.log_softmax(logits)
+  logp = lm_head.target_log_prob(logp_all, data["targets"])
   if name == "eaft":
-    h = objectives.topk_entropy(logp_all, hp["eaft_k"]) if hp["eaft_entropy"] == "topk" else (
-        objectives.entropy(logp_all))
-    loss = -(h / hp["eaft_norm"]) ** hp["eaft_alpha"] * logp
+    h = lm_head.topk_entropy(logp_all, hp["k"]) if hp["entropy"] == "topk" else (
+        lm_head.entropy(logp_all))
+    loss = -(h / hp["norm"]) ** hp["alpha"] * logp
   elif name == "gem":
-    a = jax.nn.softmax(logp_all / hp["gem_beta"], axis=-1)
-    if hp["gem_h"] == "logsigmoid":
+    a = jax.nn.softmax(logp_all / hp["beta"], axis=-1)
+    if hp["h"] == "logsigmoid":
       a = a * jax.nn.sigmoid(0.01 * (logp_all - logp[..., None]))
     loss = jnp.sum(a * (logp_all - logp[..., None]), axis=-1)
   else:
@@ -155,7 +161,7 @@ def test_stop_gradient_of_the_gate_matters(name, hp):
 
 def test_gem_beta_one_linear_is_sft_gradient():
   data = make_data()
-  _, _, gem_grad = grad_wrt_logits(data, cfg_for("gem", gem_beta=1.0))
+  _, _, gem_grad = grad_wrt_logits(data, cfg_for("gem", beta=1.0))
   _, _, sft_grad = grad_wrt_logits(data, cfg_for("sft"))
   np.testing.assert_allclose(gem_grad, sft_grad, rtol=1e-5, atol=1e-7)
 
@@ -243,25 +249,27 @@ def test_bfloat16_stats_give_float32(name, hp):
 
 def test_required_stats():
   assert objectives.required_stats(cfg_for("eaft")) == ("logp", "entropy", "topk_entropy:20")
-  assert objectives.required_stats(cfg_for("eaft", eaft_k=7.0)) == (
+  assert objectives.required_stats(cfg_for("eaft", k=7.0)) == (
       "logp", "entropy", "topk_entropy:7")
-  assert objectives.required_stats(cfg_for("eaft", eaft_entropy="full")) == ("logp", "entropy")
+  assert objectives.required_stats(cfg_for("eaft", entropy="full")) == ("logp", "entropy")
   assert objectives.required_stats(cfg_for("gem")) == (
       "logp", "entropy", "gem_cross_entropy:0.7:linear")
-  assert objectives.required_stats(cfg_for("gem", gem_beta=1, gem_h="logsigmoid")) == (
+  assert objectives.required_stats(cfg_for("gem", beta=1, h="logsigmoid")) == (
       "logp", "entropy", "gem_cross_entropy:1.0:logsigmoid", "gem_mass:1.0:logsigmoid")
   assert objectives.required_stats(cfg_for("deft")) == ("logp", "entropy", "renyi2_entropy")
 
 
 @pytest.mark.parametrize("field, value, allowed", [
-    ("eaft_alpha", 0.0, "> 0"), ("eaft_alpha", float("nan"), "> 0"), ("eaft_alpha", "x", "> 0"),
-    ("eaft_k", 1, "integer >= 2"), ("eaft_k", 2.5, "integer >= 2"), ("eaft_k", True, "integer"),
-    ("eaft_norm", 0.0, "> 0"), ("eaft_entropy", "exact", "topk, full"),
-    ("gem_beta", 0.0, "> 0"), ("gem_beta", float("inf"), "> 0"),
-    ("gem_h", "tanh", "linear, logsigmoid"),
+    ("eaft.alpha", 0.0, "> 0"), ("eaft.alpha", float("nan"), "> 0"), ("eaft.alpha", "x", "> 0"),
+    ("eaft.k", 1, "integer >= 2"), ("eaft.k", 2.5, "integer >= 2"), ("eaft.k", True, "integer"),
+    ("eaft.norm", 0.0, "> 0"), ("eaft.entropy", "exact", "topk, full"),
+    ("gem.beta", 0.0, "> 0"), ("gem.beta", float("inf"), "> 0"),
+    ("gem.h", "tanh", "linear, logsigmoid"),
 ])
 def test_bad_config_names_field_and_allowed_values(field, value, allowed):
-  cfg = {**cfg_for(field.split("_")[0]), field: value}
+  name, hparam = field.split(".")
+  cfg = cfg_for(name)
+  cfg[name][hparam] = value
   with pytest.raises(ConfigError, match=f"objective.{field}=") as err:
     objectives.required_stats(cfg)
   assert allowed in str(err.value)
@@ -270,19 +278,8 @@ def test_bad_config_names_field_and_allowed_values(field, value, allowed):
     jax.jit(functools.partial(loss_from_logits, cfg=cfg))(data["logits"], data)
 
 
-def test_missing_stats_and_bad_direct_arguments_raise_config_error():
+def test_topk_larger_than_the_vocabulary_is_named():
   data = make_data()
-  logp = -jnp.ones((2, 3))
-  with pytest.raises(ConfigError, match=r"objective.name='eaft' needs stats\['topk_entropy:20'\]"):
-    objectives.objective_loss(dict(logp=logp, entropy=logp), dict(loss_mask=logp), cfg_for("eaft"))
-  for fn, keyword in ((objectives.eaft, "gate_entropy"), (objectives.gem, "tempered_xent"),
-                      (objectives.deft, "renyi2")):
-    with pytest.raises(ConfigError, match=keyword):
-      fn(logp)
-  with pytest.raises(ConfigError, match="eaft_norm=-1"):
-    objectives.eaft(logp, gate_entropy=logp, eaft_norm=-1)
-  with pytest.raises(ConfigError, match=rf"topk_entropy k=40 .*\[2, vocabulary size {V}\]"):
-    jax.jit(functools.partial(loss_from_logits, cfg=cfg_for("eaft", eaft_k=40)))(
-        data["logits"], data)
-  with pytest.raises(ConfigError, match="gem h='tanh'.*linear, logsigmoid"):
-    objectives.gem_mass(jnp.zeros((2, V)), jnp.zeros(2, jnp.int32), 0.7, "tanh")
+  with pytest.raises(ConfigError, match=rf"topk_entropy:40.*vocabulary size \({V}\)"):
+    lm_head.token_stats(data["hidden"], data["w"], data["targets"],
+                        stats=("logp", "topk_entropy:40"))

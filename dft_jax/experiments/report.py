@@ -103,8 +103,6 @@ def markdown(results):
     lines.append(f"| {arm} | {objective} | {lr:g} | {entry['seeds']} | " + " | ".join(cells) + " |")
   if results.get("lr_tuning"):
     lines += ["", *lr_tuning_lines(results["lr_tuning"])]
-  if results["study"].get("skipped_arms"):
-    lines += ["", f"Not run (objective not registered): {', '.join(study['skipped_arms'])}."]
   if results.get("stopped_early"):
     lines += ["", f"Stopped early: {results['stopped_early']}."]
   return "\n".join(lines) + "\n"

@@ -1,15 +1,18 @@
 """SFT under the scanner, measured: SFT vs DFT vs PSFT (and variants) trained from one base model.
 
-  python -m dft_jax.experiments.scanner --scale=gpu --model=/tmp/smollm2/SmolLM2-135M.gguf
-  python -m dft_jax.experiments.scanner --scale=cpu                  # SmolLM2, 2 CPU cores, ~20 min
-  python -m dft_jax.experiments.scanner --scale=gpu --smoke          # the GPU path, tiny, on a CPU
-  python -m dft_jax.experiments.scanner --scale=gpu --tune_lr 5e-5,1e-4,2e-4   # per-arm LRs first
-  python -m dft_jax.experiments.scanner --replot results/scanner     # tables + figures again
+  python -m dft_jax.experiments.scanner --config=configs/study.py:gpu \
+      --config.model.name=PATH/SmolLM2-135M-Instruct.Q4_1.gguf
+  python -m dft_jax.experiments.scanner                              # :cpu, SmolLM2 on 2 CPU cores
+  python -m dft_jax.experiments.scanner --config=configs/study.py:gpu,smoke  # the GPU path, tiny
+  python -m dft_jax.experiments.scanner --config=configs/study.py:gpu --tune_lr=5e-5,1e-4,2e-4
+  python -m dft_jax.experiments.scanner --replot=results/scanner     # tables + figures again
 
-The setting is configs/study.py (`--set train.num_steps=10` overrides any field). For each seed
-(the data order) and each arm (`--arm label=objective[,field=value...][,lr=X]`, any objective in
-objectives.OBJECTIVES with any of its hyperparameters): train from the same base parameters on the
-same batches, then evaluate with dft_jax.evaluate (in-domain greedy accuracy on held-out problems;
+The setting is configs/study.py (`--config.train.num_steps=10` overrides any field, e.g.
+`--config.study.seeds=1`). For each seed (the data order) and each arm
+(`--arm=label=objective[,field=value...][,lr=X]`, any objective in objectives.OBJECTIVES with any
+of its hyperparameters): train from the same base parameters on the same batches, with the same
+step and loop as dft_jax.train, then evaluate with dft_jax.evaluate (in-domain greedy accuracy on
+held-out problems;
 KL(base || tuned) and entropy on the base model's replies to general prompts; factual QA accuracy;
 held-out perplexity; the target-probability histogram on held-out responses).
 
@@ -22,27 +25,29 @@ The loop is seed-major, so when `study.budget_s` runs out every arm has as many 
 OUT/results.md and the figures (report.py) after every seed. With `--tune_lr` (study.lr_grid) each
 arm's learning rate is first chosen on the validation split (tune_learning_rates, OUT/lr_tuning/).
 """
-import argparse
 import concurrent.futures
 import copy
 import dataclasses
 import json
 import os
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dft_jax import cli
 from dft_jax import config_files
 from dft_jax import evaluate
+from dft_jax import files
+from dft_jax import loop
+from dft_jax import models
 from dft_jax import objectives
-from dft_jax import train
-from dft_jax.errors import ConfigError, cli_entry
+from dft_jax import step as step_lib
+from dft_jax.errors import ConfigError
 from dft_jax.experiments import report
 
-DEFAULT_OUT = {"gpu": os.path.join("results", "scanner"),
-               "cpu": os.path.join("results", "scanner", "cpu")}
 HISTORY_KEYS = ("loss", "target_prob", "entropy", "grad_norm", "learning_rate", "loss_tokens",
                 "p_below_0.1", "p_above_0.9", "psft/clip_frac_high", "psft/ratio", "kl_anchor/k3")
 
@@ -50,7 +55,7 @@ HISTORY_KEYS = ("loss", "target_prob", "entropy", "grad_norm", "learning_rate", 
 @dataclasses.dataclass(frozen=True)
 class Arm:
   label: str
-  objective: dict   # config.objective fields (name, hyperparameters)
+  objective: dict   # name, then config.objective fields or the objective's hyperparameters
   lr: float | None  # optimizer.learning_rate, None: the study's
 
 
@@ -88,29 +93,37 @@ def arm_spec(arm):
 
 
 def select_arms(study_cfg, arm_specs=None):
-  """The arms to run and the optional ones skipped (objective not registered)."""
-  if arm_specs:
-    return [parse_arm(s) for s in arm_specs], []
-  arms = [parse_arm(s) for s in study_cfg.arms]
-  skipped = []
-  for spec in study_cfg.optional_arms:
-    arm = parse_arm(spec)
-    (arms if arm.objective["name"] in objectives.OBJECTIVES else skipped).append(arm)
-  return arms, [a.label for a in skipped]
+  """The arms to run: `arm_specs` (--arm) if given, else the config's."""
+  return [parse_arm(s) for s in (arm_specs or study_cfg.arms)]
 
 
 def arm_config(config, arm, seed):
-  """The study config with this arm's objective fields, learning rate and data seed."""
+  """The study config with this arm's objective, its fields (a generic config.objective field or
+  one of the objective's hyperparameters: `eps_high=0.3` is objective.psft.eps_high), learning
+  rate and data seed."""
   c = copy.deepcopy(config)
+  name = arm.objective["name"]
+  if name not in objectives.OBJECTIVES:
+    raise ConfigError(f"arm {arm.label!r}: objective {name!r} is unknown; allowed: "
+                      f"{', '.join(objectives.OBJECTIVES)}")
+  c.objective.name = name
+  own = objectives.OBJECTIVES[name].hparams
   for key, value in arm.objective.items():
-    if key not in c.objective:
-      raise ConfigError(f"arm {arm.label!r}: objective.{key} is not a field; allowed: "
-                        f"{', '.join(sorted(c.objective))}, lr")
+    if key == "name":
+      continue
+    if key in own:
+      block, field = c.objective[name], key
+    elif key in objectives.GENERIC:
+      block, field = c.objective, key
+    else:
+      raise ConfigError(f"arm {arm.label!r}: {key!r} is neither a hyperparameter of {name} "
+                        f"({', '.join(own) or 'none'}) nor one of "
+                        f"{', '.join(objectives.GENERIC)}, lr")
     try:
-      c.objective[key] = value
+      block[field] = value
     except TypeError:
-      raise ConfigError(f"arm {arm.label!r}: objective.{key}={value!r} has the wrong type "
-                        f"(expected {type(c.objective[key]).__name__})") from None
+      raise ConfigError(f"arm {arm.label!r}: {key}={value!r} has the wrong type "
+                        f"(expected {type(block[field]).__name__})") from None
   if arm.lr is not None:
     c.optimizer.learning_rate = float(arm.lr)
   c.train.seed = seed
@@ -119,37 +132,6 @@ def arm_config(config, arm, seed):
   except ConfigError as e:
     raise ConfigError(f"arm {arm.label!r}: {e}") from None
   return c
-
-
-def apply_overrides(config, items):
-  """--set a.b=value ... onto the config (the value's type follows the field's)."""
-  for item in items or ():
-    key, eq, value = item.partition("=")
-    *path, field = key.strip().split(".")
-    node = config
-    try:
-      for p in path:
-        node = node[p]
-      current = node[field]
-    except (KeyError, AttributeError):
-      raise ConfigError(f"--set {item!r}: no config field {key!r}") from None
-    if not eq:
-      raise ConfigError(f"--set {item!r}: expected field=value")
-    parsed = _value(value)
-    if isinstance(current, (tuple, list)):
-      parsed = tuple(v for v in value.split(";") if v)
-    elif isinstance(current, float) and isinstance(parsed, int):
-      parsed = float(parsed)
-    elif isinstance(current, str) and not isinstance(parsed, str):
-      parsed = value.strip()
-    node[field] = parsed
-  return config
-
-
-def load_study_config(scale, smoke):
-  if scale not in ("cpu", "gpu"):
-    raise ConfigError(f"--scale={scale!r}: expected cpu or gpu")
-  return config_files.load("study.py", scale + (",smoke" if smoke else ""))
 
 
 def enable_compilation_cache(path, log=print):
@@ -199,42 +181,41 @@ class Trainer:
 
 
 def fresh_state(config, graphdef, params, mesh):
-  """train.init_train_state's TrainState (fresh optimizer) on `params` as they are."""
-  return train.init_train_state(nnx.merge(graphdef, params), config, mesh)[1:3]
+  """step.init_train_state's (TrainState with a fresh optimizer, tx, schedule) on `params` as
+  they are."""
+  return step_lib.init_train_state(nnx.merge(graphdef, params), config, mesh)[1:]
 
 
 def build_trainer(config, graphdef, base_params, mesh, example_batch, compiler):
   """Traces the arm's train step here and hands its compilation to `compiler` (an executor), so
   that it overlaps with the evaluation and the other arms' runs."""
-  state, tx = fresh_state(config, graphdef, base_params, mesh)  # for shapes and shardings only
-  ref_needed = objectives.needs_ref_logp(config.objective)
-  step = train.make_train_step(graphdef, tx, config, mesh, train.shardings_of(state), ref_needed)
-  lowered = step.lower(train.abstract_of(state), example_batch,
+  state, tx, _ = fresh_state(config, graphdef, base_params, mesh)  # shapes and shardings only
+  ref_needed = step_lib.needs_reference(config.objective)
+  step = step_lib.make_train_step(graphdef, tx, config, mesh, step_lib.shardings_of(state))
+  lowered = step.lower(step_lib.abstract_of(state), example_batch,
                        base_params if ref_needed else None)
   return Trainer(config, ref_needed, compiler.submit(lowered.compile))
 
 
 def train_run(trainer, graphdef, base_params, host_batches, mesh):
-  """Trains a copy of base_params on host_batches; (params, per-step history, seconds)."""
+  """Trains a copy of base_params on host_batches through loop.train_loop (the train job's loop,
+  without checkpoints); (params, per-step history, seconds)."""
   t0 = time.time()
   step = trainer.compiled.result()
   started = time.time()
   params = jax.tree.map(jnp.copy, base_params)  # the step donates its state
-  state, _ = fresh_state(trainer.config, graphdef, params, mesh)
-  ref = base_params if trainer.ref_needed else None
-  device_metrics, first_step_s = [], None
-  for b in host_batches:
-    state, m = step(state, train.global_batch(b, mesh), ref)
-    device_metrics.append(m)
-    if first_step_s is None:
-      jax.block_until_ready(m)
-      first_step_s = time.time() - started
-  history = []
-  for i, m in enumerate(device_metrics, 1):
-    scalars, _ = train.host_metrics(m)
-    history.append({"step": i, **{k: scalars[k] for k in HISTORY_KEYS if k in scalars}})
+  state, _, schedule = fresh_state(trainer.config, graphdef, params, mesh)
+  t = trainer.config.train
+  recorder = loop.Recorder(num_steps=t.num_steps, schedule=schedule, minibatches=t.minibatches,
+                           nonfinite=t.nonfinite)
+  batches = ((step_lib.global_batch(b, mesh), None) for b in host_batches)
+  state = loop.train_loop(state, step, batches, num_steps=t.num_steps, record=recorder,
+                          ref_params=base_params if trainer.ref_needed else None)
   jax.block_until_ready(state.params)
-  seconds = {"compile_wait": round(started - t0, 2), "first_step": round(first_step_s, 2),
+  history = [{"step": h["step"], **{k: h[k] for k in HISTORY_KEYS if k in h}}
+             for h in recorder.history]
+  seconds = {"compile_wait": round(started - t0, 2),
+             "first_step": round(recorder.history[0]["step_seconds"], 2),
              "train": round(time.time() - started, 2)}
   return state.params, history, seconds
 
@@ -271,15 +252,15 @@ def run_study(config, out_dir, *, arm_specs=None, resume=False, lr_tuning=None, 
   started = time.time()
   os.makedirs(out_dir, exist_ok=True)
   enable_compilation_cache(config.study.compilation_cache, log)
-  arms, skipped = select_arms(config.study, arm_specs)
+  arms = select_arms(config.study, arm_specs)
   for arm in arms:
     arm_config(config, arm, 0)  # bad arms fail before anything is loaded
   t = config.train
-  train.validate_config(config, jax.device_count())
+  step_lib.validate(config, jax.device_count())
   data.validate(config.data, seq_len=t.seq_len, global_batch_size=t.global_batch_size,
                 process_count=1)
   results = {"study": {"model": config.model.name, "arms": [dataclasses.asdict(a) for a in arms],
-                       "skipped_arms": skipped, "config": json.loads(config.to_json())},
+                       "config": json.loads(config.to_json())},
              "environment": environment(), "runs": [], "timing": {}}
   if lr_tuning:
     results["lr_tuning"] = lr_tuning
@@ -292,20 +273,19 @@ def run_study(config, out_dir, *, arm_specs=None, resume=False, lr_tuning=None, 
           for seed in range(config.study.seeds)}
 
   mesh = sharding.make_mesh(config.mesh)
-  model, tokenizer = train.load_model(config.model)
-  tokenizer = tokenizer or train.load_tokenizer(config.model)
-  graphdef, base_state, _, _ = train.init_train_state(model, config, mesh)
+  model, tokenizer = models.load_from_config(config.model)
+  graphdef, base_state, _, _ = step_lib.init_train_state(model, config, mesh)
   base_params = base_state.params
   del model, base_state
   batches = {0: data_batches(config, tokenizer, 0)}
   results["timing"]["load_s"] = round(time.time() - started, 1)
   log(f"model {config.model.name} on {results['environment']}; arms "
-      f"{[a.label for a in arms]}" + (f" (skipped, not registered: {skipped})" if skipped else ""))
+      f"{[a.label for a in arms]}")
 
   # Every arm that will run is traced now and compiled in the background, while the base model is
   # evaluated and the first arms train.
   compiler = make_compiler(config.study.compile_workers)
-  example = train.global_batch(batches[0][0], mesh)
+  example = step_lib.global_batch(batches[0][0], mesh)
   trainers = {a.label: build_trainer(arm_config(config, a, 0), graphdef, base_params, mesh,
                                      example, compiler)
               for a in arms if any(a in arms_of_seed for arms_of_seed in todo.values())}
@@ -355,7 +335,7 @@ def run_study(config, out_dir, *, arm_specs=None, resume=False, lr_tuning=None, 
 
 
 def parse_lr_grid(values):
-  """study.lr_grid (floats, or strings from --tune_lr / --set) -> a tuple of learning rates > 0."""
+  """study.lr_grid (floats, or strings from --tune_lr) -> a tuple of learning rates > 0."""
   try:
     grid = tuple(float(v) for v in values)
   except (TypeError, ValueError):
@@ -381,7 +361,7 @@ def tune_learning_rates(config, out_dir, *, arm_specs=None, resume=False, log=pr
   study.budget_s bounds the tuning and the study each.
   """
   grid = parse_lr_grid(config.study.lr_grid)
-  arms, _ = select_arms(config.study, arm_specs)
+  arms = select_arms(config.study, arm_specs)
   tuned = [a for a in arms if a.lr is None]
   if not tuned:
     raise ConfigError("--tune_lr: every arm sets its own lr=..., so there is nothing to tune")
@@ -408,8 +388,7 @@ def tune_learning_rates(config, out_dir, *, arm_specs=None, resume=False, log=pr
         f"{lr:g}: {v:.3f}" for lr, v in scores.items()) + ")")
   summary = {"tune_on": config.study.tune_on, "num_examples": config.study.tune_examples,
              "seed": 0, "arms": choice}
-  with open(os.path.join(out_dir, "lr_tuning.json"), "w") as f:
-    json.dump(summary, f, indent=1)
+  files.write_json(os.path.join(out_dir, "lr_tuning.json"), summary, indent=1)
   return [arm_spec(dataclasses.replace(a, lr=choice[a.label]["lr"]) if a.label in choice else a)
           for a in arms], summary
 
@@ -448,70 +427,52 @@ def run_arm(arm, seed, batches, trainer, graphdef, base_params, mesh, evaluator)
 
 
 def write_json(results, out_dir):
-  path = os.path.join(out_dir, "results.json")
-  with open(path + ".tmp", "w") as f:
-    json.dump(results, f, indent=1)
-  os.replace(path + ".tmp", path)
+  files.write_json(os.path.join(out_dir, "results.json"), results, indent=1)
 
 
 # ----------------------------------------------------------------------------- command line
 
 
-def parse_args(argv):
-  p = argparse.ArgumentParser(prog="python -m dft_jax.experiments.scanner",
-                              description=__doc__.split("\n")[0])
-  p.add_argument("--scale", default="cpu", help="cpu | gpu (configs/study.py)")
-  p.add_argument("--smoke", action="store_true", help="tiny model and budget, same code path")
-  p.add_argument("--model", help="base model (alias, HF folder, .gguf) instead of the config's")
-  p.add_argument("--out", help="output folder (default: results/scanner for gpu, "
-                 "results/scanner/cpu for cpu, runs/scanner_<scale>_smoke with --smoke)")
-  p.add_argument("--seeds", type=int, help="number of data-order seeds")
-  p.add_argument("--arm", action="append", help="label=objective[,field=value...][,lr=X] "
-                 "(repeatable; replaces the config's arms)")
-  p.add_argument("--tune_lr", metavar="LR,LR,...", help="choose each arm's learning rate from "
-                 "this grid on the validation set first (study.lr_grid, study.tune_on)")
-  p.add_argument("--budget_s", type=float, help="no new run starts past this many seconds")
-  p.add_argument("--compilation_cache", help="persistent XLA cache folder ('' to disable)")
-  p.add_argument("--set", action="append", metavar="FIELD=VALUE", help="config override, e.g. "
-                 "train.num_steps=10 (repeatable)")
-  p.add_argument("--resume", action="store_true", help="keep the runs already in OUT/results.json "
-                 "(same config) and run only the missing ones")
-  p.add_argument("--replot", metavar="DIR", help="only rewrite DIR's table and figures from "
-                 "DIR/results.json")
-  return p.parse_args(argv)
-
-
-@cli_entry
-def main(argv=None):
-  args = parse_args(argv)
-  if args.replot:
-    path = os.path.join(args.replot, "results.json")
-    if not os.path.exists(path):
-      raise ConfigError(f"--replot={args.replot}: no results.json there")
-    with open(path) as f:
-      report.write_report(json.load(f), args.replot)
+def main(argv):
+  del argv
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  flags_ = flags.FLAGS
+  if flags_.replot:
+    results = files.read_json(os.path.join(flags_.replot, "results.json"))
+    if results is None:
+      raise ConfigError(f"--replot={flags_.replot}: no results.json there")
+    report.write_report(results, flags_.replot)
     return
-  config = load_study_config(args.scale, args.smoke)
-  apply_overrides(config, args.set)
-  if args.model:
-    config.model.name = args.model
-  if args.seeds is not None:
-    config.study.seeds = args.seeds
-  if args.budget_s is not None:
-    config.study.budget_s = args.budget_s
-  if args.compilation_cache is not None:
-    config.study.compilation_cache = args.compilation_cache
-  out = args.out or (os.path.join("runs", f"scanner_{args.scale}_smoke") if args.smoke
-                     else DEFAULT_OUT[args.scale])
-  if args.tune_lr is not None:
-    config.study.lr_grid = tuple(args.tune_lr.split(","))
+  config = flags_.config
+  out = config.study.out
+  if flags_.tune_lr is not None:
+    config.study.lr_grid = tuple(flags_.tune_lr.split(","))
   log = lambda s: print(s, flush=True)  # noqa: E731
-  arm_specs, tuning = args.arm, None
+  arm_specs, tuning = flags_.arm, None
   if config.study.lr_grid:
-    arm_specs, tuning = tune_learning_rates(config, out, arm_specs=args.arm, resume=args.resume,
-                                            log=log)
-  run_study(config, out, arm_specs=arm_specs, resume=args.resume, lr_tuning=tuning, log=log)
+    arm_specs, tuning = tune_learning_rates(config, out, arm_specs=flags_.arm,
+                                            resume=flags_.resume, log=log)
+  run_study(config, out, arm_specs=arm_specs, resume=flags_.resume, lr_tuning=tuning, log=log)
+
+
+def define_flags(argv):
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  cli.define_config(argv, default=config_files.STUDY,
+                    help_text="config file[:variant] (configs/study.py:cpu|gpu[,smoke])")
+  flags.DEFINE_multi_string("arm", None, "label=objective[,field=value...][,lr=X] (repeatable; "
+                            "replaces the config's arms)")
+  flags.DEFINE_string("tune_lr", None, "LR,LR,...: choose each arm's learning rate from this grid "
+                      "on the validation set first (study.lr_grid, study.tune_on)")
+  flags.DEFINE_bool("resume", False, "keep the runs already in OUT/results.json (same config) and "
+                    "run only the missing ones")
+  flags.DEFINE_string("replot", None, "only rewrite DIR's table and figures from DIR/results.json")
+
+
+def cli_main(argv=None):
+  argv = sys.argv if argv is None else argv
+  define_flags(argv)
+  cli.run(main, argv)
 
 
 if __name__ == "__main__":
-  main()
+  cli_main()

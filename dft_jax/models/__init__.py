@@ -5,9 +5,11 @@
 """
 from dft_jax.models.config import ARCHITECTURES, PRESETS, Llama3RopeScaling, ModelConfig
 from dft_jax.models.decoder import Decoder, KVCache, logical_specs
-from dft_jax.models.loader import ALIASES, from_state_dict, load
+from dft_jax.models.loader import (ALIASES, decoder_options, from_state_dict, load,
+                                   load_from_config, read)
 
 __all__ = [
     "ALIASES", "ARCHITECTURES", "PRESETS", "Decoder", "KVCache", "Llama3RopeScaling",
-    "ModelConfig", "from_state_dict", "load", "logical_specs",
+    "ModelConfig", "decoder_options", "from_state_dict", "load", "load_from_config",
+    "logical_specs", "read",
 ]

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dft_jax.errors import ModelError
+from dft_jax.errors import ConfigError, ModelError
 from dft_jax.models import hf
 from dft_jax.models.config import PRESETS, ModelConfig
 from dft_jax.models.decoder import Decoder
@@ -54,6 +54,30 @@ def _with_pad(tokenizer):
   return tokenizer
 
 
+def read(spec: str):
+  """(ModelConfig, weights, tokenizer) of a spec without building the model: `weights()` reads the
+  HF-named float32 state dict (None for presets: random init). See `load` for the specs."""
+  if spec.startswith("preset:"):
+    name = spec.removeprefix("preset:")
+    if name not in PRESETS:
+      raise ModelError(f"model preset {name!r} is unknown; presets: {', '.join(PRESETS)}")
+    return PRESETS[name], None, None
+  path = ALIASES[spec]() if spec in ALIASES else pathlib.Path(spec).expanduser()
+  if not path.exists():
+    raise ModelError(f"model {spec!r} not found: not an alias ({', '.join(ALIASES)}), "
+                     "'preset:NAME', HF folder or .gguf file")
+  if path.is_dir():
+    config = ModelConfig.from_hf(hf.read_config(path))
+    return config, lambda: hf.SafetensorsDict(path), _with_pad(_auto_tokenizer(path))
+  if path.suffix == ".gguf":
+    from dft_jax.models import gguf  # pylint: disable=g-import-not-at-top
+    reader = gguf.open_gguf(path)
+    hf_config = gguf.gguf_hf_config(reader, path)
+    return (ModelConfig.from_hf(hf_config), lambda: gguf.gguf_state_dict(reader, hf_config, path),
+            _with_pad(gguf.gguf_tokenizer(reader, path)))
+  raise ModelError(f"model path {path} is neither an HF folder nor a .gguf file")
+
+
 def load(spec: str, *, seed: int = 0, **decoder_kwargs):
   """(model, tokenizer) from a spec:
 
@@ -64,22 +88,43 @@ def load(spec: str, *, seed: int = 0, **decoder_kwargs):
   - "preset:NAME" (NAME in PRESETS): random init from `seed`, tokenizer None.
   decoder_kwargs go to Decoder (param_dtype, compute_dtype, remat, scan_layers, attention, ...).
   """
-  if spec.startswith("preset:"):
-    name = spec.removeprefix("preset:")
-    if name not in PRESETS:
-      raise ModelError(f"model preset {name!r} is unknown; presets: {', '.join(PRESETS)}")
-    return Decoder(PRESETS[name], rngs=nnx.Rngs(seed), **decoder_kwargs), None
-  path = ALIASES[spec]() if spec in ALIASES else pathlib.Path(spec).expanduser()
-  if not path.exists():
-    raise ModelError(f"model {spec!r} not found: not an alias ({', '.join(ALIASES)}), "
-                     "'preset:NAME', HF folder or .gguf file")
-  if path.is_dir():
-    config = ModelConfig.from_hf(hf.read_config(path))
-    state_dict, tokenizer = hf.SafetensorsDict(path), _auto_tokenizer(path)
-  elif path.suffix == ".gguf":
-    from dft_jax.models import gguf  # pylint: disable=g-import-not-at-top
-    hf_config, state_dict, tokenizer = gguf.read_gguf(path)
-    config = ModelConfig.from_hf(hf_config)
+  config, weights, tokenizer = read(spec)
+  if weights is None:
+    return Decoder(config, rngs=nnx.Rngs(seed), **decoder_kwargs), tokenizer
+  return from_state_dict(config, weights(), **decoder_kwargs), tokenizer
+
+
+def decoder_options(model_cfg):
+  """Decoder keyword arguments from config.model."""
+  return dict(param_dtype=model_cfg.param_dtype, compute_dtype=model_cfg.compute_dtype,
+              remat=model_cfg.remat, scan_layers=model_cfg.scan_layers,
+              attention=model_cfg.attention)
+
+
+def tokenizer_for(model_cfg, tokenizer):
+  """The model's own tokenizer, else model.tokenizer (an HF tokenizer folder, for presets)."""
+  if tokenizer is not None:
+    return tokenizer
+  if not model_cfg.get("tokenizer"):
+    raise ConfigError(f"model.name={model_cfg.name!r} comes without a tokenizer; set "
+                      "model.tokenizer to an HF tokenizer folder")
+  path = pathlib.Path(model_cfg.tokenizer).expanduser()
+  tokenizer = _auto_tokenizer(path) if path.is_dir() else None
+  if tokenizer is None:
+    raise ModelError(f"model.tokenizer={model_cfg.tokenizer!r}: no tokenizer files there "
+                     "(tokenizer.json or tokenizer_config.json)")
+  return _with_pad(tokenizer)
+
+
+def load_from_config(model_cfg, *, abstract=False, seed=0):
+  """(model, tokenizer) for config.model; abstract=True gives the model's shapes only
+  (nnx.eval_shape, no weights read: a target for checkpoint.restore_params)."""
+  config, weights, tokenizer = read(model_cfg.name)
+  options = decoder_options(model_cfg)
+  if abstract:
+    model = nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(seed), **options))
+  elif weights is None:
+    model = Decoder(config, rngs=nnx.Rngs(seed), **options)
   else:
-    raise ModelError(f"model path {path} is neither an HF folder nor a .gguf file")
-  return from_state_dict(config, state_dict, **decoder_kwargs), _with_pad(tokenizer)
+    model = from_state_dict(config, weights(), **options)
+  return model, tokenizer_for(model_cfg, tokenizer)

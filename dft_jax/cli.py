@@ -1,0 +1,94 @@
+"""What every command shares: `--config=FILE[:variant]` with `--config.a.b=value` overrides
+(ml_collections config_flags; the file is executed once), one-line errors (`dft_jax: error: ...`,
+exit 2), absl logging for dft_jax's own lines and no INFO chatter from libraries, and the optional
+multi-process setup.
+
+  cli.define_config(argv)          # before absl parses the flags
+  cli.run(main, argv)              # absl.app.run with one-line flag errors
+"""
+import logging
+import os
+import re
+import sys
+
+from dft_jax import config_files
+from dft_jax.errors import ConfigError, cli_entry
+
+
+def _override_flag(argv, missing):
+  """The `--config.a.b=v` argument of argv whose dotted path names the missing field."""
+  for arg in argv[1:]:
+    if arg.startswith("--config.") and missing in arg.split("=", 1)[0].split(".")[1:]:
+      return arg
+  return "--config"
+
+
+@cli_entry
+def define_config(argv, default=config_files.DEFAULT, help_text="config file[:variant]"):
+  """Defines --config (default: configs/default.py) and the --config.a.b overrides found in argv.
+
+  ml_collections loads the file and resolves the overrides' fields here; a missing file, an error
+  inside it or an override naming no field becomes one line (ConfigError) instead of a traceback.
+  """
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  try:
+    config_flags.DEFINE_config_file("config", default, help_text, lock_config=True, sys_argv=argv)
+  except (KeyError, AttributeError) as e:
+    found = re.search(r"'([^'\"]+)'", str(e))
+    missing = found[1] if found else str(e)
+    raise ConfigError(f"{_override_flag(argv, missing)}: the config has no field {missing!r}") from None
+  except Exception as e:  # pylint: disable=broad-except  (whatever the user's config file raises)
+    text = str(e).strip()
+    if "Failed loading config file" in text:
+      paths = re.findall(r"^\s+(\S+\.py)\s*$", text, re.MULTILINE)
+      reason = re.findall(r"^\s+(\[Errno.*|[A-Za-z]+Error.*)$", text, re.MULTILINE)
+      raise ConfigError(f"--config: cannot load {paths[0] if paths else 'the config file'}"
+                        f"{': ' + reason[0] if reason else ''}") from None
+    first = text.splitlines()[0] if text else ""
+    raise ConfigError(f"--config: {type(e).__name__}: {first}") from None
+
+
+@cli_entry
+def parse_flags(argv):
+  """absl's flag parser with one-line errors (absl prints usage hints and exits 1)."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections.config_flags import config_flags as cf  # pylint: disable=g-import-not-at-top
+  try:
+    return flags.FLAGS(argv)
+  except (flags.Error, cf.UnsupportedOperationError) as e:
+    raise ConfigError(str(e).strip().splitlines()[0]) from None
+
+
+def quiet_library_logs():
+  """Drops the INFO lines of the libraries under absl's handler (orbax writes about ten per
+  checkpoint, jax one per missing backend); dft_jax's own INFO lines and every warning stay."""
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+  package = os.path.dirname(os.path.abspath(__file__))
+  absl_logging.get_absl_handler().addFilter(
+      lambda record: record.levelno >= logging.WARNING or record.pathname.startswith(package))
+
+
+def run(main, argv=None):
+  """absl.app.run(main) with one-line flag errors and quiet library logs; a UserInputError from
+  `main` is one line too (exit 2)."""
+  from absl import app  # pylint: disable=g-import-not-at-top
+
+  def main_with_logs(args):
+    quiet_library_logs()
+    return cli_entry(main)(args)
+
+  app.run(main_with_logs, argv=sys.argv if argv is None else argv, flags_parser=parse_flags)
+
+
+def initialize_distributed(coordinator_address=None, num_processes=None, process_id=None):
+  """jax.distributed.initialize() for multi-process runs: explicit arguments, or
+  DFT_JAX_DISTRIBUTED=1 for auto-detection (TPU pods, SLURM)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  explicit = bool(num_processes and num_processes > 1)
+  if not explicit and os.environ.get("DFT_JAX_DISTRIBUTED") != "1":
+    return
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU-only runs need it
+  if explicit:
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+  else:
+    jax.distributed.initialize()
