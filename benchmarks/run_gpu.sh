@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
-# The benchmark issue's GPU run, in one device call (benchmarks/README.md):
-#   bash benchmarks/run_gpu.sh            # carry [".whl"]; results under $OUT, table printed last
+# The GPU benchmark sweep on one machine with a GPU (benchmarks/README.md):
+#   bash benchmarks/run_gpu.sh            # results under $OUT, table printed last
 # Env: BUDGET_S (the sweep's wall-time budget, default 420 s: variants that would not fit are
-# skipped, lowest priority first), PLAN (default gpu; smoke: the CPU dry run), PYTHON (python3),
-# NO_WHEELS=1 (skip installing .whl/, e.g. for a local dry run).
+# skipped, lowest priority first), PLAN (default gpu; smoke: the CPU dry run), PYTHON (python3).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/dft_jax_bench}

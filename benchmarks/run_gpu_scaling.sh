@@ -1,15 +1,14 @@
 #!/usr/bin/env bash
-# Issue #9's multi-GPU run, in one device call on nvidia-h200-x2 / -x4 / -x8 (benchmarks/README.md):
-#   bash benchmarks/run_gpu_scaling.sh    # carry [".whl"]; results under $OUT, table printed last
+# The multi-GPU scaling run on one host with 2-8 GPUs (benchmarks/README.md):
+#   bash benchmarks/run_gpu_scaling.sh    # results under $OUT, table printed last
 # Env: BUDGET_S (scaling.py's wall-time budget, default 480 s: cases that would not fit are
 # skipped, lowest priority first), NS (GPU counts, e.g. "1,2,4": default every count the machine
-# has), PYTHON (python3), NO_WHEELS=1 (skip installing .whl/), SMOKE=1 (the CPU dry run).
+# has), PYTHON (python3), SMOKE=1 (the CPU dry run).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/dft_jax_scaling}
-# NVLink multicast (NVLS) stays off on the lent multi-GPU machines (KINDS.md); scaling.json
-# records the value the cases ran with.
-export NCCL_NVLS_ENABLE=0
+# NVLink multicast (NVLS) off: NCCL's plain ring/tree all-reduce; scaling.json records the value.
+export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0}
 # NCCL's buffers live outside XLA's pool: leave it more room than run_gpu.sh's 0.95.
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.90}
 [ -n "${SMOKE:-}" ] && NO_FLAG_PROBE=1

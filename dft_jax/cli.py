@@ -16,47 +16,75 @@ from dft_jax.errors import ConfigError, cli_entry
 
 
 def _override_flag(argv, missing):
-  """The `--config.a.b=v` argument of argv whose dotted path names the missing field."""
+  """The `--config.a.b=v` argument of argv whose dotted path names the missing field, and the
+  path of the section that lacks it."""
   for arg in argv[1:]:
-    if arg.startswith("--config.") and missing in arg.split("=", 1)[0].split(".")[1:]:
-      return arg
-  return "--config"
+    path = arg.split("=", 1)[0].split(".")
+    if arg.startswith("--config.") and missing in path[1:]:
+      return arg, ".".join(["config", *path[1:path.index(missing, 1)]])
+  return "--config", "config"
+
+
+def _causes(e):
+  """e and the exceptions it was raised from, outermost first."""
+  while e is not None:
+    yield e
+    e = e.__cause__ or e.__context__
+
+
+def _first_line(e):
+  text = str(e).strip()
+  return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def _config_error(argv, e):
+  """One line for whatever loading the config file or resolving an override raised."""
+  causes = list(_causes(e))
+  keys = [c for c in causes if isinstance(c, KeyError)]
+  if keys:  # an override names no field; the outer KeyError holds ml_collections' suggestion
+    missing = str(keys[-1].args[0])
+    flag, section = _override_flag(argv, missing)
+    hint = re.search(r"Did you mean \"(\w+)\"", str(keys[0].args[0]))
+    return ConfigError(f"{flag}: {section} has no field {missing!r}"
+                       + (f"; did you mean {hint[1]!r}?" if hint else ""))
+  spec = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")), "")
+  root = causes[-1]
+  os_error = re.search(r"\[Errno \d+\][^\n]*", str(root)) if isinstance(root, OSError) else None
+  if os_error:
+    return ConfigError(f"--config={spec}: cannot load the config file: {os_error[0]}")
+  return ConfigError(f"--config={spec}: {_first_line(root)}")
 
 
 @cli_entry
 def define_config(argv, default=config_files.DEFAULT, help_text="config file[:variant]"):
   """Defines --config (default: configs/default.py) and the --config.a.b overrides found in argv.
 
-  ml_collections loads the file and resolves the overrides' fields here; a missing file, an error
+  ml_collections loads the file and resolves the overrides' fields; a missing file, an error
   inside it or an override naming no field becomes one line (ConfigError) instead of a traceback.
   """
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   try:
     config_flags.DEFINE_config_file("config", default, help_text, lock_config=True, sys_argv=argv)
-  except (KeyError, AttributeError) as e:
-    found = re.search(r"'([^'\"]+)'", str(e))
-    missing = found[1] if found else str(e)
-    raise ConfigError(f"{_override_flag(argv, missing)}: the config has no field {missing!r}") from None
   except Exception as e:  # pylint: disable=broad-except  (whatever the user's config file raises)
-    text = str(e).strip()
-    if "Failed loading config file" in text:
-      paths = re.findall(r"^\s+(\S+\.py)\s*$", text, re.MULTILINE)
-      reason = re.findall(r"^\s+(\[Errno.*|[A-Za-z]+Error.*)$", text, re.MULTILINE)
-      raise ConfigError(f"--config: cannot load {paths[0] if paths else 'the config file'}"
-                        f"{': ' + reason[0] if reason else ''}") from None
-    first = text.splitlines()[0] if text else ""
-    raise ConfigError(f"--config: {type(e).__name__}: {first}") from None
+    raise _config_error(argv, e) from None
 
 
 @cli_entry
 def parse_flags(argv):
-  """absl's flag parser with one-line errors (absl prints usage hints and exits 1)."""
+  """absl's flag parser with one-line errors (absl prints usage hints and exits 1); loads the
+  config (ml_collections defers a failed load to the first access)."""
   from absl import flags  # pylint: disable=g-import-not-at-top
-  from ml_collections.config_flags import config_flags as cf  # pylint: disable=g-import-not-at-top
   try:
-    return flags.FLAGS(argv)
-  except (flags.Error, cf.UnsupportedOperationError) as e:
+    args = flags.FLAGS(argv)
+    if "config" in flags.FLAGS:
+      flags.FLAGS.config.keys()  # a failed load raises here
+  except flags.Error as e:
+    if "Error whilst parsing config file" in str(e):
+      raise _config_error(argv, e) from None
     raise ConfigError(str(e).strip().splitlines()[0]) from None
+  except Exception as e:  # pylint: disable=broad-except
+    raise _config_error(argv, e) from None
+  return args
 
 
 def quiet_library_logs():

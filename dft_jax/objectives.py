@@ -447,8 +447,18 @@ def validate(cfg):
   generic = {k: fields.get(k, hp.default) for k, hp in GENERIC.items()}
   for field, value in generic.items():
     _check(field, value, GENERIC[field])
+  blocks = {objective: _hparams(objective, fields.get(objective)) for objective in OBJECTIVES}
+  terms = {term: (generic[coef], term_record) for coef, (term, term_record) in TERMS.items()
+           if generic[coef] > 0}
+  return Setting(name, OBJECTIVES[name], blocks[name], generic["aggregation"],
+                 generic["norm_constant"], terms)
+
+
+def _hparams(name, block):
+  """objective.<name> checked against the record: unknown keys and bad values are ConfigErrors
+  (every block is checked, not only the chosen objective's); missing values take defaults."""
   record = OBJECTIVES[name]
-  block = _fields(fields.get(name) or {})
+  block = _fields(block or {})
   extra = sorted(set(block) - set(record.hparams))
   if extra:
     raise ConfigError(f"objective.{name}.{extra[0]} is not a hyperparameter of {name}; allowed: "
@@ -456,9 +466,7 @@ def validate(cfg):
   hparams = {k: block.get(k, hp.default) for k, hp in record.hparams.items()}
   for field, value in hparams.items():
     _check(f"{name}.{field}", value, record.hparams[field])
-  terms = {term: (generic[coef], term_record) for coef, (term, term_record) in TERMS.items()
-           if generic[coef] > 0}
-  return Setting(name, record, hparams, generic["aggregation"], generic["norm_constant"], terms)
+  return hparams
 
 
 def config_block(name="dft"):

@@ -26,6 +26,7 @@ import pytest
 
 from dft_jax import checkpoint as ckpt
 from dft_jax import faults
+from dft_jax import step as step_lib
 import test_train
 from test_train import REPO, cli_flags, read_jsonl, tiny_config
 
@@ -60,7 +61,15 @@ def fault_config(rows_dir, **overrides):
 
 
 def command(config, workdir, *extra):
-  return [sys.executable, "-m", "dft_jax.train", *cli_flags(config), f"--workdir={workdir}", *extra]
+  """`python -m dft_jax.train` through tests/fault_run.py, which injects the faults that FAULT_*
+  variables of the environment name (none: the plain command)."""
+  return [sys.executable, str(REPO / "tests" / "fault_run.py"), *cli_flags(config),
+          f"--workdir={workdir}", *extra]
+
+
+def slow_save(env, step, seconds):
+  """The environment that holds checkpoint `step`'s commit back for `seconds` (tests/fault_run.py)."""
+  return dict(env, FAULT_SLOW_SAVE_AT_STEP=str(step), FAULT_SAVE_DELAY_S=str(seconds))
 
 
 def run(cmd, env, **kwargs):
@@ -125,10 +134,11 @@ def error_lines(output):
 
 
 def read_state(workdir, step):
-  """{path: numpy array} of checkpoint `step`'s state (params, optimizer state, step)."""
+  """{path: numpy array} of checkpoint `step`'s state (params and optimizer state)."""
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")
-    tree = ocp.PyTreeCheckpointer().restore(str(workdir / "checkpoints" / str(step) / "state"))
+    tree = {item: ocp.PyTreeCheckpointer().restore(str(workdir / "checkpoints" / str(step) / item))
+            for item in ("params", "optimizer")}
   leaves = jax.tree_util.tree_leaves_with_path(tree)
   return {jax.tree_util.keystr(path): np.asarray(value) for path, value in leaves}
 
@@ -196,9 +206,8 @@ def test_sigterm_finishes_the_step_checkpoints_and_resume_continues(rows_dir, en
   for it, checkpoints the step it is at, says so and exits 0; the same command finishes the run
   exactly as if it had never stopped."""
   workdir = tmp_path / "run"
-  cmd = command(fault_config(rows_dir), workdir, "--config.debug.slow_save_at_step=3",
-                "--config.debug.save_delay_s=2")
-  proc = start(cmd, env)
+  cmd = command(fault_config(rows_dir), workdir)
+  proc = start(cmd, slow_save(env, 3, 2))
   wait_for(lambda: saving(workdir, 3), proc)
   proc.send_signal(signal.SIGTERM)
   output, _ = proc.communicate(timeout=120)
@@ -220,7 +229,7 @@ def test_second_signal_exits_at_once_and_keeps_the_last_checkpoint(rows_dir, env
   ends at once, the last complete checkpoint is untouched and the next run resumes from it."""
   workdir = tmp_path / "run"
   cmd = command(fault_config(rows_dir), workdir)
-  proc = start(cmd + ["--config.debug.slow_save_at_step=3", "--config.debug.save_delay_s=60"], env)
+  proc = start(cmd, slow_save(env, 3, 60))
   wait_for(lambda: saving(workdir, 3), proc)
   before = tree_digest(workdir / "checkpoints" / "2")
   proc.send_signal(signal.SIGTERM)
@@ -267,13 +276,13 @@ def test_kill9_during_an_async_save_resumes_from_the_previous_checkpoint(rows_di
   partial folder and ends bit-identical to the uninterrupted run."""
   workdir = tmp_path / "run"
   cmd = command(fault_config(rows_dir), workdir)
-  proc = start(cmd + ["--config.debug.slow_save_at_step=3", "--config.debug.save_delay_s=60"], env)
+  proc = start(cmd, slow_save(env, 3, 60))
   wait_for(lambda: len(metric_steps(workdir)) >= 4 and saving(workdir, 3), proc)
   proc.kill()
   proc.wait()
   assert complete_steps(workdir) == [1, 2]
   assert temporary_folders(workdir) == ["3.orbax-checkpoint-tmp"]
-  assert list((workdir / "checkpoints" / "3.orbax-checkpoint-tmp").glob("state*/ocdbt*/d/*"))
+  assert list((workdir / "checkpoints" / "3.orbax-checkpoint-tmp").glob("params*/ocdbt*/d/*"))
   resumed = run(cmd, env)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert_same_run(workdir, reference)
@@ -310,7 +319,7 @@ def test_nan_batch_is_skipped_and_only_finite_states_are_saved(rows_dir, env, tm
   as after step 1 (checked bit for bit in checkpoint 2), is counted, and training goes on."""
   workdir = tmp_path / "run"
   config = fault_config(rows_dir, train__num_steps=3, checkpoint__keep=3)
-  result = run(command(config, workdir, "--config.debug.inject_nan_at_step=2"), env)
+  result = run(command(config, workdir), dict(env, FAULT_NAN_AT_STEP="2"))
   assert result.returncode == 0, result.stderr[-3000:]
   rows = read_jsonl(workdir / "metrics.jsonl")
   assert [r["skipped"] for r in rows] == [0.0, 1.0, 0.0] and np.isnan(rows[1]["loss"])
@@ -318,8 +327,7 @@ def test_nan_batch_is_skipped_and_only_finite_states_are_saved(rows_dir, env, tm
   states = {step: read_state(workdir, step) for step in (1, 2, 3)}
   for state in states.values():
     assert all(np.isfinite(v).all() for v in state.values())
-  assert_same_state({k: v for k, v in states[2].items() if k != "['step']"},
-                    {k: v for k, v in states[1].items() if k != "['step']"})
+  assert_same_state(states[2], states[1])
   assert states[3]["['params']['embed']['value']"].tobytes() != \
       states[2]["['params']['embed']['value']"].tobytes()
 
@@ -329,7 +337,7 @@ def test_nan_batch_stops_the_run_with_one_line(rows_dir, env, tmp_path):
   checkpoint of that step or later (checkpoints are written after every step here)."""
   workdir = tmp_path / "run"
   config = fault_config(rows_dir, train__num_steps=4, train__nonfinite="stop")
-  result = run(command(config, workdir, "--config.debug.inject_nan_at_step=2"), env)
+  result = run(command(config, workdir), dict(env, FAULT_NAN_AT_STEP="2"))
   assert result.returncode == 2
   assert "Traceback" not in result.stderr
   [line] = error_lines(result.stderr)
@@ -341,13 +349,16 @@ def test_nan_batch_stops_the_run_with_one_line(rows_dir, env, tmp_path):
 def test_save_refuses_a_non_finite_state(tmp_path):
   """The last line of defence: a state holding inf is never written; the earlier one stays."""
   manager = ckpt.make_manager(str(tmp_path), tiny_config(tmp_path).checkpoint)
-  state = {"w": jax.numpy.ones((4,)), "count": jax.numpy.zeros((), jax.numpy.int32)}
+  state = step_lib.TrainState(step=jax.numpy.zeros((), jax.numpy.int32),
+                              params={"w": jax.numpy.ones((4,))},
+                              opt_state={"count": jax.numpy.zeros((), jax.numpy.int32)})
   ckpt.save(manager, 1, state, {"row": 0})
   ckpt.wait(manager)
   with pytest.raises(ckpt.CheckpointError, match=r"step 2: the state holds NaN or inf values; "
                      r"no checkpoint written to .*\(the last complete checkpoint, step 1, is "
                      r"intact\)"):
-    ckpt.save(manager, 2, dict(state, w=state["w"].at[1].set(np.inf)), {"row": 8})
+    ckpt.save(manager, 2, state.replace(params={"w": state.params["w"].at[1].set(np.inf)}),
+              {"row": 8})
   ckpt.wait(manager)
   assert ckpt.complete_steps(tmp_path / "checkpoints") == [1]
   assert not temporary_folders(tmp_path)

@@ -195,14 +195,14 @@ def test_export_cli(tmp_path, capsys):
 
 def test_export_cli_from_a_training_checkpoint(tmp_path, capsys):
   """A trained workdir exports to an HF folder that loads back to the checkpoint's weights."""
-  from dft_jax import train
+  from dft_jax import checkpoint, train
   from test_train import tiny_config
   config = tiny_config(tmp_path, train__num_steps=1)
   config.log.tensorboard = False
   train.train_and_evaluate(config, str(tmp_path / "run"))
   export.main(["--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "out")])
   assert "exported llama" in capsys.readouterr().out
-  trained, _ = train.restore_model(str(tmp_path / "run"))
+  trained, _, _ = checkpoint.restore_model(str(tmp_path / "run"))
   back, _ = models.load(str(tmp_path / "out"))
   original, _ = models.load(str(FIXTURES / "tiny_llama"))
   moved = False

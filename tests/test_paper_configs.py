@@ -8,7 +8,8 @@ import jax
 import numpy as np
 import pytest
 
-from dft_jax import config_files, train
+from dft_jax import config_files, data, loop, models, sharding
+from dft_jax import step as step_lib
 
 ROOT = pathlib.Path(__file__).parent.parent
 TINY = str(ROOT / "tests" / "fixtures" / "tiny_llama")
@@ -40,8 +41,8 @@ def test_psft_official_settings():
   c = load("psft_openr1_qwen25_7b")
   assert c.model.name == "Qwen/Qwen2.5-7B-Instruct"
   assert (c.data.source, c.data.response_field) == ("wh-zhu/train_openr1_4k", "demonstration")
-  assert (c.objective.name, c.objective.eps_low, c.objective.eps_high, c.objective.aggregation) == (
-      "psft", 0.2, 0.28, "token_mean")
+  assert (c.objective.name, c.objective.psft.eps_low, c.objective.psft.eps_high,
+          c.objective.aggregation) == ("psft", 0.2, 0.28, "token_mean")
   assert c.train.global_batch_size // c.train.minibatches == 32  # ppo_mini_batch_size
   assert (c.optimizer.learning_rate, c.optimizer.weight_decay, c.optimizer.grad_clip_norm) == (
       1e-6, 0.1, 1.0)
@@ -73,12 +74,17 @@ def test_one_step_with_the_config_geometry(tmp_path, name, prompt_field):
   c.checkpoint.async_save = False
   c.log.update(progress=False, tensorboard=False)
   assert c.train.global_batch_size == 256 and (name.startswith("dft") or c.train.minibatches == 8)
-  run = train.setup(c, str(tmp_path / "run"))
-  assert run.mesh.shape["fsdp"] == jax.device_count()
-  before = jax.tree.map(np.asarray, jax.device_get(run.state.params))
-  batch = train.global_batch(next(run.data_iter), run.mesh)
-  state, metrics = run.train_step(run.state, batch, None)
-  scalars, _ = train.host_metrics(metrics)
+  step_lib.validate(c, jax.device_count())
+  mesh = sharding.make_mesh(c.mesh)
+  assert mesh.shape["fsdp"] == jax.device_count()
+  model, tokenizer = models.load_from_config(c.model)
+  graphdef, state, tx, _ = step_lib.init_train_state(model, c, mesh)
+  before = jax.tree.map(np.asarray, jax.device_get(state.params))
+  rows = data.make_train_iterator(c.data, tokenizer, seq_len=c.train.seq_len,
+                                  global_batch_size=c.train.global_batch_size, seed=0)
+  train_step = step_lib.make_train_step(graphdef, tx, c, mesh, step_lib.shardings_of(state))
+  state, metrics = train_step(state, step_lib.global_batch(next(rows), mesh), None)
+  scalars, _ = loop.host_metrics(metrics)
   assert np.isfinite(scalars["loss"]) and scalars["grad_norm"] > 0
   assert scalars["loss_tokens"] > 0 and scalars["skipped"] == 0
   if c.objective.name == "psft":

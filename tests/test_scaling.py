@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from benchmarks import scaling
-from dft_jax import train
+from dft_jax import step as step_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE_NS = (1, 8)
@@ -56,7 +56,7 @@ def test_plan_on_8_gpus_covers_every_layout_and_count():
     assert math.prod(c["mesh"].values()) == c["n_gpus"]
     config = scaling.bench.bench_config(c)
     config.mesh.update(c["mesh"])
-    train.validate_config(config, c["n_gpus"])
+    step_lib.validate(config, c["n_gpus"])
 
 
 def test_plan_on_fewer_gpus():

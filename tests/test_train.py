@@ -16,7 +16,8 @@ import pytest
 from flax import nnx
 from tensorboard.backend.event_processing import event_accumulator
 
-from dft_jax import models, objectives, sharding, train
+from dft_jax import checkpoint, models, sharding, train
+from dft_jax import step as step_lib
 from dft_jax.data.testing import default_config
 from dft_jax.errors import ConfigError, UserInputError
 
@@ -50,9 +51,12 @@ def tiny_config(tmp_path, **overrides):
   c.checkpoint.update(every_steps=2, async_save=False)
   c.eval.update(before=False, after=False)
   c.log.progress = False
-  for key, value in overrides.items():
-    section, field = key.split("__")
-    c[section][field] = value
+  for key, value in overrides.items():  # section__field or objective__name__hyperparameter
+    *path, field = key.split("__")
+    node = c
+    for part in path:
+      node = node[part]
+    node[field] = value
   return c
 
 
@@ -67,13 +71,13 @@ def batches(config, n):
 def run_steps(config, mesh, host_batches):
   """Trains on host_batches over `mesh`; returns (per-step metrics, final params on the host)."""
   model, _ = models.load(config.model.name, compute_dtype="float32")
-  graphdef, state, tx, _ = train.init_train_state(model, config, mesh)
-  ref = jax.tree.map(jax.numpy.copy, state.params) if objectives.needs_ref_logp(config.objective) else None
-  step = train.make_train_step(graphdef, tx, config, mesh, train.shardings_of(state),
-                               ref_needed=ref is not None)
+  graphdef, state, tx, _ = step_lib.init_train_state(model, config, mesh)
+  ref = (jax.tree.map(jax.numpy.copy, state.params)
+         if step_lib.needs_reference(config.objective) else None)
+  step = step_lib.make_train_step(graphdef, tx, config, mesh, step_lib.shardings_of(state))
   metrics = []
   for b in host_batches:
-    state, m = step(state, train.global_batch(b, mesh), ref)
+    state, m = step(state, step_lib.global_batch(b, mesh), ref)
     metrics.append(jax.device_get(m))
   return metrics, jax.device_get(state.params)
 
@@ -112,7 +116,7 @@ def test_sharded_equals_single_device(rows_dir, objective, layout):
 def test_params_really_sharded(tmp_path):
   config = tiny_config(tmp_path)
   model, _ = models.load(TINY)
-  _, state, _, _ = train.init_train_state(model, config, mesh_of(8, fsdp=4, tensor=2))
+  _, state, _, _ = step_lib.init_train_state(model, config, mesh_of(8, fsdp=4, tensor=2))
   spec = jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
   wq = state.params["layers"]["wq"]  # [L, D, N, H]: embed on fsdp, q_heads on tensor
   assert wq.sharding.spec == spec
@@ -198,7 +202,8 @@ def test_resume_equals_uninterrupted(tmp_path):
   for ra, rb in zip(a, b):
     for key in ("loss", "grad_norm", "target_prob", "entropy"):
       assert ra[key] == rb[key], (ra["step"], key)
-  params = [nnx.state(train.restore_model(str(tmp_path / d))[0]) for d in ("straight", "resumed")]
+  params = [nnx.state(checkpoint.restore_model(str(tmp_path / d))[0])
+            for d in ("straight", "resumed")]
   assert_trees_close(*params, rtol=0, atol=0)
 
 
@@ -221,7 +226,7 @@ def test_logs_tensorboard_and_jsonl(tmp_path):
 
 @pytest.mark.parametrize("override,message", [
     (dict(objective__name="ppo"), "objective.name='ppo' is unknown"),
-    (dict(objective__eps_high=1.5), "objective.eps_high"),
+    (dict(objective__psft__eps_high=1.5), "objective.psft.eps_high=1.5"),
     (dict(train__global_batch_size=12), "train.global_batch_size=12 must be divisible"),
     (dict(train__microbatches=0), "train.microbatches=0"),
     (dict(optimizer__schedule="step"), "optimizer.schedule='step'"),
@@ -232,14 +237,14 @@ def test_logs_tensorboard_and_jsonl(tmp_path):
 def test_config_errors_name_the_field(tmp_path, override, message):
   config = tiny_config(tmp_path, **override)
   with pytest.raises(UserInputError) as e:
-    train.setup(config, str(tmp_path / "run"))
+    train.train_and_evaluate(config, str(tmp_path / "run"))
   assert message in str(e.value)
 
 
 def test_workdir_of_another_run_is_refused(tmp_path):
   train.train_and_evaluate(tiny_config(tmp_path, train__num_steps=2), str(tmp_path / "run"))
   with pytest.raises(ConfigError, match="objective.name='dft'"):
-    train.setup(tiny_config(tmp_path, objective__name="sft"), str(tmp_path / "run"))
+    train.train_and_evaluate(tiny_config(tmp_path, objective__name="sft"), str(tmp_path / "run"))
 
 
 def free_port():
@@ -250,13 +255,13 @@ def free_port():
 
 def cli_flags(config):
   """--config.* overrides reproducing `config` from configs/default.py on the command line."""
-  default = default_config()
-  flags = []
-  for section in ("model", "data", "train", "optimizer", "checkpoint", "eval", "log", "objective"):
-    for key, value in config[section].items():
-      if value != default[section][key]:
-        flags.append(f"--config.{section}.{key}={value}")
-  return flags
+  def differences(node, default, path):
+    for key, value in node.items():
+      if hasattr(value, "items"):
+        yield from differences(value, default[key], f"{path}.{key}")
+      elif value != default[key]:
+        yield f"--{path}.{key}={value}"
+  return list(differences(config, default_config(), "config"))
 
 
 def test_two_processes_equal_one(tmp_path):

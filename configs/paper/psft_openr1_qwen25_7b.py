@@ -46,8 +46,8 @@ def get_config(arg=None):
                 prompt_field="prompt.1.content", response_field="demonstration",
                 system_prompt=SYSTEM_PROMPT, loss_on="assistant", max_length=8192,
                 truncation="truncate_response", packing=False)
-  c.objective.update(name="psft", eps_low=0.2, eps_high=0.28, aggregation="token_mean",
-                     entropy_coef=0.0, kl_coef=0.0)
+  c.objective.update(name="psft", aggregation="token_mean", entropy_coef=0.0, kl_coef=0.0)
+  c.objective.psft.update(eps_low=0.2, eps_high=0.28)
   c.optimizer.update(learning_rate=1e-6, schedule="constant", warmup_steps=10 * MINIBATCHES,
                      weight_decay=0.1, b1=0.9, b2=0.999, grad_clip_norm=1.0)
   c.train.update(num_steps=EPOCHS * (ASSUMED_ROWS // GLOBAL_BATCH), global_batch_size=GLOBAL_BATCH,

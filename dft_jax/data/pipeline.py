@@ -53,6 +53,8 @@ def validate(data_cfg, *, seq_len, global_batch_size, process_count):
     raise ConfigError(f"data.max_rows={data_cfg.max_rows!r}: must be None or >= 1")
   if seq_len < 2:
     raise ConfigError(f"seq_len={seq_len}: must be >= 2")
+  if data_cfg.max_length > seq_len:
+    raise ConfigError(f"data.max_length={data_cfg.max_length} exceeds train.seq_len={seq_len}")
   if global_batch_size < 1 or global_batch_size % process_count:
     raise ConfigError(f"global_batch_size={global_batch_size} must be a positive multiple of the "
                       f"process count ({process_count})")

@@ -111,8 +111,8 @@ def tokenizer_for(model_cfg, tokenizer):
   path = pathlib.Path(model_cfg.tokenizer).expanduser()
   tokenizer = _auto_tokenizer(path) if path.is_dir() else None
   if tokenizer is None:
-    raise ModelError(f"model.tokenizer={model_cfg.tokenizer!r}: no tokenizer files there "
-                     "(tokenizer.json or tokenizer_config.json)")
+    raise ModelError(f"model.tokenizer={model_cfg.tokenizer!r}: no usable tokenizer there "
+                     "(no tokenizer.json or tokenizer_config.json)")
   return _with_pad(tokenizer)
 
 

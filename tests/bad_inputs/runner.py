@@ -22,10 +22,10 @@ from dft_jax import data, export, generate, train  # pylint: disable=unused-impo
 from dft_jax.experiments import scanner
 
 ENTRIES = {  # entry -> how `python -m dft_jax.<entry> ARGV` calls it
-    "train": lambda argv: train.cli(["dft_jax.train", *argv]),
+    "train": lambda argv: train.cli_main(["dft_jax.train", *argv]),
     "export": export.main,
     "generate": generate.main,
-    "scanner": scanner.main,
+    "scanner": lambda argv: scanner.cli_main(["dft_jax.experiments.scanner", *argv]),
 }
 
 
