@@ -353,6 +353,31 @@ def test_dropped_rows_are_counted_or_an_error(tok, cfg, tmp_path):
   assert _error(cfg, tok).startswith(f"row 4 of {cfg.source} is empty (max_length=64")
 
 
+def _reply(content):
+  return {"role": "assistant", "content": content}
+
+
+def test_blank_trained_replies_are_dropped_and_counted_like_empty_responses(tok, cfg, tmp_path):
+  """A blank trained assistant turn would teach only the end-of-turn token: the row is dropped."""
+  blank_last = {"messages": CONVERSATION[:4] + [_reply("")]}
+  blank_first = {"messages": CONVERSATION[:2] + [_reply(" \n")] + CONVERSATION[3:]}
+  rows = [{"messages": CONVERSATION}, blank_last, {"messages": CONVERSATION}, blank_first]
+  cfg.format, cfg.source = "messages", write_jsonl(tmp_path / "m.jsonl", rows)
+  it = make_iter(cfg, tok)
+  assert it.stats["dropped"] == {"empty": 2}
+  assert "4 rows read, 2 kept, 2 dropped (2 empty;" in it.summary()
+  cfg.loss_on = "last_assistant"  # the blank first reply is then context, not a target
+  assert make_iter(cfg, tok).stats["dropped"] == {"empty": 1}
+  cfg.loss_on = "all"
+  assert make_iter(cfg, tok).stats["dropped"] == {"empty": 2}
+  cfg.loss_on, cfg.error_on_dropped = "assistant", True
+  assert _error(cfg, tok).startswith(f"row 1 of {cfg.source} is empty (max_length=")
+  cfg.format, cfg.error_on_dropped = "prompt_response", False
+  cfg.source = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "P", "response": r}
+                                                  for r in ("A", "", "B", " \n")])
+  assert make_iter(cfg, tok).stats["dropped"] == {"empty": 2}
+
+
 def test_no_usable_rows(tok, cfg, tmp_path):
   cfg.source = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "P", "response": ""}])
   assert _error(cfg, tok).startswith(f"no usable rows in {cfg.source}: ")

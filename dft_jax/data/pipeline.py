@@ -96,9 +96,9 @@ def tokenize(source, encoder, data_cfg):
   ds = source.dataset
   fingerprint = hashlib.sha256(json.dumps([
       ds._fingerprint,  # pylint: disable=protected-access
-      STATE_VERSION, encoder.tokenizer.backend_tokenizer.to_str(), encoder.template,
-      encoder.eos_id, sorted(encoder.special_ids), data_cfg.format, formats.fields_of(data_cfg),
-      data_cfg.system_prompt, data_cfg.loss_on]).encode()).hexdigest()
+      STATE_VERSION, formats.VERSION, encoder.tokenizer.backend_tokenizer.to_str(),
+      encoder.template, encoder.eos_id, sorted(encoder.special_ids), data_cfg.format,
+      formats.fields_of(data_cfg), data_cfg.system_prompt, data_cfg.loss_on]).encode()).hexdigest()
   return ds.map(encoder, batched=True, with_indices=True, remove_columns=ds.column_names,
                 features=_FEATURES, num_proc=data_cfg.num_proc if data_cfg.num_proc > 1 else None,
                 new_fingerprint=fingerprint[:32], desc="tokenising")
