@@ -43,7 +43,9 @@ def report(config, tokenizer, *, num=3, color=False):
   opening, closing = MARKS[color]
   lines = [f"data.source={data_cfg.source} format={data_cfg.format}; trained tokens "
            f"{opening}marked{closing}"]
-  for i, row in enumerate(itertools.islice(source.dataset, num)):
+  with source.reading():
+    rows = list(itertools.islice(source.dataset, num))
+  for i, row in enumerate(rows):
     ids, trained = encoder.encode(row, i)
     lines += [f"--- {source.locate(i)}: {len(ids)} tokens, {sum(trained)} trained",
               mark_spans(tokenizer, ids, trained, color)]

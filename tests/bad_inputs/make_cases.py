@@ -2,13 +2,15 @@
 
   PYTHONPATH=. python tests/bad_inputs/make_cases.py
 
-Text files (jsonl, json) are written by hand and kept as they are; this script makes the ones that
-need a library: a micro HF model folder without tokenizer files, the same with its safetensors cut
-short, an HF config of an unsupported architecture, a GGUF cut short and a parquet file that is not
-parquet. Everything is a few KB.
+Text files (jsonl, json, csv) are written by hand and kept as they are; this script makes the ones
+that need a library or bytes an editor would not keep: a micro HF model folder without tokenizer
+files, the same with its safetensors cut short, an HF config of an unsupported architecture, a GGUF
+cut short, a parquet file that is not parquet, data files in Latin-1 (not UTF-8), save_to_disk
+folders with a damaged state.json or Arrow file. Everything is a few KB.
 """
 import json
 import pathlib
+import shutil
 
 import numpy as np
 from flax import nnx
@@ -29,6 +31,28 @@ def micro_model(folder):
   model = Decoder(ModelConfig.from_hf(MICRO), rngs=nnx.Rngs(0))
   export.export_hf(model, None, folder)
   return folder
+
+
+def latin1_data_files():
+  """UTF-8 files but for one Latin-1 'é' (byte 0xe9) in their second data line."""
+  (HERE / "latin1.jsonl").write_bytes(
+      b'{"prompt": "What is 2 + 2?", "response": "4"}\n'
+      b'{"prompt": "Caf\xe9 or tea?", "response": "Tea."}\n')
+  (HERE / "latin1.csv").write_bytes(b"prompt,response\nWhat is 2 + 2?,4\nCaf\xe9 or tea?,Tea.\n")
+  (HERE / "latin1.txt").write_bytes(b"Rivers shape the land.\nCaf\xe9 au lait is warm.\n")
+
+
+def damaged_saved_folders():
+  """save_to_disk folders: state.json cut short (a torn write), an Arrow file cut short."""
+  import datasets  # pylint: disable=g-import-not-at-top
+  rows = [{"prompt": "What is 2 + 2?", "response": "4"}, {"prompt": "Hi", "response": "Hello!"}]
+  for name in ("saved_torn_state", "saved_cut_arrow"):
+    shutil.rmtree(HERE / name, ignore_errors=True)
+    datasets.Dataset.from_list(rows).save_to_disk(str(HERE / name))
+  for path in (HERE / "saved_torn_state" / "state.json",
+               next((HERE / "saved_cut_arrow").glob("*.arrow"))):
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
 
 
 def main():
@@ -52,6 +76,8 @@ def main():
   data = path.read_bytes()
   path.write_bytes(data[:len(data) - 700])  # the tensor data ends early
   (HERE / "not_parquet.parquet").write_bytes(b"PAR1 these bytes are not a parquet file PAR1")
+  latin1_data_files()
+  damaged_saved_folders()
 
 
 if __name__ == "__main__":
