@@ -8,7 +8,8 @@
 
 Library errors (missing files, bytes that are not UTF-8, malformed JSON lines, a CSV row with too
 many fields, unreadable parquet, a damaged save_to_disk folder, an offline hub) become one
-`DataError` line naming the file and, where it can be found, the line.
+`DataError` line naming the file and, where it can be found, the line. Loading a local source sends
+nothing over the network (`datasets`' download-count request is off, see `quiet_datasets`).
 """
 import contextlib
 import csv
@@ -280,11 +281,15 @@ def _file_of_row(files, builder, index, cache_dir):
 
 @contextlib.contextmanager
 def quiet_datasets():
-  """Silences the library's own error logging while we load; we report the error ourselves."""
+  """Silences the library while we load: its own error logging (we report the error ourselves)
+  and its download-count request (`load_dataset` sends one for every packaged builder, local
+  files included: datasets.load.increase_load_count)."""
   logger = logging.getLogger("datasets")
-  level = logger.level
+  level, counts = logger.level, datasets.config.HF_UPDATE_DOWNLOAD_COUNTS
   logger.setLevel(logging.CRITICAL)
+  datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = False
   try:
     yield
   finally:
     logger.setLevel(level)
+    datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = counts
