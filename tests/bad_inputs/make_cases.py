@@ -6,7 +6,8 @@ Text files (jsonl, json, csv) are written by hand and kept as they are; this scr
 that need a library or bytes an editor would not keep: a micro HF model folder without tokenizer
 files, the same with its safetensors cut short, an HF config of an unsupported architecture, a GGUF
 cut short, a parquet file that is not parquet, data files in Latin-1 (not UTF-8), save_to_disk
-folders with a damaged state.json or Arrow file. Everything is a few KB.
+folders with a damaged state.json or Arrow file, and a tokenizer (alone, and in a model folder)
+whose class is custom code. Everything is a few KB.
 """
 import json
 import pathlib
@@ -20,6 +21,7 @@ from dft_jax.models import ModelConfig
 from dft_jax.models.decoder import Decoder
 
 HERE = pathlib.Path(__file__).parent
+FIXTURES = HERE.parent / "fixtures"
 MICRO = {"model_type": "llama", "vocab_size": 32, "hidden_size": 8, "intermediate_size": 16,
          "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
          "head_dim": 4, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
@@ -55,6 +57,19 @@ def damaged_saved_folders():
     path.write_bytes(data[:len(data) // 2])
 
 
+def custom_code_tokenizer(folder):
+  """The tiny tokenizer, with tokenizer_config.json naming a class in the folder's own Python file
+  (auto_map), as hub repositories with custom tokenizers do; the file fails loudly if imported."""
+  folder.mkdir(exist_ok=True)
+  shutil.copy(FIXTURES / "tiny_llama" / "tokenizer.json", folder)
+  config = json.loads((FIXTURES / "tiny_llama" / "tokenizer_config.json").read_text())
+  config.update(tokenizer_class="CustomTokenizer",
+                auto_map={"AutoTokenizer": [None, "tokenization_custom.CustomTokenizer"]})
+  (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+  (folder / "tokenization_custom.py").write_text(
+      'raise RuntimeError("code from a model folder was run")\n')
+
+
 def main():
   micro_model(HERE / "model_no_tokenizer")
   cut = micro_model(HERE / "model_truncated_safetensors")
@@ -78,6 +93,8 @@ def main():
   (HERE / "not_parquet.parquet").write_bytes(b"PAR1 these bytes are not a parquet file PAR1")
   latin1_data_files()
   damaged_saved_folders()
+  custom_code_tokenizer(HERE / "tokenizer_custom_code")
+  custom_code_tokenizer(micro_model(HERE / "model_custom_tokenizer_code"))
 
 
 if __name__ == "__main__":
