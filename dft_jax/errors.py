@@ -19,6 +19,12 @@ class ModelError(UserInputError):
   """A model path, checkpoint, architecture or tokenizer cannot be used."""
 
 
+def one_line(e, limit=300):
+  """An exception's message as one line of at most `limit` characters (its type if it has none)."""
+  text = " ".join(str(e).split()) or type(e).__name__
+  return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def cli_entry(main):
   """Wraps a CLI `main` so a UserInputError prints `dft_jax: error: <message>` and exits 2."""
 

@@ -353,9 +353,111 @@ def test_dropped_rows_are_counted_or_an_error(tok, cfg, tmp_path):
   assert _error(cfg, tok).startswith(f"row 4 of {cfg.source} is empty (max_length=64")
 
 
+def _reply(content):
+  return {"role": "assistant", "content": content}
+
+
+def test_blank_trained_replies_are_dropped_and_counted_like_empty_responses(tok, cfg, tmp_path):
+  """A blank trained assistant turn would teach only the end-of-turn token: the row is dropped."""
+  blank_last = {"messages": CONVERSATION[:4] + [_reply("")]}
+  blank_first = {"messages": CONVERSATION[:2] + [_reply(" \n")] + CONVERSATION[3:]}
+  rows = [{"messages": CONVERSATION}, blank_last, {"messages": CONVERSATION}, blank_first]
+  cfg.format, cfg.source = "messages", write_jsonl(tmp_path / "m.jsonl", rows)
+  it = make_iter(cfg, tok)
+  assert it.stats["dropped"] == {"empty": 2}
+  assert "4 rows read, 2 kept, 2 dropped (2 empty;" in it.summary()
+  cfg.loss_on = "last_assistant"  # the blank first reply is then context, not a target
+  assert make_iter(cfg, tok).stats["dropped"] == {"empty": 1}
+  cfg.loss_on = "all"
+  assert make_iter(cfg, tok).stats["dropped"] == {"empty": 2}
+  cfg.loss_on, cfg.error_on_dropped = "assistant", True
+  assert _error(cfg, tok).startswith(f"row 1 of {cfg.source} is empty (max_length=")
+  cfg.format, cfg.error_on_dropped = "prompt_response", False
+  cfg.source = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "P", "response": r}
+                                                  for r in ("A", "", "B", " \n")])
+  assert make_iter(cfg, tok).stats["dropped"] == {"empty": 2}
+
+
 def test_no_usable_rows(tok, cfg, tmp_path):
   cfg.source = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "P", "response": ""}])
   assert _error(cfg, tok).startswith(f"no usable rows in {cfg.source}: ")
+
+
+GOOD_LINE = b'{"prompt": "Q?", "response": "A."}\n'
+LATIN1 = {  # kind -> (file bytes with a Latin-1 e-acute at line 3, its byte in that line)
+    "jsonl": (GOOD_LINE * 2 + b'{"prompt": "Caf\xe9?", "response": "A."}\n' + GOOD_LINE, 16),
+    "json": (b'[{"prompt": "Q?", "response": "A."},\n {"prompt": "Q?", "response": "A."},\n'
+             b' {"prompt": "Caf\xe9?", "response": "A."}]\n', 17),
+    "csv": (b"prompt,response\nQ?,A.\nCaf\xe9?,A.\nQ?,A.\n", 4),
+    "txt": (b"Some text.\nMore text.\nCaf\xe9 text.\n", 4),
+}
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+@pytest.mark.parametrize("kind", sorted(LATIN1))
+def test_bytes_that_are_not_utf8_name_file_line_and_byte(tok, cfg, tmp_path, kind, streaming):
+  path = tmp_path / f"latin1.{kind}"
+  content, byte = LATIN1[kind]
+  path.write_bytes(content)
+  cfg.source, cfg.streaming = str(path), streaming
+  cfg.format = "text" if kind == "txt" else "prompt_response"
+  expected = f"{path}: line 3, byte {byte}: 0xe9 is not UTF-8 text; data files must be UTF-8"
+  for _ in range(2):  # the second time from the datasets cache, where there is one
+    with pytest.raises(DataError) as info:
+      next(make_iter(cfg, tok))
+    assert str(info.value) == expected
+
+
+def test_bytes_that_are_not_utf8_in_one_file_of_a_glob(tok, cfg, tmp_path):
+  write_jsonl(tmp_path / "a.jsonl", ROWS)
+  (tmp_path / "b.jsonl").write_bytes(LATIN1["jsonl"][0])
+  cfg.source = str(tmp_path / "*.jsonl")
+  assert _error(cfg, tok) == (f"{tmp_path}/b.jsonl: line 3, byte 16: 0xe9 is not UTF-8 text; data "
+                              "files must be UTF-8")
+
+
+def test_csv_row_with_more_fields_than_the_header(tok, cfg, tmp_path):
+  path = tmp_path / "ragged.csv"
+  path.write_text('prompt,response\nQ?,A.\n"Two\nlines?",A.\n\nQ?,A.,extra\nQ?,A.\n')
+  cfg.source = str(path)
+  assert _error(cfg, tok) == f"{path}: line 6 (row 2) has 3 fields, the header has 2"
+
+
+@pytest.mark.parametrize("text,expected", [
+    ('{"prompt": "Q?", "response": "A."}\n["Q?", "A."]\n', "line 2: an array, expected one JSON "
+                                                          "object per line"),
+    ('{"prompt": "Q?", "response": "A."}\n\n3\n', "line 3: a number, expected one JSON object per "
+                                                   "line"),
+    ('"Q? A."', "a string, expected a list of objects or one object per line"),
+])
+def test_json_that_is_not_rows(tok, cfg, tmp_path, text, expected):
+  path = tmp_path / ("rows.jsonl" if "\n" in text else "rows.json")
+  path.write_text(text)
+  cfg.source = str(path)
+  assert _error(cfg, tok) == f"{path}: {expected}"
+
+
+def _cut(path):
+  data = path.read_bytes()
+  path.write_bytes(data[:len(data) // 2])
+
+
+@pytest.mark.parametrize("damage,file,expected", [
+    (_cut, "state.json", "invalid JSON (Expecting"),
+    (_cut, "dataset_info.json", "invalid JSON ("),
+    (_cut, "data-00000-of-00001.arrow", "not a readable Arrow file (Expected to read"),
+    (lambda p: p.write_bytes(b"\0" * len(p.read_bytes())), "data-00000-of-00001.arrow",
+     "not a readable Arrow file ("),
+    (lambda p: p.unlink(), "data-00000-of-00001.arrow", "No such file or directory"),
+])
+def test_damaged_save_to_disk_folder_names_the_file(tok, cfg, tmp_path, damage, file, expected):
+  folder = tmp_path / "saved"
+  datasets.Dataset.from_list(ROWS).save_to_disk(str(folder))
+  damage(folder / file)
+  cfg.source = str(folder)
+  message = _error(cfg, tok)
+  assert message.startswith(f"cannot load save_to_disk folder {folder}: ")
+  assert f"{folder / file}" in message and expected in message
 
 
 @pytest.mark.parametrize("field,value,expected", [

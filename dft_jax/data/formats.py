@@ -19,6 +19,10 @@ With `data.chat_template="none"` (prompt_response only) the sequence is
 tokens(prompt) + tokens(response) + [EOS], the tokenizer's own leading special tokens (BOS) kept.
 `data.loss_on`: "assistant" (every assistant turn), "last_assistant" (the same as "assistant" for
 prompt_response), "all" (every token of the example, prompt and template tokens included).
+
+A row whose trained reply is empty or whitespace (a response, a text, or any trained assistant
+turn of a conversation; every assistant turn with loss_on="all") is empty: it would teach only to
+stop at once, so it encodes to no tokens and the iterator drops it and counts it as "empty".
 """
 import os
 
@@ -30,6 +34,7 @@ FORMATS = ("prompt_response", "messages", "text")
 LOSS_ON = ("assistant", "last_assistant", "all")
 ROLES = ("system", "user", "assistant")
 COLUMNS = ("input_ids", "trained", "num_tokens", "num_trained", "first_trained")
+VERSION = 2  # of the encoding (2: blank trained assistant turns drop the row); keys the cache
 
 
 def get_field(row, key):
@@ -84,7 +89,8 @@ class Encoder:
 
   input_ids      token ids of the whole example
   trained        1 where the token is a training target (never the first token)
-  num_tokens     len(input_ids); 0 marks an empty row (empty response / text / conversation)
+  num_tokens     len(input_ids); 0 marks an empty row (a blank trained reply or text, or no
+                 messages)
   num_trained    sum(trained)
   first_trained  index of the first trained token, -1 if none
   """
@@ -147,8 +153,6 @@ class Encoder:
     """-> (messages, indices of trained assistant turns or None for all tokens); [] if empty."""
     if self.cfg.format == "prompt_response":
       response = self._string(row, index, self.cfg.response_field)
-      if not response.strip():
-        return [], []
       messages = [{"role": "user", "content": self._string(row, index, self.cfg.prompt_field)},
                   {"role": "assistant", "content": response}]
     else:
@@ -157,11 +161,11 @@ class Encoder:
         return [], []
     messages = self._with_system(messages)
     turns = [k for k, m in enumerate(messages) if m["role"] == "assistant"]
-    if self.cfg.loss_on == "all":
-      return messages, None
     if self.cfg.loss_on == "last_assistant":
       turns = turns[-1:]
-    return messages, turns
+    if any(_blank(messages[k]["content"]) for k in turns):
+      return [], []
+    return messages, None if self.cfg.loss_on == "all" else turns
 
   def _messages(self, row, index):
     key = self.cfg.messages_field
@@ -202,7 +206,7 @@ class Encoder:
     r_ids = tok(responses, add_special_tokens=False)["input_ids"]
     out = []
     for p, r, response in zip(p_ids, r_ids, responses):
-      if not response.strip():
+      if _blank(response):
         out.append(([], []))
         continue
       ids = p + r + ([] if r and r[-1] == self.eos_id else [self.eos_id])
@@ -273,6 +277,10 @@ class Encoder:
         f"the chat template ends assistant message {turn} of {self.locate(index)} with no special "
         "end-of-turn token, so the model could never learn to stop; use a template that closes "
         "assistant turns with one (e.g. the tokenizer's EOS)")
+
+
+def _blank(text):
+  return not text.strip()
 
 
 def _columns(encoded):

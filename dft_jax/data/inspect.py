@@ -43,7 +43,9 @@ def report(config, tokenizer, *, num=3, color=False):
   opening, closing = MARKS[color]
   lines = [f"data.source={data_cfg.source} format={data_cfg.format}; trained tokens "
            f"{opening}marked{closing}"]
-  for i, row in enumerate(itertools.islice(source.dataset, num)):
+  with source.reading():
+    rows = list(itertools.islice(source.dataset, num))
+  for i, row in enumerate(rows):
     ids, trained = encoder.encode(row, i)
     lines += [f"--- {source.locate(i)}: {len(ids)} tokens, {sum(trained)} trained",
               mark_spans(tokenizer, ids, trained, color)]
@@ -64,8 +66,8 @@ def report(config, tokenizer, *, num=3, color=False):
 def main(config, *, num, tokenizer_dir, color):
   """Prints the report for `config`, with the tokenizer of config.model.name or `tokenizer_dir`."""
   if tokenizer_dir:
-    import transformers  # pylint: disable=g-import-not-at-top
-    tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+    from dft_jax.models import hf  # pylint: disable=g-import-not-at-top
+    tokenizer = hf.read_tokenizer(tokenizer_dir)
   else:
     from dft_jax import models  # pylint: disable=g-import-not-at-top
     _, tokenizer = models.load(config.model.name)
@@ -75,17 +77,19 @@ def main(config, *, num, tokenizer_dir, color):
   print(report(config, tokenizer, num=num, color=color))
 
 
-def _cli():
-  """Flags are defined here, not at import, so importing this module defines no global flags."""
-  config = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Config file.")
+def cli(argv=None):
+  """`python -m dft_jax.data.inspect ARGS` (argv: sys.argv by default). Flags are defined here, not
+  at import, so importing this module defines no global flags."""
+  argv = sys.argv if argv is None else argv
+  config = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Config file.", sys_argv=argv)
   num = flags.DEFINE_integer("num", 3, "Examples to print.")
   tokenizer_dir = flags.DEFINE_string(
       "tokenizer", None, "A saved HF tokenizer folder; default: config.model.name's tokenizer.")
   color = flags.DEFINE_enum("color", "auto", ["auto", "always", "never"],
                             "Mark trained spans with ANSI colours (auto: on a terminal).")
-  app.run(lambda argv: main(config.value, num=num.value, tokenizer_dir=tokenizer_dir.value,
-                            color=color.value))
+  app.run(lambda _: main(config.value, num=num.value, tokenizer_dir=tokenizer_dir.value,
+                         color=color.value), argv=argv)
 
 
 if __name__ == "__main__":
-  _cli()
+  cli()

@@ -98,12 +98,14 @@ def tokenize(source, encoder, data_cfg):
   ds = source.dataset
   fingerprint = hashlib.sha256(json.dumps([
       ds._fingerprint,  # pylint: disable=protected-access
-      STATE_VERSION, encoder.tokenizer.backend_tokenizer.to_str(), encoder.template,
-      encoder.eos_id, sorted(encoder.special_ids), data_cfg.format, formats.fields_of(data_cfg),
-      data_cfg.system_prompt, data_cfg.loss_on]).encode()).hexdigest()
-  return ds.map(encoder, batched=True, with_indices=True, remove_columns=ds.column_names,
-                features=_FEATURES, num_proc=data_cfg.num_proc if data_cfg.num_proc > 1 else None,
-                new_fingerprint=fingerprint[:32], desc="tokenising")
+      STATE_VERSION, formats.VERSION, encoder.tokenizer.backend_tokenizer.to_str(),
+      encoder.template, encoder.eos_id, sorted(encoder.special_ids), data_cfg.format,
+      formats.fields_of(data_cfg), data_cfg.system_prompt, data_cfg.loss_on]).encode()).hexdigest()
+  # the JSON-lines reader keeps bytes that are not UTF-8; they fail when a row becomes Python
+  with source.reading(UnicodeDecodeError):
+    return ds.map(encoder, batched=True, with_indices=True, remove_columns=ds.column_names,
+                  features=_FEATURES, num_proc=data_cfg.num_proc if data_cfg.num_proc > 1 else None,
+                  new_fingerprint=fingerprint[:32], desc="tokenising")
 
 
 class _Batches:
@@ -261,13 +263,8 @@ class StreamingIterator(_Batches):
     self._next_window()
 
   def _read(self, n):
-    try:
-      with sources.quiet_datasets():
-        return list(itertools.islice(self._rows_it, n))
-    except DataError:
-      raise
-    except Exception as e:  # pylint: disable=broad-except  (library errors -> one line at the edge)
-      raise self.source.read_error(e) from None
+    with self.source.reading():
+      return list(itertools.islice(self._rows_it, n))
 
   def _next_window(self):
     """Reads, tokenises, crops and packs the next `data.pack_window` rows of this epoch."""

@@ -6,19 +6,24 @@
   FOLDER                a folder written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk`
   ORG/NAME              a hub dataset (`data.subset` = its config name), split `data.split`
 
-Library errors (missing files, malformed JSON lines, unreadable parquet, an offline hub) become one
-`DataError` line naming the file and, where it can be found, the line.
+Library errors (missing files, bytes that are not UTF-8, malformed JSON lines, a CSV row with too
+many fields, unreadable parquet, a damaged save_to_disk folder, an offline hub) become one
+`DataError` line naming the file and, where it can be found, the line. Loading a local source sends
+nothing over the network (`datasets`' download-count request is off, see `quiet_datasets`).
 """
 import contextlib
+import csv
 import dataclasses
 import glob
 import json
 import logging
 import os
+import pathlib
 
 import datasets
+import pyarrow as pa
 
-from dft_jax.errors import DataError
+from dft_jax.errors import DataError, one_line
 
 BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
 _GLOB_CHARS = "*?["
@@ -53,10 +58,23 @@ class Source:
   builder: str = ""
 
   def read_error(self, e):
-    """A library exception raised while reading rows (streaming) -> DataError."""
+    """A library exception raised while reading rows -> DataError."""
     if self.files:
       return file_error(e, self.files, self.builder)
-    return DataError(f"cannot read {self.locate.source}: {_one_line(e)}")
+    return DataError(f"cannot read {self.locate.source}: {one_line(e)}")
+
+  @contextlib.contextmanager
+  def reading(self, errors=Exception):
+    """Library exceptions of the types `errors` raised while rows are read (a stream's rows, or a
+    map-style row whose text column holds bytes that are not UTF-8) -> one DataError naming the
+    file and line; our own DataErrors pass through."""
+    try:
+      with quiet_datasets():
+        yield
+    except DataError:
+      raise
+    except errors as e:  # pylint: disable=broad-except  (library errors -> one line at the edge)
+      raise self.read_error(e) from None
 
 
 def load_source(data_cfg, *, streaming=False):
@@ -100,8 +118,9 @@ def _folder(path, split):
   try:
     with quiet_datasets():
       ds = datasets.load_from_disk(path)
-  except (OSError, ValueError) as e:
-    raise DataError(f"cannot load save_to_disk folder {path}: {_one_line(e)}") from None
+  except Exception as e:  # pylint: disable=broad-except  (library errors -> one line at the edge)
+    raise DataError(f"cannot load save_to_disk folder {path}: "
+                    f"{_damaged_file(path) or one_line(e)}") from None
   if isinstance(ds, datasets.DatasetDict):
     if split not in ds:
       raise DataError(f"{path} has splits {sorted(ds)}; data.split={split!r} is not one of them")
@@ -148,42 +167,101 @@ def _hub(name, subset, split, cache_dir, streaming):
                                  streaming=streaming)
   except Exception as e:  # pylint: disable=broad-except
     raise DataError(f"cannot load hub dataset {name!r} (subset {subset!r}, split {split!r}): "
-                    f"{_one_line(e)}; without a network, use a local file, a glob or a "
+                    f"{one_line(e)}; without a network, use a local file, a glob or a "
                     "save_to_disk folder") from None
   return Source(ds, RowLocator(f"hub dataset {name}", f" (split {split!r})"))
 
 
 def file_error(e, files, builder):
-  """A library exception from reading `files` -> DataError naming the file (and line)."""
-  if builder == "json":
-    for f in files:
-      bad = _first_bad_json(f)
-      if bad:
-        return DataError(f"{f}: {bad}")
+  """A library exception from reading `files` -> DataError naming the file (and line): the first
+  fault our own checks of the text formats find, else the library's message."""
+  for f in files:
+    bad = _first_bad_line(f, builder)
+    if bad:
+      return DataError(f"{f}: {bad}")
   root = e
   while root.__cause__ is not None or root.__context__ is not None:
     root = root.__cause__ or root.__context__
   bad_file = next((f for f in files if f in str(e) or f in str(root)), None)
   where = bad_file or (files[0] if len(files) == 1 else f"one of {len(files)} files")
-  return DataError(f"cannot read {where} as {builder}: {_one_line(root)}")
+  return DataError(f"cannot read {where} as {builder}: {one_line(root)}")
+
+
+def _first_bad_line(path, builder):
+  """'line N...: what is wrong' for the first fault of a json / csv / text data file, else None."""
+  checks = {"json": (_first_undecodable_line, _first_bad_json),
+            "csv": (_first_undecodable_line, _first_ragged_csv_row),
+            "text": (_first_undecodable_line,)}.get(builder, ())
+  return next(filter(None, (check(path) for check in checks)), None)
+
+
+def _first_undecodable_line(path):
+  """The first line holding bytes that are not UTF-8 (a newline byte is never inside a UTF-8
+  sequence, so decoding line by line is exact)."""
+  with open(path, "rb") as f:
+    for n, line in enumerate(f, 1):
+      try:
+        line.decode("utf-8")
+      except UnicodeDecodeError as e:
+        bad = " ".join(f"0x{b:02x}" for b in line[e.start:e.end])
+        return f"line {n}, byte {e.start + 1}: {bad} is not UTF-8 text; data files must be UTF-8"
+  return None
+
+
+_JSON_TYPES = {dict: "an object", list: "an array", str: "a string", int: "a number",
+               float: "a number", bool: "a boolean", type(None): "null"}
 
 
 def _first_bad_json(path):
-  """'line N: invalid JSON (...)' for the first unparsable line of a JSON-lines file (one whose
-  first line is a JSON value), else for a JSON document; None if the file parses."""
-  with open(path, encoding="utf-8", errors="replace") as f:
+  """For a JSON-lines file (several lines, the first a JSON value): its first line that does not
+  parse or is not a JSON object. For a JSON document: where it does not parse, or that it is not a
+  list or an object. None if no fault is found."""
+  with open(path, encoding="utf-8") as f:
     text = f.read()
   lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
   try:
-    json.loads(lines[0][1] if lines else "")
-    candidates = lines  # JSON lines
+    json.loads(lines[0][1] if len(lines) > 1 else "")
+    per_line, allowed = True, dict
   except json.JSONDecodeError:
-    candidates = [(1, text)]  # one document
-  for offset, chunk in candidates:
+    lines, per_line, allowed = [(1, text)], False, (dict, list)
+  for offset, chunk in lines:
     try:
-      json.loads(chunk)
+      value = json.loads(chunk)
     except json.JSONDecodeError as e:
       return f"line {offset + e.lineno - 1}: invalid JSON ({e.msg} at column {e.colno})"
+    if not isinstance(value, allowed):
+      kind = _JSON_TYPES[type(value)]
+      return (f"line {offset}: {kind}, expected one JSON object per line" if per_line else
+              f"{kind}, expected a list of objects or one object per line")
+  return None
+
+
+def _first_ragged_csv_row(path):
+  """The first CSV row with more fields than the header (the reader fills short rows with nulls)."""
+  with open(path, encoding="utf-8", newline="") as f:
+    reader = csv.reader(f)
+    header = next(reader, [])
+    for row, fields in enumerate(filter(None, reader)):
+      if len(fields) > len(header):
+        return (f"line {reader.line_num} (row {row}) has {len(fields)} fields, the header has "
+                f"{len(header)}")
+  return None
+
+
+def _damaged_file(folder):
+  """'FILE: what is wrong' for the first JSON or Arrow file of a save_to_disk folder that cannot be
+  read, else None."""
+  for path in sorted(pathlib.Path(folder).rglob("*.json")):
+    try:
+      json.loads(path.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+      return f"{path}: invalid JSON ({one_line(e)})"
+  for path in sorted(pathlib.Path(folder).rglob("*.arrow")):
+    try:
+      with pa.memory_map(str(path)) as stream:
+        pa.ipc.open_stream(stream).read_all()
+    except (OSError, pa.ArrowException) as e:
+      return f"{path}: not a readable Arrow file ({one_line(e)})"
   return None
 
 
@@ -201,18 +279,17 @@ def _file_of_row(files, builder, index, cache_dir):
   return None
 
 
-def _one_line(e):
-  text = " ".join(str(e).split()) or type(e).__name__
-  return text if len(text) <= 300 else text[:297] + "..."
-
-
 @contextlib.contextmanager
 def quiet_datasets():
-  """Silences the library's own error logging while we load; we report the error ourselves."""
+  """Silences the library while we load: its own error logging (we report the error ourselves)
+  and its download-count request (`load_dataset` sends one for every packaged builder, local
+  files included: datasets.load.increase_load_count)."""
   logger = logging.getLogger("datasets")
-  level = logger.level
+  level, counts = logger.level, datasets.config.HF_UPDATE_DOWNLOAD_COUNTS
   logger.setLevel(logging.CRITICAL)
+  datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = False
   try:
     yield
   finally:
     logger.setLevel(level)
+    datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = counts

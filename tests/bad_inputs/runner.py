@@ -2,11 +2,14 @@
 
   python tests/bad_inputs/runner.py JOBS_JSON RESULTS_JSON
 
-JOBS_JSON: [{"name": ..., "entry": "train" | "export" | "generate" | "scanner", "argv": [...]}, ...].
-The parent imports the CLI modules once (the slow part, seconds); each job runs in a forked child
-exactly as `python -m dft_jax.<entry> ARGV` would: its own argv and absl flags, stdout and stderr on
-real file descriptors, an uncaught exception printed as the interpreter prints it, and the exit
-status of the child process. The parent never starts JAX's backends, so forking it is safe.
+JOBS_JSON: [{"name": ..., "entry": "train" | "export" | "generate" | "scanner" | "inspect",
+"argv": [...]}, ...]. The parent imports the CLI modules once (the slow part, seconds); each job
+runs in a forked child exactly as `python -m dft_jax.<entry> ARGV` would: its own argv and flags,
+stdout and stderr on real file descriptors, an uncaught exception printed as the interpreter prints
+it, and the exit status of the child process. The parent never starts JAX's backends, so forking it
+is safe. The child's stdin answers "y" to every question, then ends: nothing should ask, and a
+question that was asked shows as what it allowed (custom code in a model folder runs, and the
+corpus's code fails loudly) rather than as a wait.
 RESULTS_JSON: {name: {"code": int, "stdout": str, "stderr": str, "seconds": float}}.
 """
 import json
@@ -19,6 +22,7 @@ import traceback
 from transformers import AutoTokenizer  # pylint: disable=unused-import  (its lazy imports, once)
 
 from dft_jax import data, export, generate, train  # pylint: disable=unused-import
+from dft_jax.data import inspect as data_inspect
 from dft_jax.experiments import scanner
 
 ENTRIES = {  # entry -> how `python -m dft_jax.<entry> ARGV` calls it
@@ -26,6 +30,7 @@ ENTRIES = {  # entry -> how `python -m dft_jax.<entry> ARGV` calls it
     "export": export.main,
     "generate": generate.main,
     "scanner": lambda argv: scanner.cli_main(["dft_jax.experiments.scanner", *argv]),
+    "inspect": lambda argv: data_inspect.cli(["dft_jax.data.inspect", *argv]),
 }
 
 
@@ -39,7 +44,15 @@ def exit_code(e):
   return 1
 
 
+def answer_yes_on_stdin():
+  read, write = os.pipe()
+  os.write(write, b"y\n" * 100)
+  os.close(write)
+  os.dup2(read, 0)
+
+
 def child(job, out, err):
+  answer_yes_on_stdin()
   os.dup2(out, 1)
   os.dup2(err, 2)
   code = 0

@@ -1,0 +1,1 @@
+raise RuntimeError("code from a model folder was run")
