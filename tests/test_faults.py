@@ -454,8 +454,10 @@ def corpus_results(rows_dir, tmp_path_factory):
   for case in CASES:
     argv = [a.format(here=CORPUS, tmp=tmp / case["name"]) for a in case["argv"]]
     entry = case.get("entry", "train")
-    if entry == "train":
-      argv = [*base, f"--workdir={tmp / case['name'] / 'run'}", *argv]
+    if entry == "train":  # ml_collections wants --config=FILE before any --config.a.b override
+      files = [a for a in argv if a.startswith("--config=")]
+      argv = [*files, *base, f"--workdir={tmp / case['name'] / 'run'}",
+              *(a for a in argv if a not in files)]
     jobs.append(dict(name=case["name"], entry=entry, argv=argv))
   (tmp / "jobs.json").write_text(json.dumps(jobs))
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1",
