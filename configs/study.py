@@ -33,6 +33,7 @@ ARMS = (
     "sft+entropy=sft,entropy_coef=0.05",
     "dft+kl=dft,kl_coef=0.1",
     "eaft=eaft",
+    "asft=asft",
 )
 
 

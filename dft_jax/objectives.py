@@ -328,6 +328,34 @@ def deft_metrics(logp, *, renyi2):
   return {"alpha": alpha, **gate_metrics(jnp.exp(alpha * _f32(logp)))}
 
 
+def asft(logp, *, kl_from_ref, kl_weight):
+  """ASFT, Anchored SFT (arXiv 2509.23753; authors' code zhuchichi56/ASFT `train_v2.py`
+  EnhancedTrainer.compute_loss, and LLaMA-Factory `asft_loss_func` in trainer_utils.py,
+  `use_asft_loss` / `asft_alpha`): DFT's token weighting plus a KL anchor to the frozen starting
+  model over the FULL vocabulary at every loss token,
+
+    -sg(p_t) * log p_t + kl_weight * KL(pi_ref || pi_theta)_t,
+    KL_t = sum_v q_v (log q_v - log p_v),   q = the reference's next-token distribution.
+
+  Gradient wrt logits: p_t (softmax - onehot) + kl_weight (softmax - q): the whole distribution is
+  pulled towards the reference, not only the target token (the k3 anchor, kl_coef, is a
+  one-sample estimate of the other direction at the target alone). Both implementations take the
+  KL in this direction (F.kl_div(log p, q)), summed over the vocabulary, token-mean like the DFT
+  term; kl_weight = 0.1 is asft_alpha's default and the authors' train() default (their README
+  example uses 0.05). kl_from_ref: the LM-head statistic "kl_from_ref", from the reference's own
+  hidden states chunk by chunk (never the [tokens, vocab] logits).
+  """
+  return dft(logp) + kl_weight * _f32(kl_from_ref)
+
+
+def asft_metrics(logp, *, kl_from_ref, kl_weight):
+  """The per-token KL to the reference, the anchor's share of the loss and DFT's gate p_t."""
+  loss = asft(logp, kl_from_ref=kl_from_ref, kl_weight=kl_weight)
+  anchor = kl_weight * _f32(kl_from_ref)
+  share = jnp.where(loss > 0, anchor / jnp.where(loss > 0, loss, 1.0), 0.0)
+  return {"kl": kl_from_ref, "kl_share": share, **gate_metrics(jnp.exp(_f32(logp)))}
+
+
 def k3(logp, ref_logp):
   """k3 estimator of KL(pi || ref) per token: exp(d) - d - 1, d = sg(ref_logp) - logp (>= 0).
 
@@ -378,6 +406,12 @@ OBJECTIVES = {
     "deft": Objective(
         deft, "-(p_t^a_t - 1) / a_t, a_t = sg(sum_v p_v^2) (DEFT, arXiv 2602.11424)",
         inputs=lambda hparams: {"renyi2": "renyi2_entropy"}, metrics=deft_metrics),
+    "asft": Objective(
+        asft, "-sg(p_t) log p_t + kl_weight KL(pi_ref || pi)_t over the full vocabulary (ASFT, "
+        "arXiv 2509.23753)",
+        hparams=dict(kl_weight=nonnegative(0.1, "weight of the full-vocabulary KL to the starting "
+                                                "model (LLaMA-Factory asft_alpha: 0.1)")),
+        inputs=lambda hparams: {"kl_from_ref": "kl_from_ref"}, metrics=asft_metrics),
 }
 
 # Extra terms any objective can add: coefficient field -> (term name, record); on when > 0.

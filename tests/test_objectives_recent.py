@@ -1,0 +1,129 @@
+"""Objectives researchers now compare DFT against, each against a float64 numpy reference of its
+value and gradient written from the authors' code, through the chunked LM head (hidden states and
+head weight in, gradients with respect to both out)."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dft_jax import lm_head, objectives
+from objectives_testlib import objective_cfg
+
+B, T, D, V = 3, 16, 8, 24
+CHUNK = 20  # 3 rows x 6 positions a chunk: T is not a multiple
+SEGMENTS = np.array([[1] * 7 + [2] * 9,
+                     [1] * 16,
+                     [1] * 5 + [2] * 6 + [0] * 5], np.int32)
+
+
+def make_data(seed=0, scale=3.0):
+  """Packed rows: hidden states, head weight, targets (the argmax on half the tokens, so p_t
+  spreads over (0, 1)), loss mask (0 on padding and each segment's last token), and a reference
+  model's hidden states and head weight near the policy's."""
+  rng = np.random.default_rng(seed)
+  hidden = rng.normal(size=(B, T, D)).astype(np.float32)
+  w = (scale * rng.normal(size=(D, V)) / np.sqrt(D)).astype(np.float32)
+  logits = hidden.astype(np.float64) @ w
+  targets = np.where(rng.random((B, T)) < 0.5, logits.argmax(-1),
+                     rng.integers(0, V, (B, T))).astype(np.int32)
+  last = np.append(SEGMENTS[:, 1:] != SEGMENTS[:, :-1], np.ones((B, 1), bool), axis=1)
+  mask = ((SEGMENTS > 0) & ~last).astype(np.float32)
+  targets[SEGMENTS == 0] = -100
+  ref_hidden = (hidden + 0.6 * rng.normal(size=hidden.shape)).astype(np.float32)
+  ref_w = (w + 0.3 * rng.normal(size=w.shape)).astype(np.float32)
+  return dict(hidden=hidden, w=w, targets=targets, loss_mask=mask, segment_ids=SEGMENTS,
+              ref_hidden=ref_hidden, ref_w=ref_w)
+
+
+def log_softmax64(hidden, w):
+  z = np.asarray(hidden, np.float64) @ np.asarray(w, np.float64)
+  z = z - z.max(-1, keepdims=True)
+  return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def reference_grads(data, per_token):
+  """float64 token-mean loss and its gradients wrt hidden and w, from per_token(logp_all, onehot)
+  -> (loss [B, T], d loss / d logits [B, T, V])."""
+  logp_all = log_softmax64(data["hidden"], data["w"])
+  onehot = np.eye(V)[np.clip(data["targets"], 0, V - 1)]
+  loss, dlogits = per_token(logp_all, onehot)
+  weights = data["loss_mask"] / data["loss_mask"].sum()
+  dlogits = weights[..., None] * dlogits
+  return ((weights * loss).sum(), dlogits @ np.asarray(data["w"], np.float64).T,
+          np.einsum("btd,btv->dv", np.asarray(data["hidden"], np.float64), dlogits))
+
+
+def head_loss(hidden, w, data, cfg):
+  stats = lm_head.token_stats(hidden, w, data["targets"], chunk_size=CHUNK,
+                              stats=objectives.required_stats(cfg),
+                              ref_hidden_BxTxD=data["ref_hidden"], ref_w_DxV=data["ref_w"])
+  return objectives.objective_loss(stats, data, cfg)
+
+
+def loss_and_grads(data, cfg):
+  """(loss, metrics, d loss / d hidden, d loss / d w) through the chunked head, under jit."""
+  fn = jax.jit(jax.value_and_grad(functools.partial(head_loss, data=data, cfg=cfg),
+                                  argnums=(0, 1), has_aux=True))
+  (loss, metrics), (d_hidden, d_w) = fn(data["hidden"], data["w"])
+  return loss, objectives.finalize_metrics(metrics), d_hidden, d_w
+
+
+def assert_matches(data, cfg, per_token, rtol=2e-5):
+  loss, _, d_hidden, d_w = loss_and_grads(data, cfg)
+  ref_loss, ref_d_hidden, ref_d_w = reference_grads(data, per_token)
+  np.testing.assert_allclose(loss, ref_loss, rtol=rtol)
+  for got, want in ((d_hidden, ref_d_hidden), (d_w, ref_d_w)):
+    np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * np.abs(want).max())
+
+
+# ----------------------------------------------------------------------------------------- ASFT
+
+
+def asft64(data, kl_weight):
+  """ASFT from zhuchichi56/ASFT train_v2.py and LLaMA-Factory asft_loss_func: per token
+  -sg(p_t) log p_t + kl_weight sum_v q_v (log q_v - log p_v); d/dz = p_t (p - e_y) + kl_weight
+  (p - q)."""
+  logq = log_softmax64(data["ref_hidden"], data["ref_w"])
+
+  def per_token(logp_all, onehot):
+    p_all, q = np.exp(logp_all), np.exp(logq)
+    logp = (logp_all * onehot).sum(-1)
+    kl = (q * (logq - logp_all)).sum(-1)
+    loss = -np.exp(logp) * logp + kl_weight * kl
+    return loss, np.exp(logp)[..., None] * (p_all - onehot) + kl_weight * (p_all - q)
+  return per_token
+
+
+@pytest.mark.parametrize("kl_weight", [0.1, 0.05, 1.0])
+def test_asft_matches_float64(kl_weight):
+  data = make_data()
+  assert_matches(data, objective_cfg("asft", kl_weight=kl_weight), asft64(data, kl_weight))
+
+
+def test_asft_without_the_anchor_is_dft_and_against_itself_has_zero_kl():
+  data = make_data(seed=1)
+  _, _, dft_h, dft_w = loss_and_grads(data, {"name": "dft"})
+  _, _, h0, w0 = loss_and_grads(data, objective_cfg("asft", kl_weight=0.0))
+  np.testing.assert_allclose(h0, dft_h, rtol=1e-6, atol=1e-9)
+  same = dict(data, ref_hidden=data["hidden"], ref_w=data["w"])
+  _, metrics, h, w = loss_and_grads(same, objective_cfg("asft", kl_weight=0.5))
+  assert abs(float(metrics["asft/kl"])) < 1e-6
+  np.testing.assert_allclose(h, dft_h, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(w, dft_w, rtol=1e-5, atol=1e-7)
+
+
+def test_asft_metrics():
+  data = make_data(seed=2)
+  _, metrics, _, _ = loss_and_grads(data, objective_cfg("asft", kl_weight=0.1))
+  logp_all = log_softmax64(data["hidden"], data["w"])
+  logq = log_softmax64(data["ref_hidden"], data["ref_w"])
+  live = data["loss_mask"] > 0
+  kl = (np.exp(logq) * (logq - logp_all)).sum(-1)[live]
+  p = np.exp(np.take_along_axis(logp_all, np.clip(data["targets"], 0, V - 1)[..., None],
+                                -1)[..., 0])[live]
+  loss = -p * np.log(p) + 0.1 * kl
+  np.testing.assert_allclose(metrics["asft/kl"], kl.mean(), rtol=1e-5)
+  np.testing.assert_allclose(metrics["asft/kl_share"], (0.1 * kl / loss).mean(), rtol=1e-4)
+  np.testing.assert_allclose(metrics["asft/gated_down"], (p < 0.5).mean(), rtol=1e-6)
