@@ -34,6 +34,7 @@ ARMS = (
     "dft+kl=dft,kl_coef=0.1",
     "eaft=eaft",
     "asft=asft",
+    "chord_phi=chord_phi",
 )
 
 

@@ -356,6 +356,30 @@ def asft_metrics(logp, *, kl_from_ref, kl_weight):
   return {"kl": kl_from_ref, "kl_share": share, **gate_metrics(jnp.exp(_f32(logp)))}
 
 
+def chord_phi(logp, *, cutoff):
+  """CHORD's token weighting phi as an objective of its own (arXiv 2508.11408; Trinity-RFT
+  `sft_phi`, SFTPhiLossFn in trinity/algorithm/policy_loss_fn/chord_policy_loss.py; ms-swift
+  compute_chord_loss):
+
+    -sg(p_t (1 - p_t)) * min(log p_t, log cutoff).
+
+  Gradient wrt logits: p_t (1 - p_t) (softmax - onehot) for p_t <= cutoff, else 0: tokens the model
+  finds unlikely AND tokens it already knows get little update, uncertain ones (p_t near 1/2) the
+  most (phi <= 1/4). The weight uses the unclamped p_t; cutoff = 1 (the default) is no cutoff.
+  Its gradient equals that of (1 - p_t)**2 / 2 (no stop-gradient).
+  """
+  logp = _f32(logp)
+  p = jax.lax.stop_gradient(jnp.exp(logp))
+  return -(p * (1.0 - p)) * jnp.minimum(logp, jnp.log(cutoff))
+
+
+def chord_phi_metrics(logp, *, cutoff):
+  """phi; the share of tokens past phi's peak (p_t > 1/2: more probability, less weight); the
+  share cut by the cutoff (no gradient)."""
+  p = jnp.exp(_f32(logp))
+  return {"phi": p * (1.0 - p), "past_peak": p > 0.5, "cut": p > cutoff}
+
+
 def k3(logp, ref_logp):
   """k3 estimator of KL(pi || ref) per token: exp(d) - d - 1, d = sg(ref_logp) - logp (>= 0).
 
@@ -412,6 +436,12 @@ OBJECTIVES = {
         hparams=dict(kl_weight=nonnegative(0.1, "weight of the full-vocabulary KL to the starting "
                                                 "model (LLaMA-Factory asft_alpha: 0.1)")),
         inputs=lambda hparams: {"kl_from_ref": "kl_from_ref"}, metrics=asft_metrics),
+    "chord_phi": Objective(
+        chord_phi, "-sg(p_t (1 - p_t)) min(log p_t, log cutoff) (CHORD's phi, arXiv 2508.11408; "
+        "Trinity-RFT sft_phi)",
+        hparams=dict(cutoff=Hparam(1.0, "a number in (0, 1]", lambda v: _real(v) and 0 < v <= 1,
+                                   "tokens with p_t above it get no gradient (1: none)")),
+        metrics=chord_phi_metrics),
 }
 
 # Extra terms any objective can add: coefficient field -> (term name, record); on when > 0.

@@ -127,3 +127,48 @@ def test_asft_metrics():
   np.testing.assert_allclose(metrics["asft/kl"], kl.mean(), rtol=1e-5)
   np.testing.assert_allclose(metrics["asft/kl_share"], (0.1 * kl / loss).mean(), rtol=1e-4)
   np.testing.assert_allclose(metrics["asft/gated_down"], (p < 0.5).mean(), rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------------ CHORD phi
+
+
+def chord_phi64(cutoff):
+  """Trinity-RFT sft_phi: -sg(p_t (1 - p_t)) min(log p_t, log c); d/dz = phi 1[p_t <= c] (p - e_y)."""
+
+  def per_token(logp_all, onehot):
+    p_all = np.exp(logp_all)
+    logp = (logp_all * onehot).sum(-1)
+    phi = np.exp(logp) * (1 - np.exp(logp))
+    loss = -phi * np.minimum(logp, np.log(cutoff))
+    return loss, (phi * (logp <= np.log(cutoff)))[..., None] * (p_all - onehot)
+  return per_token
+
+
+@pytest.mark.parametrize("cutoff", [1.0, 0.6])
+def test_chord_phi_matches_float64(cutoff):
+  data = make_data()
+  assert_matches(data, objective_cfg("chord_phi", cutoff=cutoff), chord_phi64(cutoff))
+
+
+def test_chord_phi_gradient_is_that_of_half_squared_complement():
+  """An independent check of the stop-gradient: d/dz of -sg(p(1-p)) log p = d/dz of (1-p)^2 / 2."""
+  data = make_data(seed=3)
+  _, _, d_hidden, _ = loss_and_grads(data, {"name": "chord_phi"})
+
+  def half_squared(hidden):
+    logp = lm_head.token_stats(hidden, data["w"], data["targets"], stats=("logp",))["logp"]
+    return objectives.aggregate(0.5 * (1 - jnp.exp(logp)) ** 2, data["loss_mask"])
+  np.testing.assert_allclose(d_hidden, jax.grad(half_squared)(data["hidden"]), rtol=1e-5,
+                             atol=1e-8)
+
+
+def test_chord_phi_metrics():
+  data = make_data(seed=4)
+  _, metrics, _, _ = loss_and_grads(data, objective_cfg("chord_phi", cutoff=0.6))
+  logp_all = log_softmax64(data["hidden"], data["w"])
+  p = np.exp(np.take_along_axis(logp_all, np.clip(data["targets"], 0, V - 1)[..., None],
+                                -1)[..., 0])[data["loss_mask"] > 0]
+  assert 0 < (p > 0.6).mean() < 1
+  np.testing.assert_allclose(metrics["chord_phi/phi"], (p * (1 - p)).mean(), rtol=1e-5)
+  np.testing.assert_allclose(metrics["chord_phi/past_peak"], (p > 0.5).mean(), rtol=1e-6)
+  np.testing.assert_allclose(metrics["chord_phi/cut"], (p > 0.6).mean(), rtol=1e-6)
