@@ -35,6 +35,8 @@ ARMS = (
     "eaft=eaft",
     "asft=asft",
     "chord_phi=chord_phi",
+    "p=power,alpha=1.0",
+    "top_logp=prob_threshold",
 )
 
 

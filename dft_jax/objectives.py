@@ -380,6 +380,34 @@ def chord_phi_metrics(logp, *, cutoff):
   return {"phi": p * (1.0 - p), "past_peak": p > 0.5, "cut": p > cutoff}
 
 
+def prob_threshold(logp, *, base, side, tau):
+  """The thresholded probability-based objectives of "Beyond Log Likelihood" (arXiv 2510.00526;
+  authors' code GaotangLi/Beyond-Log-Likelihood, main_verl/trainer/fsdp_sft_trainer.py
+  _compute_loss_and_backward, objective_trans OnlyTopP / OnlyBottomP / OnlyTopLogP /
+  OnlyBottomLogP-tau): a loss on the selected tokens only,
+
+    f(p_t) * s_t,   f = 1 - p_t (base="p") or -log p_t (base="logp"),
+    s_t = 1[p_t >= tau] (side="top": only tokens the model already finds likely, prior-leaning)
+       or 1[p_t <= tau] (side="bottom").
+
+  Gradient wrt logits: s_t p_t (softmax - onehot) (p) or s_t (softmax - onehot) (logp); s_t has none.
+  The authors divide by the number of SELECTED loss tokens of each micro-batch; here the
+  objective's aggregation applies (token_mean: all loss tokens), which scales the gradient by the
+  batch's selected share (metric prob_threshold/selected) -- under Adam mostly a change of the
+  effective step size.
+  """
+  logp = _f32(logp)
+  p = jnp.exp(logp)
+  chosen = jax.lax.stop_gradient(p >= tau if side == "top" else p <= tau)
+  return jnp.where(chosen, 1.0 - p if base == "p" else -logp, 0.0)
+
+
+def prob_threshold_metrics(logp, *, base, side, tau):
+  del base
+  p = jnp.exp(_f32(logp))
+  return {"selected": p >= tau if side == "top" else p <= tau}
+
+
 def k3(logp, ref_logp):
   """k3 estimator of KL(pi || ref) per token: exp(d) - d - 1, d = sg(ref_logp) - logp (>= 0).
 
@@ -442,6 +470,15 @@ OBJECTIVES = {
         hparams=dict(cutoff=Hparam(1.0, "a number in (0, 1]", lambda v: _real(v) and 0 < v <= 1,
                                    "tokens with p_t above it get no gradient (1: none)")),
         metrics=chord_phi_metrics),
+    "prob_threshold": Objective(
+        prob_threshold, "(1 - p_t or -log p_t) on tokens with p_t >= tau (top) or <= tau "
+        "(bottom) only (Beyond Log Likelihood, arXiv 2510.00526)",
+        hparams=dict(
+            base=choice("logp", ("logp", "p"), "the loss on selected tokens: -log p_t or 1 - p_t"),
+            side=choice("top", ("top", "bottom"), "top: p_t >= tau (prior-leaning); bottom: <="),
+            tau=unit_interval(0.1, "the probability threshold (this project's default: the "
+                                   "authors' code has none)")),
+        metrics=prob_threshold_metrics),
 }
 
 # Extra terms any objective can add: coefficient field -> (term name, record); on when > 0.

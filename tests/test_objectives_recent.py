@@ -172,3 +172,55 @@ def test_chord_phi_metrics():
   np.testing.assert_allclose(metrics["chord_phi/phi"], (p * (1 - p)).mean(), rtol=1e-5)
   np.testing.assert_allclose(metrics["chord_phi/past_peak"], (p > 0.5).mean(), rtol=1e-6)
   np.testing.assert_allclose(metrics["chord_phi/cut"], (p > 0.6).mean(), rtol=1e-6)
+
+
+# ------------------------------------------------------------------------ Beyond Log Likelihood
+
+
+def power64(alpha):
+  """Beyond-LL "p" (alpha = 1: 1 - p_t) and "GeneralFamily-alpha": -(p_t^alpha - 1) / alpha, full
+  autodiff in the authors' code; d/dz = p_t^alpha (p - e_y)."""
+
+  def per_token(logp_all, onehot):
+    logp = (logp_all * onehot).sum(-1)
+    loss = -np.expm1(alpha * logp) / alpha
+    return loss, np.exp(alpha * logp)[..., None] * (np.exp(logp_all) - onehot)
+  return per_token
+
+
+@pytest.mark.parametrize("alpha", [1.0, 10.0])
+def test_beyond_ll_p_and_general_family_are_the_power_family(alpha):
+  """-p (alpha = 1, loss 1 - p_t) and GeneralFamily-alpha of Beyond Log Likelihood are
+  objective.name=power with that alpha: no separate record."""
+  data = make_data()
+  assert_matches(data, objective_cfg("power", alpha=alpha), power64(alpha))
+
+
+def prob_threshold64(base, side, tau):
+  """OnlyTop/BottomP/LogP-tau (GaotangLi/Beyond-Log-Likelihood): f(p_t) s_t, token mean over the
+  loss tokens here (the authors' denominator is the selected ones)."""
+
+  def per_token(logp_all, onehot):
+    logp = (logp_all * onehot).sum(-1)
+    p = np.exp(logp)
+    s = (p >= tau) if side == "top" else (p <= tau)
+    sft_grad = np.exp(logp_all) - onehot
+    if base == "p":
+      return s * (1 - p), (s * p)[..., None] * sft_grad
+    return s * -logp, s[..., None] * sft_grad
+  return per_token
+
+
+@pytest.mark.parametrize("base,side,tau", [("logp", "top", 0.1), ("p", "top", 0.3),
+                                           ("logp", "bottom", 0.3), ("p", "bottom", 0.05)])
+def test_prob_threshold_matches_float64(base, side, tau):
+  data = make_data()
+  cfg = objective_cfg("prob_threshold", base=base, side=side, tau=tau)
+  assert_matches(data, cfg, prob_threshold64(base, side, tau))
+  _, metrics, _, _ = loss_and_grads(data, cfg)
+  logp_all = log_softmax64(data["hidden"], data["w"])
+  p = np.exp(np.take_along_axis(logp_all, np.clip(data["targets"], 0, V - 1)[..., None],
+                                -1)[..., 0])[data["loss_mask"] > 0]
+  selected = (p >= tau) if side == "top" else (p <= tau)
+  assert 0 < selected.mean() < 1  # the data has tokens on both sides of tau
+  np.testing.assert_allclose(metrics["prob_threshold/selected"], selected.mean(), rtol=1e-6)
