@@ -37,6 +37,7 @@ ARMS = (
     "chord_phi=chord_phi",
     "p=power,alpha=1.0",
     "top_logp=prob_threshold",
+    "iw_sft=iw_sft",
 )
 
 

@@ -408,6 +408,38 @@ def prob_threshold_metrics(logp, *, base, side, tau):
   return {"selected": p >= tau if side == "top" else p <= tau}
 
 
+def iw_weight_log(logp, ref_logp, loss_mask, segment_ids, temp, w_max):
+  """log w_s = min(temp * mean_{t in s} (logp_t - ref_logp_t), log w_max) per sequence s (the
+  segment of each token; masked tokens excluded), without gradient."""
+  mask = _f32(loss_mask) > 0
+  diff = jnp.where(mask, jax.lax.stop_gradient(_f32(logp) - _f32(ref_logp)), 0.0)
+  tokens = segment_totals(mask.astype(jnp.float32), segment_ids)
+  mean = segment_totals(diff, segment_ids) / jnp.maximum(tokens, 1.0)
+  return jnp.minimum(temp * mean, math.log(w_max)), mean
+
+
+def iw_sft(logp, *, ref_logp, loss_mask, segment_ids, temp, w_max):
+  """iw-SFT, importance-weighted SFT (arXiv 2507.12856; authors' code emmyqin/iw_sft,
+  bounding_trainers.py IwSFTLoss with the call site's temp=1.0, sum_over_time=True):
+
+    -sg(w_s) * log p_t,   w_s = min(exp(temp * mean_{t in s}(log p_t - log p_ref,t)), w_max),
+
+  a per-sequence weight: the length-normalised ratio of the current policy to the frozen initial
+  model (the reference, not a lagging snapshot) on the sequence's tokens, clipped at w_max = 16.
+  Gradient wrt logits: w_s (softmax - onehot). Sequences are segments of packed rows (rows without
+  segment ids); the authors' code has one sequence a row.
+  """
+  log_w, _ = iw_weight_log(logp, ref_logp, loss_mask, segment_ids, temp, w_max)
+  return -jnp.exp(log_w) * _f32(logp)
+
+
+def iw_sft_metrics(logp, *, ref_logp, loss_mask, segment_ids, temp, w_max):
+  """The weight w_s, its log-ratio mean, the share clipped at w_max and the share below 1/2."""
+  log_w, mean = iw_weight_log(logp, ref_logp, loss_mask, segment_ids, temp, w_max)
+  return {"weight": jnp.exp(log_w), "log_ratio": mean,
+          "clipped": log_w >= math.log(w_max), **gate_metrics(jnp.exp(log_w))}
+
+
 def k3(logp, ref_logp):
   """k3 estimator of KL(pi || ref) per token: exp(d) - d - 1, d = sg(ref_logp) - logp (>= 0).
 
@@ -479,6 +511,12 @@ OBJECTIVES = {
             tau=unit_interval(0.1, "the probability threshold (this project's default: the "
                                    "authors' code has none)")),
         metrics=prob_threshold_metrics),
+    "iw_sft": Objective(
+        iw_sft, "-sg(w_s) log p_t, w_s = min(exp(temp mean_s(log p - log p_ref)), w_max) per "
+        "sequence (iw-SFT, arXiv 2507.12856)",
+        hparams=dict(temp=positive(1.0, "temperature of the log-ratio (the authors' call: 1.0)"),
+                     w_max=positive(16.0, "upper clip of the weight (authors' code: 16)")),
+        needs=("ref_logp", "segments"), metrics=iw_sft_metrics),
 }
 
 # Extra terms any objective can add: coefficient field -> (term name, record); on when > 0.

@@ -56,9 +56,14 @@ def reference_grads(data, per_token):
 
 
 def head_loss(hidden, w, data, cfg):
+  """The step's loss from the chunked head; the reference model's logp when the objective needs
+  it, from its own hidden states and head weight."""
   stats = lm_head.token_stats(hidden, w, data["targets"], chunk_size=CHUNK,
                               stats=objectives.required_stats(cfg),
                               ref_hidden_BxTxD=data["ref_hidden"], ref_w_DxV=data["ref_w"])
+  if "ref_logp" in objectives.needs(cfg):
+    stats["ref_logp"] = lm_head.token_stats(data["ref_hidden"], data["ref_w"], data["targets"],
+                                            stats=("logp",))["logp"]
   return objectives.objective_loss(stats, data, cfg)
 
 
@@ -224,3 +229,44 @@ def test_prob_threshold_matches_float64(base, side, tau):
   selected = (p >= tau) if side == "top" else (p <= tau)
   assert 0 < selected.mean() < 1  # the data has tokens on both sides of tau
   np.testing.assert_allclose(metrics["prob_threshold/selected"], selected.mean(), rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------- iw-SFT
+
+
+def iw_sft64(data, temp, w_max):
+  """emmyqin/iw_sft IwSFTLoss (sum_over_time): w_s = clip(exp(temp * mean over the sequence's loss
+  tokens of (logp - ref_logp)), 0, w_max), -w_s log p_t; d/dz = w_s (p - e_y)."""
+  ref_logp_all = log_softmax64(data["ref_hidden"], data["ref_w"])
+  onehot = np.eye(V)[np.clip(data["targets"], 0, V - 1)]
+  ref_logp = (ref_logp_all * onehot).sum(-1)
+
+  def per_token(logp_all, onehot):
+    logp = (logp_all * onehot).sum(-1)
+    weight = np.zeros((B, T))
+    for b in range(B):
+      for s in np.unique(SEGMENTS[b]):
+        sel = SEGMENTS[b] == s
+        live = sel & (data["loss_mask"][b] > 0)
+        if live.any():
+          weight[b, sel] = min(np.exp(temp * (logp[b, live] - ref_logp[b, live]).mean()), w_max)
+    return -weight * logp, weight[..., None] * (np.exp(logp_all) - onehot)
+  return per_token
+
+
+@pytest.mark.parametrize("temp,w_max", [(1.0, 16.0), (3.0, 1.5)])
+def test_iw_sft_matches_float64(temp, w_max):
+  data = make_data()
+  assert_matches(data, objective_cfg("iw_sft", temp=temp, w_max=w_max),
+                 iw_sft64(data, temp, w_max))
+
+
+def test_iw_sft_metrics_and_its_weight_per_sequence():
+  data = make_data(seed=5)
+  _, metrics, _, _ = loss_and_grads(data, objective_cfg("iw_sft", temp=3.0, w_max=1.5))
+  assert 0 < float(metrics["iw_sft/clipped"]) < 1  # some sequences above the clip, some not
+  same = dict(data, ref_hidden=data["hidden"], ref_w=data["w"])  # reference = policy: w = 1
+  _, metrics, d_hidden, _ = loss_and_grads(same, {"name": "iw_sft"})
+  _, _, sft_hidden, _ = loss_and_grads(same, {"name": "sft"})
+  np.testing.assert_allclose(metrics["iw_sft/weight"], 1.0, rtol=1e-6)
+  np.testing.assert_allclose(d_hidden, sft_hidden, rtol=1e-5, atol=1e-8)
