@@ -50,6 +50,9 @@ MAX_LOG_RATIO = 20.0
 # A token is "gated down" (metrics <objective>/gated_down) when its gate, the factor on SFT's
 # gradient (softmax - onehot), is below this: it gets less than half of SFT's update.
 GATED_DOWN_BELOW = 0.5
+# DEFT's divisor is a_t + this (the official code's epsilon; a_t >= 1/V, so it matters only for
+# near-uniform predictions over a large vocabulary: 13 % for a flat 151,936-token one).
+DEFT_EPSILON = 1e-6
 # What an objective may need beyond logp and LM-head statistics, and the keywords that bring it:
 #   old_logp  the policy snapshot's logp (PSFT's pi_old), fixed over one global batch's updates
 #   ref_logp  the frozen reference (starting) model's logp
@@ -309,18 +312,18 @@ def deft_alpha(renyi2):
 
 def deft(logp, *, renyi2):
   """DEFT, Dynamic Entropy Fine-Tuning (arXiv 2602.11424; official code luludus/DEFT, verl trainer
-  objective_trans=DEFT): the power family's q-log with alpha set per token by the prediction's
-  concentration, parameter-free,
+  main_verl/trainer/fsdp_sft_trainer.py, objective_trans=DEFT): the power family's q-log with
+  alpha set per token by the prediction's concentration, parameter-free,
 
-    -ln_q(p_t) = -(p_t**a_t - 1) / a_t,   a_t = sg(sum_v p_v**2) = sg(exp(-H2_t)).
+    -(p_t**a_t - 1) / (a_t + 1e-6),   a_t = sg(sum_v p_v**2) = sg(exp(-H2_t)),
 
-  Gradient wrt logits: p_t**a_t * (softmax - onehot), the "gate" p_t**a_t: NLL-like (gate -> 1)
-  when the distribution is flat, DFT-like (gate -> p_t) when it is concentrated. The official code
-  divides by a_t + 1e-6 instead of a_t; a_t >= 1/V > 0, so this drops the epsilon: a relative
-  change of 1e-6 / a_t, below 1e-4 once sum_v p_v**2 > 0.01 (only a near-uniform prediction over a
-  large vocabulary feels it). renyi2: H2_t, the statistic "renyi2_entropy".
+  with the official code's epsilon in the divisor only (DEFT_EPSILON). Gradient wrt logits:
+  a_t / (a_t + 1e-6) * p_t**a_t * (softmax - onehot), the "gate" ~ p_t**a_t: NLL-like (gate -> 1)
+  when the distribution is flat, DFT-like (gate -> p_t) when it is concentrated. renyi2: H2_t,
+  the statistic "renyi2_entropy".
   """
-  return neg_qlog(_f32(logp), deft_alpha(renyi2))
+  alpha = deft_alpha(renyi2)
+  return -jnp.expm1(alpha * _f32(logp)) / (alpha + DEFT_EPSILON)
 
 
 def deft_metrics(logp, *, renyi2):
