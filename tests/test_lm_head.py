@@ -28,21 +28,28 @@ def make_data(seed=0):
   mask[:, 19] = 0.0
   logp = np.asarray(lm_head.token_stats_naive(hidden, w, targets)["logp"])
   old_logp = logp + rng.normal(scale=0.3, size=(B, T))
-  ref_logp = logp + rng.normal(scale=0.3, size=(B, T))
+  ref_hidden = (hidden + 0.5 * rng.normal(size=hidden.shape)).astype(np.float32)
+  ref_w = (w + 0.2 * rng.normal(size=w.shape)).astype(np.float32)
+  ref_hidden[segment_ids == 0] = 0.0
+  ref_logp = lm_head.token_stats_naive(ref_hidden, ref_w, targets)["logp"]
   return dict(hidden=hidden, w=w, targets=targets, loss_mask=mask, segment_ids=segment_ids,
-              old_logp=old_logp.astype(np.float32), ref_logp=ref_logp.astype(np.float32))
+              old_logp=old_logp.astype(np.float32), ref_logp=np.asarray(ref_logp),
+              ref_hidden=ref_hidden, ref_w=ref_w)
 
 
 def composite_loss(hidden, w, data, cfg, head):
-  stats = head(hidden, w, data["targets"], stats=objectives.required_stats(cfg))
+  stats = head(hidden, w, data["targets"], stats=objectives.required_stats(cfg),
+               ref_hidden_BxTxD=data["ref_hidden"], ref_w_DxV=data["ref_w"])
   stats = dict(stats, old_logp=data["old_logp"], ref_logp=data["ref_logp"])
   return objectives.objective_loss(stats, data, cfg)[0]
 
 
-def reference_head(hidden, w, targets, stats=lm_head.DEFAULT_STATS):
+def reference_head(hidden, w, targets, stats=lm_head.DEFAULT_STATS, ref_hidden_BxTxD=None,
+                   ref_w_DxV=None):
   """Full logits -> the objectives' math directly, independent of lm_head's statistics table."""
-  return stats_from_logits(jnp.einsum("btd,dv->btv", hidden, w, precision="highest"), targets,
-                           stats)
+  full = lambda h, m: jnp.einsum("btd,dv->btv", h, m, precision="highest")
+  ref_logits = None if ref_hidden_BxTxD is None else full(ref_hidden_BxTxD, ref_w_DxV)
+  return stats_from_logits(full(hidden, w), targets, stats, ref_logits)
 
 
 NAIVE = lm_head.token_stats_naive
