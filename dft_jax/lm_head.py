@@ -340,6 +340,17 @@ def _check_fused(stats):
                         "a reference model, or has no logits_grad); token_stats has it")
 
 
+def _read_with_gradient(fn, values, names):
+  """Those of `names` whose values fn reads other than under stop_gradient (the others get no
+  gradient through fn), read off fn's jaxpr for the arguments `values` (a dict)."""
+  jaxpr = jax.make_jaxpr(fn)(values).jaxpr
+  var_of = dict(zip(sorted(values), jaxpr.invars))  # a dict's leaves come in sorted key order
+  read = {id(v) for eqn in jaxpr.eqns if eqn.primitive.name != "stop_gradient"
+          for v in eqn.invars}
+  read |= {id(v) for v in jaxpr.outvars}
+  return tuple(name for name in names if id(var_of[name]) in read)
+
+
 def _logits_cotangent(logits_xV, targets_x, stats_x, cotangents_x):
   """d loss / d logits = sum_s (d loss / d s) (d s / d logits) over the statistics s with a
   gradient (cotangents_x: {name: d loss / d s per token}), float32."""
@@ -382,7 +393,6 @@ def fused_loss(hidden_BxTxD, w_DxV, targets_BxT, *, per_token_loss, weights_BxT,
   split, merge = _chunking(hidden_BxTxD.shape, chunk_size)
   dtype = jnp.dtype(compute_dtype or hidden_BxTxD.dtype)
   hidden_dtype, w_dtype = hidden_BxTxD.dtype, w_DxV.dtype
-  with_gradient = tuple(name for name in stats if parse(name)[0].gradient)
 
   def scan_chunks(hidden_BxTxD, w_DxV, targets_BxT, weights_BxT, extra_BxT, form_gradient):
     """(loss, stats_BxT, dh_BxTxD, dw_DxV); the last two None unless form_gradient."""
@@ -401,6 +411,9 @@ def fused_loss(hidden_BxTxD, w_DxV, targets_BxT, *, per_token_loss, weights_BxT,
 
       if not form_gradient:
         return (loss + jnp.sum(token_losses({})), None), (stats_BxC, None)
+      # the statistics with a gradient that the loss reads: only these enter dlogits
+      with_gradient = _read_with_gradient(per_token_loss, {**stats_BxC, **extra_BxC},
+                                          [n for n in stats if parse(n)[0].gradient])
       losses_BxC, vjp = jax.vjp(token_losses, {n: stats_BxC[n] for n in with_gradient})
       cotangents = jax.tree.map(lambda g: jnp.where(weights_BxC > 0, g, 0.0),
                                 vjp(jnp.ones_like(losses_BxC))[0])

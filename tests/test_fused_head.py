@@ -158,6 +158,20 @@ def test_gate_statistics_get_no_gradient(name):
   assert (np.abs(grad).max() == 0) == (not lm_head.parse(name)[0].gradient)
 
 
+@pytest.mark.parametrize("cfg, read", [
+    (dict(name="dft"), ("logp",)),
+    (dict(name="eaft", eaft=dict(entropy="full")), ("logp",)),  # the entropy only as a gate
+    (dict(name="sft", entropy_coef=0.1), ("logp", "entropy")),
+    (dict(name="gem"), ("logp", "gem_cross_entropy:0.7:linear"))], ids=lambda x: str(x))
+def test_only_statistics_read_with_gradient_enter_dlogits(cfg, read):
+  setting = objectives.validate(cfg)
+  names = ("logp", "entropy", "gem_cross_entropy:0.7:linear")
+  values = {n: jnp.zeros((2, 3)) for n in names + ("old_logp",)}
+  per_token = lambda v: sum(objectives.per_token_terms(v, {}, setting).values())
+  read_with_gradient = lm_head._read_with_gradient  # pylint: disable=protected-access
+  assert read_with_gradient(per_token, values, names) == read
+
+
 # ----------------------------------------------------------------------------- dtypes, padding
 
 
