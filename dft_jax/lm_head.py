@@ -455,15 +455,18 @@ def fused_loss(hidden_BxTxD, w_DxV, targets_BxT, *, per_token_loss, weights_BxT,
   return loss, jax.lax.stop_gradient(stats_BxT)
 
 
-def fused_objective_loss(hidden_BxTxD, w_DxV, batch, cfg, *, extra_BxT=None, denominators=None,
-                         chunk_size=1024, compute_dtype=None):
+def fused_objective_loss(hidden_BxTxD, w_DxV, batch, cfg, *, extra_BxT=None,
+                         current_old_logp=False, denominators=None, chunk_size=1024,
+                         compute_dtype=None):
   """objectives.objective_loss over token_stats(...) and extra_BxT, through fused_loss: the same
   (loss, metrics) with the gradient formed in the head's forward pass.
 
   batch: targets, loss_mask and optionally segment_ids [B, T]; cfg: config.objective (ConfigDict
   or nested dict); extra_BxT: what objectives.needs(cfg) names besides "segments" (old_logp,
-  ref_logp); denominators: as in objectives.objective_loss. The objective's per-token loss must
-  read only its own token: objectives that need "segments" (dft_seq) take token_stats.
+  ref_logp); current_old_logp: the policy snapshot is the current parameters (one update per
+  batch), old_logp = sg(logp) of this forward instead of an input; denominators: as in
+  objectives.objective_loss. The objective's per-token loss must read only its own token:
+  objectives that need "segments" (dft_seq) take token_stats.
   """
   setting = objectives.validate(cfg)
   needs = objectives.needs(cfg)
@@ -471,10 +474,15 @@ def fused_objective_loss(hidden_BxTxD, w_DxV, batch, cfg, *, extra_BxT=None, den
     raise ConfigError(f"objective.name={setting.name!r} reads sequence-level sums (segments): "
                       "the fused LM head takes per-token objectives only; use token_stats")
   extra_BxT = dict(extra_BxT or {})
-  missing = sorted(needs - set(extra_BxT))
+  missing = sorted(needs - set(extra_BxT) - ({"old_logp"} if current_old_logp else set()))
   if missing:
     raise ConfigError(f"objective.name={setting.name!r} needs {', '.join(missing)} per token: "
                       "pass it in extra_BxT")
+
+  def with_old_logp(values):
+    return {**values, "old_logp": jax.lax.stop_gradient(values["logp"])} if current_old_logp \
+        else values
+
   mask, segment_ids = batch["loss_mask"], batch.get("segment_ids")
   if denominators is None:
     denominators = objectives.global_denominators(mask, segment_ids)
@@ -482,9 +490,10 @@ def fused_objective_loss(hidden_BxTxD, w_DxV, batch, cfg, *, extra_BxT=None, den
                                          norm_constant=setting.norm_constant, **denominators)
   loss, stats_BxT = fused_loss(
       hidden_BxTxD, w_DxV, batch["targets"],
-      per_token_loss=lambda values: sum(objectives.per_token_terms(values, {}, setting).values()),
+      per_token_loss=lambda values: sum(
+          objectives.per_token_terms(with_old_logp(values), {}, setting).values()),
       weights_BxT=weights_BxT, stats=objectives.required_stats(cfg), extra_BxT=extra_BxT,
       chunk_size=chunk_size, compute_dtype=compute_dtype)
-  _, metrics = objectives.objective_loss({**stats_BxT, **extra_BxT}, batch, setting,
-                                         denominators=denominators)
+  _, metrics = objectives.objective_loss(with_old_logp({**stats_BxT, **extra_BxT}), batch,
+                                         setting, denominators=denominators)
   return loss, dict(metrics, loss=loss)

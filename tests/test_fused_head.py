@@ -118,6 +118,26 @@ def test_loss_gradients_and_metrics_match_naive(cfg):
   np.testing.assert_allclose(forward_only, loss, rtol=1e-6)
 
 
+def test_psft_with_the_current_policy_as_snapshot():
+  """One update per batch: old_logp = sg(logp) of the same forward (the train step's K = 1)."""
+  data, _ = make_data()
+  cfg = dict(name="psft", kl_coef=0.1)
+
+  def naive_current(hidden, w, batch, cfg, extra):
+    stats = lm_head.token_stats_naive(hidden, w, batch["targets"],
+                                      stats=objectives.required_stats(cfg))
+    stats = dict(stats, old_logp=jax.lax.stop_gradient(stats["logp"]), **extra)
+    return objectives.objective_loss(stats, batch, cfg)
+
+  ref_logp = {"ref_logp": make_data()[1]["ref_logp"]}
+  (ref_loss, ref_metrics), ref_grads = value_and_grads(naive_current, data, cfg, ref_logp)
+  (loss, metrics), grads = value_and_grads(fused, data, cfg, ref_logp, current_old_logp=True)
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+  assert_grads_close(grads, ref_grads)
+  np.testing.assert_allclose(metrics["tok/psft/ratio"], ref_metrics["tok/psft/ratio"])
+  assert float(ref_metrics["tok/psft/ratio"]) == float(ref_metrics["num_tokens"])
+
+
 @pytest.mark.parametrize("chunk_size", [1, 7, 10_000])
 def test_chunk_sizes(chunk_size):
   data, extra = make_data(1)
