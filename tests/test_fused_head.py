@@ -1,6 +1,5 @@
 """lm_head.fused_loss / fused_objective_loss (gradient formed in the forward pass) against the naive
 head (full logits, token_stats_naive + objectives.objective_loss, autodiff); exact top-k rounds."""
-import functools
 import re
 
 import jax
