@@ -26,7 +26,9 @@ def get_config(arg=None):
       remat="none",                  # none | nothing_saveable | dots_saveable | dots_with_no_batch_dims_saveable
       scan_layers=True,
       attention="auto",              # auto (cudnn on GPU, xla elsewhere) | xla | cudnn
-      lm_head_chunk=1024,            # tokens per chunk of the fused LM head
+      lm_head_chunk=1024,            # tokens per chunk of the LM head
+      lm_head_impl="checkpointed",   # checkpointed (any objective) | fused (gradient in the
+                                     # forward pass: per-token objectives; others fall back)
       tokenizer=placeholder(str),    # HF tokenizer folder, for presets
   ))
 

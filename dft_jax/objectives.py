@@ -621,10 +621,14 @@ def config_block(name="dft"):
   return block
 
 
+def _setting(cfg):
+  return cfg if isinstance(cfg, Setting) else validate(cfg)
+
+
 def required_stats(cfg):
-  """LM-head statistics this config needs (lm_head.STATISTICS): logp and entropy always (the
-  entropy metric), then every active record's inputs, e.g. "topk_entropy:20" (eaft)."""
-  setting = validate(cfg)
+  """LM-head statistics this config (or Setting) needs (lm_head.STATISTICS): logp and entropy
+  always (the entropy metric), then every active record's inputs, e.g. "topk_entropy:20"."""
+  setting = _setting(cfg)
   names = ["logp", "entropy"]
   for _, _, record, hparams, _ in setting.records():
     names += record.inputs(hparams).values()
@@ -632,8 +636,8 @@ def required_stats(cfg):
 
 
 def needs(cfg):
-  """What this config needs besides LM-head statistics (a subset of NEEDS)."""
-  return frozenset(n for _, _, record, _, _ in validate(cfg).records() for n in record.needs)
+  """What this config (or Setting) needs besides LM-head statistics (a subset of NEEDS)."""
+  return frozenset(n for _, _, record, _, _ in _setting(cfg).records() for n in record.needs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -753,7 +757,7 @@ def objective_loss(stats, batch, cfg, *, denominators=None):
   Returns (loss, metrics): metrics as sums (module docstring), combine with + then
   finalize_metrics.
   """
-  setting = cfg if isinstance(cfg, Setting) else validate(cfg)
+  setting = _setting(cfg)
   mask, segment_ids = batch["loss_mask"], batch.get("segment_ids")
   if denominators is None:
     denominators = global_denominators(mask, segment_ids)

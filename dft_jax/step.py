@@ -27,6 +27,7 @@ from dft_jax import sharding
 from dft_jax.errors import ConfigError
 
 BATCH_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
+LM_HEAD_IMPLS = ("checkpointed", "fused")  # lm_head.token_stats | lm_head.fused_loss
 
 
 class TrainState(struct.PyTreeNode):
@@ -59,6 +60,9 @@ def validate(config, num_devices, process_count=1):
                       f"{process_count} processes")
   if t.nonfinite not in ("skip", "stop"):
     raise ConfigError(f"train.nonfinite={t.nonfinite!r}: expected 'skip' or 'stop'")
+  if config.model.lm_head_impl not in LM_HEAD_IMPLS:
+    raise ConfigError(f"model.lm_head_impl={config.model.lm_head_impl!r}: expected one of "
+                      f"{', '.join(LM_HEAD_IMPLS)}")
   o = config.optimizer
   if o.schedule not in SCHEDULES:
     raise ConfigError(f"optimizer.schedule={o.schedule!r}: expected one of {sorted(SCHEDULES)}")
@@ -197,6 +201,53 @@ def model_token_stats(graphdef, params, batch, chunk_size, stats, ref_params=Non
                              stats=stats, **ref)
 
 
+def objective_loss_fused(hidden_BxTxD, w_DxV, batch, cfg, *, extra_BxT=None,
+                         current_old_logp=False, denominators=None, chunk_size=1024,
+                         compute_dtype=None):
+  """objectives.objective_loss of the LM head's statistics, through lm_head.fused_loss: the same
+  (loss, metrics) with d loss / d (hidden, w) formed in the head's forward pass.
+
+  batch: targets, loss_mask and optionally segment_ids [B, T]; cfg: config.objective or a
+  Setting; extra_BxT: what objectives.needs(cfg) names besides "segments" (old_logp, ref_logp);
+  current_old_logp: the policy snapshot is the current parameters (one update per batch),
+  old_logp = sg(logp) of this forward; denominators: as in objectives.objective_loss. Only for
+  objectives the fused head fits (fused_head_fits): a sequence-level one (dft_seq) or one
+  comparing full distributions with a reference model (asft) takes lm_head.token_stats.
+  """
+  setting = cfg if isinstance(cfg, objectives.Setting) else objectives.validate(cfg)
+  if not fused_head_fits(setting):
+    raise ConfigError(f"objective.name={setting.name!r}: the fused LM head takes per-token "
+                      "objectives without a reference distribution; lm_head.token_stats takes it")
+  extra_BxT = dict(extra_BxT or {})
+
+  def with_old_logp(values):
+    if not current_old_logp:
+      return values
+    return {**values, "old_logp": jax.lax.stop_gradient(values["logp"])}
+
+  mask, segment_ids = batch["loss_mask"], batch.get("segment_ids")
+  if denominators is None:
+    denominators = objectives.global_denominators(mask, segment_ids)
+  weights_BxT = objectives.token_weights(mask, setting.aggregation, segment_ids=segment_ids,
+                                         norm_constant=setting.norm_constant, **denominators)
+  loss, stats_BxT = lm_head.fused_loss(
+      hidden_BxTxD, w_DxV, batch["targets"],
+      per_token_loss=lambda values: sum(
+          objectives.per_token_terms(with_old_logp(values), {}, setting).values()),
+      weights_BxT=weights_BxT, stats=objectives.required_stats(setting), extra_BxT=extra_BxT,
+      chunk_size=chunk_size, compute_dtype=compute_dtype)
+  _, metrics = objectives.objective_loss(with_old_logp({**stats_BxT, **extra_BxT}), batch,
+                                         setting, denominators=denominators)
+  return loss, dict(metrics, loss=loss)
+
+
+def fused_head_fits(objective_cfg):
+  """Whether the objective's loss is per token and its statistics need no reference model: then
+  the fused head can take it (model.lm_head_impl='fused'); otherwise the checkpointed one does."""
+  return ("segments" not in objectives.needs(objective_cfg)
+          and not lm_head.needs_ref(objectives.required_stats(objective_cfg)))
+
+
 def make_train_step(graphdef, tx, config, mesh, state_shardings):
   """The jitted `train_step(state, batch, ref_params) -> (state, metrics)`, state donated.
 
@@ -215,7 +266,23 @@ def make_train_step(graphdef, tx, config, mesh, state_shardings):
   def target_logp(params, mb):  # forward only: the policy snapshot's or the reference's logp
     return jax.lax.stop_gradient(model_token_stats(graphdef, params, mb, chunk, ("logp",))["logp"])
 
+  fused = config.model.lm_head_impl == "fused" and fused_head_fits(setting)
+
+  def microbatch_loss_fused(params, mb, old_logp_BxT, ref_params, denominators):
+    hidden_BxTxD, w_DxV = hidden_and_head(graphdef, params, mb)
+    extra = {}
+    if snapshot_forward:
+      extra["old_logp"] = old_logp_BxT
+    if "ref_logp" in needs:
+      extra["ref_logp"] = target_logp(ref_params, mb)
+    return objective_loss_fused(
+        hidden_BxTxD, w_DxV, mb, setting, extra_BxT=extra,
+        current_old_logp="old_logp" in needs and not snapshot_forward, denominators=denominators,
+        chunk_size=chunk)
+
   def microbatch_loss(params, mb, old_logp_BxT, ref_params, denominators):
+    if fused:
+      return microbatch_loss_fused(params, mb, old_logp_BxT, ref_params, denominators)
     stats = model_token_stats(graphdef, params, mb, chunk, stat_names, ref_params)
     if "old_logp" in needs:
       stats["old_logp"] = old_logp_BxT if snapshot_forward else jax.lax.stop_gradient(stats["logp"])

@@ -113,6 +113,21 @@ def test_smoke_sweep_writes_records_and_table(tmp_path):
   assert "variant" in proc.stdout and "summary:" in proc.stdout.splitlines()[-1]
 
 
+def test_head_benchmark_compares_the_heads():
+  """benchmarks/head.py, the LM head alone (EAFT, tiny shapes): the fused head's record with its
+  three matmuls a chunk, its gradients against the checkpointed head's, the top-k timings."""
+  variant = next(v for v in bench.PLANS["smoke"] if v["name"] == "head/eaft/fused")
+  proc = run_script(["benchmarks/head.py", "--variant", json.dumps(variant)])
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  record = json.loads(proc.stdout.splitlines()[-1][len("RESULT "):])
+  assert record["status"] == "ok", record.get("error")
+  assert record["framework"] == "head" and record["lm_head"] == "fused"
+  assert record["dot_generals"] == 3 and record["sorts"] == 0
+  assert max(record["grad_max_rel_diff_vs_checkpointed"].values()) < 1e-5
+  assert record["top_k_equal"] and len(record["top_k_s"]) == 3
+  assert record["tokens_per_s"] == pytest.approx(2 * 128 / record["step_time_s"])
+
+
 def test_breakdown_times_every_part(tmp_path):
   """benchmarks/breakdown.py --smoke: each part and the whole step timed, one JSON record."""
   out = tmp_path / "breakdown.jsonl"
@@ -123,5 +138,5 @@ def test_breakdown_times_every_part(tmp_path):
   record = json.loads(out.read_text())
   seconds = record["seconds"]
   assert {"trunk fwd+bwd", "optimizer (clip + AdamW)", "whole train step"} <= set(seconds)
-  assert sum(k.startswith("head+objective") for k in seconds) == 2
+  assert sum(k.startswith("head+objective") for k in seconds) == 3  # checkpointed x 2, fused
   assert all(np.isfinite(t) and t > 0 for t in seconds.values())

@@ -289,3 +289,21 @@ def test_two_processes_equal_one(tmp_path):
   for a, b in zip(one, two):
     np.testing.assert_allclose(b["loss"], a["loss"], rtol=1e-5)
     np.testing.assert_allclose(b["grad_norm"], a["grad_norm"], rtol=1e-4)
+
+
+@pytest.mark.parametrize("objective,extra", [
+    ("dft", {}), ("psft", {"train__minibatches": 2}), ("eaft", {"objective__kl_coef": 0.05}),
+    ("asft", {})])  # asft: the fused head does not fit it, the step takes the checkpointed one
+def test_fused_head_step_equals_checkpointed(tmp_path, objective, extra):
+  """model.lm_head_impl=fused (the gradient formed in the head's forward pass) trains like the
+  checkpointed head: same losses, same parameters after two steps."""
+  config = tiny_config(tmp_path, objective__name=objective, **extra)
+  host = batches(config, 2)
+  plain_metrics, plain = run_steps(config, mesh_of(1), host)
+  fused_metrics, fused = run_steps(tiny_config(tmp_path, objective__name=objective,
+                                               model__lm_head_impl="fused", **extra),
+                                   mesh_of(1), host)
+  for a, b in zip(plain_metrics, fused_metrics):
+    np.testing.assert_allclose(b["loss"], a["loss"], rtol=1e-5)
+    np.testing.assert_allclose(b["grad_norm"], a["grad_norm"], rtol=1e-4)
+  assert_trees_close(fused, plain, rtol=1e-4, atol=1e-6)
