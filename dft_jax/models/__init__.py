@@ -6,8 +6,9 @@
 from dft_jax.models.config import ARCHITECTURES, PRESETS, Llama3RopeScaling, ModelConfig
 from dft_jax.models.decoder import Decoder, KVCache, logical_specs
 from dft_jax.models.loader import ALIASES, from_state_dict, load
+from dft_jax.models.lora import LoRAConfig
 
 __all__ = [
     "ALIASES", "ARCHITECTURES", "PRESETS", "Decoder", "KVCache", "Llama3RopeScaling",
-    "ModelConfig", "from_state_dict", "load", "logical_specs",
+    "LoRAConfig", "ModelConfig", "from_state_dict", "load", "logical_specs",
 ]
