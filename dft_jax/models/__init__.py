@@ -2,6 +2,9 @@
 
   model, tokenizer = models.load("smollm2-135m-instruct")   # or an HF folder, .gguf, preset:NAME
   logits_BxTxV = model(tokens_BxT)
+  model, _ = models.load(spec, lora=models.LoRAConfig(rank=8, base_quant="nf4"))  # (Q)LoRA
+  graphdef, adapters, frozen = nnx.split(model, nnx.LoRAParam, ...)  # trainable / frozen
+  ref_logits_BxTxV = model(tokens_BxT, adapters=False)               # the frozen base
 """
 from dft_jax.models.config import ARCHITECTURES, PRESETS, Llama3RopeScaling, ModelConfig
 from dft_jax.models.decoder import Decoder, KVCache, logical_specs
