@@ -10,7 +10,7 @@ from flax import nnx
 from dft_jax.errors import ConfigError, ModelError
 from dft_jax.models import hf
 from dft_jax.models.config import PRESETS, ModelConfig
-from dft_jax.models.decoder import Decoder
+from dft_jax.models.decoder import Decoder, layer_arrays
 
 
 def _embedded_smollm2() -> pathlib.Path:
@@ -25,13 +25,18 @@ def _embedded_smollm2() -> pathlib.Path:
 ALIASES = {"smollm2-135m-instruct": _embedded_smollm2}
 
 
-def from_state_dict(config: ModelConfig, state_dict, **decoder_kwargs) -> Decoder:
-  """A Decoder holding HF-named weights (no random init: built abstractly, then filled)."""
+def from_state_dict(config: ModelConfig, state_dict, *, seed: int = 0,
+                    **decoder_kwargs) -> Decoder:
+  """A Decoder holding HF-named weights (no random init: built abstractly, then filled). With
+  decoder_kwargs["lora"], the adapters are initialised from `seed` and, for QLoRA, the
+  projections quantised."""
   dtype = np.dtype(decoder_kwargs.get("param_dtype", "float32"))
   abstract = nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0), **decoder_kwargs))
   graphdef, state = nnx.split(abstract)
-  pure = jax.tree.map(jnp.asarray, hf.params_from_hf(config, state_dict, dtype))
-  nnx.replace_by_pure_dict(state, pure)
+  pure = hf.params_from_hf(config, state_dict, dtype)  # on the host
+  pure["layers"] = layer_arrays(config, abstract.lora, pure["layers"].items(),
+                                jax.random.key(seed))
+  nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, pure))
   return nnx.merge(graphdef, state)
 
 
@@ -81,12 +86,13 @@ def load(spec: str, *, seed: int = 0, **decoder_kwargs):
     without running code from the folder (None when the folder has no tokenizer files);
   - a .gguf file (dequantised to float32; tokenizer built from its metadata);
   - "preset:NAME" (NAME in PRESETS): random init from `seed`, tokenizer None.
-  decoder_kwargs go to Decoder (param_dtype, compute_dtype, remat, scan_layers, attention, ...).
+  decoder_kwargs go to Decoder (param_dtype, compute_dtype, remat, scan_layers, attention, lora,
+  ...); LoRA adapters start from `seed`.
   """
   config, weights, tokenizer = read(spec)
   if weights is None:
     return Decoder(config, rngs=nnx.Rngs(seed), **decoder_kwargs), tokenizer
-  return from_state_dict(config, weights(), **decoder_kwargs), tokenizer
+  return from_state_dict(config, weights(), seed=seed, **decoder_kwargs), tokenizer
 
 
 def decoder_options(model_cfg):
@@ -121,5 +127,5 @@ def load_from_config(model_cfg, *, abstract=False, seed=0):
   elif weights is None:
     model = Decoder(config, rngs=nnx.Rngs(seed), **options)
   else:
-    model = from_state_dict(config, weights(), **options)
+    model = from_state_dict(config, weights(), seed=seed, **options)
   return model, tokenizer_for(model_cfg, tokenizer)
