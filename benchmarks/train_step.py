@@ -490,8 +490,8 @@ def saved_activation_bytes(v):
   stats, objective = objective_of(config)
 
   def loss(params, batch):
-    return objective(step_lib.model_token_stats(graphdef, params, batch, v["lm_head_chunk"],
-                                                stats), batch)
+    return objective(step_lib.model_token_stats(step_lib.merge_model(graphdef, params), batch,
+                                                v["lm_head_chunk"], stats), batch)
 
   batch = abstract_batch(v["batch"] // v["microbatches"], v["seq_len"])
   params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state.params)

@@ -32,6 +32,16 @@ def get_config(arg=None):
       tokenizer=placeholder(str),    # HF tokenizer folder, for presets
   ))
 
+  # LoRA / QLoRA (README "LoRA"): rank 0 trains every parameter; rank > 0 trains low-rank adapters
+  # on `targets` and keeps the base frozen (stored in model.param_dtype, or quantised).
+  c.lora = ml_collections.ConfigDict(dict(
+      rank=0,
+      alpha=16.0,                    # scale alpha / rank (PEFT's default)
+      targets="q,k,v,o,gate,up,down",
+      base_quant="none",             # none | int8 (per channel) | nf4 (QLoRA, blocks of block_size)
+      block_size=64,
+  ))
+
   c.data = ml_collections.ConfigDict(dict(
       source="builtin:arith_train",  # builtin:NAME | hub name | file | glob | save_to_disk folder
       split="train",                 # hub / save_to_disk split; files: train (or train[:1000])

@@ -157,17 +157,22 @@ def _restore(manager, step, items):
         "to resume from an earlier checkpoint") from None
 
 
-def restore(manager, abstract_state, step=None):
-  """Restores (TrainState, data_state) at `step` (default: latest complete) onto the shardings
-  that `abstract_state` (TrainState of jax.ShapeDtypeStruct with .sharding) describes;
-  CheckpointError when the checkpoint does not fit it (another model or optimizer wrote it)."""
+def _abstract(tree):
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+def restore(manager, state, step=None):
+  """(TrainState, data_state) of checkpoint `step` (default: latest complete): `state`'s
+  parameters and optimizer state replaced by the checkpoint's, restored onto their shardings
+  (its frozen LoRA base is not in checkpoints and stays); CheckpointError when the checkpoint does
+  not fit (another model or optimizer wrote it)."""
   step = manager.latest_step() if step is None else step
   restored = _restore(manager, step, dict(
-      params=ocp.args.StandardRestore(abstract_state.params),
-      optimizer=ocp.args.StandardRestore(abstract_state.opt_state), data=ocp.args.JsonRestore()))
-  state = abstract_state.replace(
-      step=jax.device_put(jnp.asarray(step, jnp.int32), abstract_state.step.sharding),
-      params=restored["params"], opt_state=restored["optimizer"])
+      params=ocp.args.StandardRestore(_abstract(state.params)),
+      optimizer=ocp.args.StandardRestore(_abstract(state.opt_state)),
+      data=ocp.args.JsonRestore()))
+  state = state.replace(step=jax.device_put(jnp.asarray(step, jnp.int32), state.step.sharding),
+                        params=restored["params"], opt_state=restored["optimizer"])
   return state, restored["data"]
 
 
@@ -226,9 +231,16 @@ def restore_model(workdir, step=None):
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from dft_jax import models  # pylint: disable=g-import-not-at-top
   config = read_config(workdir)
-  abstract, tokenizer = models.load_from_config(config.model, abstract=True)
-  graphdef, abstract_params = nnx.split(abstract)
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                        abstract_params)
-  return nnx.merge(graphdef, restore_params(workdir, target, step)), tokenizer, config
+  on_device = lambda tree: jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), tree)
+  if models.lora_config(config.get("lora")) is None:
+    abstract, tokenizer = models.load_from_config(config.model, abstract=True)
+    graphdef, abstract_params = nnx.split(abstract)
+    return nnx.merge(graphdef, restore_params(workdir, on_device(abstract_params), step)), \
+        tokenizer, config
+  # LoRA: the checkpoint holds the adapters; the frozen base is the model's own weights
+  model, tokenizer = models.load_from_config(config.model, config.lora)
+  graphdef, adapters, frozen = nnx.split(model, nnx.LoRAParam, ...)
+  return (nnx.merge(graphdef, restore_params(workdir, on_device(adapters), step), frozen),
+          tokenizer, config)

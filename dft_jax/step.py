@@ -32,8 +32,9 @@ LM_HEAD_IMPLS = ("checkpointed", "fused")  # lm_head.token_stats | lm_head.fused
 
 class TrainState(struct.PyTreeNode):
   step: jax.Array       # global batches done
-  params: Any
+  params: Any           # what trains: every parameter, or with LoRA the adapters
   opt_state: Any
+  frozen: Any = None    # with LoRA the frozen base (never updated, not checkpointed), else None
 
 
 # ----------------------------------------------------------------------------- config edge
@@ -94,9 +95,9 @@ def make_schedule(opt_cfg, total_updates):
 
 
 def decay_mask(logical_specs):
-  """AdamW weight decay on weight matrices (every parameter with an "embed" axis), not on norm
-  scales or biases."""
-  return jax.tree.map(lambda spec: "embed" in spec, logical_specs)
+  """AdamW weight decay on weight matrices (every parameter with an "embed" axis) and LoRA
+  adapters, not on norm scales or biases."""
+  return jax.tree.map(lambda spec: "embed" in spec or "lora_rank" in spec, logical_specs)
 
 
 def make_optimizer(opt_cfg, total_updates, logical_specs):
@@ -121,13 +122,40 @@ def abstract_of(tree):
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
-def init_train_state(model, config, mesh):
-  """(graphdef, TrainState, tx, schedule): the model's parameters sharded over the mesh by the
-  logical-axis rules, the optimizer moments placed like the parameters they follow."""
+def split_model(model):
+  """(graphdef, trainable, frozen): every parameter trains (frozen None), or with LoRA the
+  adapters (nnx.LoRAParam) train and the rest is frozen."""
+  if model.lora is None:
+    graphdef, params = nnx.split(model)
+    return graphdef, params, None
+  return nnx.split(model, nnx.LoRAParam, ...)
+
+
+def merge_model(graphdef, params, frozen=None):
+  """The model of split_model's parts (frozen None: params holds every parameter)."""
+  return nnx.merge(graphdef, params) if frozen is None else nnx.merge(graphdef, params, frozen)
+
+
+def full_params(params, frozen=None):
+  """One state with every variable of the model: what nnx.split(model) gives."""
+  return params if frozen is None else nnx.State.merge(params, frozen)
+
+
+def _placed(tree, mesh):
   from dft_jax import models  # pylint: disable=g-import-not-at-top
-  graphdef, params = nnx.split(model)
+  if tree is None:
+    return None
+  return jax.device_put(tree, sharding.param_shardings(tree, models.logical_specs(tree), mesh))
+
+
+def init_train_state(model, config, mesh):
+  """(graphdef, TrainState, tx, schedule): the model's trainable parameters (all, or with LoRA
+  the adapters; the frozen base in TrainState.frozen) sharded over the mesh by the logical-axis
+  rules, the optimizer moments placed like the parameters they follow."""
+  from dft_jax import models  # pylint: disable=g-import-not-at-top
+  graphdef, params, frozen = split_model(model)
   logical = models.logical_specs(params)
-  params = jax.device_put(params, sharding.param_shardings(params, logical, mesh))
+  params, frozen = _placed(params, mesh), _placed(frozen, mesh)
   t = config.train
   tx, schedule = make_optimizer(config.optimizer, t.num_steps * t.minibatches, logical)
   replicated = sharding.replicated(mesh)
@@ -136,7 +164,7 @@ def init_train_state(model, config, mesh):
       shardings_of(params), transform_non_params=lambda _: replicated)
   opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
   state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), replicated), params=params,
-                     opt_state=opt_state)
+                     opt_state=opt_state, frozen=frozen)
   return graphdef, state, tx, schedule
 
 
@@ -151,11 +179,32 @@ def count_params(params):
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
 
 
+def train_flops_per_token(state, model_config, seq_len):
+  """throughput.flops_per_token of this state: 6 N, or with LoRA 4 N_base + 6 N_adapters (N_base
+  from the shapes of the plain decoder: a quantised base packs two weights a byte)."""
+  from dft_jax import models  # pylint: disable=g-import-not-at-top
+  from dft_jax import throughput  # pylint: disable=g-import-not-at-top
+  if state.frozen is None:
+    return throughput.flops_per_token(count_params(state.params), model_config, seq_len)
+  base = nnx.eval_shape(lambda: models.Decoder(model_config, rngs=nnx.Rngs(0)))
+  return throughput.flops_per_token(count_params(nnx.state(base)), model_config, seq_len,
+                                    num_trainable=count_params(state.params))
+
+
 # ----------------------------------------------------------------------------- the step
 
 
+def reference_params(state, objective_cfg):
+  """The copy of the starting parameters the step takes as `ref_params` (None if it needs none:
+  no reference, or LoRA, whose reference is its own frozen base)."""
+  if state.frozen is not None or not needs_reference(objective_cfg):
+    return None
+  return jax.tree.map(jnp.copy, state.params)
+
+
 def needs_reference(objective_cfg):
-  """Whether the step needs the frozen reference parameters (KL anchor, reference statistics)."""
+  """Whether the objective compares with the frozen starting model (KL anchor, reference
+  statistics): a copy of the starting parameters, or with LoRA the base with adapters off."""
   return ("ref_logp" in objectives.needs(objective_cfg)
           or lm_head.needs_ref(objectives.required_stats(objective_cfg)))
 
@@ -180,23 +229,22 @@ def merge_leading(tree):
   return jax.tree.map(lambda v: v.reshape((-1,) + v.shape[2:]), tree)
 
 
-def hidden_and_head(graphdef, params, batch):
-  """(final hidden states [B, T, D], head weight [D, V]) of the model with `params`."""
-  model = nnx.merge(graphdef, params)
+def hidden_and_head(model, batch, adapters=True):
+  """(final hidden states [B, T, D], head weight [D, V]) of `model` (adapters=False: its frozen
+  base alone, with LoRA)."""
   hidden_BxTxD = model.hidden_states(
-      batch["tokens"], positions_BxT=batch["positions"], segment_ids_BxT=batch["segment_ids"])
+      batch["tokens"], positions_BxT=batch["positions"], segment_ids_BxT=batch["segment_ids"],
+      adapters=adapters)
   return hidden_BxTxD, model.head_weight()
 
 
-def model_token_stats(graphdef, params, batch, chunk_size, stats, ref_params=None):
-  """Per-token statistics (e.g. logp, entropy) of batch["targets"] through the fused LM head;
-  ref_params: the reference model's, for statistics that compare with it."""
-  hidden_BxTxD, w_DxV = hidden_and_head(graphdef, params, batch)
+def model_token_stats(model, batch, chunk_size, stats, reference=None):
+  """Per-token statistics (e.g. logp, entropy) of batch["targets"] through the chunked LM head;
+  reference: the reference's (hidden states, head weight), for statistics that compare with it."""
+  hidden_BxTxD, w_DxV = hidden_and_head(model, batch)
   ref = {}
   if lm_head.needs_ref(stats):
-    ref_hidden_BxTxD, ref_w_DxV = hidden_and_head(graphdef, ref_params, batch)
-    ref = dict(ref_hidden_BxTxD=jax.lax.stop_gradient(ref_hidden_BxTxD),
-               ref_w_DxV=jax.lax.stop_gradient(ref_w_DxV))
+    ref = dict(zip(("ref_hidden_BxTxD", "ref_w_DxV"), jax.lax.stop_gradient(reference)))
   return lm_head.token_stats(hidden_BxTxD, w_DxV, batch["targets"], chunk_size=chunk_size,
                              stats=stats, **ref)
 
@@ -251,44 +299,54 @@ def fused_head_fits(objective_cfg):
 def make_train_step(graphdef, tx, config, mesh, state_shardings):
   """The jitted `train_step(state, batch, ref_params) -> (state, metrics)`, state donated.
 
-  `batch` holds the global batch [G, T] sharded over (data, fsdp); `ref_params` are the frozen
-  reference parameters when needs_reference(config.objective), else None.
+  `batch` holds the global batch [G, T] sharded over (data, fsdp). The reference model (KL
+  anchor, reference statistics) is, with LoRA (state.frozen set), the frozen base with the
+  adapters off; else `ref_params`, a copy of the starting parameters (None when
+  needs_reference(config.objective) is False).
   """
   setting = objectives.validate(config.objective)
   t, chunk = config.train, config.model.lm_head_chunk
   needs = objectives.needs(config.objective)
   stat_names = objectives.required_stats(config.objective)
-  ref_needed = needs_reference(config.objective)
+  lora = state_shardings.frozen is not None
+  ref_params_needed = needs_reference(config.objective) and not lora
+  fused = config.model.lm_head_impl == "fused" and fused_head_fits(setting)
   # With one update per batch the snapshot is the current policy: old_logp = sg(logp), no extra
-  # forward. With K > 1 updates, pi_old is computed once, before the first of them.
+  # forward. With K > 1 updates, pi_old is computed once, before the first of them (with LoRA
+  # the snapshot is a copy of the adapters only).
   snapshot_forward = "old_logp" in needs and t.minibatches > 1
 
-  def target_logp(params, mb):  # forward only: the policy snapshot's or the reference's logp
-    return jax.lax.stop_gradient(model_token_stats(graphdef, params, mb, chunk, ("logp",))["logp"])
+  def reference(params, frozen, ref_params, mb):
+    """(hidden states, head weight) of the reference model, without gradient."""
+    if lora:
+      return jax.lax.stop_gradient(hidden_and_head(merge_model(graphdef, params, frozen), mb,
+                                                   adapters=False))
+    return jax.lax.stop_gradient(hidden_and_head(merge_model(graphdef, ref_params), mb))
 
-  fused = config.model.lm_head_impl == "fused" and fused_head_fits(setting)
+  def target_logp(hidden_and_w, mb):  # forward only: the snapshot's or the reference's logp
+    hidden_BxTxD, w_DxV = jax.lax.stop_gradient(hidden_and_w)
+    return lm_head.token_stats(hidden_BxTxD, w_DxV, mb["targets"], chunk_size=chunk,
+                               stats=("logp",))["logp"]
 
-  def microbatch_loss_fused(params, mb, old_logp_BxT, ref_params, denominators):
-    hidden_BxTxD, w_DxV = hidden_and_head(graphdef, params, mb)
-    extra = {}
+  def microbatch_loss(params, frozen, mb, old_logp_BxT, ref_params, denominators):
+    model = merge_model(graphdef, params, frozen)
+    ref = (reference(params, frozen, ref_params, mb)
+           if "ref_logp" in needs or lm_head.needs_ref(stat_names) else None)
+    inputs = {}
     if snapshot_forward:
-      extra["old_logp"] = old_logp_BxT
+      inputs["old_logp"] = old_logp_BxT
     if "ref_logp" in needs:
-      extra["ref_logp"] = target_logp(ref_params, mb)
-    return objective_loss_fused(
-        hidden_BxTxD, w_DxV, mb, setting, extra_BxT=extra,
-        current_old_logp="old_logp" in needs and not snapshot_forward, denominators=denominators,
-        chunk_size=chunk)
-
-  def microbatch_loss(params, mb, old_logp_BxT, ref_params, denominators):
+      inputs["ref_logp"] = target_logp(ref, mb)
     if fused:
-      return microbatch_loss_fused(params, mb, old_logp_BxT, ref_params, denominators)
-    stats = model_token_stats(graphdef, params, mb, chunk, stat_names, ref_params)
-    if "old_logp" in needs:
-      stats["old_logp"] = old_logp_BxT if snapshot_forward else jax.lax.stop_gradient(stats["logp"])
-    if "ref_logp" in needs:
-      stats["ref_logp"] = target_logp(ref_params, mb)
-    return objectives.objective_loss(stats, mb, setting, denominators=denominators)
+      hidden_BxTxD, w_DxV = hidden_and_head(model, mb)
+      return objective_loss_fused(
+          hidden_BxTxD, w_DxV, mb, setting, extra_BxT=inputs,
+          current_old_logp="old_logp" in needs and not snapshot_forward,
+          denominators=denominators, chunk_size=chunk)
+    stats = model_token_stats(model, mb, chunk, stat_names, ref)
+    if "old_logp" in needs and not snapshot_forward:
+      inputs["old_logp"] = jax.lax.stop_gradient(stats["logp"])
+    return objectives.objective_loss({**stats, **inputs}, mb, setting, denominators=denominators)
 
   grad_fn = jax.value_and_grad(microbatch_loss, has_aux=True)
 
@@ -297,15 +355,17 @@ def make_train_step(graphdef, tx, config, mesh, state_shardings):
         lambda v: split_rows(split_rows(v, t.minibatches), t.microbatches, axis=1), batch)
     old_logp = None
     if snapshot_forward:  # pi_old: the parameters before this batch's K updates, forward only
-      old_logp = jax.lax.map(
-          lambda mini: jax.lax.map(lambda mb: target_logp(state.params, mb), mini), split)
+      snapshot = lambda mb: target_logp(
+          hidden_and_head(merge_model(graphdef, state.params, state.frozen), mb), mb)
+      old_logp = jax.lax.map(lambda mini: jax.lax.map(snapshot, mini), split)
 
     def minibatch_update(carry, xs):
       params, opt_state = carry
       micro, old = xs  # [microbatches, rows, T]
       rows = merge_leading(micro)
       denominators = objectives.global_denominators(rows["loss_mask"], rows["segment_ids"])
-      loss_and_grads = lambda mb, o: grad_fn(params, mb, o, ref_params, denominators)
+      loss_and_grads = lambda mb, o: grad_fn(params, state.frozen, mb, o, ref_params,
+                                             denominators)
       first = jax.tree.map(lambda v: v[0], (micro, old))
       zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
                            jax.eval_shape(loss_and_grads, *first))
@@ -333,6 +393,6 @@ def make_train_step(graphdef, tx, config, mesh, state_shardings):
   return jax.jit(
       train_step,
       in_shardings=(state_shardings, sharding.batch_sharding(mesh),
-                    state_shardings.params if ref_needed else None),
+                    state_shardings.params if ref_params_needed else None),
       out_shardings=(state_shardings, sharding.replicated(mesh)),
       donate_argnums=(0,))

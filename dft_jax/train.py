@@ -16,7 +16,6 @@ import time
 
 import jax
 import numpy as np
-from flax import nnx
 
 from dft_jax import checkpoint as ckpt
 from dft_jax import cli
@@ -30,7 +29,6 @@ from dft_jax import models
 from dft_jax import objectives
 from dft_jax import sharding
 from dft_jax import step as step_lib
-from dft_jax import throughput
 
 
 def validate_config(config):
@@ -62,21 +60,23 @@ def train_and_evaluate(config, workdir):
   mesh = sharding.make_mesh(config.mesh)
 
   logging.info("loading %s", config.model.name)
-  model, tokenizer = models.load_from_config(config.model)
-  model_config = model.config
+  model, tokenizer = models.load_from_config(config.model, config.lora)
+  model_config, lora = model.config, model.lora
   graphdef, state, tx, schedule = step_lib.init_train_state(model, config, mesh)
   del model
-  keep_base = (step_lib.needs_reference(config.objective) or config.eval.before
-               or config.eval.after)
-  base_params = jax.tree.map(jax.numpy.copy, state.params) if keep_base else None
-  ref_params = base_params if step_lib.needs_reference(config.objective) else None
+  # The starting parameters (with LoRA: its adapters, B = 0) for the KL anchor's reference
+  # (without LoRA; with it the reference is the frozen base) and the base model's evaluation.
+  needs_reference = step_lib.needs_reference(config.objective)
+  initial = (jax.tree.map(jax.numpy.copy, state.params)
+             if needs_reference or config.eval.before or config.eval.after else None)
+  ref_params = initial if needs_reference and lora is None else None
 
   data_iter = data.make_train_iterator(config.data, tokenizer, seq_len=t.seq_len,
                                        global_batch_size=t.global_batch_size, seed=t.seed)
   manager = ckpt.make_manager(workdir, config.checkpoint)
   if manager.latest_step() is not None:
     logging.info("Restoring checkpoint %d from %s", manager.latest_step(), manager.directory)
-    state, data_state = ckpt.restore(manager, step_lib.abstract_of(state))
+    state, data_state = ckpt.restore(manager, state)
     data_iter.restore(data_state)
   finished = files.read_json(os.path.join(workdir, "summary.json"))
   if int(state.step) >= t.num_steps and finished is not None:
@@ -96,6 +96,7 @@ def train_and_evaluate(config, workdir):
 
   evaluator = None
   if config.eval.before or config.eval.after:
+    base_params = step_lib.full_params(initial, state.frozen)
     evaluator = evaluate.RunEvaluator(config.eval, config.data, tokenizer, graphdef, base_params)
   before = files.read_json(os.path.join(workdir, "eval_before.json"))
   if config.eval.before and before is None:
@@ -104,10 +105,9 @@ def train_and_evaluate(config, workdir):
       files.write_json(os.path.join(workdir, "eval_before.json"), before)
 
   writer = metrics_lib.make_writer(config.log, workdir, t.num_steps, is_main)
-  num_params = step_lib.count_params(state.params)
   recorder = loop.Recorder(
       num_steps=t.num_steps, schedule=schedule, minibatches=t.minibatches,
-      flops_per_token=throughput.flops_per_token(num_params, model_config, t.seq_len),
+      flops_per_token=step_lib.train_flops_per_token(state, model_config, t.seq_len),
       nonfinite=t.nonfinite, writer=writer, log_every=config.log.every_steps)
   started = time.time()
   with faults.StopSignals() as signals, ckpt.finishing_saves(manager):
@@ -130,9 +130,13 @@ def train_and_evaluate(config, workdir):
 
   if config.checkpoint.export_hf and is_main:
     from dft_jax import export  # pylint: disable=g-import-not-at-top
-    export.export_hf(nnx.merge(graphdef, state.params), tokenizer,
-                     os.path.join(workdir, "hf"))
-  after = evaluator(state.params) if config.eval.after else None
+    trained = step_lib.merge_model(graphdef, state.params, state.frozen)
+    export.export_hf(trained, tokenizer, os.path.join(workdir, "hf"))  # adapters merged
+    if lora is not None:
+      export.export_peft(trained, os.path.join(workdir, "peft"),
+                         base_model_name_or_path=config.model.name)
+  after = (evaluator(step_lib.full_params(state.params, state.frozen)) if config.eval.after
+           else None)
   summary = make_summary(config, recorder.history, before, after, train_seconds)
   if is_main:
     files.write_json(os.path.join(workdir, "summary.json"), summary)

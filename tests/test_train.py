@@ -307,3 +307,76 @@ def test_fused_head_step_equals_checkpointed(tmp_path, objective, extra):
     np.testing.assert_allclose(b["loss"], a["loss"], rtol=1e-5)
     np.testing.assert_allclose(b["grad_norm"], a["grad_norm"], rtol=1e-4)
   assert_trees_close(fused, plain, rtol=1e-4, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- LoRA
+
+
+def lora_config(tmp_path, **overrides):
+  return tiny_config(tmp_path, lora__rank=4, lora__alpha=8.0, **overrides)
+
+
+def test_lora_trains_only_the_adapters_and_step_zero_is_the_base(tmp_path):
+  """The train state holds the adapters (and their AdamW moments) only; the frozen base stays bit
+  for bit; before any step the adapted model computes the base's logits."""
+  config = lora_config(tmp_path)
+  model, _ = models.load_from_config(config.model, config.lora)
+  base, _ = models.load(TINY)
+  tokens = np.arange(16, dtype=np.int32)[None] % 300
+  np.testing.assert_array_equal(model(tokens), base(tokens))
+  graphdef, state, _, _ = step_lib.init_train_state(model, config, mesh_of(1))
+  assert all("lora" in jax.tree_util.keystr(p) for p, _ in
+             jax.tree_util.tree_leaves_with_path(state.params))
+  assert state.frozen is not None and jax.tree.leaves(state.frozen)
+  adam = state.opt_state[1][0]
+  assert jax.tree.structure(adam.mu) == jax.tree.structure(state.params)
+
+
+def run_lora(config, mesh, host_batches):
+  """Like run_steps, for a LoRA config: (metrics, adapters, frozen) on the host."""
+  model, _ = models.load_from_config(config.model, config.lora)
+  graphdef, state, tx, _ = step_lib.init_train_state(model, config, mesh)
+  frozen = jax.device_get(state.frozen)
+  step = step_lib.make_train_step(graphdef, tx, config, mesh, step_lib.shardings_of(state))
+  metrics = []
+  for b in host_batches:
+    state, m = step(state, step_lib.global_batch(b, mesh), None)
+    metrics.append(jax.device_get(m))
+  return metrics, jax.device_get(state.params), frozen, jax.device_get(state.frozen)
+
+
+@pytest.mark.parametrize("objective", ["dft", "psft", "asft"])
+def test_lora_step_moves_adapters_keeps_base_and_uses_the_base_as_reference(tmp_path, objective):
+  """Gradients reach the adapters only; with a KL anchor / ASFT the reference is the base with the
+  adapters off, so at step 1 (B = 0) its KL to the policy is 0."""
+  extra = {"train__minibatches": 2} if objective == "psft" else {}
+  config = lora_config(tmp_path, objective__name=objective, objective__kl_coef=0.1, **extra)
+  metrics, adapters, frozen_before, frozen_after = run_lora(config, mesh_of(1), batches(config, 2))
+  assert_trees_close(frozen_after, frozen_before, rtol=0, atol=0)
+  lora_b = [v for p, v in jax.tree_util.tree_leaves_with_path(adapters)
+            if "lora_b" in jax.tree_util.keystr(p)]
+  assert lora_b and all(np.abs(v).max() > 0 for v in lora_b)  # B left zero after 2 steps
+  if objective != "psft":  # psft: step 1's second update already runs on moved adapters
+    assert metrics[0]["kl_anchor/k3"] == pytest.approx(0.0, abs=1e-6)
+  if objective == "asft":
+    assert metrics[0]["asft/kl"] == pytest.approx(0.0, abs=1e-6)
+    assert metrics[1]["asft/kl"] > 0
+
+
+def test_lora_run_resumes_exports_merged_and_peft(tmp_path):
+  """The whole job with LoRA: checkpoints hold the adapters, resume continues exactly, the merged
+  HF export reproduces the adapted model's logits and the PEFT folder holds the adapters."""
+  straight = lora_config(tmp_path, train__num_steps=4, checkpoint__export_hf=True)
+  train.train_and_evaluate(straight, str(tmp_path / "straight"))
+  train.train_and_evaluate(lora_config(tmp_path, train__num_steps=2), str(tmp_path / "resumed"))
+  train.train_and_evaluate(straight, str(tmp_path / "resumed"))
+  a = read_jsonl(tmp_path / "straight" / "metrics.jsonl")
+  b = read_jsonl(tmp_path / "resumed" / "metrics.jsonl")
+  assert [r["loss"] for r in a] == [r["loss"] for r in b]
+  trained, _, _ = checkpoint.restore_model(str(tmp_path / "straight"))
+  merged, _ = models.load(str(tmp_path / "straight" / "hf"))
+  tokens = np.arange(24, dtype=np.int32)[None] % 300
+  np.testing.assert_allclose(merged(tokens), trained(tokens), rtol=1e-5, atol=1e-5)
+  assert (tmp_path / "straight" / "peft" / "adapter_config.json").exists()
+  base, _ = models.load(TINY)
+  assert np.abs(np.asarray(trained(tokens)) - np.asarray(base(tokens))).max() > 1e-4

@@ -11,6 +11,7 @@ from dft_jax.errors import ConfigError, ModelError
 from dft_jax.models import hf
 from dft_jax.models.config import PRESETS, ModelConfig
 from dft_jax.models.decoder import Decoder, layer_arrays
+from dft_jax.models.lora import LoRAConfig
 
 
 def _embedded_smollm2() -> pathlib.Path:
@@ -95,11 +96,21 @@ def load(spec: str, *, seed: int = 0, **decoder_kwargs):
   return from_state_dict(config, weights(), seed=seed, **decoder_kwargs), tokenizer
 
 
-def decoder_options(model_cfg):
-  """Decoder keyword arguments from config.model."""
+def lora_config(lora_cfg):
+  """LoRAConfig of config.lora, or None when lora.rank is 0 (or there is no lora section)."""
+  if not lora_cfg or not lora_cfg.get("rank"):
+    return None
+  targets = tuple(t.strip() for t in str(lora_cfg.targets).split(",") if t.strip())
+  quant = None if lora_cfg.base_quant in (None, "none") else lora_cfg.base_quant
+  return LoRAConfig(rank=lora_cfg.rank, alpha=float(lora_cfg.alpha), targets=targets,
+                    base_quant=quant, block_size=lora_cfg.block_size)
+
+
+def decoder_options(model_cfg, lora_cfg=None):
+  """Decoder keyword arguments from config.model (and config.lora)."""
   return dict(param_dtype=model_cfg.param_dtype, compute_dtype=model_cfg.compute_dtype,
               remat=model_cfg.remat, scan_layers=model_cfg.scan_layers,
-              attention=model_cfg.attention)
+              attention=model_cfg.attention, lora=lora_config(lora_cfg))
 
 
 def tokenizer_for(model_cfg, tokenizer):
@@ -117,11 +128,12 @@ def tokenizer_for(model_cfg, tokenizer):
   return _with_pad(tokenizer)
 
 
-def load_from_config(model_cfg, *, abstract=False, seed=0):
-  """(model, tokenizer) for config.model; abstract=True gives the model's shapes only
-  (nnx.eval_shape, no weights read: a target for checkpoint.restore_params)."""
+def load_from_config(model_cfg, lora_cfg=None, *, abstract=False, seed=0):
+  """(model, tokenizer) for config.model (with config.lora's adapters when lora.rank > 0);
+  abstract=True gives the model's shapes only (nnx.eval_shape, no weights read: a target for
+  checkpoint.restore_params)."""
   config, weights, tokenizer = read(model_cfg.name)
-  options = decoder_options(model_cfg)
+  options = decoder_options(model_cfg, lora_cfg)
   if abstract:
     model = nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(seed), **options))
   elif weights is None:
