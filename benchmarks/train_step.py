@@ -309,23 +309,24 @@ def time_train_step(v, config, mesh, make_model, peak_flops):
   t0 = time.perf_counter()
   model = make_model()
   model_cfg = model.config
-  graphdef, state, tx, _ = step_lib.init_train_state(model, config, mesh)
+  graphdef, state, frozen, tx, _ = step_lib.init_train_state(model, config, mesh)
   del model
-  jax.block_until_ready(state)
+  jax.block_until_ready((state, frozen))
   init_s = time.perf_counter() - t0
-  step = step_lib.make_train_step(graphdef, tx, config, mesh, step_lib.shardings_of(state))
+  step = step_lib.make_train_step(graphdef, tx, config, mesh, step_lib.shardings_of(state),
+                                  step_lib.shardings_of(frozen))
   rng = np.random.default_rng(0)
   rows = config.train.global_batch_size
   batches = [step_lib.global_batch(packed_rows(rng, rows, v["seq_len"], model_cfg.vocab_size,
                                                v["doc_len"]), mesh) for _ in range(2)]
   t0 = time.perf_counter()
-  compiled = step.lower(state, batches[0], None).compile()
+  compiled = step.lower(state, batches[0], frozen).compile()
   compile_s = time.perf_counter() - t0
   # The train job's loop: each step's time is the interval between reading its metrics and the
   # previous step's (the next step is dispatched first, as in training).
   recorder = loop.Recorder(num_steps=v["warmup"] + v["steps"])
   state = loop.train_loop(state, compiled, ((b, None) for b in itertools.cycle(batches)),
-                          num_steps=v["warmup"] + v["steps"], record=recorder)
+                          num_steps=v["warmup"] + v["steps"], record=recorder, frozen=frozen)
   times = [h["step_seconds"] for h in recorder.history]
   losses = [h["loss"] for h in recorder.history]
   num_params = step_lib.count_params(state.params)
@@ -419,13 +420,14 @@ def compiled_memory(v):
   config = bench_config(v)
   mesh = single_device_mesh()
   graphdef, state, tx = abstract_state(config, mesh)
-  step = step_lib.make_train_step(graphdef, tx, config, mesh, step_lib.shardings_of(state))
+  step = step_lib.make_train_step(graphdef, tx, config, mesh, step_lib.shardings_of(state),
+                                  step_lib.shardings_of(step_lib.Frozen()))
   rows = config.train.global_batch_size
   batch = {k: jax.ShapeDtypeStruct((rows, v["seq_len"]), x.dtype,
                                    sharding=sharding.batch_sharding(mesh))
            for k, x in packed_rows(np.random.default_rng(0), 1, 8, 8).items()}
   t0 = time.perf_counter()
-  compiled = step.lower(state, batch, None).compile()
+  compiled = step.lower(state, batch, step_lib.Frozen()).compile()
   out = memory_stats(compiled)
   out.update(compile_s=time.perf_counter() - t0, backend=jax.default_backend(),
              num_params=step_lib.count_params(state.params))

@@ -80,7 +80,8 @@ def get_config(arg=None):
       weight_decay=0.0,
       b1=0.9, b2=0.95, eps=1e-8,
       grad_clip_norm=1.0,
-      mu_dtype=placeholder(str),     # None (= params) | bfloat16
+      mu_dtype=placeholder(str),     # AdamW first moment: None (= params) | bfloat16
+      nu_dtype=placeholder(str),     # second moment: None (optax.adamw) | bfloat16 (b2 <= 0.99)
   ))
 
   c.train = ml_collections.ConfigDict(dict(
