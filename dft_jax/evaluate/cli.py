@@ -23,19 +23,15 @@ EVAL_FLAGS = ("suites", "math_file", "math_split", "in_domain", "samples", "temp
 
 
 def restore_run(workdir, step, base_name):
-  """(model, tokenizer, base model, the run's config) of a dft_jax.train workdir.
-
-  The one place evaluation reads a checkpoint: `train.restore_model` and `train.load_model` are
-  being replaced by a params-only restore (`checkpoint.restore_params`) and the model loading of
-  dft_jax/models; switch these two calls when they land.
-  """
-  from dft_jax import checkpoint as ckpt  # pylint: disable=g-import-not-at-top
-  from dft_jax import train  # pylint: disable=g-import-not-at-top
-  config = ckpt.read_config(workdir)
-  model, tokenizer = train.restore_model(workdir, step)
+  """(model, tokenizer, base model, the run's config) of a dft_jax.train workdir: the trained
+  parameters alone (checkpoint.restore_model, no optimizer state), the base model by name
+  (default: the run's model.name) with the run's model options."""
+  from dft_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from dft_jax import models  # pylint: disable=g-import-not-at-top
+  model, tokenizer, config = checkpoint.restore_model(workdir, step)
   base_cfg = ml_collections.ConfigDict(dict(config.model))
   base_cfg.name = base_name or config.model.name
-  return model, tokenizer, train.load_model(base_cfg)[0], config
+  return model, tokenizer, models.load_from_config(base_cfg)[0], config
 
 
 def load_for_eval(args, defaults):
