@@ -352,10 +352,11 @@ def test_python_m_dft_jax_evaluate_runs_the_cli():
   assert done.returncode == 0 and "--checkpoint" in done.stdout and "--math_file" in done.stdout
 
 
-def test_cli_on_a_checkpoint(tmp_path, capsys):
+@pytest.mark.parametrize("lora", [False, True])
+def test_cli_on_a_checkpoint(tmp_path, capsys, lora):
   from dft_jax import train
-  from test_train import tiny_config
-  config = tiny_config(tmp_path, train__num_steps=1)
+  from test_train import lora_config, tiny_config
+  config = (lora_config if lora else tiny_config)(tmp_path, train__num_steps=1)
   config.log.tensorboard = False
   train.train_and_evaluate(config, str(tmp_path / "run"))
   out = tmp_path / "eval.json"

@@ -25,13 +25,15 @@ EVAL_FLAGS = ("suites", "math_file", "math_split", "in_domain", "samples", "temp
 def restore_run(workdir, step, base_name):
   """(model, tokenizer, base model, the run's config) of a dft_jax.train workdir: the trained
   parameters alone (checkpoint.restore_model, no optimizer state), the base model by name
-  (default: the run's model.name) with the run's model options."""
+  (default: the run's model.name) with the run's model options (and, for a LoRA run, its
+  adapters at their initial, identity value: the same parameter tree as the model)."""
   from dft_jax import checkpoint  # pylint: disable=g-import-not-at-top
   from dft_jax import models  # pylint: disable=g-import-not-at-top
   model, tokenizer, config = checkpoint.restore_model(workdir, step)
   base_cfg = ml_collections.ConfigDict(dict(config.model))
   base_cfg.name = base_name or config.model.name
-  return model, tokenizer, models.load_from_config(base_cfg)[0], config
+  base = models.load_from_config(base_cfg, config.get("lora"))[0]
+  return model, tokenizer, base, config
 
 
 def load_for_eval(args, defaults):
