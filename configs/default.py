@@ -29,6 +29,8 @@ def get_config(arg=None):
       lm_head_chunk=1024,            # tokens per chunk of the LM head
       lm_head_impl="checkpointed",   # checkpointed (any objective) | fused (gradient in the
                                      # forward pass: per-token objectives; others fall back)
+      max_segments=64,               # most runs of segment ids (documents + padding) in a row:
+                                     # cuDNN attention's static bound; the packer keeps under it
       tokenizer=placeholder(str),    # HF tokenizer folder, for presets
   ))
 

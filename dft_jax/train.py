@@ -70,7 +70,8 @@ def train_and_evaluate(config, workdir):
     initial = frozen.reference or jax.tree.map(jax.numpy.copy, state.params)
 
   data_iter = data.make_train_iterator(config.data, tokenizer, seq_len=t.seq_len,
-                                       global_batch_size=t.global_batch_size, seed=t.seed)
+                                       global_batch_size=t.global_batch_size, seed=t.seed,
+                                       max_segments=config.model.max_segments)
   manager = ckpt.make_manager(workdir, config.checkpoint)
   if manager.latest_step() is not None:
     logging.info("Restoring checkpoint %d from %s", manager.latest_step(), manager.directory)

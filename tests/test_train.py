@@ -65,7 +65,8 @@ def batches(config, n):
   from dft_jax import data
   tokenizer = models.load(TINY)[1]
   it = data.make_train_iterator(config.data, tokenizer, seq_len=config.train.seq_len,
-                                global_batch_size=config.train.global_batch_size, seed=0)
+                                global_batch_size=config.train.global_batch_size, seed=0,
+                                max_segments=config.model.max_segments)
   return [next(it) for _ in range(n)]
 
 

@@ -222,7 +222,8 @@ def data_batches(config, tokenizer, seed):
   from dft_jax import data  # pylint: disable=g-import-not-at-top
   t = config.train
   it = data.make_train_iterator(config.data, tokenizer, seq_len=t.seq_len,
-                                global_batch_size=t.global_batch_size, seed=seed)
+                                global_batch_size=t.global_batch_size, seed=seed,
+                                max_segments=config.model.max_segments)
   return [next(it) for _ in range(t.num_steps)]
 
 
