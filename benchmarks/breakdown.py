@@ -81,7 +81,7 @@ def run(v, steps):
   mesh = bench.single_device_mesh()
   model = bench.load_model(config)
   model_cfg = model.config
-  graphdef, state, tx, _ = step_lib.init_train_state(model, config, mesh)
+  graphdef, state, frozen, tx, _ = step_lib.init_train_state(model, config, mesh)
   del model
   rng = np.random.default_rng(0)
   rows = config.train.global_batch_size
@@ -89,8 +89,9 @@ def run(v, steps):
       bench.packed_rows(rng, rows, v["seq_len"], model_cfg.vocab_size, v["doc_len"]), mesh)
   timings = {name: median_time(fn, *args, steps=steps)
              for name, (fn, args) in parts(config, graphdef, state, tx, batch).items()}
-  step = step_lib.make_train_step(graphdef, tx, config, mesh, step_lib.shardings_of(state))
-  step_fn = lambda s: step(s, batch, None)[0]
+  step = step_lib.make_train_step(graphdef, tx, config, mesh, step_lib.shardings_of(state),
+                                  step_lib.shardings_of(frozen))
+  step_fn = lambda s: step(s, batch, frozen)[0]
   times = []
   for i in range(steps + 2):
     t0 = time.perf_counter()

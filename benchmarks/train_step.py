@@ -61,6 +61,7 @@ DEFAULTS = dict(
     compute_dtype="bfloat16",
     attention="auto",           # cudnn on GPU
     mu_dtype=None,              # AdamW first moment dtype (needs config.optimizer.mu_dtype)
+    nu_dtype=None,              # AdamW second moment dtype (config.optimizer.nu_dtype)
     lora_rank=0,                # config.lora.rank: 0 trains every parameter; > 0 LoRA adapters
                                 # (torch: the peft peer); param_dtype is the frozen base's dtype
     lora_alpha=16.0,            # config.lora.alpha (scale alpha / rank)
@@ -96,7 +97,8 @@ H200 = [
     dict(FAST, name="jax/dft/fused", est_s=45),  # the first compile fills the autotune cache
     dict(FAST, name="jax/dft/checkpointed", lm_head="checkpointed"),
     dict(FAST, name="jax/sft/fused", objective="sft"),
-    dict(FAST, name="jax/dft/lean", remat="nothing_saveable", mu_dtype="bfloat16"),
+    dict(FAST, name="jax/dft/lean", remat="nothing_saveable", mu_dtype="bfloat16",
+         nu_dtype="bfloat16"),
     dict(name="torch/dft/liger", framework="torch", objective="dft", liger=True, steps=8,
          est_s=45),
     dict(FAST, name="jax/eaft/fused", objective="eaft"),
@@ -319,10 +321,11 @@ def bench_config(v):
   c.train.update(global_batch_size=v["batch"] * v["minibatches"], seq_len=v["seq_len"],
                  minibatches=v["minibatches"], microbatches=v["microbatches"], num_steps=1000)
   c.data.max_length = min(c.data.max_length, v["seq_len"])
-  if v["mu_dtype"]:
-    if "mu_dtype" not in c.optimizer:
-      raise NeedsHook("mu_dtype needs config.optimizer.mu_dtype (passed to optax.adamw)")
-    c.optimizer.mu_dtype = v["mu_dtype"]
+  for moment in ("mu_dtype", "nu_dtype"):  # AdamW's moments stored in another dtype
+    if v[moment]:
+      if moment not in c.optimizer:
+        raise NeedsHook(f"{moment} needs config.optimizer.{moment}")
+      c.optimizer[moment] = v[moment]
   return c
 
 
@@ -434,28 +437,27 @@ def time_train_step(v, config, mesh, make_model, peak_flops):
   t0 = time.perf_counter()
   model = make_model()
   model_cfg = model.config
-  graphdef, state, tx, _ = step_lib.init_train_state(model, config, mesh)
+  graphdef, state, frozen, tx, _ = step_lib.init_train_state(model, config, mesh)
   del model
-  ref_params = step_lib.reference_params(state, config.objective)  # ASFT, iw-SFT without LoRA
-  jax.block_until_ready((state, ref_params))
+  jax.block_until_ready((state, frozen))  # frozen: a LoRA base, or ASFT / iw-SFT's reference
   init_s = time.perf_counter() - t0
-  step = step_lib.make_train_step(graphdef, tx, config, mesh, step_lib.shardings_of(state))
+  step = step_lib.make_train_step(graphdef, tx, config, mesh, step_lib.shardings_of(state),
+                                  step_lib.shardings_of(frozen))
   rng = np.random.default_rng(0)
   rows = config.train.global_batch_size
   batches = [step_lib.global_batch(packed_rows(rng, rows, v["seq_len"], model_cfg.vocab_size,
                                                v["doc_len"]), mesh) for _ in range(2)]
   t0 = time.perf_counter()
-  compiled = step.lower(state, batches[0], ref_params).compile()
+  compiled = step.lower(state, batches[0], frozen).compile()
   compile_s = time.perf_counter() - t0
   # The train job's loop: each step's time is the interval between reading its metrics and the
   # previous step's (the next step is dispatched first, as in training).
   recorder = loop.Recorder(num_steps=v["warmup"] + v["steps"])
   state = loop.train_loop(state, compiled, ((b, None) for b in itertools.cycle(batches)),
-                          num_steps=v["warmup"] + v["steps"], record=recorder,
-                          ref_params=ref_params)
+                          num_steps=v["warmup"] + v["steps"], record=recorder, frozen=frozen)
   times = [h["step_seconds"] for h in recorder.history]
   losses = [h["loss"] for h in recorder.history]
-  lora = state.frozen is not None
+  lora = frozen.base is not None
   tokens = rows * v["seq_len"]
   record = dict(
       num_params=base_param_count(model_cfg) if lora else step_lib.count_params(state.params),
@@ -464,7 +466,8 @@ def time_train_step(v, config, mesh, make_model, peak_flops):
       init_s=init_s, compile_s=compile_s, losses=losses, memory_analysis=memory_stats(compiled),
       versions=versions("jax", "jaxlib", "flax", "optax", "numpy"), **device_info())
   record.update(timing_fields(times[v["warmup"]:], tokens,
-                              step_lib.train_flops_per_token(state, model_cfg, v["seq_len"]),
+                              step_lib.train_flops_per_token(state, frozen, model_cfg,
+                                                             v["seq_len"]),
                               peak_flops))
   return state, batches[0], record
 
@@ -524,24 +527,26 @@ def run_recorded(record, measure, skipped=()):
 
 
 def abstract_state(config, mesh):
-  """(graphdef, abstract TrainState, tx) as step.init_train_state builds them (with LoRA: the
-  adapters train, the base in `frozen`), but shapes and dtypes only: nothing allocated (every
-  leaf on the mesh's one device)."""
+  """(graphdef, abstract TrainState, abstract Frozen, tx) as step.init_train_state builds them
+  (with LoRA the adapters train and the base is Frozen.base; ASFT / iw-SFT without LoRA get the
+  copy of the starting parameters in Frozen.reference), but shapes and dtypes only: nothing
+  allocated (every leaf on the mesh's one device)."""
   import jax
   import jax.numpy as jnp
   from flax import nnx
   from dft_jax import models, sharding
   from dft_jax import step as step_lib
   model = nnx.eval_shape(lambda: load_model(config))
-  graphdef, params, frozen = step_lib.split_model(model)
+  graphdef, params, base = step_lib.split_model(model)
   logical = models.logical_specs(params)
   tx, _ = step_lib.make_optimizer(config.optimizer, config.train.num_steps, logical)
   replicated = sharding.replicated(mesh)
+  abstract = lambda tree: jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), tree)
   state = step_lib.TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
-                              opt_state=jax.eval_shape(tx.init, params), frozen=frozen)
-  state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-                       state)
-  return graphdef, state, tx
+                              opt_state=jax.eval_shape(tx.init, params))
+  reference = params if base is None and step_lib.needs_reference(config.objective) else None
+  return graphdef, abstract(state), abstract(step_lib.Frozen(base=base, reference=reference)), tx
 
 
 def compiled_memory(v):
@@ -553,17 +558,15 @@ def compiled_memory(v):
   v = dict(DEFAULTS, **v)
   config = bench_config(v)
   mesh = single_device_mesh()
-  graphdef, state, tx = abstract_state(config, mesh)
-  step = step_lib.make_train_step(graphdef, tx, config, mesh, step_lib.shardings_of(state))
+  graphdef, state, frozen, tx = abstract_state(config, mesh)
+  step = step_lib.make_train_step(graphdef, tx, config, mesh, step_lib.shardings_of(state),
+                                  step_lib.shardings_of(frozen))
   rows = config.train.global_batch_size
   batch = {k: jax.ShapeDtypeStruct((rows, v["seq_len"]), x.dtype,
                                    sharding=sharding.batch_sharding(mesh))
            for k, x in packed_rows(np.random.default_rng(0), 1, 8, 8).items()}
-  # the starting-parameter copy reference_params would pass (ASFT, iw-SFT without LoRA)
-  ref_params = (state.params if state.frozen is None and step_lib.needs_reference(
-      config.objective) else None)
   t0 = time.perf_counter()
-  compiled = step.lower(state, batch, ref_params).compile()
+  compiled = step.lower(state, batch, frozen).compile()
   out = memory_stats(compiled)
   out.update(compile_s=time.perf_counter() - t0, backend=jax.default_backend(),
              num_params=step_lib.count_params(state.params))
@@ -624,19 +627,19 @@ def saved_activation_bytes(v):
   from dft_jax import step as step_lib
   v = dict(DEFAULTS, **v)
   config = bench_config(v)
-  graphdef, state, _ = abstract_state(config, single_device_mesh())
+  graphdef, state, frozen, _ = abstract_state(config, single_device_mesh())
   stats, objective = objective_of(config)
 
-  def loss(params, frozen, batch):  # a LoRA run's frozen base an argument: its arrays are no
-    model = step_lib.merge_model(graphdef, params, frozen)  # residuals (the policy saves the same)
+  def loss(params, base, batch):  # a LoRA run's frozen base an argument: its arrays are no
+    model = step_lib.merge_model(graphdef, params, base)  # residuals (the policy saves the same)
     return objective(step_lib.model_token_stats(model, batch, v["lm_head_chunk"], stats), batch)
 
   batch = abstract_batch(v["batch"] // v["microbatches"], v["seq_len"])
-  params, frozen = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                                (state.params, state.frozen))
+  params, base = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                              (state.params, frozen.base))
   text = io.StringIO()
   with contextlib.redirect_stdout(text):  # lines "bf16[28,4,4096,1536] output of ..."
-    print_saved_residuals(loss, params, frozen, batch)
+    print_saved_residuals(loss, params, base, batch)
   total = 0
   for dtype, dims, src in re.findall(r"^([a-z]+\d*)\[([\d,]*)\] (.*)$", text.getvalue(), re.M):
     if not src.startswith("from the argument"):
@@ -830,10 +833,10 @@ def _ok(records, **match):
 # Fields that make two records a like-for-like pair (a fused head against the checkpointed one).
 TWIN_KEYS = ("framework", "model", "objective", "batch", "seq_len", "minibatches", "microbatches",
              "remat", "lm_head_chunk", "compute_dtype", "param_dtype", "w_dtype", "mu_dtype",
-             "xla_flags", "doc_len", "lora_rank", "base_quant")
+             "nu_dtype", "xla_flags", "doc_len", "lora_rank", "base_quant")
 # An objective's step time per token is compared with SFT's at the same shape, head and remat.
 VS_SFT_KEYS = ("model", "batch", "seq_len", "remat", "lm_head", "lm_head_chunk", "param_dtype",
-               "mu_dtype", "xla_flags", "doc_len", "lora_rank", "base_quant")
+               "mu_dtype", "nu_dtype", "xla_flags", "doc_len", "lora_rank", "base_quant")
 LORA_PEAK_GIB = 32.0  # a 40 GB card
 # The issues' targets: (summary key, comparison, bound).
 TARGETS = (

@@ -29,6 +29,8 @@ def get_config(arg=None):
       lm_head_chunk=1024,            # tokens per chunk of the LM head
       lm_head_impl="checkpointed",   # checkpointed (any objective) | fused (gradient in the
                                      # forward pass: per-token objectives; others fall back)
+      max_segments=64,               # most runs of segment ids (documents + padding) in a row:
+                                     # cuDNN attention's static bound; the packer keeps under it
       tokenizer=placeholder(str),    # HF tokenizer folder, for presets
   ))
 
@@ -80,7 +82,8 @@ def get_config(arg=None):
       weight_decay=0.0,
       b1=0.9, b2=0.95, eps=1e-8,
       grad_clip_norm=1.0,
-      mu_dtype=placeholder(str),     # None (= params) | bfloat16
+      mu_dtype=placeholder(str),     # AdamW first moment: None (= params) | bfloat16
+      nu_dtype=placeholder(str),     # second moment: None (optax.adamw) | bfloat16 (b2 <= 0.99)
   ))
 
   c.train = ml_collections.ConfigDict(dict(

@@ -216,12 +216,25 @@ def is_workdir(path):
   return os.path.isfile(os.path.join(path, CONFIG_FILE))
 
 
+def _merged(default, saved):
+  """default (a nested dict) with saved's values: fields added since a run was written keep
+  their defaults."""
+  out = dict(default)
+  for key, value in saved.items():
+    out[key] = (_merged(default[key], value) if isinstance(value, dict)
+                and isinstance(default.get(key), dict) else value)
+  return out
+
+
 def read_config(workdir):
+  """The run's config.json over configs/default.py's defaults (fields newer than the run)."""
   import ml_collections  # pylint: disable=g-import-not-at-top
+  from dft_jax import config_files  # pylint: disable=g-import-not-at-top
   config = files.read_json(os.path.join(workdir, CONFIG_FILE))
   if config is None:
     raise ModelError(f"{workdir}: no {CONFIG_FILE} there; expected a dft_jax.train workdir")
-  return ml_collections.ConfigDict(config)
+  default = json.loads(config_files.load(config_files.DEFAULT).to_json())
+  return ml_collections.ConfigDict(_merged(default, config))
 
 
 def restore_model(workdir, step=None):

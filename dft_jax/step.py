@@ -9,8 +9,9 @@ Per global batch [G, T] (rows sharded over the mesh's (data, fsdp) axes), the st
   3. keeps parameters and optimizer state unchanged on an update whose loss or gradient norm is
      not finite, and counts it (`skipped`).
 The loss normalisation uses the token / sequence counts of each update's whole minibatch, so
-slices and devices give the gradient of one big batch. `ref` holds the frozen reference
-parameters when the objective needs them (KL anchor, statistics against the reference), else None.
+slices and devices give the gradient of one big batch. The step also reads, never updates,
+`Frozen`: with LoRA the frozen base; without it a copy of the starting parameters when the
+objective compares with the starting model (KL anchor, statistics against the reference).
 """
 from typing import Any
 
@@ -31,10 +32,17 @@ LM_HEAD_IMPLS = ("checkpointed", "fused")  # lm_head.token_stats | lm_head.fused
 
 
 class TrainState(struct.PyTreeNode):
+  """What the step updates (donated) and checkpoints."""
   step: jax.Array       # global batches done
   params: Any           # what trains: every parameter, or with LoRA the adapters
   opt_state: Any
-  frozen: Any = None    # with LoRA the frozen base (never updated, not checkpointed), else None
+
+
+class Frozen(struct.PyTreeNode):
+  """What the step reads and never updates (not donated, not checkpointed)."""
+  base: Any = None       # with LoRA: the frozen base weights
+  reference: Any = None  # without LoRA, when the objective compares with the starting model: a
+                         # copy of the starting parameters (with LoRA: the base, adapters off)
 
 
 # ----------------------------------------------------------------------------- config edge
@@ -69,8 +77,10 @@ def validate(config, num_devices, process_count=1):
     raise ConfigError(f"optimizer.schedule={o.schedule!r}: expected one of {sorted(SCHEDULES)}")
   if not o.learning_rate > 0:
     raise ConfigError(f"optimizer.learning_rate={o.learning_rate!r}: must be > 0")
-  if o.get("mu_dtype") not in (None, "float32", "bfloat16"):
-    raise ConfigError(f"optimizer.mu_dtype={o.mu_dtype!r}: expected None, 'float32' or 'bfloat16'")
+  for moment in ("mu_dtype", "nu_dtype"):
+    if o.get(moment) not in (None, "float32", "bfloat16"):
+      raise ConfigError(f"optimizer.{moment}={o.get(moment)!r}: expected None (the parameters' "
+                        "dtype), 'float32' or 'bfloat16'")
   if o.warmup_steps < 0 or o.weight_decay < 0 or o.grad_clip_norm < 0:
     raise ConfigError("optimizer.warmup_steps, weight_decay and grad_clip_norm must be >= 0")
 
@@ -100,16 +110,52 @@ def decay_mask(logical_specs):
   return jax.tree.map(lambda spec: "embed" in spec or "lora_rank" in spec, logical_specs)
 
 
+def scale_by_adam_stored_in(b1, b2, eps, mu_dtype, nu_dtype):
+  """Adam's update m_hat / (sqrt(v_hat) + eps) (arXiv 1412.6980) with both moments stored in the
+  given dtypes and updated in float32: optax.scale_by_adam, whose second moment can only be kept
+  in the parameters' dtype. A bfloat16 moment keeps 8 significant bits, so an update smaller than
+  ~0.4 % of it rounds away: fine for b2 <= 0.99 (a step moves v by 1 - b2 >= 1 %), not for 0.999."""
+
+  def init(params):
+    zeros = lambda dtype: jax.tree.map(lambda p: jnp.zeros(p.shape, dtype or p.dtype), params)
+    return optax.ScaleByAdamState(count=jnp.zeros((), jnp.int32), mu=zeros(mu_dtype),
+                                  nu=zeros(nu_dtype))
+
+  def update(grads, state, params=None):
+    del params
+    f32 = lambda tree: jax.tree.map(lambda x: x.astype(jnp.float32), tree)
+    mu = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, f32(state.mu), f32(grads))
+    nu = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * g * g, f32(state.nu), f32(grads))
+    count = state.count + 1
+    correction_1, correction_2 = 1 - b1 ** count, 1 - b2 ** count
+    updates = jax.tree.map(
+        lambda m, v, g: ((m / correction_1) / (jnp.sqrt(v / correction_2) + eps)).astype(g.dtype),
+        mu, nu, grads)
+    cast = lambda new, old: jax.tree.map(lambda x, o: x.astype(o.dtype), new, old)
+    return updates, optax.ScaleByAdamState(count=count, mu=cast(mu, state.mu),
+                                           nu=cast(nu, state.nu))
+
+  return optax.GradientTransformation(init, update)
+
+
 def make_optimizer(opt_cfg, total_updates, logical_specs):
   """(tx, schedule): global-norm clipping, then AdamW with decoupled weight decay on the
-  schedule."""
+  schedule; optimizer.mu_dtype / nu_dtype store the moments in another dtype (the lean mode:
+  bfloat16 moments save 4 bytes a parameter)."""
   schedule = make_schedule(opt_cfg, total_updates)
   clip = opt_cfg.grad_clip_norm
-  tx = optax.chain(
-      optax.clip_by_global_norm(clip) if clip else optax.identity(),
-      optax.adamw(schedule, b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps,
-                  weight_decay=opt_cfg.weight_decay, mask=decay_mask(logical_specs),
-                  mu_dtype=opt_cfg.get("mu_dtype")))
+  mask = decay_mask(logical_specs)
+  if opt_cfg.get("nu_dtype") is None:
+    adamw = optax.adamw(schedule, b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps,
+                        weight_decay=opt_cfg.weight_decay, mask=mask,
+                        mu_dtype=opt_cfg.get("mu_dtype"))
+  else:
+    adamw = optax.chain(
+        scale_by_adam_stored_in(opt_cfg.b1, opt_cfg.b2, opt_cfg.eps, opt_cfg.get("mu_dtype"),
+                                opt_cfg.nu_dtype),
+        optax.add_decayed_weights(opt_cfg.weight_decay, mask),
+        optax.scale_by_learning_rate(schedule))
+  tx = optax.chain(optax.clip_by_global_norm(clip) if clip else optax.identity(), adamw)
   return tx, schedule
 
 
@@ -149,13 +195,17 @@ def _placed(tree, mesh):
 
 
 def init_train_state(model, config, mesh):
-  """(graphdef, TrainState, tx, schedule): the model's trainable parameters (all, or with LoRA
-  the adapters; the frozen base in TrainState.frozen) sharded over the mesh by the logical-axis
-  rules, the optimizer moments placed like the parameters they follow."""
+  """(graphdef, TrainState, Frozen, tx, schedule): the model's trainable parameters (all, or
+  with LoRA the adapters; the frozen base in Frozen.base) sharded over the mesh by the
+  logical-axis rules, the optimizer moments placed like the parameters they follow, and a copy
+  of the starting parameters in Frozen.reference when the objective needs one."""
   from dft_jax import models  # pylint: disable=g-import-not-at-top
-  graphdef, params, frozen = split_model(model)
+  graphdef, params, base = split_model(model)
   logical = models.logical_specs(params)
-  params, frozen = _placed(params, mesh), _placed(frozen, mesh)
+  params, base = _placed(params, mesh), _placed(base, mesh)
+  reference = None
+  if base is None and needs_reference(config.objective):
+    reference = jax.tree.map(jnp.copy, params)
   t = config.train
   tx, schedule = make_optimizer(config.optimizer, t.num_steps * t.minibatches, logical)
   replicated = sharding.replicated(mesh)
@@ -164,8 +214,8 @@ def init_train_state(model, config, mesh):
       shardings_of(params), transform_non_params=lambda _: replicated)
   opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
   state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), replicated), params=params,
-                     opt_state=opt_state, frozen=frozen)
-  return graphdef, state, tx, schedule
+                     opt_state=opt_state)
+  return graphdef, state, Frozen(base=base, reference=reference), tx, schedule
 
 
 def global_batch(local_batch, mesh):
@@ -179,12 +229,12 @@ def count_params(params):
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
 
 
-def train_flops_per_token(state, model_config, seq_len):
+def train_flops_per_token(state, frozen, model_config, seq_len):
   """throughput.flops_per_token of this state: 6 N, or with LoRA 4 N_base + 6 N_adapters (N_base
   from the shapes of the plain decoder: a quantised base packs two weights a byte)."""
   from dft_jax import models  # pylint: disable=g-import-not-at-top
   from dft_jax import throughput  # pylint: disable=g-import-not-at-top
-  if state.frozen is None:
+  if frozen.base is None:
     return throughput.flops_per_token(count_params(state.params), model_config, seq_len)
   base = nnx.eval_shape(lambda: models.Decoder(model_config, rngs=nnx.Rngs(0)))
   return throughput.flops_per_token(count_params(nnx.state(base)), model_config, seq_len,
@@ -192,14 +242,6 @@ def train_flops_per_token(state, model_config, seq_len):
 
 
 # ----------------------------------------------------------------------------- the step
-
-
-def reference_params(state, objective_cfg):
-  """The copy of the starting parameters the step takes as `ref_params` (None if it needs none:
-  no reference, or LoRA, whose reference is its own frozen base)."""
-  if state.frozen is not None or not needs_reference(objective_cfg):
-    return None
-  return jax.tree.map(jnp.copy, state.params)
 
 
 def needs_reference(objective_cfg):
@@ -296,41 +338,40 @@ def fused_head_fits(objective_cfg):
           and not lm_head.needs_ref(objectives.required_stats(objective_cfg)))
 
 
-def make_train_step(graphdef, tx, config, mesh, state_shardings):
-  """The jitted `train_step(state, batch, ref_params) -> (state, metrics)`, state donated.
+def make_train_step(graphdef, tx, config, mesh, state_shardings, frozen_shardings):
+  """The jitted `train_step(state, batch, frozen) -> (state, metrics)`, state donated.
 
-  `batch` holds the global batch [G, T] sharded over (data, fsdp). The reference model (KL
-  anchor, reference statistics) is, with LoRA (state.frozen set), the frozen base with the
-  adapters off; else `ref_params`, a copy of the starting parameters (None when
-  needs_reference(config.objective) is False).
+  `batch` holds the global batch [G, T] sharded over (data, fsdp); `frozen` (init_train_state's
+  Frozen) is read, never updated: with LoRA the frozen base, whose adapters-off model is then the
+  reference (KL anchor, reference statistics); else frozen.reference, a copy of the starting
+  parameters, when the objective needs one.
   """
   setting = objectives.validate(config.objective)
   t, chunk = config.train, config.model.lm_head_chunk
   needs = objectives.needs(config.objective)
   stat_names = objectives.required_stats(config.objective)
-  lora = state_shardings.frozen is not None
-  ref_params_needed = needs_reference(config.objective) and not lora
+  lora = frozen_shardings.base is not None
   fused = config.model.lm_head_impl == "fused" and fused_head_fits(setting)
   # With one update per batch the snapshot is the current policy: old_logp = sg(logp), no extra
   # forward. With K > 1 updates, pi_old is computed once, before the first of them (with LoRA
   # the snapshot is a copy of the adapters only).
   snapshot_forward = "old_logp" in needs and t.minibatches > 1
 
-  def reference(params, frozen, ref_params, mb):
+  def reference(params, frozen, mb):
     """(hidden states, head weight) of the reference model, without gradient."""
     if lora:
-      return jax.lax.stop_gradient(hidden_and_head(merge_model(graphdef, params, frozen), mb,
+      return jax.lax.stop_gradient(hidden_and_head(merge_model(graphdef, params, frozen.base), mb,
                                                    adapters=False))
-    return jax.lax.stop_gradient(hidden_and_head(merge_model(graphdef, ref_params), mb))
+    return jax.lax.stop_gradient(hidden_and_head(merge_model(graphdef, frozen.reference), mb))
 
   def target_logp(hidden_and_w, mb):  # forward only: the snapshot's or the reference's logp
     hidden_BxTxD, w_DxV = jax.lax.stop_gradient(hidden_and_w)
     return lm_head.token_stats(hidden_BxTxD, w_DxV, mb["targets"], chunk_size=chunk,
                                stats=("logp",))["logp"]
 
-  def microbatch_loss(params, frozen, mb, old_logp_BxT, ref_params, denominators):
-    model = merge_model(graphdef, params, frozen)
-    ref = (reference(params, frozen, ref_params, mb)
+  def microbatch_loss(params, frozen, mb, old_logp_BxT, denominators):
+    model = merge_model(graphdef, params, frozen.base)
+    ref = (reference(params, frozen, mb)
            if "ref_logp" in needs or lm_head.needs_ref(stat_names) else None)
     inputs = {}
     if snapshot_forward:
@@ -350,13 +391,13 @@ def make_train_step(graphdef, tx, config, mesh, state_shardings):
 
   grad_fn = jax.value_and_grad(microbatch_loss, has_aux=True)
 
-  def train_step(state, batch, ref_params):
+  def train_step(state, batch, frozen):
     split = jax.tree.map(
         lambda v: split_rows(split_rows(v, t.minibatches), t.microbatches, axis=1), batch)
     old_logp = None
     if snapshot_forward:  # pi_old: the parameters before this batch's K updates, forward only
       snapshot = lambda mb: target_logp(
-          hidden_and_head(merge_model(graphdef, state.params, state.frozen), mb), mb)
+          hidden_and_head(merge_model(graphdef, state.params, frozen.base), mb), mb)
       old_logp = jax.lax.map(lambda mini: jax.lax.map(snapshot, mini), split)
 
     def minibatch_update(carry, xs):
@@ -364,8 +405,7 @@ def make_train_step(graphdef, tx, config, mesh, state_shardings):
       micro, old = xs  # [microbatches, rows, T]
       rows = merge_leading(micro)
       denominators = objectives.global_denominators(rows["loss_mask"], rows["segment_ids"])
-      loss_and_grads = lambda mb, o: grad_fn(params, state.frozen, mb, o, ref_params,
-                                             denominators)
+      loss_and_grads = lambda mb, o: grad_fn(params, frozen, mb, o, denominators)
       first = jax.tree.map(lambda v: v[0], (micro, old))
       zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
                            jax.eval_shape(loss_and_grads, *first))
@@ -392,7 +432,6 @@ def make_train_step(graphdef, tx, config, mesh, state_shardings):
 
   return jax.jit(
       train_step,
-      in_shardings=(state_shardings, sharding.batch_sharding(mesh),
-                    state_shardings.params if ref_params_needed else None),
+      in_shardings=(state_shardings, sharding.batch_sharding(mesh), frozen_shardings),
       out_shardings=(state_shardings, sharding.replicated(mesh)),
       donate_argnums=(0,))

@@ -62,17 +62,16 @@ def train_and_evaluate(config, workdir):
   logging.info("loading %s", config.model.name)
   model, tokenizer = models.load_from_config(config.model, config.lora)
   model_config, lora = model.config, model.lora
-  graphdef, state, tx, schedule = step_lib.init_train_state(model, config, mesh)
+  graphdef, state, frozen, tx, schedule = step_lib.init_train_state(model, config, mesh)
   del model
-  # The starting parameters (with LoRA: its adapters, B = 0) for the KL anchor's reference
-  # (without LoRA; with it the reference is the frozen base) and the base model's evaluation.
-  needs_reference = step_lib.needs_reference(config.objective)
-  initial = (jax.tree.map(jax.numpy.copy, state.params)
-             if needs_reference or config.eval.before or config.eval.after else None)
-  ref_params = initial if needs_reference and lora is None else None
+  # The starting parameters (with LoRA: its adapters, B = 0), for the base model's evaluation.
+  initial = None
+  if config.eval.before or config.eval.after:
+    initial = frozen.reference or jax.tree.map(jax.numpy.copy, state.params)
 
   data_iter = data.make_train_iterator(config.data, tokenizer, seq_len=t.seq_len,
-                                       global_batch_size=t.global_batch_size, seed=t.seed)
+                                       global_batch_size=t.global_batch_size, seed=t.seed,
+                                       max_segments=config.model.max_segments)
   manager = ckpt.make_manager(workdir, config.checkpoint)
   if manager.latest_step() is not None:
     logging.info("Restoring checkpoint %d from %s", manager.latest_step(), manager.directory)
@@ -90,13 +89,14 @@ def train_and_evaluate(config, workdir):
   first = next(batches)
   logging.info("compiling the train step")
   started = time.time()
-  train_step = step_lib.make_train_step(graphdef, tx, config, mesh, step_lib.shardings_of(state))
-  train_step = train_step.lower(state, first[0], ref_params).compile()
+  train_step = step_lib.make_train_step(graphdef, tx, config, mesh, step_lib.shardings_of(state),
+                                        step_lib.shardings_of(frozen))
+  train_step = train_step.lower(state, first[0], frozen).compile()
   logging.info("compiled in %.1f s", time.time() - started)
 
   evaluator = None
   if config.eval.before or config.eval.after:
-    base_params = step_lib.full_params(initial, state.frozen)
+    base_params = step_lib.full_params(initial, frozen.base)
     evaluator = evaluate.RunEvaluator(config.eval, config.data, tokenizer, graphdef, base_params)
   before = files.read_json(os.path.join(workdir, "eval_before.json"))
   if config.eval.before and before is None:
@@ -107,14 +107,14 @@ def train_and_evaluate(config, workdir):
   writer = metrics_lib.make_writer(config.log, workdir, t.num_steps, is_main)
   recorder = loop.Recorder(
       num_steps=t.num_steps, schedule=schedule, minibatches=t.minibatches,
-      flops_per_token=step_lib.train_flops_per_token(state, model_config, t.seq_len),
+      flops_per_token=step_lib.train_flops_per_token(state, frozen, model_config, t.seq_len),
       nonfinite=t.nonfinite, writer=writer, log_every=config.log.every_steps)
   started = time.time()
   with faults.StopSignals() as signals, ckpt.finishing_saves(manager):
     try:
       state = loop.train_loop(
           state, train_step, itertools.chain([first], batches), num_steps=t.num_steps,
-          record=recorder, ref_params=ref_params,
+          record=recorder, frozen=frozen,
           save=lambda step, state: ckpt.save(manager, step, state, data_iter.state()),
           checkpoint_every=config.checkpoint.every_steps,
           stop=lambda step: signals.requested(step, manager))
@@ -130,12 +130,12 @@ def train_and_evaluate(config, workdir):
 
   if config.checkpoint.export_hf and is_main:
     from dft_jax import export  # pylint: disable=g-import-not-at-top
-    trained = step_lib.merge_model(graphdef, state.params, state.frozen)
+    trained = step_lib.merge_model(graphdef, state.params, frozen.base)
     export.export_hf(trained, tokenizer, os.path.join(workdir, "hf"))  # adapters merged
     if lora is not None:
       export.export_peft(trained, os.path.join(workdir, "peft"),
                          base_model_name_or_path=config.model.name)
-  after = (evaluator(step_lib.full_params(state.params, state.frozen)) if config.eval.after
+  after = (evaluator(step_lib.full_params(state.params, frozen.base)) if config.eval.after
            else None)
   summary = make_summary(config, recorder.history, before, after, train_seconds)
   if is_main:

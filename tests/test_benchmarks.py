@@ -6,7 +6,6 @@ that both scripts run end to end and write what the README promises.
 import importlib.util
 import json
 import os
-import re
 import subprocess
 import sys
 
@@ -165,20 +164,20 @@ def test_compiled_memory_of_a_lora_step_holds_the_frozen_base():
 
 
 def run_script(args, timeout=120):
-  path = os.environ.get("PYTHONPATH")  # kept: a torch / peft installed there runs the peers
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             PYTHONPATH=os.pathsep.join([ROOT, path]) if path else ROOT)
+  path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=path)
   return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
                         text=True, timeout=timeout, check=False)
 
 
-def assert_skipped_for_a_missing_package(record):
-  """A peer skipped because a package is absent here (torch, transformers, peft), not another
-  error."""
-  assert record["status"] == "skipped", record
-  missing = re.fullmatch(r"No module named '([\w.]+)'", record["error"])
-  assert missing, record["error"]
-  assert importlib.util.find_spec(missing.group(1).split(".")[0]) is None, record["error"]
+def first_missing(*packages):
+  """The first of the packages this Python cannot import, or None."""
+  return next((p for p in packages if importlib.util.find_spec(p) is None), None)
+
+
+def assert_skipped_for(record, package):
+  """A peer skipped because `package` is absent here, and for no other reason."""
+  assert (record["status"], record["error"]) == ("skipped", f"No module named '{package}'")
 
 
 def test_smoke_sweep_writes_records_and_table(tmp_path):
@@ -201,9 +200,9 @@ def test_smoke_sweep_writes_records_and_table(tmp_path):
   assert "REMAT_POLICIES" in records["jax/dft/needs_hook"]["error"]
   assert records["jax/dft/over_budget"]["status"] == "skipped"
   peer = records["torch/dft"]
-  if peer["status"] == "skipped":  # CI has no torch
-    assert_skipped_for_a_missing_package(peer)
-  else:
+  if first_missing("torch", "transformers"):  # CI installs no torch: the peer says so
+    assert_skipped_for(peer, first_missing("torch", "transformers"))
+  else:  # with torch the peer must run
     assert peer["status"] == "ok", peer.get("error")
     assert peer["num_params"] == psft["num_params"]  # same model, tied embedding counted once
     assert np.all(np.isfinite(peer["losses"])) and peer["probes"][0]["status"] == "ok"
@@ -231,8 +230,8 @@ def check_lora_records(records, full):
     assert r["flops_per_token"] == (4 * r["num_params"] + 6 * r["trainable_params"]
                                     + 12 * 2 * 64 * 128)
   assert qlora["base_quant"] == "nf4" and qlora["tokens_per_step"] == 128
-  if peft["status"] == "skipped":
-    assert_skipped_for_a_missing_package(peft)
+  if first_missing("torch", "transformers", "peft"):
+    assert_skipped_for(peft, first_missing("torch", "transformers", "peft"))
     return
   assert peft["status"] == "ok", peft.get("error")
   assert peft["framework"] == "torch" and peft["peft"] is True

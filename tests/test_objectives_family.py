@@ -250,6 +250,12 @@ def test_bfloat16_stats_give_float32(name, hp):
   stats = {k: v.astype(jnp.bfloat16) for k, v in stats.items()}
   loss, metrics = objectives.objective_loss(stats, data, cfg)
   assert loss.dtype == jnp.float32 and all(v.dtype == jnp.float32 for v in metrics.values())
+  # The math runs in float32: the same numbers as the same (bf16-rounded) stats given in float32.
+  upcast = {k: v.astype(jnp.float32) for k, v in stats.items()}
+  ref_loss, ref_metrics = objectives.objective_loss(upcast, data, cfg)
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+  for key, value in ref_metrics.items():
+    np.testing.assert_allclose(metrics[key], value, rtol=1e-6, atol=1e-7, err_msg=key)
 
 
 def test_required_stats():

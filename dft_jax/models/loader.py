@@ -110,7 +110,8 @@ def decoder_options(model_cfg, lora_cfg=None):
   """Decoder keyword arguments from config.model (and config.lora)."""
   return dict(param_dtype=model_cfg.param_dtype, compute_dtype=model_cfg.compute_dtype,
               remat=model_cfg.remat, scan_layers=model_cfg.scan_layers,
-              attention=model_cfg.attention, lora=lora_config(lora_cfg))
+              attention=model_cfg.attention, max_segments=model_cfg.max_segments,
+              lora=lora_config(lora_cfg))
 
 
 def tokenizer_for(model_cfg, tokenizer):
