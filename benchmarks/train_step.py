@@ -76,6 +76,7 @@ DEFAULTS = dict(
     probe_batches=(),           # torch: extra batch sizes tried for one step each, until OOM
     est_s=60,                   # sweep: expected wall time (skip if the budget is short)
     group="",                   # sweep: "policy" records compete for remat="best"
+    topk_rounds=None,           # lm_head.top_k_values: None (its default), True, False
 )
 
 # CPU smoke runs only: XLA:CPU compiles the tiny step faster, the numbers are not measurements.
@@ -132,6 +133,19 @@ H200_7B = [
     dict(PEFT16, name="torch/7b/peft/b1", batch=1, est_s=40),
     dict(SEVEN_B, name="torch/7b/dft/b1", framework="torch", lm_head="checkpointed", batch=1,
          est_s=55),
+]
+
+# After the first H200 run: EAFT's top-k without the rounds (step and head alone, where the
+# head record times lax.top_k three ways), and LoRA / QLoRA at 7B with smaller head chunks (the
+# head's [chunk, 152,064] float32 buffers are ~2.3 GiB each at 4,096 tokens).
+H200_MORE = [
+    dict(name="head/eaft/fused", framework="head", objective="eaft", lm_head="fused",
+         compare=True, est_s=35),
+    dict(FAST, name="jax/eaft/fused/no_rounds", objective="eaft", topk_rounds=False),
+    dict(LORA16, name="jax/7b/lora16/b4/chunk1024", remat="nothing_saveable", lm_head_chunk=1024,
+         est_s=65),
+    dict(LORA16, name="jax/7b/qlora_nf4/b1/chunk1024", remat="nothing_saveable",
+         base_quant="nf4", batch=1, lm_head_chunk=1024, est_s=55),
 ]
 
 PLANS = {
@@ -194,6 +208,7 @@ PLANS = {
     # One H200, one call each (~540 s): the issues' targets side by side with the peers.
     "h200": H200,
     "h200_7b": H200_7B,
+    "h200_more": H200_MORE,
     # Tiny shapes on CPU: the plumbing of every path above in seconds.
     "smoke": [
         dict(name="torch/dft", framework="torch", model="tiny-qwen2", seq_len=128,
@@ -474,8 +489,12 @@ def time_train_step(v, config, mesh, make_model, peak_flops):
 
 def run_jax(v):
   """Builds, compiles and times one variant in this process; returns its record fields."""
+  import functools
   import jax
+  from dft_jax import lm_head
   from dft_jax import step as step_lib
+  if v["topk_rounds"] is not None:  # this process's top-k: rounds of 16 or one lax.top_k
+    lm_head.top_k_values = functools.partial(lm_head.top_k_values, rounds=v["topk_rounds"])
   config = bench_config(v)
   step_lib.validate(config, 1)
   mesh = single_device_mesh()

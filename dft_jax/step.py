@@ -184,7 +184,7 @@ def merge_model(graphdef, params, frozen=None):
 
 def full_params(params, frozen=None):
   """One state with every variable of the model: what nnx.split(model) gives."""
-  return params if frozen is None else nnx.State.merge(params, frozen)
+  return params if frozen is None else nnx.merge_state(params, frozen)
 
 
 def _placed(tree, mesh):
