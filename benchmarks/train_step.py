@@ -76,7 +76,7 @@ DEFAULTS = dict(
     probe_batches=(),           # torch: extra batch sizes tried for one step each, until OOM
     est_s=60,                   # sweep: expected wall time (skip if the budget is short)
     group="",                   # sweep: "policy" records compete for remat="best"
-    topk_rounds=None,           # lm_head.top_k_values: None (its default), True, False
+    topk_method="blocks",       # lm_head.top_k_values' method: blocks (its default) | lax
 )
 
 # CPU smoke runs only: XLA:CPU compiles the tiny step faster, the numbers are not measurements.
@@ -135,13 +135,17 @@ H200_7B = [
          est_s=55),
 ]
 
-# After the first H200 run: EAFT's top-k without the rounds (step and head alone, where the
-# head record times lax.top_k three ways), and LoRA / QLoRA at 7B with smaller head chunks (the
-# head's [chunk, 152,064] float32 buffers are ~2.3 GiB each at 4,096 tokens).
+# After the first H200 run (EAFT at 3.4x SFT with top-k in rounds of 16): EAFT's two-stage block
+# top-k against one lax.top_k (step, and head alone where the record times the ways), and LoRA /
+# QLoRA at 7B with smaller head chunks (the head's [chunk, 152,064] float32 buffers are ~2.3 GiB
+# each at 4,096 tokens).
 H200_MORE = [
     dict(name="head/eaft/fused", framework="head", objective="eaft", lm_head="fused",
          compare=True, est_s=35),
-    dict(FAST, name="jax/eaft/fused/no_rounds", objective="eaft", topk_rounds=False),
+    dict(FAST, name="jax/eaft/fused", objective="eaft"),
+    dict(FAST, name="jax/eaft/fused/lax_top_k", objective="eaft", topk_method="lax"),
+    dict(FAST, name="jax/sft/fused", objective="sft"),
+    dict(FAST, name="jax/psft/k4/fused", objective="psft", minibatches=4, est_s=45),
     dict(LORA16, name="jax/7b/lora16/b4/chunk1024", remat="nothing_saveable", lm_head_chunk=1024,
          est_s=65),
     dict(LORA16, name="jax/7b/qlora_nf4/b1/chunk1024", remat="nothing_saveable",
@@ -493,8 +497,8 @@ def run_jax(v):
   import jax
   from dft_jax import lm_head
   from dft_jax import step as step_lib
-  if v["topk_rounds"] is not None:  # this process's top-k: rounds of 16 or one lax.top_k
-    lm_head.top_k_values = functools.partial(lm_head.top_k_values, rounds=v["topk_rounds"])
+  if v["topk_method"] != "blocks":  # this process's top-k: one lax.top_k over the vocabulary
+    lm_head.top_k_values = functools.partial(lm_head.top_k_values, method=v["topk_method"])
   config = bench_config(v)
   step_lib.validate(config, 1)
   mesh = single_device_mesh()
