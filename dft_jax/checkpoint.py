@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from dft_jax import files
-from dft_jax.errors import ConfigError, ModelError, UserInputError
+from dft_jax.errors import ConfigError, ModelError, UserInputError, check_number
 
 CONFIG_FILE = "config.json"
 # Fields that must match between a run and the checkpoints it resumes from.
@@ -33,6 +33,13 @@ IDENTITY_FIELDS = (("model", "name"), ("objective", "name"), ("train", "seq_len"
 class CheckpointError(UserInputError):
   """A checkpoint cannot be written (disk full, no permission, non-finite state) or does not fit
   this run (another model or config); earlier checkpoints stay intact."""
+
+
+def validate(ckpt_cfg):
+  """Checks config.checkpoint; ConfigError naming the field. keep >= 1: the newest complete
+  checkpoint is never deleted."""
+  check_number("checkpoint.every_steps", ckpt_cfg.every_steps, integer=True, minimum=1)
+  check_number("checkpoint.keep", ckpt_cfg.keep, integer=True, minimum=1)
 
 
 def checkpoint_dir(workdir):

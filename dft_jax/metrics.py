@@ -12,6 +12,13 @@ import numpy as np
 from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
+from dft_jax.errors import check_number
+
+
+def validate(log_cfg):
+  """Checks config.log; ConfigError naming the field."""
+  check_number("log.every_steps", log_cfg.every_steps, integer=True, minimum=1)
+
 
 class JsonlWriter:
   """One JSON object per line: {"step": s, "time": unix seconds, name: value, ...}."""

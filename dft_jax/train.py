@@ -31,6 +31,7 @@ from dft_jax import objectives
 from dft_jax import sharding
 from dft_jax import step as step_lib
 from dft_jax import throughput
+from dft_jax.errors import check_number
 
 
 def validate_config(config):
@@ -40,7 +41,19 @@ def validate_config(config):
   data.validate(config.data, seq_len=config.train.seq_len,
                 global_batch_size=config.train.global_batch_size,
                 process_count=jax.process_count())
+  ckpt.validate(config.checkpoint)
+  metrics_lib.validate(config.log)
   evaluate.settings(config.eval)
+  check_eval_numbers(config.eval)
+
+
+def check_eval_numbers(eval_cfg):
+  """The numeric eval fields that evaluate.settings leaves unchecked (sampling and the math
+  suite's size); ConfigError naming the field."""
+  check_number("eval.temperature", eval_cfg.temperature, minimum=0)
+  check_number("eval.top_p", eval_cfg.top_p, above=0, maximum=1)
+  check_number("eval.seed", eval_cfg.seed, integer=True, minimum=0)
+  check_number("eval.num_math", eval_cfg.num_math, integer=True, minimum=1, optional=True)
 
 
 def batches_of(data_iter, mesh):

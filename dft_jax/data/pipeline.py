@@ -26,7 +26,7 @@ from absl import logging
 from dft_jax.data import formats
 from dft_jax.data import packing
 from dft_jax.data import sources
-from dft_jax.errors import ConfigError, DataError
+from dft_jax.errors import ConfigError, DataError, check_number
 
 STATE_VERSION = 1
 _FEATURES = datasets.Features({
@@ -44,13 +44,10 @@ def validate(data_cfg, *, seq_len, global_batch_size, process_count):
     raise ConfigError(f"data.truncation={data_cfg.truncation!r}: expected one of "
                       f"{', '.join(packing.TRUNCATION)}")
   for name in ("max_length", "num_proc", "pack_window"):
-    value = data_cfg[name]
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-      raise ConfigError(f"data.{name}={value!r}: must be a positive integer")
-  if not isinstance(data_cfg.shuffle_buffer, int) or data_cfg.shuffle_buffer < 0:
-    raise ConfigError(f"data.shuffle_buffer={data_cfg.shuffle_buffer!r}: must be an integer >= 0")
-  if data_cfg.max_rows is not None and data_cfg.max_rows < 1:
-    raise ConfigError(f"data.max_rows={data_cfg.max_rows!r}: must be None or >= 1")
+    check_number(f"data.{name}", data_cfg[name], integer=True, minimum=1)
+  check_number("data.shuffle_buffer", data_cfg.shuffle_buffer, integer=True, minimum=0)
+  check_number("data.max_rows", data_cfg.max_rows, integer=True, minimum=1, optional=True)
+  check_number("data.shuffle_seed", data_cfg.shuffle_seed, integer=True, minimum=0, optional=True)
   if seq_len < 2:
     raise ConfigError(f"seq_len={seq_len}: must be >= 2")
   if data_cfg.max_length > seq_len:
