@@ -1,5 +1,6 @@
-"""Where a train step's time goes: the trunk, the fused LM head + objective, and the optimizer,
-each timed alone (forward + backward where there is one) against the whole step.
+"""Where a train step's time goes: the trunk, the LM head + objective (checkpointed and fused,
+lm_head.token_stats and step_lib.objective_loss_fused), and the optimizer, each timed alone
+(forward + backward where there is one) against the whole step.
 
   python benchmarks/breakdown.py [--model=qwen2.5-1.5b] [--remat=dots_attention_saveable] [--out=F]
   python benchmarks/breakdown.py --smoke          # tiny shapes on a CPU
@@ -53,6 +54,9 @@ def parts(config, graphdef, state, tx, batch):
     stats = lm_head.token_stats(hidden, w, batch["targets"], chunk_size=chunk, stats=stat_names)
     return objectives.objective_loss(stats, batch, obj_cfg)[0]
 
+  def fused_head(hidden, w):
+    return step_lib.objective_loss_fused(hidden, w, batch, obj_cfg, chunk_size=chunk)[0]
+
   grads = jax.tree.map(lambda p: 1e-3 * jnp.ones_like(p), state.params)
 
   def optimizer(params, opt_state):
@@ -66,6 +70,8 @@ def parts(config, graphdef, state, tx, batch):
       f"head+objective fwd+bwd, stats {'+'.join(stat_names)}": (
           head_grad(stat_names), (hidden, model.head_weight())),
       "head+objective fwd+bwd, logp only": (head_grad(("logp",)), (hidden, model.head_weight())),
+      "head+objective fwd+bwd, fused head": (jax.jit(jax.grad(fused_head, argnums=(0, 1))),
+                                             (hidden, model.head_weight())),
       "optimizer (clip + AdamW)": (jax.jit(optimizer), (state.params, state.opt_state)),
   }
 
@@ -75,7 +81,7 @@ def run(v, steps):
   mesh = bench.single_device_mesh()
   model = bench.load_model(config.model)
   model_cfg = model.config
-  graphdef, state, tx, _ = step_lib.init_train_state(model, config, mesh)
+  graphdef, state, frozen, tx, _ = step_lib.init_train_state(model, config, mesh)
   del model
   rng = np.random.default_rng(0)
   rows = config.train.global_batch_size
@@ -83,8 +89,9 @@ def run(v, steps):
       bench.packed_rows(rng, rows, v["seq_len"], model_cfg.vocab_size, v["doc_len"]), mesh)
   timings = {name: median_time(fn, *args, steps=steps)
              for name, (fn, args) in parts(config, graphdef, state, tx, batch).items()}
-  step = step_lib.make_train_step(graphdef, tx, config, mesh, step_lib.shardings_of(state))
-  step_fn = lambda s: step(s, batch, None)[0]
+  step = step_lib.make_train_step(graphdef, tx, config, mesh, step_lib.shardings_of(state),
+                                  step_lib.shardings_of(frozen))
+  step_fn = lambda s: step(s, batch, frozen)[0]
   times = []
   for i in range(steps + 2):
     t0 = time.perf_counter()

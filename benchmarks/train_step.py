@@ -38,12 +38,13 @@ if ROOT not in sys.path:
 from dft_jax import throughput  # noqa: E402  (no jax at import)
 
 PEER_SCRIPT = os.path.join(ROOT, "benchmarks", "torch_peer.py")
+HEAD_SCRIPT = os.path.join(ROOT, "benchmarks", "head.py")
 GIB = 2 ** 30
 
 # One variant = one dict; unset fields take these values. "best" (remat) and "max" (batch) are
 # resolved by the sweep from the records before it (see `resolve`).
 DEFAULTS = dict(
-    framework="jax",            # jax | torch
+    framework="jax",            # jax | torch | head (the LM head alone: benchmarks/head.py)
     model="qwen2.5-1.5b",       # a dft_jax.models.PRESETS name
     objective="dft",            # sft | dft | psft (any objectives.OBJECTIVES name)
     batch=4,                    # rows per optimizer update
@@ -52,6 +53,10 @@ DEFAULTS = dict(
     microbatches=1,             # gradient accumulation slices per update
     remat="nothing_saveable",   # a decoder.REMAT_POLICIES name, or "best"
     lm_head_chunk=4096,         # tokens per chunk of the fused LM head
+    lm_head="checkpointed",     # checkpointed | fused (lm_head.fused_loss); the step: needs
+                                # config.model.lm_head_impl
+    w_dtype="bfloat16",         # head: the head weight's dtype (the step passes the compute dtype)
+    compare=False,              # head: also the checkpointed head's gradients, their difference
     param_dtype="float32",
     compute_dtype="bfloat16",
     attention="auto",           # cudnn on GPU
@@ -74,6 +79,9 @@ PLANS = {
         dict(name="jax/dft/nothing", remat="nothing_saveable", group="policy"),
         dict(name="jax/dft/dots", remat="dots_with_no_batch_dims_saveable", group="policy"),
         dict(name="jax/dft/dots_attn", remat="dots_attention_saveable", group="policy"),
+        dict(name="head/dft/checkpointed", framework="head", est_s=30),
+        dict(name="head/dft/fused", framework="head", lm_head="fused", compare=True, est_s=40),
+        dict(name="jax/dft/fused_head", lm_head="fused", remat="best", est_s=50),
         dict(name="jax/sft", objective="sft", remat="best", est_s=50),
         dict(name="jax/psft/k1", objective="psft", remat="best", est_s=55),
         dict(name="jax/dft/lean", remat="nothing_saveable", mu_dtype="bfloat16", est_s=50),
@@ -105,6 +113,21 @@ PLANS = {
         dict(name="jax/0.5b/dft", model="qwen2.5-0.5b", remat="dots_attention_saveable",
              est_s=40),
     ],
+    # The LM head alone at the 1.5B shape (4 x 4096 tokens, D 1,536, V 151,936, chunks of 4,096):
+    # every per-token objective through both heads (EAFT's records hold the top-k timings).
+    "head": [dict(name=f"head/{objective}/{head}", framework="head", objective=objective,
+                  lm_head=head, compare=head == "fused" and objective in ("dft", "eaft"),
+                  est_s=35 if head == "fused" and objective in ("dft", "eaft") else 25)
+             for objective in ("dft", "eaft", "sft", "gem", "deft", "psft", "power")
+             for head in ("checkpointed", "fused")],
+    # The full step with the fused head next to the checkpointed one, per objective (needs
+    # config.model.lm_head_impl; dots_attention_saveable: the fastest policy on the H100).
+    "fused_step": [dict(name=f"jax/{objective}/{head}" + ("/k4" if k == 4 else ""),
+                        objective=objective, lm_head=head, minibatches=k,
+                        remat="dots_attention_saveable", est_s=50 + 20 * (k > 1))
+                   for objective, k in (("dft", 1), ("eaft", 1), ("sft", 1), ("psft", 4),
+                                        ("gem", 1), ("deft", 1), ("psft", 1))
+                   for head in ("fused", "checkpointed")],
     # Tiny shapes on CPU: the plumbing of every path above in seconds.
     "smoke": [
         dict(name="torch/dft", framework="torch", model="tiny-qwen2", seq_len=128,
@@ -114,6 +137,13 @@ PLANS = {
              doc_len=(16, 64), objective="psft", minibatches=2, compute_dtype="float32",
              steps=3, warmup=1, group="policy", est_s=5),
         dict(name="jax/dft/needs_hook", model="tiny-qwen2", remat="no_such_policy", est_s=5),
+        dict(name="head/eaft/checkpointed", framework="head", model="tiny-qwen2", seq_len=128,
+             batch=2, lm_head_chunk=64, doc_len=(16, 64), objective="eaft",
+             compute_dtype="float32", w_dtype="float32", steps=3, warmup=1, est_s=5),
+        dict(name="head/eaft/fused", framework="head", model="tiny-qwen2", seq_len=128, batch=2,
+             lm_head_chunk=64, doc_len=(16, 64), objective="eaft", lm_head="fused",
+             compute_dtype="float32", w_dtype="float32", compare=True, steps=3, warmup=1,
+             est_s=5),
         dict(name="jax/dft/over_budget", model="tiny-qwen2", remat="best", est_s=10 ** 6),
     ],
 }
@@ -190,6 +220,11 @@ def bench_config(v):
   c.model.update(name=f"preset:{v['model']}", param_dtype=v["param_dtype"],
                  compute_dtype=v["compute_dtype"], remat=v["remat"], attention=v["attention"],
                  lm_head_chunk=v["lm_head_chunk"])
+  if v["lm_head"] != "checkpointed":
+    if "lm_head_impl" not in c.model:
+      raise NeedsHook(f"lm_head={v['lm_head']!r} needs config.model.lm_head_impl "
+                      "(checkpointed | fused): the step's choice of LM head")
+    c.model.lm_head_impl = v["lm_head"]
   c.objective.name = v["objective"]
   c.train.update(global_batch_size=v["batch"] * v["minibatches"], seq_len=v["seq_len"],
                  minibatches=v["minibatches"], microbatches=v["microbatches"], num_steps=1000)
@@ -274,23 +309,24 @@ def time_train_step(v, config, mesh, make_model, peak_flops):
   t0 = time.perf_counter()
   model = make_model()
   model_cfg = model.config
-  graphdef, state, tx, _ = step_lib.init_train_state(model, config, mesh)
+  graphdef, state, frozen, tx, _ = step_lib.init_train_state(model, config, mesh)
   del model
-  jax.block_until_ready(state)
+  jax.block_until_ready((state, frozen))
   init_s = time.perf_counter() - t0
-  step = step_lib.make_train_step(graphdef, tx, config, mesh, step_lib.shardings_of(state))
+  step = step_lib.make_train_step(graphdef, tx, config, mesh, step_lib.shardings_of(state),
+                                  step_lib.shardings_of(frozen))
   rng = np.random.default_rng(0)
   rows = config.train.global_batch_size
   batches = [step_lib.global_batch(packed_rows(rng, rows, v["seq_len"], model_cfg.vocab_size,
                                                v["doc_len"]), mesh) for _ in range(2)]
   t0 = time.perf_counter()
-  compiled = step.lower(state, batches[0], None).compile()
+  compiled = step.lower(state, batches[0], frozen).compile()
   compile_s = time.perf_counter() - t0
   # The train job's loop: each step's time is the interval between reading its metrics and the
   # previous step's (the next step is dispatched first, as in training).
   recorder = loop.Recorder(num_steps=v["warmup"] + v["steps"])
   state = loop.train_loop(state, compiled, ((b, None) for b in itertools.cycle(batches)),
-                          num_steps=v["warmup"] + v["steps"], record=recorder)
+                          num_steps=v["warmup"] + v["steps"], record=recorder, frozen=frozen)
   times = [h["step_seconds"] for h in recorder.history]
   losses = [h["loss"] for h in recorder.history]
   num_params = step_lib.count_params(state.params)
@@ -384,13 +420,14 @@ def compiled_memory(v):
   config = bench_config(v)
   mesh = single_device_mesh()
   graphdef, state, tx = abstract_state(config, mesh)
-  step = step_lib.make_train_step(graphdef, tx, config, mesh, step_lib.shardings_of(state))
+  step = step_lib.make_train_step(graphdef, tx, config, mesh, step_lib.shardings_of(state),
+                                  step_lib.shardings_of(step_lib.Frozen()))
   rows = config.train.global_batch_size
   batch = {k: jax.ShapeDtypeStruct((rows, v["seq_len"]), x.dtype,
                                    sharding=sharding.batch_sharding(mesh))
            for k, x in packed_rows(np.random.default_rng(0), 1, 8, 8).items()}
   t0 = time.perf_counter()
-  compiled = step.lower(state, batch, None).compile()
+  compiled = step.lower(state, batch, step_lib.Frozen()).compile()
   out = memory_stats(compiled)
   out.update(compile_s=time.perf_counter() - t0, backend=jax.default_backend(),
              num_params=step_lib.count_params(state.params))
@@ -455,8 +492,8 @@ def saved_activation_bytes(v):
   stats, objective = objective_of(config)
 
   def loss(params, batch):
-    return objective(step_lib.model_token_stats(graphdef, params, batch, v["lm_head_chunk"],
-                                                stats), batch)
+    return objective(step_lib.model_token_stats(step_lib.merge_model(graphdef, params), batch,
+                                                v["lm_head_chunk"], stats), batch)
 
   batch = abstract_batch(v["batch"] // v["microbatches"], v["seq_len"])
   params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state.params)
@@ -575,7 +612,8 @@ def precheck(v):
 def subprocess_record(v, timeout_s, log):
   """Runs one variant in a fresh process (fresh peak memory) and parses its RESULT line."""
   v = dict(DEFAULTS, **v)
-  script = PEER_SCRIPT if v["framework"] == "torch" else os.path.abspath(__file__)
+  script = {"torch": PEER_SCRIPT, "head": HEAD_SCRIPT}.get(v["framework"],
+                                                           os.path.abspath(__file__))
   env = dict(os.environ)
   if v["xla_flags"]:
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + v["xla_flags"]).strip()
@@ -620,7 +658,7 @@ def run_sweep(plan, out_dir, budget_s):
             + (f"  {r['tokens_per_s']:,.0f} tok/s" if r["status"] == "ok" else
                f"  {r.get('error', '')[:160]}"), flush=True)
   for r in records:
-    if r["status"] == "ok":
+    if r["status"] == "ok" and r["framework"] != "head":
       r["max_batch_predicted"] = predicted_max_batch(r)
   result = dict(plan=plan, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 wall_s=time.perf_counter() - started, records=records, summary=summarize(records))
@@ -635,11 +673,17 @@ def _ok(records, **match):
           and all(r.get(k) == want for k, want in match.items())]
 
 
+# Fields that make a fused-head record and a checkpointed one a like-for-like pair.
+TWIN_KEYS = ("framework", "model", "objective", "batch", "seq_len", "minibatches", "microbatches",
+             "remat", "lm_head_chunk", "compute_dtype", "w_dtype", "mu_dtype", "xla_flags",
+             "doc_len")
+
+
 def summarize(records):
   """The issue's targets, read off the records of one run (absent where a record is missing)."""
   s = {}
   ref = lambda name: next(iter(_ok(records, name=name)), None)
-  peer, liger, sft = ref("torch/dft"), ref("torch/dft/liger"), ref("jax/sft")
+  peer, liger = ref("torch/dft"), ref("torch/dft/liger")
   ours = _ok(records, framework="jax", model=DEFAULTS["model"], objective="dft", batch=4,
              seq_len=DEFAULTS["seq_len"])
   if ours:
@@ -654,12 +698,18 @@ def summarize(records):
       s.update(dft_leanest=leanest["name"], dft_leanest_peak_gib=leanest["peak_bytes"] / GIB)
     if liger and liger.get("peak_bytes"):
       s["liger_peak_gib"] = liger["peak_bytes"] / GIB
-  if sft:  # per-token step time over SFT's, same remat and head chunk
-    for r in _ok(records, framework="jax", model=sft["model"], remat=sft["remat"],
-                 lm_head_chunk=sft["lm_head_chunk"], mu_dtype=None, xla_flags=""):
-      if r["objective"] != "sft" and r["batch"] == sft["batch"]:
-        s[f"{r['name']} / jax/sft step time per token"] = (
-            r["step_time_s"] / r["tokens_per_step"]) / (sft["step_time_s"] / sft["tokens_per_step"])
+  for r in _ok(records, framework="jax", mu_dtype=None, xla_flags=""):
+    # per-token step time over SFT's at the same remat, head and head chunk
+    same = [q for q in _ok(records, framework="jax", objective="sft", mu_dtype=None, xla_flags="")
+            if all(q[k] == r[k] for k in ("model", "remat", "lm_head", "lm_head_chunk", "batch"))]
+    if r["objective"] != "sft" and same:
+      s[f"{r['name']} / {same[0]['name']} step time per token"] = (
+          r["step_time_s"] / r["tokens_per_step"]) / (
+              same[0]["step_time_s"] / same[0]["tokens_per_step"])
+  for r in _ok(records, lm_head="fused"):
+    twin = [q for q in _ok(records, lm_head="checkpointed") if all(q[k] == r[k] for k in TWIN_KEYS)]
+    if twin:
+      s[f"{r['name']} / {twin[0]['name']} time"] = r["step_time_s"] / twin[0]["step_time_s"]
   s["max_batch_predicted"] = {r["name"]: r["max_batch_predicted"] for r in records
                               if r.get("max_batch_predicted")}
   s["max_batch_ran"] = {r["name"]: r["max_batch_fit"] for r in records if r.get("max_batch_fit")}
@@ -669,18 +719,18 @@ def summarize(records):
 
 def format_table(records, summary):
   """The compact table printed last (the device reply keeps the end of the output)."""
-  head = (f"{'variant':22s} {'status':7s} {'remat':>10s} {'chunk':>5s} {'B':>3s} {'tok/s':>8s} "
+  head = (f"{'variant':24s} {'status':7s} {'remat':>10s} {'chunk':>5s} {'B':>3s} {'tok/s':>8s} "
           f"{'step ms':>8s} {'MFU':>6s} {'peak GiB':>8s} {'maxB':>4s} {'compile':>7s}")
   lines = [head, "-" * len(head)]
   for r in records:
     if r["status"] != "ok":
-      lines.append(f"{r['name']:22s} {r['status']:7s} {(r.get('error') or '')[-90:]}")
+      lines.append(f"{r['name']:24s} {r['status']:7s} {(r.get('error') or '')[-90:]}")
       continue
     mfu = f"{100 * r['mfu']:5.1f}%" if r.get("mfu") else "     -"
     peak = f"{r['peak_bytes'] / GIB:8.1f}" if r.get("peak_bytes") else "       -"
-    remat = REMAT_SHORT.get(r["remat"], r["remat"])[:10]
+    remat = "-" if r["framework"] == "head" else REMAT_SHORT.get(r["remat"], r["remat"])[:10]
     chunk = r.get("lm_head_chunk") or "-"
-    lines.append(f"{r['name']:22s} {'ok':7s} {remat:>10s} {chunk:>5} {r['batch']:3d} "
+    lines.append(f"{r['name']:24s} {'ok':7s} {remat:>10s} {chunk:>5} {r['batch']:3d} "
                  f"{r['tokens_per_s']:8,.0f} {1e3 * r['step_time_s']:8.1f} {mfu} {peak} "
                  f"{r.get('max_batch_predicted') or 0:4d} {r.get('compile_s', 0):7.1f}")
   lines.append("summary: " + json.dumps(rounded(summary)))

@@ -26,8 +26,22 @@ def get_config(arg=None):
       remat="none",                  # none | nothing_saveable | dots_saveable | dots_with_no_batch_dims_saveable
       scan_layers=True,
       attention="auto",              # auto (cudnn on GPU, xla elsewhere) | xla | cudnn
-      lm_head_chunk=1024,            # tokens per chunk of the fused LM head
+      lm_head_chunk=1024,            # tokens per chunk of the LM head
+      lm_head_impl="checkpointed",   # checkpointed (any objective) | fused (gradient in the
+                                     # forward pass: per-token objectives; others fall back)
+      max_segments=64,               # most runs of segment ids (documents + padding) in a row:
+                                     # cuDNN attention's static bound; the packer keeps under it
       tokenizer=placeholder(str),    # HF tokenizer folder, for presets
+  ))
+
+  # LoRA / QLoRA (README "LoRA"): rank 0 trains every parameter; rank > 0 trains low-rank adapters
+  # on `targets` and keeps the base frozen (stored in model.param_dtype, or quantised).
+  c.lora = ml_collections.ConfigDict(dict(
+      rank=0,
+      alpha=16.0,                    # scale alpha / rank (PEFT's default)
+      targets="q,k,v,o,gate,up,down",
+      base_quant="none",             # none | int8 (per channel) | nf4 (QLoRA, blocks of block_size)
+      block_size=64,
   ))
 
   c.data = ml_collections.ConfigDict(dict(
@@ -68,7 +82,8 @@ def get_config(arg=None):
       weight_decay=0.0,
       b1=0.9, b2=0.95, eps=1e-8,
       grad_clip_norm=1.0,
-      mu_dtype=placeholder(str),     # None (= params) | bfloat16
+      mu_dtype=placeholder(str),     # AdamW first moment: None (= params) | bfloat16
+      nu_dtype=placeholder(str),     # second moment: None (optax.adamw) | bfloat16 (b2 <= 0.99)
   ))
 
   c.train = ml_collections.ConfigDict(dict(

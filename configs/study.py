@@ -33,6 +33,11 @@ ARMS = (
     "sft+entropy=sft,entropy_coef=0.05",
     "dft+kl=dft,kl_coef=0.1",
     "eaft=eaft",
+    "asft=asft",
+    "chord_phi=chord_phi",
+    "p=power,alpha=1.0",
+    "top_logp=prob_threshold",
+    "iw_sft=iw_sft",
 )
 
 

@@ -318,21 +318,25 @@ def _free_name(folder, name):
   return path
 
 
-def restore(manager, abstract_state):
-  """(TrainState, data_state) of the newest usable checkpoint, restored onto the shardings that
-  `abstract_state` (TrainState of jax.ShapeDtypeStruct with .sharding) describes; None when there
-  is no complete checkpoint. Unusable newer checkpoints are moved to rejected_checkpoints/ (see
-  `_newest_usable`); CheckpointError when none is usable."""
+def _abstract(tree):
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+def restore(manager, state):
+  """(TrainState, data_state) of the newest usable checkpoint: `state`'s parameters and optimizer
+  state replaced by the checkpoint's, restored onto their shardings (its frozen LoRA base is not
+  in checkpoints and stays); None when there is no complete checkpoint. Unusable newer
+  checkpoints are moved to rejected_checkpoints/ (see `_newest_usable`); CheckpointError when none
+  is usable."""
   steps = complete_steps(manager.directory)
   if not steps:
     return None
   step, restored = _newest_usable(manager, dict(
-      params=ocp.args.StandardRestore(abstract_state.params),
-      optimizer=ocp.args.StandardRestore(abstract_state.opt_state),
+      params=ocp.args.StandardRestore(_abstract(state.params)),
+      optimizer=ocp.args.StandardRestore(_abstract(state.opt_state)),
       data=ocp.args.JsonRestore()), steps, set_aside=True)
-  state = abstract_state.replace(
-      step=jax.device_put(jnp.asarray(step, jnp.int32), abstract_state.step.sharding),
-      params=restored["params"], opt_state=restored["optimizer"])
+  state = state.replace(step=jax.device_put(jnp.asarray(step, jnp.int32), state.step.sharding),
+                        params=restored["params"], opt_state=restored["optimizer"])
   return state, restored["data"]
 
 
@@ -381,13 +385,14 @@ def config_changes(old, new):
 
 def check_config(workdir, config, allow_changes=False):
   """ConfigError naming each changed field (old and new value) when `workdir` holds checkpoints
-  written with another config (its config.json) than `config`, but for the RESUMABLE fields;
+  written with another config (its config.json, with the defaults of fields newer than the run)
+  than `config`, but for the RESUMABLE fields;
   with `allow_changes` each change is logged instead (write_config then rewrites config.json)."""
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.exists(path) or not complete_steps(checkpoint_dir(workdir)):
     return
   try:
-    old = files.read_json(path)
+    old = _with_defaults(files.read_json(path))  # fields newer than the run: their defaults
   except ValueError as e:
     raise ConfigError(f"{path}: not valid JSON ({e}); it names the config of the run that "
                       "wrote the checkpoints beside it") from None
@@ -417,12 +422,29 @@ def is_workdir(path):
   return os.path.isfile(os.path.join(path, CONFIG_FILE))
 
 
+def _merged(default, saved):
+  """default (a nested dict) with saved's values: fields added since a run was written keep
+  their defaults."""
+  out = dict(default)
+  for key, value in saved.items():
+    out[key] = (_merged(default[key], value) if isinstance(value, dict)
+                and isinstance(default.get(key), dict) else value)
+  return out
+
+
+def _with_defaults(saved):
+  """A run's config.json (a nested dict) over configs/default.py's defaults."""
+  from dft_jax import config_files  # pylint: disable=g-import-not-at-top
+  return _merged(json.loads(config_files.load(config_files.DEFAULT).to_json()), saved)
+
+
 def read_config(workdir):
+  """The run's config.json over configs/default.py's defaults (fields newer than the run)."""
   import ml_collections  # pylint: disable=g-import-not-at-top
   config = files.read_json(os.path.join(workdir, CONFIG_FILE))
   if config is None:
     raise ModelError(f"{workdir}: no {CONFIG_FILE} there; expected a dft_jax.train workdir")
-  return ml_collections.ConfigDict(config)
+  return ml_collections.ConfigDict(_with_defaults(config))
 
 
 def restore_model(workdir, step=None):
@@ -432,9 +454,16 @@ def restore_model(workdir, step=None):
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from dft_jax import models  # pylint: disable=g-import-not-at-top
   config = read_config(workdir)
-  abstract, tokenizer = models.load_from_config(config.model, abstract=True)
-  graphdef, abstract_params = nnx.split(abstract)
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                        abstract_params)
-  return nnx.merge(graphdef, restore_params(workdir, target, step)), tokenizer, config
+  on_device = lambda tree: jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), tree)
+  if models.lora_config(config.get("lora")) is None:
+    abstract, tokenizer = models.load_from_config(config.model, abstract=True)
+    graphdef, abstract_params = nnx.split(abstract)
+    return nnx.merge(graphdef, restore_params(workdir, on_device(abstract_params), step)), \
+        tokenizer, config
+  # LoRA: the checkpoint holds the adapters; the frozen base is the model's own weights
+  model, tokenizer = models.load_from_config(config.model, config.lora)
+  graphdef, adapters, frozen = nnx.split(model, nnx.LoRAParam, ...)
+  return (nnx.merge(graphdef, restore_params(workdir, on_device(adapters), step), frozen),
+          tokenizer, config)

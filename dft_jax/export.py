@@ -1,10 +1,13 @@
-"""Export a decoder as an HF folder that transformers / vLLM / lm-eval load directly.
+"""Export a decoder as an HF folder that transformers / vLLM / lm-eval load directly, and LoRA
+adapters as a PEFT adapter folder.
 
   python -m dft_jax.export --checkpoint WORKDIR --out hf_model/   # a dft_jax.train workdir
   python -m dft_jax.export --model smollm2-135m-instruct --out smollm2_hf/ [--dtype bfloat16]
 
 Writes config.json, generation_config.json, model.safetensors (HF names, [out, in] layout; no
-lm_head when tied) and, with a tokenizer, its files and chat template (tokenizer.save_pretrained).
+lm_head when tied; LoRA adapters folded in, a quantised base dequantised) and, with a tokenizer,
+its files and chat template (tokenizer.save_pretrained). `export_peft` writes the adapters alone
+(adapter_config.json + adapter_model.safetensors) for `peft.PeftModel.from_pretrained`.
 """
 import argparse
 import json
@@ -16,7 +19,7 @@ from flax import nnx
 from safetensors.numpy import save_file
 
 from dft_jax.errors import ModelError, cli_entry
-from dft_jax.models import hf
+from dft_jax.models import hf, peft
 from dft_jax.models.decoder import PARAM_DTYPES
 
 
@@ -29,8 +32,7 @@ def export_hf(model, tokenizer, out_dir, *, dtype=None) -> pathlib.Path:
   if dtype.name not in PARAM_DTYPES:
     raise ModelError(f"export dtype {dtype.name!r} is not supported; supported: "
                      f"{', '.join(PARAM_DTYPES)}")
-  pure = jax.tree.map(lambda a: np.asarray(jax.device_get(a)).astype(dtype),
-                      nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  pure = jax.tree.map(lambda a: a.astype(dtype), model.merged_params())
   config = model.config
   hf_config = config.to_hf(torch_dtype=dtype.name)
   (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
@@ -41,6 +43,20 @@ def export_hf(model, tokenizer, out_dir, *, dtype=None) -> pathlib.Path:
             metadata={"format": "pt"})
   if tokenizer is not None:
     tokenizer.save_pretrained(str(out))
+  return out
+
+
+def export_peft(model, out_dir, *, base_model_name_or_path=None) -> pathlib.Path:
+  """Writes `model`'s LoRA adapters (float32) as a PEFT adapter folder; returns out_dir."""
+  if model.lora is None:
+    raise ModelError("export_peft: the model has no LoRA adapters (load it with lora=...)")
+  out = pathlib.Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  config = peft.config_json(model.lora, base_model_name_or_path)
+  (out / peft.CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+  layers = nnx.to_pure_dict(nnx.state(model, nnx.LoRAParam))["layers"]
+  save_file(peft.to_peft(model.config, model.lora, jax.device_get(layers)),
+            str(out / peft.WEIGHTS_FILE), metadata={"format": "pt"})
   return out
 
 

@@ -1,9 +1,19 @@
 """Fused LM head: hidden states -> per-token statistics (logp, entropy, ...), chunked over tokens.
 
-`token_stats` never holds the full [tokens, vocab] logits (151,936 x 16k tokens is ~9 GiB in
-bf16): it scans over chunks of tokens, each chunk's logits -> statistics under `jax.checkpoint`,
-so the forward keeps only the [B, T] statistics and the backward recomputes one chunk's logits at
-a time. The matmul runs in the compute dtype with float32 accumulation; softmax math is float32.
+Two heads, neither of which holds the full [tokens, vocab] logits (151,936 x 16k tokens is ~9 GiB
+in bf16); both scan over chunks of tokens:
+
+  token_stats  each chunk's logits -> statistics under `jax.checkpoint`: the forward keeps only
+               the [B, T] statistics and autodiff's backward recomputes one chunk's logits at a
+               time (4 matmuls a chunk). Any loss of the statistics, also sequence-level ones.
+  fused_loss   a loss that is a weighted sum of a per-token function of the statistics: each
+               chunk's forward also forms d loss / d logits (closed forms, `Statistic.logits_grad`)
+               and the two gradient matmuls (3 matmuls a chunk, no recomputation); the backward
+               only scales the stored gradients. What fused linear-cross-entropy kernels do, for
+               every per-token objective (the train step's `objective_loss_fused` wires an
+               objective to it).
+
+The matmul runs in the compute dtype with float32 accumulation; softmax math is float32.
 
 Chunks cut the time axis, not the flattened B*T: every chunk holds all B rows for
 `chunk_size // B` positions, so a batch sharded over rows (data parallelism) stays local to each
@@ -16,7 +26,7 @@ is keyed by the names as given. Gate statistics (topk_entropy, renyi2_entropy, g
 computed under stop_gradient: objectives use them only as stop-gradient gates, and this spares
 their backward (top_k, softmax) in the recomputed chunks. Statistics marked `needs_ref` compare the
 model's distribution with a reference model's, whose final hidden states and head weight are then
-passed as `ref_hidden_BxTxD`, `ref_w_DxV` (no gradient flows into them).
+passed as `ref_hidden_BxTxD`, `ref_w_DxV` (no gradient flows into them; token_stats only).
 """
 import dataclasses
 import functools
@@ -30,6 +40,9 @@ from dft_jax.errors import ConfigError
 # Scale of the logit gap in GEM's h = logsigmoid weights sigmoid(0.01 (z_v - z_y)): a constant of
 # the official code (liziniu/GEM, sft_trainer.py gem_loss), not one of its options.
 GEM_LOGSIGMOID_SCALE = 0.01
+# XLA's GPU TopK kernel reads each row once for a 2-D [rows, n >= 1024] operand and k <= 16; any
+# other lax.top_k sorts every row in full (XLA's TopkSpecializer). top_k_values keeps to it.
+TOPK_ROUND = 16
 
 # ---------------------------------------------------------------------------------------------
 # Statistics of a next-token distribution, from full float32 log-probs logp_xV (x: any leading
@@ -53,10 +66,44 @@ def entropy(logp_xV):
   return -jnp.sum(jnp.exp(logp_xV) * logp_xV, axis=-1)
 
 
-def topk_entropy(logp_xV, k):
-  """Entropy of the softmax over the k largest log-probs (= logits, up to a shift): EAFT's gate
-  statistic, k = 20 in the reference implementations (which take it from the logits, no_grad)."""
-  top_xK = jax.lax.top_k(logp_xV, k)[0]
+def top_k_values(x_xV, k, rounds=None):
+  """The k largest entries along the last axis, in descending order: exactly
+  jax.lax.top_k(x_xV, k)[0], over the rows flattened to [N, V].
+
+  rounds (default: on GPUs) takes them in rounds of at most TOPK_ROUND: a round takes the
+  TOPK_ROUND largest entries; the next one searches the entries below the last of them, after the
+  copies of that last value the round left out (ties). EAFT's k = 20 over 151,936 logits is then
+  two single-pass kernel calls and one masking pass, where one lax.top_k sorts every row. Other
+  backends' top_k takes any k in one pass (XLA:CPU's is ~4x faster than the rounds).
+  """
+  rows_NxV = x_xV.reshape(-1, x_xV.shape[-1])
+  if rounds is None:
+    rounds = jax.default_backend() == "gpu"
+  top_NxK = _top_k_rounds(rows_NxV, k) if rounds else jax.lax.top_k(rows_NxV, k)[0]
+  return top_NxK.reshape(*x_xV.shape[:-1], k)
+
+
+def _top_k_rounds(x_NxV, k):
+  if k <= TOPK_ROUND:
+    return jax.lax.top_k(x_NxV, k)[0]
+  head_NxR = jax.lax.top_k(x_NxV, TOPK_ROUND)[0]
+  # head's last entry, as a reduction: XLA turns top_k back into a full sort when its values are
+  # sliced other than from the first entry.
+  last_Nx1 = jnp.min(head_NxR, axis=-1, keepdims=True)
+  left_out_Nx1 = (jnp.sum(x_NxV == last_Nx1, axis=-1, keepdims=True)
+                  - jnp.sum(head_NxR == last_Nx1, axis=-1, keepdims=True))
+  rest_NxM = _top_k_rounds(jnp.where(x_NxV < last_Nx1, x_NxV, -jnp.inf), k - TOPK_ROUND)
+  i_M = jnp.arange(k - TOPK_ROUND)
+  after_ties_NxM = jnp.take_along_axis(rest_NxM, jnp.maximum(i_M - left_out_Nx1, 0), axis=-1)
+  tail_NxM = jnp.where(i_M < left_out_Nx1, last_Nx1, after_ties_NxM)
+  return jnp.concatenate([head_NxR, tail_NxM], axis=-1)
+
+
+def topk_entropy(scores_xV, k):
+  """Entropy of the softmax over the k largest logits (or log-probs: the same up to a shift):
+  EAFT's gate statistic, k = 20 in the reference implementations (which take it from the logits,
+  no_grad). float32 whatever the scores' dtype."""
+  top_xK = top_k_values(scores_xV, k).astype(jnp.float32)
   return entropy(jax.nn.log_softmax(top_xK, axis=-1))
 
 
@@ -94,6 +141,31 @@ def kl_from_ref(logp_xV, ref_logp_xV):
   return jnp.sum(jnp.exp(ref_logp_xV) * (ref_logp_xV - logp_xV), axis=-1)
 
 
+# d statistic / d logits of one token, [x, V] (fused_loss forms d loss / d logits from them).
+
+
+def onehot(targets_x, vocab):
+  """float32 one-hot of the targets, clipped into the vocabulary as target_log_prob clips them."""
+  targets_x = jnp.clip(targets_x, 0, vocab - 1)
+  return (jnp.arange(vocab) == targets_x[..., None]).astype(jnp.float32)
+
+
+def target_log_prob_grad(logp_xV, targets_x):
+  """d log p_y / d z = onehot(y) - softmax(z)."""
+  return onehot(targets_x, logp_xV.shape[-1]) - jnp.exp(logp_xV)
+
+
+def entropy_grad(logp_xV, entropy_x):
+  """d H / d z = -p (log p + H)."""
+  return -jnp.exp(logp_xV) * (logp_xV + entropy_x[..., None])
+
+
+def gem_cross_entropy_grad(logp_xV, targets_x, beta, h):
+  """d X / d z = A p - a (gem_cross_entropy; a = gem_weights, A = sum_v a_v)."""
+  a_xV = gem_weights(logp_xV, targets_x, beta, h)
+  return jnp.sum(a_xV, axis=-1, keepdims=True) * jnp.exp(logp_xV) - a_xV
+
+
 @dataclasses.dataclass(frozen=True)
 class Statistic:
   """fn(logp_xV, targets_x, [ref_logp_xV,] *params) -> x; `params` convert the name's
@@ -104,16 +176,29 @@ class Statistic:
   gradient: bool = True    # False: computed under stop_gradient
   needs_ref: bool = False  # True: fn also takes the reference model's log-probs
   k_of_vocab: bool = False  # True: its parameter is a count k in [2, vocabulary size]
+  # (logp_xV, targets_x, value_x, *params) -> d value / d logits [x, V]: fused_loss's gradient of
+  # a statistic with `gradient` (None: fused_loss does not take this statistic).
+  logits_grad: Callable | None = None
+  # True: fn takes the logits in the compute dtype instead of float32 log-probs (a statistic
+  # invariant to a shift of the logits whose op, top_k, reads a materialised array).
+  from_logits: bool = False
 
 
 STATISTICS = {
-    "logp": Statistic(target_log_prob),
-    "entropy": Statistic(lambda logp_xV, _: entropy(logp_xV)),
+    "logp": Statistic(target_log_prob,
+                      logits_grad=lambda logp_xV, targets_x, _: target_log_prob_grad(logp_xV,
+                                                                                     targets_x)),
+    "entropy": Statistic(lambda logp_xV, _: entropy(logp_xV),
+                         logits_grad=lambda logp_xV, _, entropy_x: entropy_grad(logp_xV,
+                                                                                entropy_x)),
     "renyi2_entropy": Statistic(lambda logp_xV, _: renyi2_entropy(logp_xV), gradient=False),
-    "topk_entropy": Statistic(lambda logp_xV, _, k: topk_entropy(logp_xV, k), params=(int,),
-                              usage="topk_entropy:K", gradient=False, k_of_vocab=True),
-    "gem_cross_entropy": Statistic(gem_cross_entropy, params=(float, str),
-                                   usage="gem_cross_entropy:BETA:H"),
+    "topk_entropy": Statistic(lambda logits_xV, _, k: topk_entropy(logits_xV, k), params=(int,),
+                              usage="topk_entropy:K", gradient=False, from_logits=True,
+                              k_of_vocab=True),
+    "gem_cross_entropy": Statistic(
+        gem_cross_entropy, params=(float, str), usage="gem_cross_entropy:BETA:H",
+        logits_grad=lambda logp_xV, targets_x, _, beta, h: gem_cross_entropy_grad(
+            logp_xV, targets_x, beta, h)),
     "gem_mass": Statistic(gem_mass, params=(float, str), usage="gem_mass:BETA:H", gradient=False),
     "kl_from_ref": Statistic(lambda logp_xV, _, ref_logp_xV: kl_from_ref(logp_xV, ref_logp_xV),
                              needs_ref=True),
@@ -145,24 +230,31 @@ def _statistics(logits_xV, targets_x, names, ref_logits_xV=None):
   out = {}
   for name in names:
     stat, params = parse(name)
-    source_xV = logp_xV if stat.gradient else jax.lax.stop_gradient(logp_xV)
+    source_xV = logits_xV if stat.from_logits else logp_xV
+    source_xV = source_xV if stat.gradient else jax.lax.stop_gradient(source_xV)
     refs = (ref_logp_xV,) if stat.needs_ref else ()
     out[name] = stat.fn(source_xV, targets_x, *refs, *params)
   return out
 
 
-def _logits(hidden_xD, w_DxV):
-  """hidden @ w in the operands' dtype, accumulated and returned in float32."""
-  return jnp.einsum("...d,dv->...v", hidden_xD, w_DxV, preferred_element_type=jnp.float32)
+def _logits(hidden_xD, w_DxV, dtype=jnp.float32):
+  """hidden @ w in the operands' dtype, accumulated in float32, returned in `dtype`."""
+  return jnp.einsum("...d,dv->...v", hidden_xD, w_DxV, preferred_element_type=dtype)
 
 
-def _check(stats, vocab_size, ref_hidden_BxTxD, ref_w_DxV):
+def _check_names(stats, vocab_size):
   """ConfigError for statistics this head cannot compute (shapes are known when it is traced)."""
+  if isinstance(stats, str) or not isinstance(stats, (tuple, list)) or not stats:
+    raise ConfigError(f"lm_head stats={stats!r}: allowed: a non-empty tuple of statistic names")
   for name in stats:
     stat, params = parse(name)
     if stat.k_of_vocab and not 2 <= params[0] <= vocab_size:
       raise ConfigError(f"lm_head statistic {name!r}: k must be in [2, the vocabulary size "
                         f"({vocab_size})]; the objective's hyperparameters choose k")
+
+
+def _check_stats(stats, vocab_size, ref_hidden_BxTxD, ref_w_DxV):
+  _check_names(stats, vocab_size)
   if needs_ref(stats) and (ref_hidden_BxTxD is None or ref_w_DxV is None):
     raise ConfigError(f"lm_head statistics {stats} compare with a reference model: pass its "
                       "ref_hidden_BxTxD and ref_w_DxV")
@@ -171,13 +263,33 @@ def _check(stats, vocab_size, ref_hidden_BxTxD, ref_w_DxV):
 def token_stats_naive(hidden_BxTxD, w_DxV, targets_BxT, *, compute_dtype=None,
                       stats=DEFAULT_STATS, ref_hidden_BxTxD=None, ref_w_DxV=None):
   """Reference path: the same statistics from the full [B, T, V] logits."""
-  _check(stats, w_DxV.shape[-1], ref_hidden_BxTxD, ref_w_DxV)
+  _check_stats(stats, w_DxV.shape[-1], ref_hidden_BxTxD, ref_w_DxV)
   dtype = jnp.dtype(compute_dtype or hidden_BxTxD.dtype)
   logits_BxTxV = _logits(hidden_BxTxD.astype(dtype), w_DxV.astype(dtype))
   ref_logits_BxTxV = None
   if needs_ref(stats):
     ref_logits_BxTxV = _logits(ref_hidden_BxTxD.astype(dtype), ref_w_DxV.astype(dtype))
   return _statistics(logits_BxTxV, targets_BxT, stats, ref_logits_BxTxV)
+
+
+def _chunking(shape, chunk_size):
+  """(split, merge) for chunks of the time axis of a [B, T, ...] batch: split -> [num_chunks, B,
+  steps, ...] (steps = max(1, chunk_size // B) positions; T zero-padded to num_chunks * steps),
+  merge -> [B, T, ...] back."""
+  if not isinstance(chunk_size, int) or chunk_size < 1:
+    raise ConfigError(f"lm_head chunk_size={chunk_size!r}: allowed: an integer >= 1")
+  batch, seq_len = shape[:2]
+  steps = max(1, min(seq_len, chunk_size // batch))
+  num_chunks = -(-seq_len // steps)
+  pad = num_chunks * steps - seq_len
+
+  def split(x):
+    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+    return x.reshape(batch, num_chunks, steps, *x.shape[2:]).swapaxes(0, 1)
+
+  def merge(x):
+    return x.swapaxes(0, 1).reshape(batch, num_chunks * steps, *x.shape[3:])[:, :seq_len]
+  return split, merge
 
 
 def token_stats(hidden_BxTxD, w_DxV, targets_BxT, *, chunk_size=1024, compute_dtype=None,
@@ -194,19 +306,9 @@ def token_stats(hidden_BxTxD, w_DxV, targets_BxT, *, chunk_size=1024, compute_dt
   ref_hidden_BxTxD, ref_w_DxV: the reference model's, for statistics that need it (kl_from_ref).
   Gradients flow to hidden and w through every statistic but the gate statistics (module doc).
   """
-  _check(stats, w_DxV.shape[-1], ref_hidden_BxTxD, ref_w_DxV)
-  if not isinstance(chunk_size, int) or chunk_size < 1:
-    raise ConfigError(f"lm_head chunk_size={chunk_size!r}: allowed: an integer >= 1")
-  batch, seq_len, _ = hidden_BxTxD.shape
+  _check_stats(stats, w_DxV.shape[-1], ref_hidden_BxTxD, ref_w_DxV)
+  split, merge = _chunking(hidden_BxTxD.shape, chunk_size)
   dtype = jnp.dtype(compute_dtype or hidden_BxTxD.dtype)
-  steps = max(1, min(seq_len, chunk_size // batch))  # positions per chunk
-  num_chunks = -(-seq_len // steps)
-  pad = num_chunks * steps - seq_len
-
-  def to_chunks(x):  # [B, T, ...] -> [num_chunks, B, steps, ...]
-    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-    return x.reshape(batch, num_chunks, steps, *x.shape[2:]).swapaxes(0, 1)
-
   with_ref = needs_ref(stats)
 
   @functools.partial(jax.checkpoint, prevent_cse=False)
@@ -217,10 +319,137 @@ def token_stats(hidden_BxTxD, w_DxV, targets_BxT, *, chunk_size=1024, compute_dt
 
   weights = (w_DxV.astype(dtype), jax.lax.stop_gradient(ref_w_DxV).astype(dtype) if with_ref
              else None)
-  ref_chunks = (to_chunks(jax.lax.stop_gradient(ref_hidden_BxTxD).astype(dtype)) if with_ref
+  ref_chunks = (split(jax.lax.stop_gradient(ref_hidden_BxTxD).astype(dtype)) if with_ref
                 else None)
   scan_body = lambda carry, xs: (carry, chunk_stats(weights, *xs))
-  _, out = jax.lax.scan(scan_body, None, (to_chunks(hidden_BxTxD.astype(dtype)),
-                                          to_chunks(targets_BxT), ref_chunks))
-  return {name: v.swapaxes(0, 1).reshape(batch, num_chunks * steps)[:, :seq_len]
-          for name, v in out.items()}
+  _, out = jax.lax.scan(scan_body, None, (split(hidden_BxTxD.astype(dtype)), split(targets_BxT),
+                                          ref_chunks))
+  return {name: merge(v) for name, v in out.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# The head whose forward pass forms the gradient.
+
+
+def _check_fused(stats, vocab_size):
+  _check_names(stats, vocab_size)
+  for name in stats:
+    stat, _ = parse(name)
+    if stat.needs_ref or (stat.gradient and stat.logits_grad is None):
+      raise ConfigError(f"lm_head statistic {name!r} is not available in fused_loss (it needs "
+                        "a reference model, or has no logits_grad); token_stats has it")
+
+
+def _read_with_gradient(fn, values, names):
+  """Those of `names` whose values fn reads other than under stop_gradient (the others get no
+  gradient through fn), read off fn's jaxpr for the arguments `values` (a dict)."""
+  jaxpr = jax.make_jaxpr(fn)(values).jaxpr
+  var_of = dict(zip(sorted(values), jaxpr.invars))  # a dict's leaves come in sorted key order
+  read = {id(v) for eqn in jaxpr.eqns if eqn.primitive.name != "stop_gradient"
+          for v in eqn.invars}
+  read |= {id(v) for v in jaxpr.outvars}
+  return tuple(name for name in names if id(var_of[name]) in read)
+
+
+def _logits_cotangent(logits_xV, targets_x, stats_x, cotangents_x):
+  """d loss / d logits = sum_s (d loss / d s) (d s / d logits) over the statistics s with a
+  gradient (cotangents_x: {name: d loss / d s per token}), float32."""
+  logp_xV = log_softmax(logits_xV)
+  dlogits_xV = jnp.zeros(logits_xV.shape, jnp.float32)
+  for name, cotangent_x in cotangents_x.items():
+    stat, params = parse(name)
+    jacobian_xV = stat.logits_grad(logp_xV, targets_x, stats_x[name], *params)
+    dlogits_xV = dlogits_xV + cotangent_x[..., None] * jacobian_xV
+  return dlogits_xV
+
+
+def fused_loss(hidden_BxTxD, w_DxV, targets_BxT, *, per_token_loss, weights_BxT,
+               stats=DEFAULT_STATS, extra_BxT=None, chunk_size=1024, compute_dtype=None):
+  """(loss, stats): loss = sum_t [weights_t > 0] weights_t * per_token_loss(values)_t, a float32
+  scalar whose gradient w.r.t. hidden and w is formed in the forward pass, and the per-token
+  statistics {name: float32 [B, T]} (values only: no gradient flows through them).
+
+  Chunk by chunk (chunks as in token_stats), the forward computes the logits (compute dtype,
+  float32 accumulation), the statistics (float32), g_s = d loss / d s per token by jax.vjp of
+  per_token_loss, dlogits = sum_s g_s * d s / d logits (Statistic.logits_grad; cast to the compute
+  dtype), and accumulates dW += h^T dlogits (float32) and dh = dlogits W^T: three matmuls a chunk.
+  The backward pass (jax.custom_vjp) scales dh and dW by the loss's cotangent.
+
+  per_token_loss: values -> float32 per-token loss, values = the statistics and extra_BxT as
+    {name: [B, C]} of one chunk. Elementwise over tokens (a token's loss reads only its own
+    values: no sums over the sequence). Gate statistics (Statistic.gradient False), extra values
+    and traced values it closes over get no gradient (differentiating w.r.t. the last is an
+    error: pass per-token inputs in extra_BxT).
+  weights_BxT: per-token weights (objectives.token_weights); tokens with weight <= 0 contribute
+    exactly 0 to the loss and its gradient, even where per_token_loss is inf or NaN.
+  stats: statistic names (STATISTICS); those that need a reference model (kl_from_ref) are not
+    available here (token_stats has them).
+  extra_BxT: {name: [B, T]} per-token inputs without gradient (old_logp, ref_logp, ...).
+  chunk_size, compute_dtype: as in token_stats. The logits are held in the compute dtype (bf16
+    logits with float32 softmax statistics, as fused linear-cross-entropy kernels do).
+  """
+  _check_fused(stats, w_DxV.shape[-1])
+  stats = tuple(stats)
+  split, merge = _chunking(hidden_BxTxD.shape, chunk_size)
+  dtype = jnp.dtype(compute_dtype or hidden_BxTxD.dtype)
+  hidden_dtype, w_dtype = hidden_BxTxD.dtype, w_DxV.dtype
+
+  def scan_chunks(hidden_BxTxD, w_DxV, targets_BxT, weights_BxT, extra_BxT, form_gradient):
+    """(loss, stats_BxT, dh_BxTxD, dw_DxV); the last two None unless form_gradient."""
+    w_c = w_DxV.astype(dtype)
+
+    def chunk(carry, xs):
+      loss, dw_DxV = carry
+      hidden_BxCxD, targets_BxC, weights_BxC, extra_BxC = xs
+      logits_BxCxV = _logits(hidden_BxCxD, w_c, dtype)
+      stats_BxC = _statistics(logits_BxCxV, targets_BxC, stats)
+
+      def token_losses(differentiable):
+        values = {**stats_BxC, **differentiable, **extra_BxC}
+        per_token = per_token_loss(values).astype(jnp.float32)
+        return jnp.where(weights_BxC > 0, per_token, 0.0) * weights_BxC
+
+      if not form_gradient:
+        return (loss + jnp.sum(token_losses({})), None), (stats_BxC, None)
+      # the statistics with a gradient that the loss reads: only these enter dlogits
+      with_gradient = _read_with_gradient(per_token_loss, {**stats_BxC, **extra_BxC},
+                                          [n for n in stats if parse(n)[0].gradient])
+      losses_BxC, vjp = jax.vjp(token_losses, {n: stats_BxC[n] for n in with_gradient})
+      cotangents = jax.tree.map(lambda g: jnp.where(weights_BxC > 0, g, 0.0),
+                                vjp(jnp.ones_like(losses_BxC))[0])
+      dlogits_BxCxV = _logits_cotangent(logits_BxCxV, targets_BxC, stats_BxC,
+                                        cotangents).astype(dtype)
+      dw_DxV = dw_DxV + jnp.einsum("bcd,bcv->dv", hidden_BxCxD, dlogits_BxCxV,
+                                   preferred_element_type=jnp.float32)
+      dh_BxCxD = jnp.einsum("bcv,dv->bcd", dlogits_BxCxV, w_c,
+                            preferred_element_type=jnp.float32).astype(hidden_dtype)
+      return (loss + jnp.sum(losses_BxC), dw_DxV), (stats_BxC, dh_BxCxD)
+
+    dw_DxV = jnp.zeros(w_DxV.shape, jnp.float32) if form_gradient else None
+    xs = (split(hidden_BxTxD.astype(dtype)), split(targets_BxT), split(weights_BxT),
+          {k: split(v) for k, v in extra_BxT.items()})
+    (loss, dw_DxV), (stats_chunks, dh_chunks) = jax.lax.scan(chunk, (jnp.float32(0.0), dw_DxV),
+                                                             xs)
+    stats_BxT = {name: merge(v) for name, v in stats_chunks.items()}
+    return loss, stats_BxT, None if dh_chunks is None else merge(dh_chunks), dw_DxV
+
+  @jax.custom_vjp
+  def head(hidden_BxTxD, w_DxV, targets_BxT, weights_BxT, extra_BxT):
+    return scan_chunks(hidden_BxTxD, w_DxV, targets_BxT, weights_BxT, extra_BxT, False)[:2]
+
+  def head_forward(hidden_BxTxD, w_DxV, targets_BxT, weights_BxT, extra_BxT):
+    loss, stats_BxT, dh_BxTxD, dw_DxV = scan_chunks(hidden_BxTxD, w_DxV, targets_BxT,
+                                                    weights_BxT, extra_BxT, True)
+    return (loss, stats_BxT), (dh_BxTxD, dw_DxV)
+
+  def head_backward(gradients, cotangents):
+    dh_BxTxD, dw_DxV = gradients
+    g = cotangents[0]  # the statistics' cotangents are zero: they are returned without gradient
+    return ((g * dh_BxTxD.astype(jnp.float32)).astype(hidden_dtype),
+            (g * dw_DxV).astype(w_dtype), None, None, None)
+
+  head.defvjp(head_forward, head_backward)
+  extra_BxT = {k: jax.lax.stop_gradient(v) for k, v in (extra_BxT or {}).items()}
+  loss, stats_BxT = head(hidden_BxTxD, w_DxV, targets_BxT,
+                         jax.lax.stop_gradient(jnp.asarray(weights_BxT, jnp.float32)), extra_BxT)
+  return loss, jax.lax.stop_gradient(stats_BxT)

@@ -83,11 +83,12 @@ class Recorder:
     logging.warning("%s; the update was skipped (train.nonfinite='skip')", message)
 
 
-def train_loop(state, train_step, batches, *, num_steps, record, ref_params=None,
+def train_loop(state, train_step, batches, *, num_steps, record, frozen=None,
                save=None, checkpoint_every=0, stop=None):
   """Runs `train_step` from step state.step + 1 through num_steps; returns the last state.
 
   batches: iterator of (global batch, position where it starts in the data or None).
+  frozen: what the step reads and never updates (step.Frozen).
   record(step, metrics, position): reads a step's metrics (a Recorder); called one step late,
     and before a checkpoint of that step is written (the non-finite policy sees it first).
   save(step, state): writes a checkpoint every `checkpoint_every` steps and at the last step.
@@ -97,7 +98,7 @@ def train_loop(state, train_step, batches, *, num_steps, record, ref_params=None
   pending = None
   for step in range(int(state.step) + 1, num_steps + 1):
     batch, position = next(batches)
-    state, metrics = train_step(state, batch, ref_params)
+    state, metrics = train_step(state, batch, frozen)
     if pending is not None:  # read the previous step's metrics while this one runs
       record(*pending)
     pending = (step, metrics, position)

@@ -9,8 +9,6 @@ import sys
 import time
 
 import numpy as np
-from tensorboard.compat.proto import event_pb2, summary_pb2
-from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
 from dft_jax.errors import check_number
 
@@ -37,27 +35,23 @@ class JsonlWriter:
     self._file.close()
 
 
-def _histogram_proto(edges, counts):
-  edges, counts = np.asarray(edges, np.float64), np.asarray(counts, np.float64)
-  centers = 0.5 * (edges[:-1] + edges[1:])
-  return summary_pb2.HistogramProto(
-      min=float(edges[0]), max=float(edges[-1]), num=float(counts.sum()),
-      sum=float((centers * counts).sum()), sum_squares=float((centers**2 * counts).sum()),
-      bucket_limit=edges[1:].tolist(), bucket=counts.tolist())
-
-
 class TensorBoardWriter:
-  """Real TensorBoard event files (scalars + histograms) without TensorFlow."""
+  """TensorBoard event files (scalars + histograms) through tensorboardX, without TensorFlow."""
 
   def __init__(self, logdir):
-    self._writer = EventFileWriter(logdir)
+    import tensorboardX  # pylint: disable=g-import-not-at-top
+    self._writer = tensorboardX.SummaryWriter(logdir)
 
   def write(self, step, scalars, histograms=None):
-    values = [summary_pb2.Summary.Value(tag=k, simple_value=float(v)) for k, v in scalars.items()]
-    values += [summary_pb2.Summary.Value(tag=k, histo=_histogram_proto(*h))
-               for k, h in (histograms or {}).items()]
-    self._writer.add_event(event_pb2.Event(
-        wall_time=time.time(), step=int(step), summary=summary_pb2.Summary(value=values)))
+    for name, value in scalars.items():
+      self._writer.add_scalar(name, float(value), int(step))
+    for name, (edges, counts) in (histograms or {}).items():
+      edges, counts = np.asarray(edges, np.float64), np.asarray(counts, np.float64)
+      centers = 0.5 * (edges[:-1] + edges[1:])
+      self._writer.add_histogram_raw(
+          name, min=float(edges[0]), max=float(edges[-1]), num=float(counts.sum()),
+          sum=float((centers * counts).sum()), sum_squares=float((centers**2 * counts).sum()),
+          bucket_limits=edges[1:].tolist(), bucket_counts=counts.tolist(), global_step=int(step))
 
   def flush(self):
     self._writer.flush()
@@ -66,44 +60,30 @@ class TensorBoardWriter:
     self._writer.close()
 
 
-def _format_eta(seconds):
-  seconds = int(max(seconds, 0))
-  return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
-
-
 class ProgressWriter:
-  """One console line per logged step: step/total, loss, target prob, entropy, tokens/s, ETA.
+  """A tqdm bar over the run's steps: loss, target probability, entropy, tokens/s, MFU; its ETA
+  starts with the first timed step (the step is compiled before)."""
 
-  On a terminal the line is redrawn in place; in a log file each step gets its own line.
-  """
-
-  KEYS = (("loss", "loss {:.4f}"), ("target_prob", "p {:.3f}"), ("entropy", "H {:.3f}"),
-          ("tokens_per_s", "{:,.0f} tok/s"), ("mfu", "MFU {:.1%}"))
+  KEYS = (("loss", "loss", "{:.4f}"), ("target_prob", "p", "{:.3f}"), ("entropy", "H", "{:.3f}"),
+          ("tokens_per_s", "tok/s", "{:,.0f}"), ("mfu", "MFU", "{:.1%}"))
 
   def __init__(self, total_steps, stream=None):
-    self._total = total_steps
-    self._stream = stream or sys.stderr
-    self._tty = self._stream.isatty()
-    self._start = None
+    self._total, self._stream, self._bar = total_steps, stream, None
 
   def write(self, step, scalars, histograms=None):
-    now = time.time()
-    if self._start is None:
-      self._start = (now, step - 1)
-    t0, s0 = self._start
-    rate = (step - s0) / max(now - t0, 1e-9)
-    parts = [f"step {step}/{self._total}"]
-    parts += [fmt.format(scalars[k]) for k, fmt in self.KEYS if k in scalars]
-    parts.append(f"ETA {_format_eta((self._total - step) / rate)}")
-    line = " | ".join(parts)
-    if self._tty:
-      self._stream.write("\r\033[K" + line + ("\n" if step >= self._total else ""))
-    else:
-      self._stream.write(line + "\n")
-    self._stream.flush()
+    del histograms
+    if self._bar is None:
+      import tqdm  # pylint: disable=g-import-not-at-top
+      self._bar = tqdm.tqdm(total=self._total, initial=step - 1, desc="train", unit="step",
+                            file=self._stream or sys.stderr, dynamic_ncols=True)
+    self._bar.set_postfix_str(", ".join(
+        f"{label} {fmt.format(scalars[k])}" for k, label, fmt in self.KEYS if k in scalars),
+                              refresh=False)
+    self._bar.update(step - self._bar.n)
 
   def close(self):
-    pass
+    if self._bar is not None:
+      self._bar.close()
 
 
 class MultiWriter:

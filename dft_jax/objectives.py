@@ -50,6 +50,9 @@ MAX_LOG_RATIO = 20.0
 # A token is "gated down" (metrics <objective>/gated_down) when its gate, the factor on SFT's
 # gradient (softmax - onehot), is below this: it gets less than half of SFT's update.
 GATED_DOWN_BELOW = 0.5
+# DEFT's divisor is a_t + this (the official code's epsilon; a_t >= 1/V, so it matters only for
+# near-uniform predictions over a large vocabulary: 13 % for a flat 151,936-token one).
+DEFT_EPSILON = 1e-6
 # What an objective may need beyond logp and LM-head statistics, and the keywords that bring it:
 #   old_logp  the policy snapshot's logp (PSFT's pi_old), fixed over one global batch's updates
 #   ref_logp  the frozen reference (starting) model's logp
@@ -309,23 +312,135 @@ def deft_alpha(renyi2):
 
 def deft(logp, *, renyi2):
   """DEFT, Dynamic Entropy Fine-Tuning (arXiv 2602.11424; official code luludus/DEFT, verl trainer
-  objective_trans=DEFT): the power family's q-log with alpha set per token by the prediction's
-  concentration, parameter-free,
+  main_verl/trainer/fsdp_sft_trainer.py, objective_trans=DEFT): the power family's q-log with
+  alpha set per token by the prediction's concentration, parameter-free,
 
-    -ln_q(p_t) = -(p_t**a_t - 1) / a_t,   a_t = sg(sum_v p_v**2) = sg(exp(-H2_t)).
+    -(p_t**a_t - 1) / (a_t + 1e-6),   a_t = sg(sum_v p_v**2) = sg(exp(-H2_t)),
 
-  Gradient wrt logits: p_t**a_t * (softmax - onehot), the "gate" p_t**a_t: NLL-like (gate -> 1)
-  when the distribution is flat, DFT-like (gate -> p_t) when it is concentrated. The official code
-  divides by a_t + 1e-6 instead of a_t; a_t >= 1/V > 0, so this drops the epsilon: a relative
-  change of 1e-6 / a_t, below 1e-4 once sum_v p_v**2 > 0.01 (only a near-uniform prediction over a
-  large vocabulary feels it). renyi2: H2_t, the statistic "renyi2_entropy".
+  with the official code's epsilon in the divisor only (DEFT_EPSILON). Gradient wrt logits:
+  a_t / (a_t + 1e-6) * p_t**a_t * (softmax - onehot), the "gate" ~ p_t**a_t: NLL-like (gate -> 1)
+  when the distribution is flat, DFT-like (gate -> p_t) when it is concentrated. renyi2: H2_t,
+  the statistic "renyi2_entropy".
   """
-  return neg_qlog(_f32(logp), deft_alpha(renyi2))
+  alpha = deft_alpha(renyi2)
+  return -jnp.expm1(alpha * _f32(logp)) / (alpha + DEFT_EPSILON)
 
 
 def deft_metrics(logp, *, renyi2):
   alpha = deft_alpha(renyi2)
   return {"alpha": alpha, **gate_metrics(jnp.exp(alpha * _f32(logp)))}
+
+
+def asft(logp, *, kl_from_ref, kl_weight):
+  """ASFT, Anchored SFT (arXiv 2509.23753; authors' code zhuchichi56/ASFT `train_v2.py`
+  EnhancedTrainer.compute_loss, and LLaMA-Factory `asft_loss_func` in trainer_utils.py,
+  `use_asft_loss` / `asft_alpha`): DFT's token weighting plus a KL anchor to the frozen starting
+  model over the FULL vocabulary at every loss token,
+
+    -sg(p_t) * log p_t + kl_weight * KL(pi_ref || pi_theta)_t,
+    KL_t = sum_v q_v (log q_v - log p_v),   q = the reference's next-token distribution.
+
+  Gradient wrt logits: p_t (softmax - onehot) + kl_weight (softmax - q): the whole distribution is
+  pulled towards the reference, not only the target token (the k3 anchor, kl_coef, is a
+  one-sample estimate of the other direction at the target alone). Both implementations take the
+  KL in this direction (F.kl_div(log p, q)), summed over the vocabulary, token-mean like the DFT
+  term; kl_weight = 0.1 is asft_alpha's default and the authors' train() default (their README
+  example uses 0.05). kl_from_ref: the LM-head statistic "kl_from_ref", from the reference's own
+  hidden states chunk by chunk (never the [tokens, vocab] logits).
+  """
+  return dft(logp) + kl_weight * _f32(kl_from_ref)
+
+
+def asft_metrics(logp, *, kl_from_ref, kl_weight):
+  """The per-token KL to the reference, the anchor's share of the loss and DFT's gate p_t."""
+  loss = asft(logp, kl_from_ref=kl_from_ref, kl_weight=kl_weight)
+  anchor = kl_weight * _f32(kl_from_ref)
+  share = jnp.where(loss > 0, anchor / jnp.where(loss > 0, loss, 1.0), 0.0)
+  return {"kl": kl_from_ref, "kl_share": share, **gate_metrics(jnp.exp(_f32(logp)))}
+
+
+def chord_phi(logp, *, cutoff):
+  """CHORD's token weighting phi as an objective of its own (arXiv 2508.11408; Trinity-RFT
+  `sft_phi`, SFTPhiLossFn in trinity/algorithm/policy_loss_fn/chord_policy_loss.py; ms-swift
+  compute_chord_loss):
+
+    -sg(p_t (1 - p_t)) * min(log p_t, log cutoff).
+
+  Gradient wrt logits: p_t (1 - p_t) (softmax - onehot) for p_t <= cutoff, else 0: tokens the model
+  finds unlikely AND tokens it already knows get little update, uncertain ones (p_t near 1/2) the
+  most (phi <= 1/4). The weight uses the unclamped p_t; cutoff = 1 (the default) is no cutoff.
+  Its gradient equals that of (1 - p_t)**2 / 2 (no stop-gradient).
+  """
+  logp = _f32(logp)
+  p = jax.lax.stop_gradient(jnp.exp(logp))
+  return -(p * (1.0 - p)) * jnp.minimum(logp, jnp.log(cutoff))
+
+
+def chord_phi_metrics(logp, *, cutoff):
+  """phi; the share of tokens past phi's peak (p_t > 1/2: more probability, less weight); the
+  share cut by the cutoff (no gradient)."""
+  p = jnp.exp(_f32(logp))
+  return {"phi": p * (1.0 - p), "past_peak": p > 0.5, "cut": p > cutoff}
+
+
+def prob_threshold(logp, *, base, side, tau):
+  """The thresholded probability-based objectives of "Beyond Log Likelihood" (arXiv 2510.00526;
+  authors' code GaotangLi/Beyond-Log-Likelihood, main_verl/trainer/fsdp_sft_trainer.py
+  _compute_loss_and_backward, objective_trans OnlyTopP / OnlyBottomP / OnlyTopLogP /
+  OnlyBottomLogP-tau): a loss on the selected tokens only,
+
+    f(p_t) * s_t,   f = 1 - p_t (base="p") or -log p_t (base="logp"),
+    s_t = 1[p_t >= tau] (side="top": only tokens the model already finds likely, prior-leaning)
+       or 1[p_t <= tau] (side="bottom").
+
+  Gradient wrt logits: s_t p_t (softmax - onehot) (p) or s_t (softmax - onehot) (logp); s_t has none.
+  The authors divide by the number of SELECTED loss tokens of each micro-batch; here the
+  objective's aggregation applies (token_mean: all loss tokens), which scales the gradient by the
+  batch's selected share (metric prob_threshold/selected) -- under Adam mostly a change of the
+  effective step size.
+  """
+  logp = _f32(logp)
+  p = jnp.exp(logp)
+  chosen = jax.lax.stop_gradient(p >= tau if side == "top" else p <= tau)
+  return jnp.where(chosen, 1.0 - p if base == "p" else -logp, 0.0)
+
+
+def prob_threshold_metrics(logp, *, base, side, tau):
+  del base
+  p = jnp.exp(_f32(logp))
+  return {"selected": p >= tau if side == "top" else p <= tau}
+
+
+def iw_weight_log(logp, ref_logp, loss_mask, segment_ids, temp, w_max):
+  """log w_s = min(temp * mean_{t in s} (logp_t - ref_logp_t), log w_max) per sequence s (the
+  segment of each token; masked tokens excluded), without gradient."""
+  mask = _f32(loss_mask) > 0
+  diff = jnp.where(mask, jax.lax.stop_gradient(_f32(logp) - _f32(ref_logp)), 0.0)
+  tokens = segment_totals(mask.astype(jnp.float32), segment_ids)
+  mean = segment_totals(diff, segment_ids) / jnp.maximum(tokens, 1.0)
+  return jnp.minimum(temp * mean, math.log(w_max)), mean
+
+
+def iw_sft(logp, *, ref_logp, loss_mask, segment_ids, temp, w_max):
+  """iw-SFT, importance-weighted SFT (arXiv 2507.12856; authors' code emmyqin/iw_sft,
+  bounding_trainers.py IwSFTLoss with the call site's temp=1.0, sum_over_time=True):
+
+    -sg(w_s) * log p_t,   w_s = min(exp(temp * mean_{t in s}(log p_t - log p_ref,t)), w_max),
+
+  a per-sequence weight: the length-normalised ratio of the current policy to the frozen initial
+  model (the reference, not a lagging snapshot) on the sequence's tokens, clipped at w_max = 16.
+  Gradient wrt logits: w_s (softmax - onehot). Sequences are segments of packed rows (rows without
+  segment ids); the authors' code has one sequence a row.
+  """
+  log_w, _ = iw_weight_log(logp, ref_logp, loss_mask, segment_ids, temp, w_max)
+  return -jnp.exp(log_w) * _f32(logp)
+
+
+def iw_sft_metrics(logp, *, ref_logp, loss_mask, segment_ids, temp, w_max):
+  """The weight w_s, its log-ratio mean, the share clipped at w_max and the share below 1/2."""
+  log_w, mean = iw_weight_log(logp, ref_logp, loss_mask, segment_ids, temp, w_max)
+  return {"weight": jnp.exp(log_w), "log_ratio": mean,
+          "clipped": log_w >= math.log(w_max), **gate_metrics(jnp.exp(log_w))}
 
 
 def k3(logp, ref_logp):
@@ -378,6 +493,33 @@ OBJECTIVES = {
     "deft": Objective(
         deft, "-(p_t^a_t - 1) / a_t, a_t = sg(sum_v p_v^2) (DEFT, arXiv 2602.11424)",
         inputs=lambda hparams: {"renyi2": "renyi2_entropy"}, metrics=deft_metrics),
+    "asft": Objective(
+        asft, "-sg(p_t) log p_t + kl_weight KL(pi_ref || pi)_t over the full vocabulary (ASFT, "
+        "arXiv 2509.23753)",
+        hparams=dict(kl_weight=nonnegative(0.1, "weight of the full-vocabulary KL to the starting "
+                                                "model (LLaMA-Factory asft_alpha: 0.1)")),
+        inputs=lambda hparams: {"kl_from_ref": "kl_from_ref"}, metrics=asft_metrics),
+    "chord_phi": Objective(
+        chord_phi, "-sg(p_t (1 - p_t)) min(log p_t, log cutoff) (CHORD's phi, arXiv 2508.11408; "
+        "Trinity-RFT sft_phi)",
+        hparams=dict(cutoff=Hparam(1.0, "a number in (0, 1]", lambda v: _real(v) and 0 < v <= 1,
+                                   "tokens with p_t above it get no gradient (1: none)")),
+        metrics=chord_phi_metrics),
+    "prob_threshold": Objective(
+        prob_threshold, "(1 - p_t or -log p_t) on tokens with p_t >= tau (top) or <= tau "
+        "(bottom) only (Beyond Log Likelihood, arXiv 2510.00526)",
+        hparams=dict(
+            base=choice("logp", ("logp", "p"), "the loss on selected tokens: -log p_t or 1 - p_t"),
+            side=choice("top", ("top", "bottom"), "top: p_t >= tau (prior-leaning); bottom: <="),
+            tau=unit_interval(0.1, "the probability threshold (this project's default: the "
+                                   "authors' code has none)")),
+        metrics=prob_threshold_metrics),
+    "iw_sft": Objective(
+        iw_sft, "-sg(w_s) log p_t, w_s = min(exp(temp mean_s(log p - log p_ref)), w_max) per "
+        "sequence (iw-SFT, arXiv 2507.12856)",
+        hparams=dict(temp=positive(1.0, "temperature of the log-ratio (the authors' call: 1.0)"),
+                     w_max=positive(16.0, "upper clip of the weight (authors' code: 16)")),
+        needs=("ref_logp", "segments"), metrics=iw_sft_metrics),
 }
 
 # Extra terms any objective can add: coefficient field -> (term name, record); on when > 0.
@@ -479,10 +621,14 @@ def config_block(name="dft"):
   return block
 
 
+def _setting(cfg):
+  return cfg if isinstance(cfg, Setting) else validate(cfg)
+
+
 def required_stats(cfg):
-  """LM-head statistics this config needs (lm_head.STATISTICS): logp and entropy always (the
-  entropy metric), then every active record's inputs, e.g. "topk_entropy:20" (eaft)."""
-  setting = validate(cfg)
+  """LM-head statistics this config (or Setting) needs (lm_head.STATISTICS): logp and entropy
+  always (the entropy metric), then every active record's inputs, e.g. "topk_entropy:20"."""
+  setting = _setting(cfg)
   names = ["logp", "entropy"]
   for _, _, record, hparams, _ in setting.records():
     names += record.inputs(hparams).values()
@@ -490,8 +636,8 @@ def required_stats(cfg):
 
 
 def needs(cfg):
-  """What this config needs besides LM-head statistics (a subset of NEEDS)."""
-  return frozenset(n for _, _, record, _, _ in validate(cfg).records() for n in record.needs)
+  """What this config (or Setting) needs besides LM-head statistics (a subset of NEEDS)."""
+  return frozenset(n for _, _, record, _, _ in _setting(cfg).records() for n in record.needs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -611,7 +757,7 @@ def objective_loss(stats, batch, cfg, *, denominators=None):
   Returns (loss, metrics): metrics as sums (module docstring), combine with + then
   finalize_metrics.
   """
-  setting = cfg if isinstance(cfg, Setting) else validate(cfg)
+  setting = _setting(cfg)
   mask, segment_ids = batch["loss_mask"], batch.get("segment_ids")
   if denominators is None:
     denominators = global_denominators(mask, segment_ids)

@@ -9,8 +9,9 @@ Per global batch [G, T] (rows sharded over the mesh's (data, fsdp) axes), the st
   3. keeps parameters and optimizer state unchanged on an update whose loss or gradient norm is
      not finite, and counts it (`skipped`).
 The loss normalisation uses the token / sequence counts of each update's whole minibatch, so
-slices and devices give the gradient of one big batch. `ref` holds the frozen reference
-parameters when the objective needs them (KL anchor, statistics against the reference), else None.
+slices and devices give the gradient of one big batch. The step also reads, never updates,
+`Frozen`: with LoRA the frozen base; without it a copy of the starting parameters when the
+objective compares with the starting model (KL anchor, statistics against the reference).
 """
 from typing import Any
 
@@ -27,12 +28,21 @@ from dft_jax import sharding
 from dft_jax.errors import ConfigError, check_number
 
 BATCH_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
+LM_HEAD_IMPLS = ("checkpointed", "fused")  # lm_head.token_stats | lm_head.fused_loss
 
 
 class TrainState(struct.PyTreeNode):
+  """What the step updates (donated) and checkpoints."""
   step: jax.Array       # global batches done
-  params: Any
+  params: Any           # what trains: every parameter, or with LoRA the adapters
   opt_state: Any
+
+
+class Frozen(struct.PyTreeNode):
+  """What the step reads and never updates (not donated, not checkpointed)."""
+  base: Any = None       # with LoRA: the frozen base weights
+  reference: Any = None  # without LoRA, when the objective compares with the starting model: a
+                         # copy of the starting parameters (with LoRA: the base, adapters off)
 
 
 # ----------------------------------------------------------------------------- config edge
@@ -61,11 +71,16 @@ def validate(config, num_devices, process_count=1):
   if t.global_batch_size % process_count:
     raise ConfigError(f"train.global_batch_size={t.global_batch_size} must be divisible by the "
                       f"{process_count} processes")
+  if config.model.lm_head_impl not in LM_HEAD_IMPLS:
+    raise ConfigError(f"model.lm_head_impl={config.model.lm_head_impl!r}: expected one of "
+                      f"{', '.join(LM_HEAD_IMPLS)}")
   o = config.optimizer
   if o.schedule not in SCHEDULES:
     raise ConfigError(f"optimizer.schedule={o.schedule!r}: expected one of {sorted(SCHEDULES)}")
-  if o.get("mu_dtype") not in (None, "float32", "bfloat16"):
-    raise ConfigError(f"optimizer.mu_dtype={o.mu_dtype!r}: expected None, 'float32' or 'bfloat16'")
+  for moment in ("mu_dtype", "nu_dtype"):
+    if o.get(moment) not in (None, "float32", "bfloat16"):
+      raise ConfigError(f"optimizer.{moment}={o.get(moment)!r}: expected None (the parameters' "
+                        "dtype), 'float32' or 'bfloat16'")
   check_number("optimizer.learning_rate", o.learning_rate, above=0)
   check_number("optimizer.warmup_steps", o.warmup_steps, integer=True, minimum=0)
   check_number("optimizer.min_lr_ratio", o.min_lr_ratio, minimum=0, maximum=1)
@@ -96,21 +111,57 @@ def make_schedule(opt_cfg, total_updates):
 
 
 def decay_mask(logical_specs):
-  """AdamW weight decay on weight matrices (every parameter with an "embed" axis), not on norm
-  scales or biases."""
-  return jax.tree.map(lambda spec: "embed" in spec, logical_specs)
+  """AdamW weight decay on weight matrices (every parameter with an "embed" axis) and LoRA
+  adapters, not on norm scales or biases."""
+  return jax.tree.map(lambda spec: "embed" in spec or "lora_rank" in spec, logical_specs)
+
+
+def scale_by_adam_stored_in(b1, b2, eps, mu_dtype, nu_dtype):
+  """Adam's update m_hat / (sqrt(v_hat) + eps) (arXiv 1412.6980) with both moments stored in the
+  given dtypes and updated in float32: optax.scale_by_adam, whose second moment can only be kept
+  in the parameters' dtype. A bfloat16 moment keeps 8 significant bits, so an update smaller than
+  ~0.4 % of it rounds away: fine for b2 <= 0.99 (a step moves v by 1 - b2 >= 1 %), not for 0.999."""
+
+  def init(params):
+    zeros = lambda dtype: jax.tree.map(lambda p: jnp.zeros(p.shape, dtype or p.dtype), params)
+    return optax.ScaleByAdamState(count=jnp.zeros((), jnp.int32), mu=zeros(mu_dtype),
+                                  nu=zeros(nu_dtype))
+
+  def update(grads, state, params=None):
+    del params
+    f32 = lambda tree: jax.tree.map(lambda x: x.astype(jnp.float32), tree)
+    mu = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, f32(state.mu), f32(grads))
+    nu = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * g * g, f32(state.nu), f32(grads))
+    count = state.count + 1
+    correction_1, correction_2 = 1 - b1 ** count, 1 - b2 ** count
+    updates = jax.tree.map(
+        lambda m, v, g: ((m / correction_1) / (jnp.sqrt(v / correction_2) + eps)).astype(g.dtype),
+        mu, nu, grads)
+    cast = lambda new, old: jax.tree.map(lambda x, o: x.astype(o.dtype), new, old)
+    return updates, optax.ScaleByAdamState(count=count, mu=cast(mu, state.mu),
+                                           nu=cast(nu, state.nu))
+
+  return optax.GradientTransformation(init, update)
 
 
 def make_optimizer(opt_cfg, total_updates, logical_specs):
   """(tx, schedule): global-norm clipping, then AdamW with decoupled weight decay on the
-  schedule."""
+  schedule; optimizer.mu_dtype / nu_dtype store the moments in another dtype (the lean mode:
+  bfloat16 moments save 4 bytes a parameter)."""
   schedule = make_schedule(opt_cfg, total_updates)
   clip = opt_cfg.grad_clip_norm
-  tx = optax.chain(
-      optax.clip_by_global_norm(clip) if clip else optax.identity(),
-      optax.adamw(schedule, b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps,
-                  weight_decay=opt_cfg.weight_decay, mask=decay_mask(logical_specs),
-                  mu_dtype=opt_cfg.get("mu_dtype")))
+  mask = decay_mask(logical_specs)
+  if opt_cfg.get("nu_dtype") is None:
+    adamw = optax.adamw(schedule, b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps,
+                        weight_decay=opt_cfg.weight_decay, mask=mask,
+                        mu_dtype=opt_cfg.get("mu_dtype"))
+  else:
+    adamw = optax.chain(
+        scale_by_adam_stored_in(opt_cfg.b1, opt_cfg.b2, opt_cfg.eps, opt_cfg.get("mu_dtype"),
+                                opt_cfg.nu_dtype),
+        optax.add_decayed_weights(opt_cfg.weight_decay, mask),
+        optax.scale_by_learning_rate(schedule))
+  tx = optax.chain(optax.clip_by_global_norm(clip) if clip else optax.identity(), adamw)
   return tx, schedule
 
 
@@ -123,13 +174,44 @@ def abstract_of(tree):
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
-def init_train_state(model, config, mesh):
-  """(graphdef, TrainState, tx, schedule): the model's parameters sharded over the mesh by the
-  logical-axis rules, the optimizer moments placed like the parameters they follow."""
+def split_model(model):
+  """(graphdef, trainable, frozen): every parameter trains (frozen None), or with LoRA the
+  adapters (nnx.LoRAParam) train and the rest is frozen."""
+  if model.lora is None:
+    graphdef, params = nnx.split(model)
+    return graphdef, params, None
+  return nnx.split(model, nnx.LoRAParam, ...)
+
+
+def merge_model(graphdef, params, frozen=None):
+  """The model of split_model's parts (frozen None: params holds every parameter)."""
+  return nnx.merge(graphdef, params) if frozen is None else nnx.merge(graphdef, params, frozen)
+
+
+def full_params(params, frozen=None):
+  """One state with every variable of the model: what nnx.split(model) gives."""
+  return params if frozen is None else nnx.State.merge(params, frozen)
+
+
+def _placed(tree, mesh):
   from dft_jax import models  # pylint: disable=g-import-not-at-top
-  graphdef, params = nnx.split(model)
+  if tree is None:
+    return None
+  return jax.device_put(tree, sharding.param_shardings(tree, models.logical_specs(tree), mesh))
+
+
+def init_train_state(model, config, mesh):
+  """(graphdef, TrainState, Frozen, tx, schedule): the model's trainable parameters (all, or
+  with LoRA the adapters; the frozen base in Frozen.base) sharded over the mesh by the
+  logical-axis rules, the optimizer moments placed like the parameters they follow, and a copy
+  of the starting parameters in Frozen.reference when the objective needs one."""
+  from dft_jax import models  # pylint: disable=g-import-not-at-top
+  graphdef, params, base = split_model(model)
   logical = models.logical_specs(params)
-  params = jax.device_put(params, sharding.param_shardings(params, logical, mesh))
+  params, base = _placed(params, mesh), _placed(base, mesh)
+  reference = None
+  if base is None and needs_reference(config.objective):
+    reference = jax.tree.map(jnp.copy, params)
   t = config.train
   tx, schedule = make_optimizer(config.optimizer, t.num_steps * t.minibatches, logical)
   replicated = sharding.replicated(mesh)
@@ -139,7 +221,7 @@ def init_train_state(model, config, mesh):
   opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
   state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), replicated), params=params,
                      opt_state=opt_state)
-  return graphdef, state, tx, schedule
+  return graphdef, state, Frozen(base=base, reference=reference), tx, schedule
 
 
 def global_batch(local_batch, mesh):
@@ -153,11 +235,24 @@ def count_params(params):
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
 
 
+def train_flops_per_token(state, frozen, model_config, seq_len):
+  """throughput.flops_per_token of this state: 6 N, or with LoRA 4 N_base + 6 N_adapters (N_base
+  from the shapes of the plain decoder: a quantised base packs two weights a byte)."""
+  from dft_jax import models  # pylint: disable=g-import-not-at-top
+  from dft_jax import throughput  # pylint: disable=g-import-not-at-top
+  if frozen.base is None:
+    return throughput.flops_per_token(count_params(state.params), model_config, seq_len)
+  base = nnx.eval_shape(lambda: models.Decoder(model_config, rngs=nnx.Rngs(0)))
+  return throughput.flops_per_token(count_params(nnx.state(base)), model_config, seq_len,
+                                    num_trainable=count_params(state.params))
+
+
 # ----------------------------------------------------------------------------- the step
 
 
 def needs_reference(objective_cfg):
-  """Whether the step needs the frozen reference parameters (KL anchor, reference statistics)."""
+  """Whether the objective compares with the frozen starting model (KL anchor, reference
+  statistics): a copy of the starting parameters, or with LoRA the base with adapters off."""
   return ("ref_logp" in objectives.needs(objective_cfg)
           or lm_head.needs_ref(objectives.required_stats(objective_cfg)))
 
@@ -182,69 +277,141 @@ def merge_leading(tree):
   return jax.tree.map(lambda v: v.reshape((-1,) + v.shape[2:]), tree)
 
 
-def hidden_and_head(graphdef, params, batch):
-  """(final hidden states [B, T, D], head weight [D, V]) of the model with `params`."""
-  model = nnx.merge(graphdef, params)
+def hidden_and_head(model, batch, adapters=True):
+  """(final hidden states [B, T, D], head weight [D, V]) of `model` (adapters=False: its frozen
+  base alone, with LoRA)."""
   hidden_BxTxD = model.hidden_states(
-      batch["tokens"], positions_BxT=batch["positions"], segment_ids_BxT=batch["segment_ids"])
+      batch["tokens"], positions_BxT=batch["positions"], segment_ids_BxT=batch["segment_ids"],
+      adapters=adapters)
   return hidden_BxTxD, model.head_weight()
 
 
-def model_token_stats(graphdef, params, batch, chunk_size, stats, ref_params=None):
-  """Per-token statistics (e.g. logp, entropy) of batch["targets"] through the fused LM head;
-  ref_params: the reference model's, for statistics that compare with it."""
-  hidden_BxTxD, w_DxV = hidden_and_head(graphdef, params, batch)
+def model_token_stats(model, batch, chunk_size, stats, reference=None):
+  """Per-token statistics (e.g. logp, entropy) of batch["targets"] through the chunked LM head;
+  reference: the reference's (hidden states, head weight), for statistics that compare with it."""
+  hidden_BxTxD, w_DxV = hidden_and_head(model, batch)
   ref = {}
   if lm_head.needs_ref(stats):
-    ref_hidden_BxTxD, ref_w_DxV = hidden_and_head(graphdef, ref_params, batch)
-    ref = dict(ref_hidden_BxTxD=jax.lax.stop_gradient(ref_hidden_BxTxD),
-               ref_w_DxV=jax.lax.stop_gradient(ref_w_DxV))
+    ref = dict(zip(("ref_hidden_BxTxD", "ref_w_DxV"), jax.lax.stop_gradient(reference)))
   return lm_head.token_stats(hidden_BxTxD, w_DxV, batch["targets"], chunk_size=chunk_size,
                              stats=stats, **ref)
 
 
-def make_train_step(graphdef, tx, config, mesh, state_shardings):
-  """The jitted `train_step(state, batch, ref_params) -> (state, metrics)`, state donated.
+def objective_loss_fused(hidden_BxTxD, w_DxV, batch, cfg, *, extra_BxT=None,
+                         current_old_logp=False, denominators=None, chunk_size=1024,
+                         compute_dtype=None):
+  """objectives.objective_loss of the LM head's statistics, through lm_head.fused_loss: the same
+  (loss, metrics) with d loss / d (hidden, w) formed in the head's forward pass.
 
-  `batch` holds the global batch [G, T] sharded over (data, fsdp); `ref_params` are the frozen
-  reference parameters when needs_reference(config.objective), else None.
+  batch: targets, loss_mask and optionally segment_ids [B, T]; cfg: config.objective or a
+  Setting; extra_BxT: what objectives.needs(cfg) names besides "segments" (old_logp, ref_logp);
+  current_old_logp: the policy snapshot is the current parameters (one update per batch),
+  old_logp = sg(logp) of this forward; denominators: as in objectives.objective_loss. Only for
+  objectives the fused head fits (fused_head_fits): a sequence-level one (dft_seq) or one
+  comparing full distributions with a reference model (asft) takes lm_head.token_stats.
+  """
+  setting = cfg if isinstance(cfg, objectives.Setting) else objectives.validate(cfg)
+  if not fused_head_fits(setting):
+    raise ConfigError(f"objective.name={setting.name!r}: the fused LM head takes per-token "
+                      "objectives without a reference distribution; lm_head.token_stats takes it")
+  extra_BxT = dict(extra_BxT or {})
+
+  def with_old_logp(values):
+    if not current_old_logp:
+      return values
+    return {**values, "old_logp": jax.lax.stop_gradient(values["logp"])}
+
+  mask, segment_ids = batch["loss_mask"], batch.get("segment_ids")
+  if denominators is None:
+    denominators = objectives.global_denominators(mask, segment_ids)
+  weights_BxT = objectives.token_weights(mask, setting.aggregation, segment_ids=segment_ids,
+                                         norm_constant=setting.norm_constant, **denominators)
+  loss, stats_BxT = lm_head.fused_loss(
+      hidden_BxTxD, w_DxV, batch["targets"],
+      per_token_loss=lambda values: sum(
+          objectives.per_token_terms(with_old_logp(values), {}, setting).values()),
+      weights_BxT=weights_BxT, stats=objectives.required_stats(setting), extra_BxT=extra_BxT,
+      chunk_size=chunk_size, compute_dtype=compute_dtype)
+  _, metrics = objectives.objective_loss(with_old_logp({**stats_BxT, **extra_BxT}), batch,
+                                         setting, denominators=denominators)
+  return loss, dict(metrics, loss=loss)
+
+
+def fused_head_fits(objective_cfg):
+  """Whether the objective's loss is per token and its statistics need no reference model: then
+  the fused head can take it (model.lm_head_impl='fused'); otherwise the checkpointed one does."""
+  return ("segments" not in objectives.needs(objective_cfg)
+          and not lm_head.needs_ref(objectives.required_stats(objective_cfg)))
+
+
+def make_train_step(graphdef, tx, config, mesh, state_shardings, frozen_shardings):
+  """The jitted `train_step(state, batch, frozen) -> (state, metrics)`, state donated.
+
+  `batch` holds the global batch [G, T] sharded over (data, fsdp); `frozen` (init_train_state's
+  Frozen) is read, never updated: with LoRA the frozen base, whose adapters-off model is then the
+  reference (KL anchor, reference statistics); else frozen.reference, a copy of the starting
+  parameters, when the objective needs one.
   """
   setting = objectives.validate(config.objective)
   t, chunk = config.train, config.model.lm_head_chunk
   needs = objectives.needs(config.objective)
   stat_names = objectives.required_stats(config.objective)
-  ref_needed = needs_reference(config.objective)
+  lora = frozen_shardings.base is not None
+  fused = config.model.lm_head_impl == "fused" and fused_head_fits(setting)
   # With one update per batch the snapshot is the current policy: old_logp = sg(logp), no extra
-  # forward. With K > 1 updates, pi_old is computed once, before the first of them.
+  # forward. With K > 1 updates, pi_old is computed once, before the first of them (with LoRA
+  # the snapshot is a copy of the adapters only).
   snapshot_forward = "old_logp" in needs and t.minibatches > 1
 
-  def target_logp(params, mb):  # forward only: the policy snapshot's or the reference's logp
-    return jax.lax.stop_gradient(model_token_stats(graphdef, params, mb, chunk, ("logp",))["logp"])
+  def reference(params, frozen, mb):
+    """(hidden states, head weight) of the reference model, without gradient."""
+    if lora:
+      return jax.lax.stop_gradient(hidden_and_head(merge_model(graphdef, params, frozen.base), mb,
+                                                   adapters=False))
+    return jax.lax.stop_gradient(hidden_and_head(merge_model(graphdef, frozen.reference), mb))
 
-  def microbatch_loss(params, mb, old_logp_BxT, ref_params, denominators):
-    stats = model_token_stats(graphdef, params, mb, chunk, stat_names, ref_params)
-    if "old_logp" in needs:
-      stats["old_logp"] = old_logp_BxT if snapshot_forward else jax.lax.stop_gradient(stats["logp"])
+  def target_logp(hidden_and_w, mb):  # forward only: the snapshot's or the reference's logp
+    hidden_BxTxD, w_DxV = jax.lax.stop_gradient(hidden_and_w)
+    return lm_head.token_stats(hidden_BxTxD, w_DxV, mb["targets"], chunk_size=chunk,
+                               stats=("logp",))["logp"]
+
+  def microbatch_loss(params, frozen, mb, old_logp_BxT, denominators):
+    model = merge_model(graphdef, params, frozen.base)
+    ref = (reference(params, frozen, mb)
+           if "ref_logp" in needs or lm_head.needs_ref(stat_names) else None)
+    inputs = {}
+    if snapshot_forward:
+      inputs["old_logp"] = old_logp_BxT
     if "ref_logp" in needs:
-      stats["ref_logp"] = target_logp(ref_params, mb)
-    return objectives.objective_loss(stats, mb, setting, denominators=denominators)
+      inputs["ref_logp"] = target_logp(ref, mb)
+    if fused:
+      hidden_BxTxD, w_DxV = hidden_and_head(model, mb)
+      return objective_loss_fused(
+          hidden_BxTxD, w_DxV, mb, setting, extra_BxT=inputs,
+          current_old_logp="old_logp" in needs and not snapshot_forward,
+          denominators=denominators, chunk_size=chunk)
+    stats = model_token_stats(model, mb, chunk, stat_names, ref)
+    if "old_logp" in needs and not snapshot_forward:
+      inputs["old_logp"] = jax.lax.stop_gradient(stats["logp"])
+    return objectives.objective_loss({**stats, **inputs}, mb, setting, denominators=denominators)
 
   grad_fn = jax.value_and_grad(microbatch_loss, has_aux=True)
 
-  def train_step(state, batch, ref_params):
+  def train_step(state, batch, frozen):
     split = jax.tree.map(
         lambda v: split_rows(split_rows(v, t.minibatches), t.microbatches, axis=1), batch)
     old_logp = None
     if snapshot_forward:  # pi_old: the parameters before this batch's K updates, forward only
-      old_logp = jax.lax.map(
-          lambda mini: jax.lax.map(lambda mb: target_logp(state.params, mb), mini), split)
+      snapshot = lambda mb: target_logp(
+          hidden_and_head(merge_model(graphdef, state.params, frozen.base), mb), mb)
+      old_logp = jax.lax.map(lambda mini: jax.lax.map(snapshot, mini), split)
 
     def minibatch_update(carry, xs):
       params, opt_state = carry
       micro, old = xs  # [microbatches, rows, T]
       rows = merge_leading(micro)
       denominators = objectives.global_denominators(rows["loss_mask"], rows["segment_ids"])
-      loss_and_grads = lambda mb, o: grad_fn(params, mb, o, ref_params, denominators)
+      loss_and_grads = lambda mb, o: grad_fn(params, frozen, mb, o, denominators)
       first = jax.tree.map(lambda v: v[0], (micro, old))
       zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
                            jax.eval_shape(loss_and_grads, *first))
@@ -271,7 +438,6 @@ def make_train_step(graphdef, tx, config, mesh, state_shardings):
 
   return jax.jit(
       train_step,
-      in_shardings=(state_shardings, sharding.batch_sharding(mesh),
-                    state_shardings.params if ref_needed else None),
+      in_shardings=(state_shardings, sharding.batch_sharding(mesh), frozen_shardings),
       out_shardings=(state_shardings, sharding.replicated(mesh)),
       donate_argnums=(0,))

@@ -19,7 +19,6 @@ import time
 
 import jax
 import numpy as np
-from flax import nnx
 
 from dft_jax import checkpoint as ckpt
 from dft_jax import cli
@@ -33,8 +32,6 @@ from dft_jax import models
 from dft_jax import objectives
 from dft_jax import sharding
 from dft_jax import step as step_lib
-from dft_jax import throughput
-from dft_jax.errors import check_number
 
 
 def validate_config(config):
@@ -43,20 +40,10 @@ def validate_config(config):
   step_lib.validate(config, jax.device_count(), jax.process_count())
   data.validate(config.data, seq_len=config.train.seq_len,
                 global_batch_size=config.train.global_batch_size,
-                process_count=jax.process_count())
+                process_count=jax.process_count(), max_segments=config.model.max_segments)
   ckpt.validate(config.checkpoint)
   metrics_lib.validate(config.log)
   evaluate.settings(config.eval)
-  check_eval_numbers(config.eval)
-
-
-def check_eval_numbers(eval_cfg):
-  """The numeric eval fields that evaluate.settings leaves unchecked (sampling and the math
-  suite's size); ConfigError naming the field."""
-  check_number("eval.temperature", eval_cfg.temperature, minimum=0)
-  check_number("eval.top_p", eval_cfg.top_p, above=0, maximum=1)
-  check_number("eval.seed", eval_cfg.seed, integer=True, minimum=0)
-  check_number("eval.num_math", eval_cfg.num_math, integer=True, minimum=1, optional=True)
 
 
 def batches_of(data_iter, mesh):
@@ -92,19 +79,20 @@ def run(config, workdir):
   mesh = sharding.make_mesh(config.mesh)
 
   logging.info("loading %s", config.model.name)
-  model, tokenizer = models.load_from_config(config.model)
-  model_config = model.config
-  graphdef, state, tx, schedule = step_lib.init_train_state(model, config, mesh)
+  model, tokenizer = models.load_from_config(config.model, config.lora)
+  model_config, lora = model.config, model.lora
+  graphdef, state, frozen, tx, schedule = step_lib.init_train_state(model, config, mesh)
   del model
-  keep_base = (step_lib.needs_reference(config.objective) or config.eval.before
-               or config.eval.after)
-  base_params = jax.tree.map(jax.numpy.copy, state.params) if keep_base else None
-  ref_params = base_params if step_lib.needs_reference(config.objective) else None
+  # The starting parameters (with LoRA: its adapters, B = 0), for the base model's evaluation.
+  initial = None
+  if config.eval.before or config.eval.after:
+    initial = frozen.reference or jax.tree.map(jax.numpy.copy, state.params)
 
   data_iter = data.make_train_iterator(config.data, tokenizer, seq_len=t.seq_len,
-                                       global_batch_size=t.global_batch_size, seed=t.seed)
+                                       global_batch_size=t.global_batch_size, seed=t.seed,
+                                       max_segments=config.model.max_segments)
   manager = ckpt.make_manager(workdir, config.checkpoint)
-  restored = ckpt.restore(manager, step_lib.abstract_of(state))
+  restored = ckpt.restore(manager, state)
   if restored is not None:
     state, data_state = restored
     data_iter.restore(data_state)
@@ -118,12 +106,14 @@ def run(config, workdir):
   first = next(batches)
   logging.info("compiling the train step")
   started = time.time()
-  train_step = step_lib.make_train_step(graphdef, tx, config, mesh, step_lib.shardings_of(state))
-  train_step = train_step.lower(state, first[0], ref_params).compile()
+  train_step = step_lib.make_train_step(graphdef, tx, config, mesh, step_lib.shardings_of(state),
+                                        step_lib.shardings_of(frozen))
+  train_step = train_step.lower(state, first[0], frozen).compile()
   logging.info("compiled in %.1f s", time.time() - started)
 
   evaluator = None
   if config.eval.before or config.eval.after:
+    base_params = step_lib.full_params(initial, frozen.base)
     evaluator = evaluate.RunEvaluator(config.eval, config.data, tokenizer, graphdef, base_params)
   before = files.read_json(os.path.join(workdir, "eval_before.json"))
   if config.eval.before and before is None:
@@ -132,17 +122,16 @@ def run(config, workdir):
       files.write_json(os.path.join(workdir, "eval_before.json"), before)
 
   writer = metrics_lib.make_writer(config.log, workdir, t.num_steps, is_main)
-  num_params = step_lib.count_params(state.params)
   recorder = loop.Recorder(
       num_steps=t.num_steps, schedule=schedule, minibatches=t.minibatches,
-      flops_per_token=throughput.flops_per_token(num_params, model_config, t.seq_len),
+      flops_per_token=step_lib.train_flops_per_token(state, frozen, model_config, t.seq_len),
       nonfinite=t.nonfinite, writer=writer, log_every=config.log.every_steps)
   started = time.time()
   with faults.StopSignals() as signals, ckpt.finishing_saves(manager):
     try:
       state = loop.train_loop(
           state, train_step, itertools.chain([first], batches), num_steps=t.num_steps,
-          record=recorder, ref_params=ref_params,
+          record=recorder, frozen=frozen,
           save=lambda step, state: ckpt.save(manager, step, state, data_iter.state(),
                                              blocking=not config.checkpoint.async_save),
           checkpoint_every=config.checkpoint.every_steps,
@@ -159,9 +148,13 @@ def run(config, workdir):
 
   if config.checkpoint.export_hf and is_main:
     from dft_jax import export  # pylint: disable=g-import-not-at-top
-    export.export_hf(nnx.merge(graphdef, state.params), tokenizer,
-                     os.path.join(workdir, "hf"))
-  after = evaluator(state.params) if config.eval.after else None
+    trained = step_lib.merge_model(graphdef, state.params, frozen.base)
+    export.export_hf(trained, tokenizer, os.path.join(workdir, "hf"))  # adapters merged
+    if lora is not None:
+      export.export_peft(trained, os.path.join(workdir, "peft"),
+                         base_model_name_or_path=config.model.name)
+  after = (evaluator(step_lib.full_params(state.params, frozen.base)) if config.eval.after
+           else None)
   summary = make_summary(config, recorder.history, before, after, train_seconds)
   if is_main:
     files.write_json(os.path.join(workdir, "summary.json"), summary)

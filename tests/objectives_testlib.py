@@ -32,9 +32,10 @@ def ref_logsoftmax(z):
   return z - np.log(np.exp(z).sum(-1, keepdims=True))
 
 
-def stats_from_logits(logits, targets, names):
+def stats_from_logits(logits, targets, names, ref_logits=None):
   """lm_head statistics (`names`, e.g. "topk_entropy:20") from full logits through lm_head's
-  math, all differentiable as written (the fused head stops the gates' gradient itself)."""
+  math, all differentiable as written (the fused head stops the gates' gradient itself);
+  ref_logits: the reference model's, for "kl_from_ref"."""
   logp_all = lm_head.log_softmax(logits)
   fns = {"logp": lambda: lm_head.target_log_prob(logp_all, targets),
          "entropy": lambda: lm_head.entropy(logp_all),
@@ -42,7 +43,8 @@ def stats_from_logits(logits, targets, names):
          "topk_entropy": lambda k: lm_head.topk_entropy(logp_all, int(k)),
          "gem_cross_entropy": lambda beta, h: lm_head.gem_cross_entropy(
              logp_all, targets, float(beta), h),
-         "gem_mass": lambda beta, h: lm_head.gem_mass(logp_all, targets, float(beta), h)}
+         "gem_mass": lambda beta, h: lm_head.gem_mass(logp_all, targets, float(beta), h),
+         "kl_from_ref": lambda: lm_head.kl_from_ref(logp_all, lm_head.log_softmax(ref_logits))}
   return {name: fns[name.split(":")[0]](*name.split(":")[1:]) for name in names}
 
 

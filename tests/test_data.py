@@ -25,7 +25,7 @@ def spans(tokenizer, ids, trained, flag=1):
 
 def make_iter(c, tokenizer, seq_len=256, batch=4, seed=0):
   return data.make_train_iterator(c, tokenizer, seq_len=seq_len, global_batch_size=batch, seed=seed,
-                                  process_index=0, process_count=1)
+                                  max_segments=64, process_index=0, process_count=1)
 
 
 def write_jsonl(path, rows):

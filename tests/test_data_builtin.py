@@ -150,7 +150,8 @@ def test_tokenising_builtin_data_takes_seconds():
   config = testing.default_config()
   start = time.perf_counter()
   it = data.make_train_iterator(config.data, tok, seq_len=256, global_batch_size=8, seed=0,
-                                process_index=0, process_count=1)
+                                max_segments=config.model.max_segments, process_index=0,
+                                process_count=1)
   next(it)
   elapsed = time.perf_counter() - start
   assert it.stats["kept"] == 2000 and elapsed < 20, elapsed

@@ -8,7 +8,7 @@ import pytest
 from dft_jax import data
 from dft_jax.data import formats
 from dft_jax.data import packing
-from dft_jax.errors import DataError
+from dft_jax.errors import ConfigError, DataError
 
 T = 256
 
@@ -19,9 +19,11 @@ def cfg(cfg):  # conftest's data config, on the first 120 rows
   return cfg
 
 
-def make_iter(c, tokenizer, batch=8, seed=0, process_index=0, process_count=1, seq_len=T):
+def make_iter(c, tokenizer, batch=8, seed=0, process_index=0, process_count=1, seq_len=T,
+              max_segments=64):
   return data.make_train_iterator(c, tokenizer, seq_len=seq_len, global_batch_size=batch, seed=seed,
-                                  process_index=process_index, process_count=process_count)
+                                  max_segments=max_segments, process_index=process_index,
+                                  process_count=process_count)
 
 
 def take(it, n):
@@ -62,12 +64,12 @@ def reference_examples(c, tokenizer, limit):
 # ----------------------------------------------------------------------------- best fit
 
 
-def best_fit_reference(lengths, capacity):
+def best_fit_reference(lengths, capacity, max_items):
   """Plain O(N * bins) best-fit decreasing, written independently of packing.best_fit."""
   order = sorted(range(len(lengths)), key=lambda i: -lengths[i])  # stable
   bins, room = [], []
   for i in order:
-    fits = [b for b in range(len(bins)) if room[b] >= lengths[i]]
+    fits = [b for b in range(len(bins)) if room[b] >= lengths[i] and len(bins[b]) < max_items]
     if fits:
       least = min(room[b] for b in fits)
       b = min(b for b in fits if room[b] == least)  # the earliest opened of the tightest
@@ -84,12 +86,24 @@ def best_fit_reference(lengths, capacity):
 def test_best_fit_places_every_item_once_within_capacity(seed):
   rng = np.random.default_rng(seed)
   lengths = rng.integers(1, 200, size=300)
-  bins = packing.best_fit(lengths, 256)
+  bins = packing.best_fit(lengths, 256, max_items=300)
   assert sorted(i for b in bins for i in b) == list(range(300))
   assert max(lengths[b].sum() for b in bins) <= 256
   lower = -(-lengths.sum() // 256)
   assert len(bins) <= 11 * lower // 9 + 1  # BFD's worst-case bound (Johnson, 1973)
-  assert sorted(map(sorted, bins)) == sorted(map(sorted, best_fit_reference(lengths.tolist(), 256)))
+  assert sorted(map(sorted, bins)) == sorted(map(sorted, best_fit_reference(
+      lengths.tolist(), 256, 300)))
+
+
+@pytest.mark.parametrize("max_items", [1, 2, 5])
+def test_best_fit_closes_a_bin_at_max_items(max_items):
+  """Short items would fill a bin 20 at a time; the cap closes it at max_items."""
+  lengths = np.random.default_rng(0).integers(1, 12, size=200)
+  bins = packing.best_fit(lengths, 256, max_items)
+  assert max(map(len, bins)) == max_items and len(bins) == -(-200 // max_items)
+  assert sorted(i for b in bins for i in b) == list(range(200))
+  assert sorted(map(sorted, bins)) == sorted(map(sorted, best_fit_reference(
+      lengths.tolist(), 256, max_items)))
 
 
 def test_crop_policies():
@@ -168,6 +182,43 @@ def test_trained_spans_decode_to_responses(tok, cfg):
     for tokens, loss, targets, _ in segments(b):
       decoded.add(tok.decode(targets[loss > 0]))
   assert decoded and decoded <= {r["response"] + "<|im_end|>" for r in rows}
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_rows_hold_fewer_documents_than_max_segments(tok, cfg, streaming):
+  """~12 built-in examples fit a 1024-token row; with max_segments=4 a row holds at most 3
+  (attention keeps 4 runs apart: 3 documents and the padding)."""
+  cfg.streaming, cfg.pack_window = streaming, 120
+  it = make_iter(cfg, tok, seq_len=1024, max_segments=4)
+  seg = np.concatenate([b["segment_ids"] for b in take(it, 5)])
+  assert seg.max() == 3 and packing.segment_runs_per_row(seg).max() == 4
+  assert it.stats["packed_rows"] == 40  # the 120 examples, 3 a row
+
+
+def test_max_segments_must_leave_room_for_a_document(tok, cfg):
+  with pytest.raises(ConfigError, match="model.max_segments=1: must be an integer >= 2"):
+    make_iter(cfg, tok, max_segments=1)
+
+
+@pytest.mark.parametrize("segment_ids,max_segments,row,runs", [
+    ([[1, 1, 2, 3, 0, 0], [1, 2, 3, 4, 5, 0]], 5, 1, 6),   # 5 documents + padding
+    ([[1, 1, 0, 0, 2, 2], [1, 1, 1, 1, 1, 1]], 2, 0, 3),   # padding between documents is a run
+    ([[7, 7, 7, 7], [7, 8, 7, 8]], 3, 1, 4),               # a repeated id starts a new run
+])
+def test_check_segment_runs_names_the_row_and_the_limit(segment_ids, max_segments, row, runs):
+  seg = np.asarray(segment_ids, np.int32)
+  packing.check_segment_runs(seg, runs)  # exactly at the limit: accepted
+  with pytest.raises(DataError, match=f"batch row {row} holds {runs} runs of segment ids .* "
+                                      f"more than model.max_segments={max_segments}"):
+    packing.check_segment_runs(seg, max_segments)
+
+
+def test_assemble_refuses_a_row_over_max_segments():
+  doc = (np.array([5, 6, 7], np.int32), np.array([0, 1, 1], np.int32))
+  batch = packing.assemble([[doc] * 3], seq_len=13, pad_id=0, max_segments=4)
+  assert batch["segment_ids"][0].tolist() == [1, 1, 1, 2, 2, 2, 3, 3, 3, 0, 0, 0, 0]
+  with pytest.raises(DataError, match="batch row 0 holds 5 runs .* model.max_segments=4"):
+    packing.assemble([[doc] * 4], seq_len=13, pad_id=0, max_segments=4)
 
 
 def test_packing_is_efficient_on_builtin_data(tok, cfg):
@@ -259,6 +310,9 @@ def test_restore_refuses_a_state_from_other_data(tok, cfg):
     make_iter(cfg, tok).restore(state)
   with pytest.raises(DataError, match="iterator state has seed=0 but this iterator has 1"):
     make_iter(cfg, tok, seed=1).restore(state)
+  cfg.max_rows = 120
+  with pytest.raises(DataError, match="iterator state has fingerprint="):
+    make_iter(cfg, tok, max_segments=3).restore(state)  # another plan of rows
 
 
 @pytest.mark.parametrize("policy", ["truncate_prompt", "truncate_response"])

@@ -1,19 +1,23 @@
 """Evaluation: answer checking, pass@k, KL / entropy / perplexity against float64 numpy, the suites
-and the CLI, on the tiny Llama fixture (tests/fixtures/tiny_llama) with its real tokenizer."""
+scored on replies whose answers are known, and the CLI, on the tiny Llama fixture
+(tests/fixtures/tiny_llama) with its real tokenizer."""
 import itertools
 import json
 import math
 import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
 
-from dft_jax import data, evaluate, models, objectives, sampling
+from dft_jax import data, evaluate, lm_head, models, objectives, sampling
+from dft_jax.data import testing
 from dft_jax.errors import ConfigError, DataError
+from dft_jax.evaluate import answers, cli, evaluator, teacher_forced
 from test_data import write_jsonl
 
 TINY = str(pathlib.Path(__file__).parent / "fixtures" / "tiny_llama")
@@ -28,8 +32,16 @@ def tiny():
   return model, tokenizer, graphdef, params
 
 
+def eval_cfg(**overrides):
+  """configs/default.py's eval block (the only defaults), made small, with overrides."""
+  c = dict(testing.default_config().eval)
+  c.update(SMALL)
+  c.update(overrides)
+  return c
+
+
 def data_cfg():
-  return ml_collections.ConfigDict(evaluate.DATA_DEFAULTS)
+  return testing.default_config().data
 
 
 # ----------------------------------------------------------------------------- answers
@@ -64,7 +76,7 @@ def test_arith_answers(text, answer, expected):
     ("", "\\frac{1}{2}", False),
 ])
 def test_math_answers(reply, answer, expected):
-  assert evaluate.is_math_correct(reply, answer) is expected
+  assert answers.is_math_correct(reply, answer) is expected
 
 
 @pytest.mark.parametrize("n,c,k", [(5, 0, 1), (5, 2, 1), (5, 2, 3), (6, 1, 6), (8, 3, 2),
@@ -73,20 +85,20 @@ def test_pass_at_k_counts_subsets(n, c, k):
   """pass@k = share of the k-subsets of n samples (c right) that hold a right one."""
   outcomes = [True] * c + [False] * (n - c)
   subsets = list(itertools.combinations(outcomes, k))
-  assert evaluate.pass_at_k(n, c, k) == pytest.approx(np.mean([any(s) for s in subsets]))
+  assert answers.pass_at_k(n, c, k) == pytest.approx(np.mean([any(s) for s in subsets]))
 
 
 def test_accuracy_metrics():
-  assert evaluate.accuracy_metrics([[True], [False], [True], [True]], "x") == {
+  assert answers.accuracy_metrics([[True], [False], [True], [True]], "x") == {
       "x_n": 4, "x_accuracy": 0.75}
-  out = evaluate.accuracy_metrics([[True, False, False], [False, False, False]], "x")
+  out = answers.accuracy_metrics([[True, False, False], [False, False, False]], "x")
   assert out == {"x_n": 2, "x_avg@3": pytest.approx(1 / 6), "x_pass@3": 0.5}
 
 
 def test_histogram_matches_numpy():
   rng = np.random.default_rng(0)
   logp = np.log(np.concatenate([rng.uniform(size=500), [1e-30, 1.0, 0.5, 0.25]]))
-  counts = evaluate.target_prob_histogram(logp)
+  counts = teacher_forced.target_prob_histogram(logp)
   np.testing.assert_array_equal(counts, np.histogram(np.exp(logp), bins=objectives.HIST_EDGES)[0])
   assert counts[-1] >= 1 and counts[0] >= 1  # p = 1 falls in the last bin, p ~ 0 in the first
 
@@ -113,7 +125,7 @@ def sgd_step(graphdef, params, batch, lr=0.5):
   """One plain SFT gradient step (an independent way to move the model)."""
   def loss(p):
     logits = nnx.merge(graphdef, p)(batch["tokens"])
-    lp = objectives.target_log_prob(objectives.log_softmax(logits), batch["targets"])
+    lp = lm_head.target_log_prob(lm_head.log_softmax(logits), batch["targets"])
     return -jnp.sum(lp * batch["loss_mask"]) / batch["loss_mask"].sum()
   grads = jax.grad(loss)(params)
   return jax.tree.map(lambda w, g: w - lr * g, params, grads)
@@ -123,19 +135,19 @@ def small_batch(tokenizer):
   prompts = [tokenizer("What is 2 + 3?")["input_ids"], tokenizer("Name a colour.")["input_ids"]]
   replies = [tokenizer(" 2 + 3 = 5. #### 5")["input_ids"],
              tokenizer(" Blue, like the sky")["input_ids"]]
-  return evaluate.teacher_forced_batch(prompts, replies, sampling.pad_id(tokenizer))
+  return teacher_forced.teacher_forced_batch(prompts, replies, sampling.pad_id(tokenizer))
 
 
 def test_kl_zero_against_itself_and_positive_after_a_step(tiny):
   model, tokenizer, graphdef, params = tiny
   batch = small_batch(tokenizer)
-  same = evaluate.forced_stats(graphdef, params, params, batch, batch_size=2)
-  assert np.all(same["kl"] == 0.0)
+  same = teacher_forced.forced_stats(graphdef, params, params, batch, batch_size=2)
+  assert np.all(same["kl_from_ref"] == 0.0)
   moved = sgd_step(graphdef, params, {k: jnp.asarray(v) for k, v in batch.items()})
-  stats = evaluate.forced_stats(graphdef, moved, params, batch, batch_size=1)
+  stats = teacher_forced.forced_stats(graphdef, moved, params, batch, batch_size=1)
   target, entropy, kl = numpy_stats(nnx.merge(graphdef, moved), model, batch)
-  assert kl.min() > 0 and stats["kl"].mean() > 1e-3
-  np.testing.assert_allclose(stats["kl"], kl, rtol=2e-3, atol=1e-6)
+  assert kl.min() > 0 and stats["kl_from_ref"].mean() > 1e-3
+  np.testing.assert_allclose(stats["kl_from_ref"], kl, rtol=2e-3, atol=1e-6)
   np.testing.assert_allclose(stats["entropy"], entropy, rtol=1e-4)
   np.testing.assert_allclose(stats["logp"], target, rtol=1e-4, atol=1e-5)
   assert stats["logp"].mean() > same["logp"].mean()  # the step raised the trained tokens' logp
@@ -144,35 +156,127 @@ def test_kl_zero_against_itself_and_positive_after_a_step(tiny):
 def test_padding_rows_and_length_do_not_change_stats(tiny):
   _, tokenizer, graphdef, params = tiny
   batch = small_batch(tokenizer)
-  one = evaluate.forced_stats(graphdef, params, params, batch, batch_size=2)
-  split = evaluate.forced_stats(graphdef, params, params, batch, batch_size=1)
+  one = teacher_forced.forced_stats(graphdef, params, params, batch, batch_size=2)
+  split = teacher_forced.forced_stats(graphdef, params, params, batch, batch_size=1)
   for key in one:
     np.testing.assert_allclose(one[key], split[key], rtol=1e-5, atol=1e-6)
   assert len(one["logp"]) == batch["loss_mask"].sum()
-  alone = evaluate.forced_stats(graphdef, params, None, batch, batch_size=2)
+  alone = teacher_forced.forced_stats(graphdef, params, None, batch, batch_size=2)
   assert set(alone) == {"logp", "entropy"}
   np.testing.assert_allclose(alone["logp"], one["logp"], rtol=1e-6)
+
+
+def packed_row(batch):
+  """The rows of a teacher-forced batch packed one after another into a single row."""
+  real = batch["segment_ids"] > 0
+  packed = {k: v[real][None] for k, v in batch.items()}
+  packed["segment_ids"] = np.repeat(np.arange(1, len(real) + 1, dtype=np.int32), real.sum(1))[None]
+  return packed
+
+
+def test_packed_documents_score_as_separate_rows_up_to_max_segments(tiny):
+  """Two documents in one row give the stats they give apart (attention keeps them apart); a
+  model whose max_segments is below the row's runs refuses the row."""
+  _, tokenizer, graphdef, params = tiny
+  batch = small_batch(tokenizer)
+  apart = teacher_forced.forced_stats(graphdef, params, None, batch, batch_size=2)
+  packed = packed_row(batch)
+  together = teacher_forced.forced_stats(graphdef, params, None, packed, batch_size=1)
+  np.testing.assert_allclose(together["logp"], apart["logp"], rtol=1e-5, atol=1e-6)
+  bounded, _ = nnx.split(models.load(TINY, max_segments=2)[0])
+  teacher_forced.forced_stats(bounded, params, None, batch, batch_size=2)  # 2 runs a row: fine
+  with pytest.raises(DataError, match="batch row 0 holds 3 runs .* model.max_segments=2"):
+    padded = {k: np.pad(v, [(0, 0), (0, 1)]) for k, v in packed.items()}
+    teacher_forced.forced_stats(bounded, params, None, padded, batch_size=1)
 
 
 # ----------------------------------------------------------------------------- suites
 
 
-def test_run_evaluator_suites(tiny, tmp_path):
-  model, tokenizer, graphdef, params = tiny
-  ev = evaluate.RunEvaluator(dict(SMALL, suites="in_domain,forgetting,target_probs", samples=2,
-                                  temperature=1.0), data_cfg(), tokenizer, graphdef, params)
+def answering_model(tokenizer, replies):
+  """The fixture's architecture with weights that answer deterministically: replies maps a
+  prompt's last token id to the reply text that follows it (then EOS; "" answers EOS at once).
+
+  Attention and MLP outputs are zero, so the hidden state is the final-normed embedding of the
+  current token; each token of a reply chain gets its own basis vector as embedding, and the head
+  column of its successor that vector (logit 8 * 50 against 0: greedy and T = 1 sampling agree)."""
+  model = models.load(TINY)[0]
+  successor = {}
+  for start, text in replies.items():
+    chain = [start] + tokenizer(text, add_special_tokens=False)["input_ids"] + [
+        tokenizer.eos_token_id]
+    for token, after in zip(chain, chain[1:]):
+      assert successor.setdefault(token, after) == after, f"token {token} has two successors"
+  vocab, dim = model.embed.shape
+  embed, head = np.zeros((vocab, dim), np.float32), np.zeros((dim, vocab), np.float32)
+  for i, (token, after) in enumerate(successor.items()):
+    embed[token, i] = 1.0
+    head[i, after] = 50.0
+  model.embed[...], model.lm_head[...] = jnp.asarray(embed), jnp.asarray(head)
+  model.final_norm[...] = jnp.ones(dim)
+  model.layers["wo"][...] = jnp.zeros(model.layers["wo"].shape)
+  model.layers["w_down"][...] = jnp.zeros(model.layers["w_down"].shape)
+  return model
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp")  # perplexity: logp ~ -400
+def test_suites_score_replies_whose_answers_are_known(tmp_path):
+  """Prompts ending in A get '\\boxed{7}', in B 'The answer is 8', in C nothing; the math prompt
+  (ending in the system prompt's '.') gets '\\boxed{7}'. Every expected figure is counted by
+  hand from the rows below."""
+  tokenizer = models.load(TINY)[1]
+  last = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"][-1]
+  model = answering_model(tokenizer, {last("? A"): "\\boxed{7}", last("? B"): "The answer is 8",
+                                      last("? C"): "", last("{}."): "\\boxed{7}"})
+  q = "Tom has 3 apples and buys 4 more. How many does he have?"
+  in_domain = write_jsonl(tmp_path / "in_domain.jsonl", [
+      {"prompt": f"{q} A", "answer": 7},       # right
+      {"prompt": f"{q} B", "answer": 8},       # right ('answer is 8')
+      {"prompt": f"{q} B", "answer": 7},       # wrong
+      {"prompt": f"{q} C", "answer": 7},       # no answer
+      {"prompt": f"{q} A", "answer": "7.00"},  # right
+  ])
+  math_file = write_jsonl(tmp_path / "math.jsonl", [
+      {"problem": "p", "answer": a} for a in ("7", "\\frac{14}{2}", "8", "x", "7.0")])
+  factual = write_jsonl(tmp_path / "facts.jsonl", [
+      {"prompt": "Which? A", "aliases": ["7"]},      # right: the reply's words are 'boxed 7'
+      {"prompt": "Which? B", "aliases": ["answer"]},  # right
+      {"prompt": "Which? B", "aliases": ["7"]},      # wrong
+      {"prompt": "Which? C", "aliases": ["7"]},      # wrong (empty reply)
+  ])
+  data = data_cfg()
+  data.chat_template = "none"  # the prompt's own last token is the one the model answers
+  graphdef, params = nnx.split(model)
+  ev = evaluator.RunEvaluator(
+      eval_cfg(suites="in_domain,math,forgetting", in_domain=in_domain, num_examples=5,
+               math_file=math_file, factual_qa=factual, num_factual=4, max_new_tokens=12,
+               math_max_new_tokens=12, factual_max_new_tokens=12, samples=2, temperature=1.0),
+      data, tokenizer, graphdef, params)
   out = ev(params)
-  assert out["in_domain_n"] == 4 and 0 <= out["in_domain_accuracy"] <= 1
-  assert {"in_domain_avg@2", "in_domain_pass@2", "factual_accuracy", "kl_heldout"} <= set(out)
+  assert {k: out[k] for k in ("in_domain_n", "in_domain_accuracy", "in_domain_answered",
+                              "in_domain_avg@2", "in_domain_pass@2")} == {
+      "in_domain_n": 5, "in_domain_accuracy": 0.6, "in_domain_answered": 0.8,
+      "in_domain_avg@2": 0.6, "in_domain_pass@2": 0.6}
+  assert {k: out[k] for k in ("math_n", "math_accuracy", "math_avg@2", "math_pass@2")} == {
+      "math_n": 5, "math_accuracy": 0.6, "math_avg@2": 0.6, "math_pass@2": 0.6}
+  assert out["factual_accuracy"] == 0.5 and out["kl_to_base"] == 0.0
+  assert [s["reply"] for s in out["samples"]] == ["\\boxed{7}"] + ["The answer is 8"] * 2
+
+
+def test_run_evaluator_forgetting_and_target_probs(tiny):
+  model, tokenizer, graphdef, params = tiny
+  ev = evaluator.RunEvaluator(eval_cfg(suites="forgetting,target_probs"), data_cfg(), tokenizer,
+                              graphdef, params)
+  out = ev(params)
   assert out["kl_to_base"] == 0.0 and out["kl_heldout"] == 0.0
   # Perplexity: exp of the mean NLL over every held-out token after the first (float64 reference).
-  texts = [tokenizer(r["text"])["input_ids"] for r in evaluate.load_rows("builtin:heldout_text")]
-  batch = evaluate.teacher_forced_batch([t[:1] for t in texts], [t[1:] for t in texts],
-                                        sampling.pad_id(tokenizer))
+  texts = [tokenizer(r["text"])["input_ids"] for r in evaluator.load_rows("builtin:heldout_text")]
+  batch = teacher_forced.teacher_forced_batch([t[:1] for t in texts], [t[1:] for t in texts],
+                                              sampling.pad_id(tokenizer))
   target, _, _ = numpy_stats(model, model, batch)
   assert out["perplexity_heldout"] == pytest.approx(math.exp(-target.mean()), rel=1e-4)
   # Histogram: every reference response token of the held-out problems is counted once.
-  rows = evaluate.load_rows("builtin:arith_test")[:4]
+  rows = evaluator.load_rows("builtin:arith_test")[:4]
   encoder = data.Encoder(data_cfg(), tokenizer)
   expected = 0
   for i, r in enumerate(rows):
@@ -183,26 +287,20 @@ def test_run_evaluator_suites(tiny, tmp_path):
   assert out["target_prob_mean"] >= np.exp(-out["target_nll"])  # Jensen, on the same tokens
 
 
-def test_math_suite(tiny, tmp_path):
+def test_math_prompt_carries_the_papers_system_prompt(tiny):
   _, tokenizer, graphdef, params = tiny
-  path = write_jsonl(tmp_path / "math500.jsonl", [
-      {"problem": "What is $1/2 + 1/2$?", "answer": "1"},
-      {"problem": "Simplify $\\frac{2}{4}$.", "answer": "\\frac{1}{2}"}])
-  ev = evaluate.RunEvaluator(dict(SMALL, suites="math", math_file=path, math_max_new_tokens=5),
-                             data_cfg(), tokenizer, graphdef, params)
-  out = ev(params)
-  assert out["math_n"] == 2 and out["math_accuracy"] in (0.0, 0.5, 1.0)
-  # The problem is asked under the papers' system prompt.
+  ev = evaluator.RunEvaluator(eval_cfg(), data_cfg(), tokenizer, graphdef, params)
   prompt = tokenizer.decode(ev.math_prompt_ids("Simplify."))
-  assert evaluate.MATH_SYSTEM_PROMPT in prompt and "Simplify." in prompt
+  assert prompt.startswith("<|im_start|>system\n" + evaluator.MATH_SYSTEM_PROMPT)
+  assert prompt.endswith("<|im_start|>user\nSimplify.<|im_end|>\n<|im_start|>assistant\n")
 
 
 def test_math_rows_need_problem_and_answer(tiny, tmp_path):
   _, tokenizer, graphdef, params = tiny
   path = write_jsonl(tmp_path / "bad.jsonl", [{"problem": "1+1?", "answer": "2"},
                                              {"question": "2+2?", "answer": "4"}])
-  ev = evaluate.RunEvaluator(dict(SMALL, suites="math", math_file=path), data_cfg(), tokenizer,
-                             graphdef, params)
+  ev = evaluator.RunEvaluator(eval_cfg(suites="math", math_file=path), data_cfg(), tokenizer,
+                              graphdef, params)
   with pytest.raises(DataError, match="row 1 has no field.*'problem'"):
     ev(params)
 
@@ -216,7 +314,7 @@ def test_math_rows_need_problem_and_answer(tiny, tmp_path):
 ])
 def test_settings_errors_name_the_field(overrides, message):
   with pytest.raises(ConfigError, match=message):
-    evaluate.settings(overrides)
+    evaluate.settings(eval_cfg(**overrides))
 
 
 # ----------------------------------------------------------------------------- command line
@@ -232,22 +330,38 @@ def test_settings_errors_name_the_field(overrides, message):
 ])
 def test_cli_errors_are_one_line(argv, message, capsys):
   with pytest.raises(SystemExit) as e:
-    evaluate.main(argv)
+    cli.main(argv)
   assert e.value.code == 2
   err = capsys.readouterr().err.strip()
   assert err.startswith("dft_jax: error:") and message in err and "\n" not in err
 
 
-def test_cli_on_a_checkpoint(tmp_path, capsys):
+def test_cli_on_a_model_takes_its_settings_from_the_default_config(tmp_path, capsys):
+  out = tmp_path / "eval.json"
+  cli.main(["--model", TINY, "--suite", "target_probs", "--out", str(out)])
+  assert "target NLL, held-out responses" in capsys.readouterr().out
+  written = json.loads(out.read_text())
+  expected = dict(testing.default_config().eval, suites=["target_probs"])
+  assert written["settings"] == expected and written["model"] == written["base"] == TINY
+  assert sum(written["results"]["target_prob_hist"]) > 0
+
+
+def test_python_m_dft_jax_evaluate_runs_the_cli():
+  done = subprocess.run([sys.executable, "-m", "dft_jax.evaluate", "--help"], capture_output=True,
+                        text=True, timeout=300, check=False)
+  assert done.returncode == 0 and "--checkpoint" in done.stdout and "--math_file" in done.stdout
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_cli_on_a_checkpoint(tmp_path, capsys, lora):
   from dft_jax import train
-  from test_train import tiny_config
-  config = tiny_config(tmp_path, train__num_steps=1)
+  from test_train import lora_config, tiny_config
+  config = (lora_config if lora else tiny_config)(tmp_path, train__num_steps=1)
   config.log.tensorboard = False
   train.train_and_evaluate(config, str(tmp_path / "run"))
   out = tmp_path / "eval.json"
-  evaluate.main(["--checkpoint", str(tmp_path / "run"), "--suite", "in_domain,forgetting",
-                 "--num_examples", "3", "--max_new_tokens", "4", "--batch_size", "3",
-                 "--out", str(out)])
+  cli.main(["--checkpoint", str(tmp_path / "run"), "--suite", "in_domain,forgetting",
+            "--num_examples", "3", "--max_new_tokens", "4", "--batch_size", "3", "--out", str(out)])
   printed = capsys.readouterr().out
   assert "in-domain accuracy (greedy)" in printed and "KL(base || model)" in printed
   results = json.loads(out.read_text())

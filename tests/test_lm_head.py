@@ -28,21 +28,28 @@ def make_data(seed=0):
   mask[:, 19] = 0.0
   logp = np.asarray(lm_head.token_stats_naive(hidden, w, targets)["logp"])
   old_logp = logp + rng.normal(scale=0.3, size=(B, T))
-  ref_logp = logp + rng.normal(scale=0.3, size=(B, T))
+  ref_hidden = (hidden + 0.5 * rng.normal(size=hidden.shape)).astype(np.float32)
+  ref_w = (w + 0.2 * rng.normal(size=w.shape)).astype(np.float32)
+  ref_hidden[segment_ids == 0] = 0.0
+  ref_logp = lm_head.token_stats_naive(ref_hidden, ref_w, targets)["logp"]
   return dict(hidden=hidden, w=w, targets=targets, loss_mask=mask, segment_ids=segment_ids,
-              old_logp=old_logp.astype(np.float32), ref_logp=ref_logp.astype(np.float32))
+              old_logp=old_logp.astype(np.float32), ref_logp=np.asarray(ref_logp),
+              ref_hidden=ref_hidden, ref_w=ref_w)
 
 
 def composite_loss(hidden, w, data, cfg, head):
-  stats = head(hidden, w, data["targets"], stats=objectives.required_stats(cfg))
+  stats = head(hidden, w, data["targets"], stats=objectives.required_stats(cfg),
+               ref_hidden_BxTxD=data["ref_hidden"], ref_w_DxV=data["ref_w"])
   stats = dict(stats, old_logp=data["old_logp"], ref_logp=data["ref_logp"])
   return objectives.objective_loss(stats, data, cfg)[0]
 
 
-def reference_head(hidden, w, targets, stats=lm_head.DEFAULT_STATS):
+def reference_head(hidden, w, targets, stats=lm_head.DEFAULT_STATS, ref_hidden_BxTxD=None,
+                   ref_w_DxV=None):
   """Full logits -> the objectives' math directly, independent of lm_head's statistics table."""
-  return stats_from_logits(jnp.einsum("btd,dv->btv", hidden, w, precision="highest"), targets,
-                           stats)
+  full = lambda h, m: jnp.einsum("btd,dv->btv", h, m, precision="highest")
+  ref_logits = None if ref_hidden_BxTxD is None else full(ref_hidden_BxTxD, ref_w_DxV)
+  return stats_from_logits(full(hidden, w), targets, stats, ref_logits)
 
 
 NAIVE = lm_head.token_stats_naive
@@ -116,13 +123,22 @@ def test_bfloat16_compute_close_to_float32():
 @pytest.mark.parametrize("cfg", [dict(name="psft"), dict(name="eaft"),
                                  objective_cfg("gem", h="logsigmoid")], ids=lambda c: c["name"])
 def test_padding_tokens_give_no_nan(cfg):
+  """Garbage hidden states on padding change nothing: the same loss, d_w and d_hidden as with
+  clean (zero) padding, no gradient into padding, finite statistics everywhere."""
   data = make_data()
-  data["hidden"][data["segment_ids"] == 0] = 1e4  # garbage on padding must not leak
+  clean = data["hidden"].copy()
+  pad = data["segment_ids"] == 0
+  data["hidden"][pad] = 1e4
   cfg = dict(cfg, entropy_coef=0.05, kl_coef=0.1)
   fn = jax.jit(jax.value_and_grad(functools.partial(composite_loss, cfg=cfg, head=CHUNKED),
                                   argnums=(0, 1)))
   loss, (d_hidden, d_w) = fn(data["hidden"], data["w"], data)
-  assert np.isfinite(loss) and np.all(np.isfinite(d_hidden)) and np.all(np.isfinite(d_w))
+  clean_loss, (clean_d_hidden, clean_d_w) = fn(clean, data["w"], data)
+  np.testing.assert_allclose(loss, clean_loss, rtol=1e-6)
+  np.testing.assert_allclose(d_w, clean_d_w, rtol=1e-5, atol=1e-7)
+  d_hidden, clean_d_hidden = np.asarray(d_hidden), np.asarray(clean_d_hidden)
+  assert np.all(d_hidden[pad] == 0)
+  np.testing.assert_allclose(d_hidden[~pad], clean_d_hidden[~pad], rtol=1e-5, atol=1e-7)
   stats = CHUNKED(data["hidden"], data["w"], data["targets"], stats=ALL_STATS)
   assert all(np.all(np.isfinite(v)) for v in stats.values())
 

@@ -70,3 +70,22 @@ def test_decoder_cudnn_packed_matches_xla():
   assert np.all(np.isfinite(cudnn))
   assert np.abs(cudnn - xla)[keep].max() < 0.1, np.abs(cudnn - xla)[keep].max()
   assert np.mean(cudnn.argmax(-1)[keep] == xla.argmax(-1)[keep]) > 0.97
+
+
+def test_cudnn_keeps_runs_apart_only_up_to_max_segments():
+  """Four documents and padding (5 runs) are exact with max_segments=5; with 3, runs past the
+  third merge and document 4 sees document 3 -- why the data path refuses rows with more runs
+  than model.max_segments (dft_jax.data.packing.check_segment_runs)."""
+  rng = np.random.RandomState(2)
+  q = jnp.asarray(rng.randn(1, 256, 8, 64), jnp.bfloat16)
+  k, v = (jnp.asarray(rng.randn(1, 256, 2, 64), jnp.bfloat16) for _ in range(2))
+  seg = np.zeros((1, 256), np.int32)
+  for s, (start, end) in enumerate(((0, 60), (60, 120), (120, 180), (180, 240)), 1):
+    seg[0, start:end] = s
+  attend = lambda impl, m: np.asarray(attention.attend(
+      q, k, v, segment_ids_BxT=jnp.asarray(seg), impl=impl, max_segments=m), np.float32)
+  xla = attend("xla", 64)
+  exact, merged = attend("cudnn", 5), attend("cudnn", 3)
+  assert np.abs(exact - xla)[seg != 0].max() < 3e-2
+  assert np.abs(merged - xla)[seg == 4].max() > 0.1
+  assert np.abs(merged - xla)[(seg > 0) & (seg < 4)].max() < 3e-2

@@ -70,10 +70,11 @@ def ref_per_token(data, name, **hp):
     mass = a.sum(-1)
     loss = (a * (logp_all - logp[..., None])).sum(-1)
     return loss, a - mass[..., None] * onehot, dict(xent=-(a * logp_all).sum(-1), mass=mass)
-  if name == "deft":  # arXiv 2602.11424: -(p**a - 1) / a, a = sg(sum_v p_v**2)
+  if name == "deft":  # arXiv 2602.11424 + luludus/DEFT: -(p**a - 1) / (a + 1e-6), a = sg(sum p**2)
     alpha = (probs**2).sum(-1)
     gate = p**alpha
-    return -(gate - 1) / alpha, gate[..., None] * sft_grad, dict(alpha=alpha, gate=gate)
+    return (-(gate - 1) / (alpha + 1e-6), (alpha / (alpha + 1e-6) * gate)[..., None] * sft_grad,
+            dict(alpha=alpha, gate=gate))
   raise ValueError(name)
 
 
@@ -143,7 +144,7 @@ def _ungated(logits, data, name, hp):
     loss = jnp.sum(a * (logp_all - logp[..., None]), axis=-1)
   else:
     alpha = jnp.sum(jnp.exp(2 * logp_all), axis=-1)
-    loss = -jnp.expm1(alpha * logp) / alpha
+    loss = -jnp.expm1(alpha * logp) / (alpha + objectives.DEFT_EPSILON)
   return objectives.aggregate(loss, data["loss_mask"])
 
 
@@ -167,10 +168,14 @@ def test_gem_beta_one_linear_is_sft_gradient():
 
 
 def test_deft_is_power_with_alpha_per_token():
-  """deft and power share the q-log: with a constant Renyi-2 entropy log(2), deft = power(0.5)."""
+  """deft and power share the q-log: with a constant Renyi-2 entropy log(2), deft = power(0.5)
+  up to the official code's epsilon in the divisor, 0.5 / (0.5 + 1e-6)."""
   logp = jnp.linspace(-8.0, 0.0, 9)
   deft = objectives.deft(logp, renyi2=jnp.full_like(logp, math.log(2.0)))
-  np.testing.assert_allclose(deft, objectives.power(logp, alpha=0.5), rtol=1e-6)
+  np.testing.assert_allclose(deft, objectives.power(logp, alpha=0.5) * 0.5 / (0.5 + 1e-6),
+                             rtol=1e-7)
+  flat = objectives.deft(logp, renyi2=jnp.full_like(logp, math.log(151_936.0)))  # a = 1/V
+  assert 0.12 < 1 - float(flat[0] / objectives.power(logp, alpha=1 / 151_936.0)[0]) < 0.14
   np.testing.assert_allclose(objectives.neg_qlog(logp, 1.0), 1 - np.exp(logp), rtol=1e-6)
 
 
@@ -245,6 +250,12 @@ def test_bfloat16_stats_give_float32(name, hp):
   stats = {k: v.astype(jnp.bfloat16) for k, v in stats.items()}
   loss, metrics = objectives.objective_loss(stats, data, cfg)
   assert loss.dtype == jnp.float32 and all(v.dtype == jnp.float32 for v in metrics.values())
+  # The math runs in float32: the same numbers as the same (bf16-rounded) stats given in float32.
+  upcast = {k: v.astype(jnp.float32) for k, v in stats.items()}
+  ref_loss, ref_metrics = objectives.objective_loss(upcast, data, cfg)
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+  for key, value in ref_metrics.items():
+    np.testing.assert_allclose(metrics[key], value, rtol=1e-6, atol=1e-7, err_msg=key)
 
 
 def test_required_stats():

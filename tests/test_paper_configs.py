@@ -78,12 +78,14 @@ def test_one_step_with_the_config_geometry(tmp_path, name, prompt_field):
   mesh = sharding.make_mesh(c.mesh)
   assert mesh.shape["fsdp"] == jax.device_count()
   model, tokenizer = models.load_from_config(c.model)
-  graphdef, state, tx, _ = step_lib.init_train_state(model, c, mesh)
+  graphdef, state, frozen, tx, _ = step_lib.init_train_state(model, c, mesh)
   before = jax.tree.map(np.asarray, jax.device_get(state.params))
   rows = data.make_train_iterator(c.data, tokenizer, seq_len=c.train.seq_len,
-                                  global_batch_size=c.train.global_batch_size, seed=0)
-  train_step = step_lib.make_train_step(graphdef, tx, c, mesh, step_lib.shardings_of(state))
-  state, metrics = train_step(state, step_lib.global_batch(next(rows), mesh), None)
+                                  global_batch_size=c.train.global_batch_size, seed=0,
+                                  max_segments=c.model.max_segments)
+  train_step = step_lib.make_train_step(graphdef, tx, c, mesh, step_lib.shardings_of(state),
+                                        step_lib.shardings_of(frozen))
+  state, metrics = train_step(state, step_lib.global_batch(next(rows), mesh), frozen)
   scalars, _ = loop.host_metrics(metrics)
   assert np.isfinite(scalars["loss"]) and scalars["grad_norm"] > 0
   assert scalars["loss_tokens"] > 0 and scalars["skipped"] == 0

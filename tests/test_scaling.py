@@ -42,7 +42,7 @@ def test_plan_on_8_gpus_covers_every_layout_and_count():
     for layout in ("data", "fsdp") + (("data_fsdp",) if n >= 4 else ()):
       c = by_name[f"1.5b/{layout}/{n}x/b{4 * n}"]  # weak: 4 rows of 4096 per GPU
       assert (c["model"], c["seq_len"], c["objective"]) == ("qwen2.5-1.5b", 4096, "dft")
-    assert f"1.5b/data_fsdp/{n}x/b{4 * n}" in by_name or n == 2
+    assert (f"1.5b/data_fsdp/{n}x/b{4 * n}" in by_name) == (n >= 4)
   assert by_name["1.5b/data_fsdp/8x/b32"]["mesh"] == dict(data=2, fsdp=4, tensor=1)
   assert by_name["1.5b/data_fsdp/4x/b16"]["mesh"] == dict(data=2, fsdp=2, tensor=1)
   for n in (1, 4, 8):  # strong: 8 rows whatever n; fsdp at n=2 is the weak case itself

@@ -1,6 +1,6 @@
 """Step-for-step equality with the train step as it was before the objective registry: the losses
 and parameters after 3 steps of every objective (tests/fixtures/make_step_golden.py recorded them
-at commit aefadf7 in step_golden.json)."""
+at commit aefadf7 in step_golden.json; "deft" since re-recorded, see the script)."""
 import importlib.util
 import json
 import pathlib

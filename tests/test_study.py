@@ -42,7 +42,7 @@ def test_arm_config_sets_objective_lr_and_seed():
   assert config.objective.kl_coef == 0.0 and config.objective.psft.eps_high == 0.28  # untouched
   with pytest.raises(ConfigError, match="arm 'x': objective 'nope' is unknown"):
     scanner.arm_config(config, scanner.parse_arm("x=nope"), 0)
-  with pytest.raises(ConfigError, match="arm 'y'.*objective.power.alpha=-1 is out of range"):
+  with pytest.raises(ConfigError, match="arm 'y'.*objective.power.alpha=-1.0 is out of range"):
     scanner.arm_config(config, scanner.parse_arm("y=power,alpha=-1"), 0)
   with pytest.raises(ConfigError, match="arm 'z': 'alhpa' is neither a hyperparameter of power"):
     scanner.arm_config(config, scanner.parse_arm("z=power,alhpa=0.5"), 0)

@@ -13,6 +13,7 @@ import sys
 import jax
 import ml_collections
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 from tensorboard.backend.event_processing import event_accumulator
@@ -65,20 +66,20 @@ def batches(config, n):
   from dft_jax import data
   tokenizer = models.load(TINY)[1]
   it = data.make_train_iterator(config.data, tokenizer, seq_len=config.train.seq_len,
-                                global_batch_size=config.train.global_batch_size, seed=0)
+                                global_batch_size=config.train.global_batch_size, seed=0,
+                                max_segments=config.model.max_segments)
   return [next(it) for _ in range(n)]
 
 
 def run_steps(config, mesh, host_batches):
   """Trains on host_batches over `mesh`; returns (per-step metrics, final params on the host)."""
   model, _ = models.load(config.model.name, compute_dtype="float32")
-  graphdef, state, tx, _ = step_lib.init_train_state(model, config, mesh)
-  ref = (jax.tree.map(jax.numpy.copy, state.params)
-         if step_lib.needs_reference(config.objective) else None)
-  step = step_lib.make_train_step(graphdef, tx, config, mesh, step_lib.shardings_of(state))
+  graphdef, state, frozen, tx, _ = step_lib.init_train_state(model, config, mesh)
+  step = step_lib.make_train_step(graphdef, tx, config, mesh, step_lib.shardings_of(state),
+                                  step_lib.shardings_of(frozen))
   metrics = []
   for b in host_batches:
-    state, m = step(state, step_lib.global_batch(b, mesh), ref)
+    state, m = step(state, step_lib.global_batch(b, mesh), frozen)
     metrics.append(jax.device_get(m))
   return metrics, jax.device_get(state.params)
 
@@ -117,7 +118,7 @@ def test_sharded_equals_single_device(rows_dir, objective, layout):
 def test_params_really_sharded(tmp_path):
   config = tiny_config(tmp_path)
   model, _ = models.load(TINY)
-  _, state, _, _ = step_lib.init_train_state(model, config, mesh_of(8, fsdp=4, tensor=2))
+  _, state, _, _, _ = step_lib.init_train_state(model, config, mesh_of(8, fsdp=4, tensor=2))
   spec = jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
   wq = state.params["layers"]["wq"]  # [L, D, N, H]: embed on fsdp, q_heads on tensor
   assert wq.sharding.spec == spec
@@ -326,3 +327,132 @@ def test_two_processes_equal_one(tmp_path):
   for a, b in zip(one, two):
     np.testing.assert_allclose(b["loss"], a["loss"], rtol=1e-5)
     np.testing.assert_allclose(b["grad_norm"], a["grad_norm"], rtol=1e-4)
+
+
+@pytest.mark.parametrize("objective,extra", [
+    ("dft", {}), ("psft", {"train__minibatches": 2}), ("eaft", {"objective__kl_coef": 0.05}),
+    ("asft", {})])  # asft: the fused head does not fit it, the step takes the checkpointed one
+def test_fused_head_step_equals_checkpointed(tmp_path, objective, extra):
+  """model.lm_head_impl=fused (the gradient formed in the head's forward pass) trains like the
+  checkpointed head: same losses, same parameters after two steps."""
+  config = tiny_config(tmp_path, objective__name=objective, **extra)
+  host = batches(config, 2)
+  plain_metrics, plain = run_steps(config, mesh_of(1), host)
+  fused_metrics, fused = run_steps(tiny_config(tmp_path, objective__name=objective,
+                                               model__lm_head_impl="fused", **extra),
+                                   mesh_of(1), host)
+  for a, b in zip(plain_metrics, fused_metrics):
+    np.testing.assert_allclose(b["loss"], a["loss"], rtol=1e-5)
+    np.testing.assert_allclose(b["grad_norm"], a["grad_norm"], rtol=1e-4)
+  assert_trees_close(fused, plain, rtol=1e-4, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- LoRA
+
+
+def lora_config(tmp_path, **overrides):
+  return tiny_config(tmp_path, lora__rank=4, lora__alpha=8.0, **overrides)
+
+
+def test_lora_trains_only_the_adapters_and_step_zero_is_the_base(tmp_path):
+  """The train state holds the adapters (and their AdamW moments) only; the frozen base stays bit
+  for bit; before any step the adapted model computes the base's logits."""
+  config = lora_config(tmp_path)
+  model, _ = models.load_from_config(config.model, config.lora)
+  base, _ = models.load(TINY)
+  tokens = np.arange(16, dtype=np.int32)[None] % 300
+  np.testing.assert_array_equal(model(tokens), base(tokens))
+  _, state, frozen, _, _ = step_lib.init_train_state(model, config, mesh_of(1))
+  assert all("lora" in jax.tree_util.keystr(p) for p, _ in
+             jax.tree_util.tree_leaves_with_path(state.params))
+  assert frozen.reference is None and jax.tree.leaves(frozen.base)
+  adam = state.opt_state[1][0]
+  assert jax.tree.structure(adam.mu) == jax.tree.structure(state.params)
+
+
+def run_lora(config, mesh, host_batches):
+  """Like run_steps, for a LoRA config: (metrics, adapters, frozen) on the host."""
+  model, _ = models.load_from_config(config.model, config.lora)
+  graphdef, state, frozen, tx, _ = step_lib.init_train_state(model, config, mesh)
+  before = jax.device_get(frozen.base)
+  step = step_lib.make_train_step(graphdef, tx, config, mesh, step_lib.shardings_of(state),
+                                  step_lib.shardings_of(frozen))
+  metrics = []
+  for b in host_batches:
+    state, m = step(state, step_lib.global_batch(b, mesh), frozen)
+    metrics.append(jax.device_get(m))
+  return metrics, jax.device_get(state.params), before, jax.device_get(frozen.base)
+
+
+@pytest.mark.parametrize("objective", ["dft", "psft", "asft"])
+def test_lora_step_moves_adapters_keeps_base_and_uses_the_base_as_reference(tmp_path, objective):
+  """Gradients reach the adapters only; with a KL anchor / ASFT the reference is the base with the
+  adapters off, so at step 1 (B = 0) its KL to the policy is 0."""
+  extra = {"train__minibatches": 2} if objective == "psft" else {}
+  config = lora_config(tmp_path, objective__name=objective, objective__kl_coef=0.1, **extra)
+  metrics, adapters, frozen_before, frozen_after = run_lora(config, mesh_of(1), batches(config, 2))
+  assert_trees_close(frozen_after, frozen_before, rtol=0, atol=0)
+  lora_b = [v for p, v in jax.tree_util.tree_leaves_with_path(adapters)
+            if "lora_b" in jax.tree_util.keystr(p)]
+  assert lora_b and all(np.abs(v).max() > 0 for v in lora_b)  # B left zero after 2 steps
+  if objective != "psft":  # psft: step 1's second update already runs on moved adapters
+    assert metrics[0]["kl_anchor/k3"] == pytest.approx(0.0, abs=1e-6)
+  if objective == "asft":
+    assert metrics[0]["asft/kl"] == pytest.approx(0.0, abs=1e-6)
+    assert metrics[1]["asft/kl"] > 0
+
+
+def test_lora_run_resumes_exports_merged_and_peft(tmp_path):
+  """The whole job with LoRA: checkpoints hold the adapters, resume continues exactly, the merged
+  HF export reproduces the adapted model's logits and the PEFT folder holds the adapters."""
+  straight = lora_config(tmp_path, train__num_steps=4, checkpoint__export_hf=True,
+                         eval__before=True, eval__after=True, eval__suites="target_probs",
+                         eval__num_hist=4)
+  summary = train.train_and_evaluate(straight, str(tmp_path / "straight"))
+  assert summary["after"]["target_nll"] != summary["before"]["target_nll"]
+  train.train_and_evaluate(lora_config(tmp_path, train__num_steps=2), str(tmp_path / "resumed"))
+  train.train_and_evaluate(straight, str(tmp_path / "resumed"))
+  a = read_jsonl(tmp_path / "straight" / "metrics.jsonl")
+  b = read_jsonl(tmp_path / "resumed" / "metrics.jsonl")
+  assert [r["loss"] for r in a] == [r["loss"] for r in b]
+  trained, _, _ = checkpoint.restore_model(str(tmp_path / "straight"))
+  merged, _ = models.load(str(tmp_path / "straight" / "hf"))
+  tokens = np.arange(24, dtype=np.int32)[None] % 300
+  np.testing.assert_allclose(merged(tokens), trained(tokens), rtol=1e-5, atol=1e-5)
+  assert (tmp_path / "straight" / "peft" / "adapter_config.json").exists()
+  base, _ = models.load(TINY)
+  assert np.abs(np.asarray(trained(tokens)) - np.asarray(base(tokens))).max() > 1e-4
+
+
+def test_adam_with_moments_stored_in_float32_is_optax_adamw(tmp_path):
+  """step.scale_by_adam_stored_in (the lean mode's optimizer) with float32 moments equals
+  optax.adamw update for update; with bfloat16 moments it stays close over a few steps."""
+  config = tiny_config(tmp_path, optimizer__weight_decay=0.1)
+  params = {"w": jax.numpy.linspace(-1.0, 1.0, 24).reshape(4, 6), "b": jax.numpy.ones(6)}
+  logical = {"w": ("embed", "mlp"), "b": ("mlp",)}
+  reference, _ = step_lib.make_optimizer(config.optimizer, 10, logical)
+  results = {}
+  for nu in ("float32", "bfloat16"):
+    tx, _ = step_lib.make_optimizer(_with(config.optimizer, nu), 10, logical)
+    p, q = params, params
+    s, r = tx.init(p), reference.init(q)
+    for i in range(5):
+      g = jax.tree.map(lambda x, i=i: jax.numpy.sin(3.0 * x + i), p)
+      u, s = tx.update(g, s, p)
+      p = optax.apply_updates(p, u)
+      gq = jax.tree.map(lambda x, i=i: jax.numpy.sin(3.0 * x + i), q)
+      v, r = reference.update(gq, r, q)
+      q = optax.apply_updates(q, v)
+    results[nu] = (p, q, s)
+  p, q, _ = results["float32"]
+  assert_trees_close(p, q, rtol=1e-6, atol=1e-7)
+  p, q, s = results["bfloat16"]
+  assert_trees_close(p, q, rtol=2e-3, atol=2e-4)
+  adam = s[1][0]
+  assert all(x.dtype == jax.numpy.bfloat16 for x in jax.tree.leaves((adam.mu, adam.nu)))
+
+
+def _with(opt_cfg, dtype):
+  c = opt_cfg.copy_and_resolve_references()
+  c.mu_dtype, c.nu_dtype = dtype, dtype
+  return c

@@ -1,9 +1,11 @@
 """Data: HF datasets in, chat-templated, prompt-masked, packed batches out.
 
 Training (the train loop):
-  data.validate(config.data, seq_len=T, global_batch_size=G, process_count=P)  # early ConfigError
+  data.validate(config.data, seq_len=T, global_batch_size=G, process_count=P,  # early ConfigError
+                max_segments=config.model.max_segments)
   it = data.make_train_iterator(config.data, tokenizer, seq_len=T, global_batch_size=G,
-                                seed=config.train.seed)   # process_index/count: jax's by default
+                                seed=config.train.seed,   # process_index/count: jax's by default
+                                max_segments=config.model.max_segments)  # docs per row < this
   batch = next(it)   # {tokens, targets, loss_mask, segment_ids, positions}: numpy [G / P, T]
   state = it.state() # small JSON-serialisable dict; save it with the checkpoint
   it.restore(state)  # on a fresh iterator (same data config and tokenizer): it then yields exactly

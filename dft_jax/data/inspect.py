@@ -52,7 +52,7 @@ def report(config, tokenizer, *, num=3, color=False):
   it = pipeline.make_train_iterator(
       data_cfg, tokenizer, seq_len=config.train.seq_len,
       global_batch_size=config.train.global_batch_size, seed=config.train.seed,
-      process_index=0, process_count=1)
+      max_segments=config.model.max_segments, process_index=0, process_count=1)
   batch = next(it)
   lines.append("--- " + it.summary())
   for b, seg in enumerate(batch["segment_ids"][:4]):

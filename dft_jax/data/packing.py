@@ -8,10 +8,18 @@ A packed row of T tokens holds whole examples (segments) one after another, then
   positions[t]    0, 1, ... restarting at each segment; 0 on padding
 so no target and no loss crosses a segment boundary, and attention masked by segment_ids (the
 model's job) never crosses one either.
+
+cuDNN attention describes a row by its runs of equal segment ids (documents, then the padding)
+with a static bound, model.max_segments; past it, runs would merge and documents see each other.
+The packer therefore puts at most max_segments - 1 documents in a row, and `check_segment_runs`
+refuses any batch (evaluation's, a user's) with more runs than the bound before it reaches the
+model.
 """
 import heapq
 
 import numpy as np
+
+from dft_jax.errors import ConfigError, DataError
 
 TRUNCATION = ("drop", "truncate_response", "truncate_prompt")
 KEPT, EMPTY, NO_TRAINED, TOO_LONG, PROMPT_TOO_LONG, RESPONSE_TOO_LONG = range(6)
@@ -49,10 +57,10 @@ def crop(num_tokens_N, first_trained_N, num_trained_N, limit, policy):
   return start, length, reason
 
 
-def best_fit(lengths_N, capacity):
+def best_fit(lengths_N, capacity, max_items):
   """Best-fit decreasing bin packing: each item, longest first (ties in input order), goes into
   the open bin with the least room that still fits it (the earliest opened of those), else into
-  a new bin.
+  a new bin. A bin holding max_items items is closed.
 
   Returns a list of bins, each a list of item indices. O(N log capacity): open bins are indexed
   by their free room in a segment tree of counts over 0..capacity.
@@ -98,24 +106,26 @@ def best_fit(lengths_N, capacity):
       add(r, -1)
     bins[b].append(item)
     room[b] = r - need
-    if room[b]:
+    if room[b] and len(bins[b]) < max_items:
       heapq.heappush(by_room[room[b]], b)
       add(room[b], 1)
   return bins
 
 
-def plan_epoch(lengths_N, seq_len, rng, packing):
+def plan_epoch(lengths_N, seq_len, rng, packing, max_segments):
   """The rows of one epoch as lists of item indices: items shuffled by `rng`, then best-fit
-  packed and the rows shuffled again (packing=True), or one item per row (packing=False)."""
+  packed, at most max_segments - 1 per row (one run is left for the padding), and the rows
+  shuffled again (packing=True), or one item per row (packing=False)."""
   order = rng.permutation(len(lengths_N))
   if not packing:
     return [[i] for i in order.tolist()]
-  bins = best_fit(np.asarray(lengths_N)[order], seq_len)
+  bins = best_fit(np.asarray(lengths_N)[order], seq_len, max_segments - 1)
   return [order[bins[j]].tolist() for j in rng.permutation(len(bins)).tolist()]
 
 
-def assemble(rows, seq_len, pad_id):
-  """rows: per row a list of (ids, trained) int arrays -> the batch dict of [B, T] arrays."""
+def assemble(rows, seq_len, pad_id, max_segments):
+  """rows: per row a list of (ids, trained) int arrays -> the batch dict of [B, T] arrays
+  (check_segment_runs against max_segments)."""
   shape = (len(rows), seq_len)
   batch = {"tokens": np.full(shape, pad_id, np.int32), "targets": np.full(shape, pad_id, np.int32),
            "loss_mask": np.zeros(shape, np.float32), "segment_ids": np.zeros(shape, np.int32),
@@ -132,4 +142,30 @@ def assemble(rows, seq_len, pad_id):
       batch["segment_ids"][b, o:o + n] = s
       batch["positions"][b, o:o + n] = np.arange(n)
       o += n
+  check_segment_runs(batch["segment_ids"], max_segments)
   return batch
+
+
+def check_max_segments(max_segments):
+  """ConfigError unless model.max_segments is an integer >= 2 (a document and its padding)."""
+  if not isinstance(max_segments, int) or isinstance(max_segments, bool) or max_segments < 2:
+    raise ConfigError(f"model.max_segments={max_segments!r}: must be an integer >= 2")
+
+
+def segment_runs_per_row(segment_ids_BxT):
+  """Maximal runs of equal segment ids in each row (documents, and padding once per gap)."""
+  seg_BxT = np.asarray(segment_ids_BxT)
+  return 1 + np.count_nonzero(seg_BxT[:, 1:] != seg_BxT[:, :-1], axis=1)
+
+
+def check_segment_runs(segment_ids_BxT, max_segments):
+  """DataError naming the first row with more runs of segment ids than max_segments: attention
+  (cuDNN's packed layout) would merge its last documents and let them see each other."""
+  runs_B = segment_runs_per_row(segment_ids_BxT)
+  over = np.flatnonzero(runs_B > max_segments)
+  if over.size:
+    b = int(over[0])
+    raise DataError(
+        f"batch row {b} holds {runs_B[b]} runs of segment ids (documents and padding), more than "
+        f"model.max_segments={max_segments}, the most that attention keeps apart: raise "
+        "model.max_segments or put fewer documents in a row")

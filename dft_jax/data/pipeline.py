@@ -38,8 +38,9 @@ _FEATURES = datasets.Features({
 })
 
 
-def validate(data_cfg, *, seq_len, global_batch_size, process_count):
-  """Checks the data fields and the batch geometry; raises ConfigError naming the field."""
+def validate(data_cfg, *, seq_len, global_batch_size, process_count, max_segments):
+  """Checks the data fields, the batch geometry and model.max_segments (the documents a packed row
+  may hold, fewer than this); raises ConfigError naming the field."""
   if data_cfg.truncation not in packing.TRUNCATION:
     raise ConfigError(f"data.truncation={data_cfg.truncation!r}: expected one of "
                       f"{', '.join(packing.TRUNCATION)}")
@@ -48,6 +49,7 @@ def validate(data_cfg, *, seq_len, global_batch_size, process_count):
   check_number("data.shuffle_buffer", data_cfg.shuffle_buffer, integer=True, minimum=0)
   check_number("data.max_rows", data_cfg.max_rows, integer=True, minimum=1, optional=True)
   check_number("data.shuffle_seed", data_cfg.shuffle_seed, integer=True, minimum=0, optional=True)
+  packing.check_max_segments(max_segments)
   if seq_len < 2:
     raise ConfigError(f"seq_len={seq_len}: must be >= 2")
   if data_cfg.max_length > seq_len:
@@ -57,11 +59,12 @@ def validate(data_cfg, *, seq_len, global_batch_size, process_count):
                       f"process count ({process_count})")
 
 
-def make_train_iterator(data_cfg, tokenizer, *, seq_len, global_batch_size, seed,
+def make_train_iterator(data_cfg, tokenizer, *, seq_len, global_batch_size, seed, max_segments,
                         process_index=None, process_count=None):
   """The endless iterator of this process's batches (see the module docstring).
 
-  `next(it)` -> {tokens, targets, loss_mask, segment_ids, positions}, numpy [G / P, seq_len];
+  `next(it)` -> {tokens, targets, loss_mask, segment_ids, positions}, numpy [G / P, seq_len], at
+  most max_segments - 1 documents a row (config.model.max_segments: the attention's bound);
   `it.state()` -> a small JSON-serialisable dict; `it.restore(state)`; `it.stats`; `it.summary()`.
   The shuffle seed is `data.shuffle_seed`, or `seed` when that is None.
   """
@@ -69,7 +72,7 @@ def make_train_iterator(data_cfg, tokenizer, *, seq_len, global_batch_size, seed
     import jax  # pylint: disable=g-import-not-at-top
     process_index, process_count = jax.process_index(), jax.process_count()
   validate(data_cfg, seq_len=seq_len, global_batch_size=global_batch_size,
-           process_count=process_count)
+           process_count=process_count, max_segments=max_segments)
   source = sources.load_source(data_cfg, streaming=data_cfg.streaming)
   if data_cfg.streaming and (data_cfg.shuffle_buffer or process_count > 1):
     # rows arrive reordered: name their place in this process's stream, not in the file
@@ -79,7 +82,8 @@ def make_train_iterator(data_cfg, tokenizer, *, seq_len, global_batch_size, seed
   _check_columns(source, data_cfg)
   kwargs = dict(seq_len=seq_len, global_batch_size=global_batch_size,
                 seed=seed if data_cfg.shuffle_seed is None else data_cfg.shuffle_seed,
-                process_index=process_index, process_count=process_count,
+                max_segments=max_segments, process_index=process_index,
+                process_count=process_count,
                 pad_id=_pad_id(tokenizer))
   if data_cfg.streaming:
     it = StreamingIterator(source, encoder, data_cfg, **kwargs)
@@ -108,10 +112,11 @@ def tokenize(source, encoder, data_cfg):
 class _Batches:
   """Shared by both iterators: batch assembly, stats and the summary line."""
 
-  def __init__(self, source, data_cfg, *, seq_len, global_batch_size, seed, process_index,
-               process_count, pad_id):
+  def __init__(self, source, data_cfg, *, seq_len, global_batch_size, seed, max_segments,
+               process_index, process_count, pad_id):
     self.source, self.cfg = source, data_cfg
     self.seq_len, self.global_batch_size, self.seed = seq_len, global_batch_size, seed
+    self.max_segments = max_segments
     self.process_index, self.process_count = process_index, process_count
     self.local_batch_size = global_batch_size // process_count
     self.pad_id = pad_id
@@ -156,7 +161,10 @@ class _Batches:
             f"{100 * s['loss_tokens'] / slots:.1f}% loss tokens")
 
   def _batch(self, rows):
-    return packing.assemble(rows, self.seq_len, self.pad_id)
+    return packing.assemble(rows, self.seq_len, self.pad_id, self.max_segments)
+
+  def _pack(self, lengths, rng):
+    return packing.plan_epoch(lengths, self.seq_len, rng, self.cfg.packing, self.max_segments)
 
 
 class PackedIterator(_Batches):
@@ -181,7 +189,8 @@ class PackedIterator(_Batches):
     self.stats["batches_per_epoch"] = self.stats["packed_rows"] / self.global_batch_size
     self._fingerprint = hashlib.sha256(b"".join(
         np.ascontiguousarray(a, np.int64).tobytes()
-        for a in (self._index, self._start, self._length, [self.seq_len, self.cfg.packing])
+        for a in (self._index, self._start, self._length,
+                  [self.seq_len, self.cfg.packing, self.max_segments])
     )).hexdigest()[:16]
     self.epoch, self.row = 0, 0
 
@@ -189,7 +198,7 @@ class PackedIterator(_Batches):
     if epoch not in self._plans:
       self._plans = {e: p for e, p in self._plans.items() if e >= epoch - 1}
       rng = np.random.default_rng([self.seed, epoch])
-      self._plans[epoch] = packing.plan_epoch(self._length, self.seq_len, rng, self.cfg.packing)
+      self._plans[epoch] = self._pack(self._length, rng)
     return self._plans[epoch]
 
   def _examples(self, ks):
@@ -244,9 +253,9 @@ class StreamingIterator(_Batches):
     if data_cfg.shuffle_buffer:
       ds = ds.shuffle(seed=self.seed, buffer_size=data_cfg.shuffle_buffer)
     self._ds, self._encoder = ds, encoder
-    self._settings = hashlib.sha256(json.dumps([
-        data_cfg.source, self.seq_len, data_cfg.packing, self.limit, data_cfg.truncation,
-        data_cfg.pack_window, data_cfg.shuffle_buffer]).encode()).hexdigest()[:16]
+    settings = [data_cfg.source, self.seq_len, data_cfg.packing, self.max_segments, self.limit,
+                data_cfg.truncation, data_cfg.pack_window, data_cfg.shuffle_buffer]
+    self._settings = hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:16]
     self._start_epoch(0, 0)
 
   def _start_epoch(self, epoch, skip):
@@ -277,8 +286,7 @@ class StreamingIterator(_Batches):
                  np.asarray(encoded["trained"][k][a:a + n], np.int32))
                 for k, a, n in zip(kept.tolist(), start.tolist(), length.tolist())]
     rng = np.random.default_rng([self.seed, self.epoch, self.consumed])
-    self._window = [[examples[i] for i in row]
-                    for row in packing.plan_epoch(length, self.seq_len, rng, self.cfg.packing)]
+    self._window = [[examples[i] for i in row] for row in self._pack(length, rng)]
     self._usable |= bool(self._window)
     self._count(length, [t[1:].sum() for _, t in examples], len(self._window))
 

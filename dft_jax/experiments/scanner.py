@@ -176,25 +176,23 @@ def make_compiler(workers):
 class Trainer:
   """One arm's config and train step, compiled once (in the background) and reused by every seed."""
   config: object
-  ref_needed: bool
-  compiled: concurrent.futures.Future  # -> the compiled train_step(state, batch, ref_params)
+  compiled: concurrent.futures.Future  # -> the compiled train_step(state, batch, frozen)
 
 
 def fresh_state(config, graphdef, params, mesh):
-  """step.init_train_state's (TrainState with a fresh optimizer, tx, schedule) on `params` as
-  they are."""
+  """step.init_train_state's (TrainState with a fresh optimizer, Frozen, tx, schedule) on
+  `params` as they are."""
   return step_lib.init_train_state(nnx.merge(graphdef, params), config, mesh)[1:]
 
 
 def build_trainer(config, graphdef, base_params, mesh, example_batch, compiler):
   """Traces the arm's train step here and hands its compilation to `compiler` (an executor), so
   that it overlaps with the evaluation and the other arms' runs."""
-  state, tx, _ = fresh_state(config, graphdef, base_params, mesh)  # shapes and shardings only
-  ref_needed = step_lib.needs_reference(config.objective)
-  step = step_lib.make_train_step(graphdef, tx, config, mesh, step_lib.shardings_of(state))
-  lowered = step.lower(step_lib.abstract_of(state), example_batch,
-                       base_params if ref_needed else None)
-  return Trainer(config, ref_needed, compiler.submit(lowered.compile))
+  state, frozen, tx, _ = fresh_state(config, graphdef, base_params, mesh)  # shapes, shardings
+  step = step_lib.make_train_step(graphdef, tx, config, mesh, step_lib.shardings_of(state),
+                                  step_lib.shardings_of(frozen))
+  lowered = step.lower(step_lib.abstract_of(state), example_batch, step_lib.abstract_of(frozen))
+  return Trainer(config, compiler.submit(lowered.compile))
 
 
 def train_run(trainer, graphdef, base_params, host_batches, mesh):
@@ -204,13 +202,13 @@ def train_run(trainer, graphdef, base_params, host_batches, mesh):
   step = trainer.compiled.result()
   started = time.time()
   params = jax.tree.map(jnp.copy, base_params)  # the step donates its state
-  state, _, schedule = fresh_state(trainer.config, graphdef, params, mesh)
+  state, frozen, _, schedule = fresh_state(trainer.config, graphdef, params, mesh)
   t = trainer.config.train
   recorder = loop.Recorder(num_steps=t.num_steps, schedule=schedule, minibatches=t.minibatches,
                            nonfinite=t.nonfinite)
   batches = ((step_lib.global_batch(b, mesh), None) for b in host_batches)
   state = loop.train_loop(state, step, batches, num_steps=t.num_steps, record=recorder,
-                          ref_params=base_params if trainer.ref_needed else None)
+                          frozen=frozen)
   jax.block_until_ready(state.params)
   history = [{"step": h["step"], **{k: h[k] for k in HISTORY_KEYS if k in h}}
              for h in recorder.history]
@@ -224,7 +222,8 @@ def data_batches(config, tokenizer, seed):
   from dft_jax import data  # pylint: disable=g-import-not-at-top
   t = config.train
   it = data.make_train_iterator(config.data, tokenizer, seq_len=t.seq_len,
-                                global_batch_size=t.global_batch_size, seed=seed)
+                                global_batch_size=t.global_batch_size, seed=seed,
+                                max_segments=config.model.max_segments)
   return [next(it) for _ in range(t.num_steps)]
 
 
@@ -258,7 +257,7 @@ def run_study(config, out_dir, *, arm_specs=None, resume=False, lr_tuning=None, 
   t = config.train
   step_lib.validate(config, jax.device_count())
   data.validate(config.data, seq_len=t.seq_len, global_batch_size=t.global_batch_size,
-                process_count=1)
+                process_count=1, max_segments=config.model.max_segments)
   results = {"study": {"model": config.model.name, "arms": [dataclasses.asdict(a) for a in arms],
                        "config": json.loads(config.to_json())},
              "environment": environment(), "runs": [], "timing": {}}
@@ -274,7 +273,7 @@ def run_study(config, out_dir, *, arm_specs=None, resume=False, lr_tuning=None, 
 
   mesh = sharding.make_mesh(config.mesh)
   model, tokenizer = models.load_from_config(config.model)
-  graphdef, base_state, _, _ = step_lib.init_train_state(model, config, mesh)
+  graphdef, base_state, _, _, _ = step_lib.init_train_state(model, config, mesh)
   base_params = base_state.params
   del model, base_state
   batches = {0: data_batches(config, tokenizer, 0)}

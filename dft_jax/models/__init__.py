@@ -2,14 +2,18 @@
 
   model, tokenizer = models.load("smollm2-135m-instruct")   # or an HF folder, .gguf, preset:NAME
   logits_BxTxV = model(tokens_BxT)
+  model, _ = models.load(spec, lora=models.LoRAConfig(rank=8, base_quant="nf4"))  # (Q)LoRA
+  graphdef, adapters, frozen = nnx.split(model, nnx.LoRAParam, ...)  # trainable / frozen
+  ref_logits_BxTxV = model(tokens_BxT, adapters=False)               # the frozen base
 """
 from dft_jax.models.config import ARCHITECTURES, PRESETS, Llama3RopeScaling, ModelConfig
 from dft_jax.models.decoder import Decoder, KVCache, logical_specs
 from dft_jax.models.loader import (ALIASES, decoder_options, from_state_dict, load,
-                                   load_from_config, read)
+                                   load_from_config, lora_config, read)
+from dft_jax.models.lora import LoRAConfig
 
 __all__ = [
     "ALIASES", "ARCHITECTURES", "PRESETS", "Decoder", "KVCache", "Llama3RopeScaling",
-    "ModelConfig", "decoder_options", "from_state_dict", "load", "load_from_config",
-    "logical_specs", "read",
+    "LoRAConfig", "ModelConfig", "decoder_options", "from_state_dict", "load", "load_from_config",
+    "logical_specs", "lora_config", "read",
 ]

@@ -47,8 +47,11 @@ def attend(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, *, segment_ids_BxT=None, impl="auto"
   """Causal self-attention; with segment_ids_BxT, only within each segment.
 
   impl: "xla" (explicit mask), "cudnn" (flash attention; packed rows through cuDNN's ragged
-  layout), "auto" (see `resolve_impl`). max_segments: static bound on runs of equal segment ids per
-  row for the cudnn path; runs past it merge into the last one.
+  layout), "auto" (see `resolve_impl`). max_segments (config.model.max_segments): static bound on
+  the runs of equal segment ids in a row (documents and padding) for the cudnn path. The jitted
+  path cannot refuse a row over it (runs past it would merge and see each other), so the batch is
+  checked on the host where it is built: the packer keeps rows under the bound and
+  `dft_jax.data.packing.check_segment_runs` refuses any other batch that is not.
   """
   impl = resolve_impl(impl, q_BxTxNxH.dtype)
   if impl == "xla":
@@ -66,7 +69,8 @@ def segment_runs(segment_ids_BxT, max_segments):
   """cuDNN packed-layout arguments from segment ids: (seqlen_BxM, offsets_BxM1), -1 padded.
 
   A run is a maximal stretch of equal ids (padding forms its own runs, so every token is covered
-  and its output stays finite). Runs beyond max_segments - 1 merge into the last one."""
+  and its output stays finite). Up to max_segments runs are described exactly; later runs would
+  merge into the last one, which is why batches are checked before they get here (`attend`)."""
   b, t = segment_ids_BxT.shape
   m = max_segments
   start_BxT = jnp.concatenate(

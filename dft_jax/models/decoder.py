@@ -6,6 +6,11 @@ Layer parameters are stacked on a leading "layers" axis and run under `jax.lax.s
 `jax.checkpoint`; float32 master weights are cast to the compute dtype one layer at a time inside
 the scan body. The trunk (`hidden_states`) is separate from the LM head (`head_weight`) so a train
 step can use a fused, chunked head; `model(tokens)` still returns float32 logits.
+
+With `lora=LoRAConfig(...)` the targeted projections carry low-rank adapters beside their weights
+(models/lora.py) and, for QLoRA, the seven projection weights are stored quantised
+(models/quant.py) and dequantised one layer at a time inside the scan body. `adapters=False`
+runs the frozen base (the reference policy) from the same weights.
 """
 import functools
 from typing import NamedTuple
@@ -17,6 +22,8 @@ from flax import nnx
 
 from dft_jax.errors import ConfigError
 from dft_jax.models import attention as attn_lib
+from dft_jax.models import lora as lora_lib
+from dft_jax.models import quant
 from dft_jax.models.config import ModelConfig
 
 
@@ -84,26 +91,62 @@ def apply_rope(x_BxTxNxH, cos, sin):
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
-def block(x_BxTxD, p, layer_cache, *, config, cos, sin, attention_fn, dtype):
-  """One decoder layer. p: this layer's params (any dtype, cast here); attention_fn(q, k, v,
-  layer_cache) -> (out, new_layer_cache)."""
+# The layer's linear projections: parameter -> einsum (x, W -> y). W's leading axes contract with x
+# (HF's "in"), the others are its output axes.
+PROJECTIONS = {
+    "wq": "btd,dnh->btnh", "wk": "btd,dkh->btkh", "wv": "btd,dkh->btkh", "wo": "btnh,nhd->btd",
+    "w_gate": "btd,df->btf", "w_up": "btd,df->btf", "w_down": "btf,fd->btd",
+}
+
+
+def num_input_axes(name: str) -> int:
+  """How many leading axes of the projection weight `name` are input axes (1, or 2 for wo)."""
+  x, w = PROJECTIONS[name].split("->")[0].split(",")
+  return sum(c in x for c in w)
+
+
+def input_axes(name: str) -> tuple[int, ...]:
+  """The input axes of projection weight `name`, negative (valid with or without "layers")."""
+  ndim = len(PROJECTIONS[name].split("->")[0].split(",")[1])
+  return tuple(range(-ndim, -ndim + num_input_axes(name)))
+
+
+def project(x, p, name, *, lora, dtype):
+  """x W by PROJECTIONS[name], + lora.scale * (x A) B when p holds adapters for `name`. A quantised
+  W is dequantised here, inside a rematerialised region: the backward pass dequantises it again
+  rather than keeping every layer's dequantised weight."""
+  equation = PROJECTIONS[name]
+  if name in p:
+    y = jnp.einsum(equation, x, p[name])
+  else:
+    dequantized_matmul = jax.checkpoint(lambda x, codes, scale: jnp.einsum(
+        equation, x, quant.dequantize(codes, scale, lora.base_quant, input_axes(name), dtype)))
+    y = dequantized_matmul(x, *(p[n] for n in quant.stored_names(name)))
+  a_name, b_name = lora_lib.adapter_names(name)
+  if a_name in p:
+    eq_a, eq_b = lora_lib.delta_equations(equation)
+    y = y + lora.scale * jnp.einsum(eq_b, jnp.einsum(eq_a, x, p[a_name]), p[b_name])
+  return y
+
+
+def block(x_BxTxD, p, layer_cache, *, config, cos, sin, attention_fn, dtype, lora):
+  """One decoder layer. p: this layer's params (any dtype, cast here; quantised weights are
+  dequantised by `project`); attention_fn(q, k, v, layer_cache) -> (out, new_layer_cache)."""
   c = config
-  p = jax.tree.map(lambda a: a.astype(dtype), p)
+  p = {name: a if quant.is_stored(name) else a.astype(dtype) for name, a in p.items()}
+  proj = functools.partial(project, p=p, lora=lora, dtype=dtype)
   h = rms_norm(x_BxTxD, p["attn_norm"], c.rms_norm_eps)
-  q = jnp.einsum("btd,dnh->btnh", h, p["wq"])
-  k = jnp.einsum("btd,dkh->btkh", h, p["wk"])
-  v = jnp.einsum("btd,dkh->btkh", h, p["wv"])
+  q, k, v = proj(h, name="wq"), proj(h, name="wk"), proj(h, name="wv")
   if c.attention_bias:
     q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
   if c.qk_norm:
     q, k = rms_norm(q, p["q_norm"], c.rms_norm_eps), rms_norm(k, p["k_norm"], c.rms_norm_eps)
   q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
   out_BxTxNxH, layer_cache = attention_fn(q, k, v, layer_cache)
-  x_BxTxD = x_BxTxD + jnp.einsum("btnh,nhd->btd", out_BxTxNxH, p["wo"])
+  x_BxTxD = x_BxTxD + proj(out_BxTxNxH, name="wo")
   h = rms_norm(x_BxTxD, p["mlp_norm"], c.rms_norm_eps)
-  gate = jnp.einsum("btd,df->btf", h, p["w_gate"])
-  up = jnp.einsum("btd,df->btf", h, p["w_up"])
-  x_BxTxD = x_BxTxD + jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, p["w_down"])
+  gate, up = proj(h, name="w_gate"), proj(h, name="w_up")
+  x_BxTxD = x_BxTxD + proj(jax.nn.silu(gate) * up, name="w_down")
   return x_BxTxD, layer_cache
 
 
@@ -129,6 +172,49 @@ def layer_param_shapes(c: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple
   return shapes
 
 
+def layer_specs(c: ModelConfig, lora) -> dict[str, tuple[type, tuple[str, ...]]]:
+  """Stored per-layer entries -> (variable type, logical axes with "layers"): the weights of
+  `layer_param_shapes` (nnx.Param), or for QLoRA the projections as codes + scales
+  (quant.QuantizedWeight), and the adapters (nnx.LoRAParam)."""
+  shapes = layer_param_shapes(c)
+  specs = {name: (nnx.Param, ("layers", *axes)) for name, (_, axes) in shapes.items()}
+  if lora is None:
+    return specs
+  if lora.base_quant:
+    for name in PROJECTIONS:
+      _, axes = specs.pop(name)
+      specs.update(dict.fromkeys(quant.stored_names(name), (quant.QuantizedWeight, axes)))
+  for name in lora.adapted():
+    shape, axes = shapes[name]
+    adapters = lora_lib.adapter_shapes((c.num_layers, *shape), ("layers", *axes),
+                                       num_input_axes(name), lora.rank)
+    for adapter, (_, adapter_axes) in zip(lora_lib.adapter_names(name), adapters):
+      specs[adapter] = (nnx.LoRAParam, adapter_axes)
+  return specs
+
+
+def layer_arrays(c: ModelConfig, lora, weights, key) -> dict:
+  """The stored per-layer arrays (see `layer_specs`) from (name, stacked base weight) pairs,
+  consumed one at a time: QLoRA quantises each projection one layer at a time (so loading holds
+  one float weight and one layer's temporaries beside the quantised ones); adapters start at A
+  random (from key), B = 0."""
+  arrays = {}
+  for name, w in weights:
+    if lora is not None and lora.base_quant and name in PROJECTIONS:
+      stored = jax.lax.map(lambda w_l, name=name: quant.quantize(
+          w_l, lora.base_quant, input_axes(name), lora.block_size), jnp.asarray(w))
+      arrays.update(zip(quant.stored_names(name), stored))
+    else:
+      arrays[name] = w
+    del w
+  for i, name in enumerate(lora.adapted() if lora is not None else ()):
+    shape = (c.num_layers, *layer_param_shapes(c)[name][0])
+    adapters = lora_lib.init_adapter(jax.random.fold_in(key, i), shape, num_input_axes(name),
+                                     lora.rank)
+    arrays.update(zip(lora_lib.adapter_names(name), adapters))
+  return arrays
+
+
 def _dtype(value, allowed, field):
   name = jnp.dtype(value).name
   if name not in allowed:
@@ -139,13 +225,15 @@ def _dtype(value, allowed, field):
 class Decoder(nnx.Module):
   """Decoder-only LM. Parameters (nnx.Param, logical axes in `out_sharding`):
   embed [V, D], layers/* [L, ...] (see `layer_param_shapes`), final_norm [D], lm_head [D, V]
-  (absent when tied: the head is embed^T)."""
+  (absent when tied: the head is embed^T). With `lora`, layers/ also holds the adapters
+  (nnx.LoRAParam, float32) and for QLoRA the quantised projections (see `layer_specs`)."""
 
   def __init__(self, config: ModelConfig, *, param_dtype="float32", compute_dtype=None,
                remat="none", scan_layers=True, attention="auto", max_segments=64,
-               rngs: nnx.Rngs):
+               lora: lora_lib.LoRAConfig | None = None, rngs: nnx.Rngs):
     """compute_dtype None: bfloat16 on GPU/TPU, float32 on CPU. max_segments: static bound on
-    documents per packed row for cuDNN attention (see attention.attend)."""
+    documents per packed row for cuDNN attention (see attention.attend). param_dtype is the base
+    weights' dtype; adapters are float32."""
     if remat not in REMAT_POLICIES:
       raise ConfigError(f"remat {remat!r} is not supported; supported: "
                         f"{', '.join(REMAT_POLICIES)}")
@@ -163,6 +251,7 @@ class Decoder(nnx.Module):
     self.scan_layers = scan_layers
     self.attention = attention
     self.max_segments = max_segments
+    self.lora = lora
 
     def param(init, shape, axes):
       value = init(rngs.params(), shape, jnp.float32).astype(self.param_dtype)
@@ -173,14 +262,39 @@ class Decoder(nnx.Module):
     zeros = jax.nn.initializers.zeros
     c, L = config, config.num_layers
     self.embed = param(normal, (c.vocab_size, c.hidden_size), ("vocab", "embed"))
-    layers = {}
-    for name, (shape, axes) in layer_param_shapes(c).items():
-      init = ones if "norm" in name else zeros if name.startswith("b") else normal
-      layers[name] = param(init, (L, *shape), ("layers", *axes))
-    self.layers = nnx.Dict(layers)
+    def base_weights():  # one at a time (see layer_arrays)
+      for name, (shape, _) in layer_param_shapes(c).items():
+        init = ones if "norm" in name else zeros if name.startswith("b") else normal
+        yield name, init(rngs.params(), (L, *shape), jnp.float32).astype(self.param_dtype)
+
+    arrays = layer_arrays(c, lora, base_weights(), rngs.params() if lora else None)
+    self.layers = nnx.Dict({
+        name: kind(arrays[name], out_sharding=axes, eager_sharding=False)
+        for name, (kind, axes) in layer_specs(c, lora).items()})
     self.final_norm = param(ones, (c.hidden_size,), ("norm",))
     self.lm_head = (None if c.tie_word_embeddings else
                     param(normal, (c.hidden_size, c.vocab_size), ("embed", "vocab")))
+
+  def merged_params(self) -> dict:
+    """Pure-dict params (numpy) of the plain decoder this model computes, the layout of a Decoder
+    without LoRA: adapters folded into their weights (W + scale A B, float32) and quantised
+    weights dequantised (float32); the rest as stored."""
+    pure = jax.tree.map(lambda a: np.asarray(jax.device_get(a)),
+                        nnx.to_pure_dict(nnx.state(self)))
+    if self.lora is None:
+      return pure
+    stored = pure["layers"]
+    layers = {name: stored[name] for name in layer_param_shapes(self.config) if name in stored}
+    for name in PROJECTIONS:
+      if name not in layers:
+        codes, scale = (stored[n] for n in quant.stored_names(name))
+        layers[name] = np.asarray(quant.dequantize(codes, scale, self.lora.base_quant,
+                                                   input_axes(name), jnp.float32))
+    for name in self.lora.adapted():
+      a, b = (stored[n] for n in lora_lib.adapter_names(name))
+      layers[name] = lora_lib.fold(layers[name], a, b, self.lora.scale, num_input_axes(name))
+    pure["layers"] = layers
+    return pure
 
   def head_weight(self):
     """w_DxV in the compute dtype: embed^T when tied, else lm_head."""
@@ -192,14 +306,15 @@ class Decoder(nnx.Module):
     return jnp.einsum("btd,dv->btv", hidden_BxTxD, self.head_weight(),
                       preferred_element_type=jnp.float32)
 
-  def __call__(self, tokens_BxT, positions_BxT=None, segment_ids_BxT=None):
+  def __call__(self, tokens_BxT, positions_BxT=None, segment_ids_BxT=None, *, adapters=True):
     """float32 logits_BxTxV."""
     return self.logits(self.hidden_states(tokens_BxT, positions_BxT=positions_BxT,
-                                          segment_ids_BxT=segment_ids_BxT))
+                                          segment_ids_BxT=segment_ids_BxT, adapters=adapters))
 
-  def hidden_states(self, tokens_BxT, *, positions_BxT=None, segment_ids_BxT=None):
+  def hidden_states(self, tokens_BxT, *, positions_BxT=None, segment_ids_BxT=None,
+                    adapters=True):
     """Final-norm hidden states [B, T, D] in the compute dtype. positions default to arange(T);
-    without segment_ids the row is one causal sequence."""
+    without segment_ids the row is one causal sequence. adapters=False: the frozen base alone."""
     if positions_BxT is None:
       positions_BxT = jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1]), tokens_BxT.shape)
 
@@ -208,7 +323,7 @@ class Decoder(nnx.Module):
                             max_segments=self.max_segments)
       return out, layer_cache
 
-    hidden, _ = self._trunk(tokens_BxT, positions_BxT, attention_fn, None)
+    hidden, _ = self._trunk(tokens_BxT, positions_BxT, attention_fn, None, adapters)
     return hidden
 
   def init_cache(self, batch_size: int, max_len: int) -> KVCache:
@@ -236,19 +351,21 @@ class Decoder(nnx.Module):
       return attn_lib.attend_masked(q, k_cache, v_cache, mask_Bx1xTxS), (k_cache, v_cache)
 
     hidden, (k_new, v_new) = self._trunk(tokens_BxT, positions_BxT, attention_fn,
-                                         (cache.k_LxBxSxKxH, cache.v_LxBxSxKxH))
+                                         (cache.k_LxBxSxKxH, cache.v_LxBxSxKxH), True)
     return hidden, KVCache(k_new, v_new, valid_BxS, cache.index + t)
 
-  def _trunk(self, tokens_BxT, positions_BxT, attention_fn, cache_xs):
-    """embed -> layers (scanned or unrolled, rematerialised per policy) -> final norm."""
+  def _trunk(self, tokens_BxT, positions_BxT, attention_fn, cache_xs, adapters):
+    """embed -> layers (scanned or unrolled, rematerialised per policy) -> final norm; adapters
+    False leaves the LoRA adapters out."""
     x = self.embed[...][tokens_BxT].astype(self.compute_dtype)
     cos, sin = rope_angles(positions_BxT, rope_inv_freq(self.config))
     step = functools.partial(block, config=self.config, cos=cos, sin=sin,
-                             attention_fn=attention_fn, dtype=self.compute_dtype)
+                             attention_fn=attention_fn, dtype=self.compute_dtype, lora=self.lora)
     if self.remat != "none":
       step = jax.checkpoint(step, policy=REMAT_POLICIES[self.remat],
                             prevent_cse=not self.scan_layers)
-    params = {name: v[...] for name, v in self.layers.items()}
+    params = {name: v[...] for name, v in self.layers.items()
+              if adapters or not lora_lib.is_adapter(name)}
     if self.scan_layers:
       x, cache_ys = jax.lax.scan(lambda x, xs: step(x, *xs), x, (params, cache_xs))
     else:

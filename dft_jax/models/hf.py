@@ -43,6 +43,11 @@ _LAYER = {
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 
 
+def layer_tensor_name(param: str, layer: int) -> str:
+  """HF name of one layer's `param`, e.g. ("wq", 0) -> "model.layers.0.self_attn.q_proj.weight"."""
+  return _LAYER[param][0].format(i=layer)
+
+
 def _hf_shape(kind, shape):
   if kind == "vector":
     return (math.prod(shape),)

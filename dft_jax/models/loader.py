@@ -10,7 +10,8 @@ from flax import nnx
 from dft_jax.errors import ConfigError, ModelError
 from dft_jax.models import hf
 from dft_jax.models.config import PRESETS, ModelConfig
-from dft_jax.models.decoder import Decoder
+from dft_jax.models.decoder import Decoder, layer_arrays
+from dft_jax.models.lora import LoRAConfig
 
 
 def _embedded_smollm2() -> pathlib.Path:
@@ -25,13 +26,18 @@ def _embedded_smollm2() -> pathlib.Path:
 ALIASES = {"smollm2-135m-instruct": _embedded_smollm2}
 
 
-def from_state_dict(config: ModelConfig, state_dict, **decoder_kwargs) -> Decoder:
-  """A Decoder holding HF-named weights (no random init: built abstractly, then filled)."""
+def from_state_dict(config: ModelConfig, state_dict, *, seed: int = 0,
+                    **decoder_kwargs) -> Decoder:
+  """A Decoder holding HF-named weights (no random init: built abstractly, then filled). With
+  decoder_kwargs["lora"], the adapters are initialised from `seed` and, for QLoRA, the
+  projections quantised."""
   dtype = np.dtype(decoder_kwargs.get("param_dtype", "float32"))
   abstract = nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0), **decoder_kwargs))
   graphdef, state = nnx.split(abstract)
-  pure = jax.tree.map(jnp.asarray, hf.params_from_hf(config, state_dict, dtype))
-  nnx.replace_by_pure_dict(state, pure)
+  pure = hf.params_from_hf(config, state_dict, dtype)  # on the host
+  pure["layers"] = layer_arrays(config, abstract.lora, pure["layers"].items(),
+                                jax.random.key(seed))
+  nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, pure))
   return nnx.merge(graphdef, state)
 
 
@@ -81,19 +87,31 @@ def load(spec: str, *, seed: int = 0, **decoder_kwargs):
     without running code from the folder (None when the folder has no tokenizer files);
   - a .gguf file (dequantised to float32; tokenizer built from its metadata);
   - "preset:NAME" (NAME in PRESETS): random init from `seed`, tokenizer None.
-  decoder_kwargs go to Decoder (param_dtype, compute_dtype, remat, scan_layers, attention, ...).
+  decoder_kwargs go to Decoder (param_dtype, compute_dtype, remat, scan_layers, attention, lora,
+  ...); LoRA adapters start from `seed`.
   """
   config, weights, tokenizer = read(spec)
   if weights is None:
     return Decoder(config, rngs=nnx.Rngs(seed), **decoder_kwargs), tokenizer
-  return from_state_dict(config, weights(), **decoder_kwargs), tokenizer
+  return from_state_dict(config, weights(), seed=seed, **decoder_kwargs), tokenizer
 
 
-def decoder_options(model_cfg):
-  """Decoder keyword arguments from config.model."""
+def lora_config(lora_cfg):
+  """LoRAConfig of config.lora, or None when lora.rank is 0 (or there is no lora section)."""
+  if not lora_cfg or not lora_cfg.get("rank"):
+    return None
+  targets = tuple(t.strip() for t in str(lora_cfg.targets).split(",") if t.strip())
+  quant = None if lora_cfg.base_quant in (None, "none") else lora_cfg.base_quant
+  return LoRAConfig(rank=lora_cfg.rank, alpha=float(lora_cfg.alpha), targets=targets,
+                    base_quant=quant, block_size=lora_cfg.block_size)
+
+
+def decoder_options(model_cfg, lora_cfg=None):
+  """Decoder keyword arguments from config.model (and config.lora)."""
   return dict(param_dtype=model_cfg.param_dtype, compute_dtype=model_cfg.compute_dtype,
               remat=model_cfg.remat, scan_layers=model_cfg.scan_layers,
-              attention=model_cfg.attention)
+              attention=model_cfg.attention, max_segments=model_cfg.max_segments,
+              lora=lora_config(lora_cfg))
 
 
 def tokenizer_for(model_cfg, tokenizer):
@@ -111,15 +129,16 @@ def tokenizer_for(model_cfg, tokenizer):
   return _with_pad(tokenizer)
 
 
-def load_from_config(model_cfg, *, abstract=False, seed=0):
-  """(model, tokenizer) for config.model; abstract=True gives the model's shapes only
-  (nnx.eval_shape, no weights read: a target for checkpoint.restore_params)."""
+def load_from_config(model_cfg, lora_cfg=None, *, abstract=False, seed=0):
+  """(model, tokenizer) for config.model (with config.lora's adapters when lora.rank > 0);
+  abstract=True gives the model's shapes only (nnx.eval_shape, no weights read: a target for
+  checkpoint.restore_params)."""
   config, weights, tokenizer = read(model_cfg.name)
-  options = decoder_options(model_cfg)
+  options = decoder_options(model_cfg, lora_cfg)
   if abstract:
     model = nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(seed), **options))
   elif weights is None:
     model = Decoder(config, rngs=nnx.Rngs(seed), **options)
   else:
-    model = from_state_dict(config, weights(), **options)
+    model = from_state_dict(config, weights(), seed=seed, **options)
   return model, tokenizer_for(model_cfg, tokenizer)

@@ -1,0 +1,43 @@
+"""Answer scoring: math answers by math-verify, accuracy, avg@k and unbiased pass@k over replies.
+
+In-domain replies (`#### N`, `\\boxed{N}`, 'answer is N') are checked by `dft_jax.data.is_correct`,
+facts by `dft_jax.data.matches_fact`; this module adds the MATH500-style check and the metrics.
+"""
+import numpy as np
+
+
+def pass_at_k(n, c, k):
+  """Unbiased pass@k from n samples with c right (arXiv 2107.03374): 1 - C(n-c, k) / C(n, k)."""
+  if n - c < k:
+    return 1.0
+  return 1.0 - float(np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+
+
+def math_answer(text):
+  """The final answer math-verify reads in `text` (boxed first, then LaTeX, then an expression):
+  a list of parsed forms, empty when there is none."""
+  from math_verify import parse  # pylint: disable=g-import-not-at-top
+  return parse(text)
+
+
+def is_math_correct(reply, answer):
+  """Whether the reply's final answer equals `answer` (a MATH500 answer, LaTeX without $) up to
+  symbolic equivalence, as math-verify decides (e.g. \\frac12 = 0.5; x^2+2x+1 = (x+1)^2)."""
+  from math_verify import verify  # pylint: disable=g-import-not-at-top
+  gold = math_answer(f"${answer}$") or math_answer(str(answer))
+  predicted = math_answer(reply)
+  return bool(gold) and bool(predicted) and bool(verify(gold, predicted))
+
+
+def accuracy_metrics(correct_NxK, prefix):
+  """{prefix}_n and {prefix}_accuracy (k = 1 reply per row), or, with k > 1 replies per row,
+  {prefix}_avg@k = mean over all replies and {prefix}_pass@k = mean over rows of pass_at_k."""
+  c = np.asarray(correct_NxK, bool)
+  n, k = c.shape
+  out = {f"{prefix}_n": n}
+  if k == 1:
+    out[f"{prefix}_accuracy"] = float(c[:, 0].mean())
+  else:
+    out[f"{prefix}_avg@{k}"] = float(c.mean())
+    out[f"{prefix}_pass@{k}"] = float(np.mean([pass_at_k(k, int(r.sum()), k) for r in c]))
+  return out

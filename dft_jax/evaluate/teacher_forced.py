@@ -1,0 +1,93 @@
+"""Teacher-forced statistics: per-token log pi(target), entropy H(pi) and KL(pi_base || pi) on
+given replies, through the chunked LM head (`dft_jax.lm_head.token_stats`, never the full
+[B, T, V] logits; the base model enters as the reference's final hidden states and head weight).
+
+  H(pi)            = -sum_v pi(v|.) log pi(v|.)
+  KL(base || pi)   = sum_v pi_base(v|.) [log pi_base(v|.) - log pi(v|.)]
+"""
+import functools
+
+import jax
+import numpy as np
+from flax import nnx
+
+from dft_jax import lm_head
+from dft_jax import objectives
+from dft_jax.data import packing
+
+LENGTH_BUCKET = 64  # rows are padded to a multiple of this many tokens (fewer recompiles)
+
+
+def teacher_forced_batch(prompt_ids, reply_ids, pad):
+  """Rows prompt + reply, right-padded; loss_mask marks the positions whose target is a reply
+  token. Returns the Batch-contract dict (numpy, one segment per row)."""
+  length = max(len(p) + len(r) for p, r in zip(prompt_ids, reply_ids))
+  n = len(prompt_ids)
+  tokens = np.full((n, length), pad, np.int32)
+  targets = np.full((n, length), pad, np.int32)
+  loss_mask = np.zeros((n, length), np.float32)
+  segment_ids = np.zeros((n, length), np.int32)
+  positions = np.zeros((n, length), np.int32)
+  for i, (p, r) in enumerate(zip(prompt_ids, reply_ids)):
+    seq = list(p) + list(r)
+    tokens[i, :len(seq)] = seq
+    targets[i, :len(seq) - 1] = seq[1:]
+    loss_mask[i, len(p) - 1:len(seq) - 1] = 1.0
+    segment_ids[i, :len(seq)] = 1
+    positions[i, :len(seq)] = np.arange(len(seq))
+  return dict(tokens=tokens, targets=targets, loss_mask=loss_mask, segment_ids=segment_ids,
+              positions=positions)
+
+
+def _padded(batch, rows, length):
+  """The batch padded with masked-out rows / positions to [rows, length]."""
+  n, t = batch["tokens"].shape
+  return {k: np.pad(v, [(0, rows - n), (0, length - t)]) for k, v in batch.items()}
+
+
+def _trunk(graphdef, params, batch):
+  """(final hidden states [B, T, D], head weight [D, V]) of the model `params` on the batch."""
+  model = nnx.merge(graphdef, params)
+  hidden_BxTxD = model.hidden_states(batch["tokens"], positions_BxT=batch["positions"],
+                                     segment_ids_BxT=batch["segment_ids"])
+  return hidden_BxTxD, model.head_weight()
+
+
+@functools.partial(jax.jit, static_argnames="graphdef")
+def _token_stats(graphdef, params, base_params, batch):
+  """float32 [B, T] logp, entropy and, with base_params, kl_from_ref = KL(base || model)."""
+  hidden_BxTxD, w_DxV = _trunk(graphdef, params, batch)
+  if base_params is None:
+    return lm_head.token_stats(hidden_BxTxD, w_DxV, batch["targets"], stats=("logp", "entropy"))
+  ref_hidden_BxTxD, ref_w_DxV = _trunk(graphdef, base_params, batch)
+  return lm_head.token_stats(hidden_BxTxD, w_DxV, batch["targets"],
+                             stats=("logp", "entropy", "kl_from_ref"),
+                             ref_hidden_BxTxD=ref_hidden_BxTxD, ref_w_DxV=ref_w_DxV)
+
+
+def forced_stats(graphdef, params, base_params, batch, *, batch_size):
+  """Per-token logp, entropy and (base_params given) kl_from_ref at the batch's loss_mask
+  positions (flat numpy), batch_size rows at a time, rows and length padded to fixed buckets.
+
+  `batch` is any Batch-contract dict; DataError if a row has more segment runs than the model's
+  max_segments (packing.check_segment_runs)."""
+  packing.check_segment_runs(batch["segment_ids"], nnx.merge(graphdef, params).max_segments)
+  n, t = batch["tokens"].shape
+  length = -(-t // LENGTH_BUCKET) * LENGTH_BUCKET
+  out = {}
+  for start in range(0, n, batch_size):
+    part = _padded({k: v[start:start + batch_size] for k, v in batch.items()},
+                   min(batch_size, n), length)
+    stats = jax.device_get(_token_stats(graphdef, params, base_params, part))
+    mask = part["loss_mask"] > 0
+    for key, value in stats.items():
+      out.setdefault(key, []).append(np.asarray(value)[mask])
+  return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def target_prob_histogram(logp):
+  """Counts of exp(logp) over objectives.HIST_EDGES (the train metric's bins; the last bin
+  includes 1.0)."""
+  bins = len(objectives.HIST_EDGES) - 1
+  index = np.clip(np.floor(np.exp(logp) * bins), 0, bins - 1).astype(int)
+  return np.bincount(index, minlength=bins)
