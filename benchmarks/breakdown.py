@@ -79,7 +79,7 @@ def parts(config, graphdef, state, tx, batch):
 def run(v, steps):
   config = bench.bench_config(v)
   mesh = bench.single_device_mesh()
-  model = bench.load_model(config.model)
+  model = bench.load_model(config)
   model_cfg = model.config
   graphdef, state, frozen, tx, _ = step_lib.init_train_state(model, config, mesh)
   del model

@@ -20,7 +20,8 @@ kernel), XLA's temp bytes, the allocator's peak; with compare=True the largest
 difference of the fused gradients from the checkpointed ones (relative to the largest entry); for
 objectives with a top-k gate (EAFT), top_k_s: one chunk's top-k through lax.top_k on the chunk's
 3-D [B, steps, V] logits (what token_stats did before top_k_values), on [B * steps, V], and
-through lm_head.top_k_values's rounds of at most 16, with their values checked equal.
+through lm_head.top_k_values's two stages (block maxima, then the best blocks' entries), with
+their values checked equal.
 """
 import argparse
 import json
@@ -99,7 +100,7 @@ def top_k_times(v, hidden, w, k, steps):
                       preferred_element_type=hidden.dtype)
   ways = {"lax.top_k [B, steps, V]": lambda x: jax.lax.top_k(x, k)[0],
           "lax.top_k [B * steps, V]": lambda x: jax.lax.top_k(x.reshape(-1, x.shape[-1]), k)[0],
-          "top_k_values rounds": lambda x: lm_head.top_k_values(x, k, rounds=True)}
+          "top_k_values blocks": lambda x: lm_head.top_k_values(x, k)}
   out, values = {}, []
   for way, fn in ways.items():
     compiled = jax.jit(fn).lower(logits).compile()

@@ -53,8 +53,7 @@ OVERLAP_FLAGS = ("--xla_gpu_enable_latency_hiding_scheduler=true "
                  "--xla_gpu_enable_while_loop_double_buffering=true")
 SMOKE_DEVICES = 8
 PLAN_ONLY = ("est_s", "group", "probe_batches", "liger", "framework")  # not in the records
-# CPU smoke runs only: XLA:CPU compiles the tiny step faster, the numbers are not measurements.
-SMOKE_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+SMOKE_XLA_FLAGS = bench.SMOKE_XLA_FLAGS
 
 # The shapes of each plan; unset variant fields take train_step.DEFAULTS. est_s: process start
 # + init + compile + steps on an H200 (train_step.py's 1.5B cases took 20-37 s on one H100).
@@ -131,19 +130,6 @@ def skip_reason(c, device_count):
 # ----------------------------------------------------------------------------- one case
 
 
-def sharded_model(config, mesh):
-  """The random-init model with each parameter created on its shards (jit with out_shardings, a
-  partitionable PRNG): no device holds the whole model, so the 7B state never lands on one GPU."""
-  import jax
-  from flax import nnx
-  from dft_jax import models, sharding
-  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: bench.load_model(config.model)))
-  shardings = sharding.param_shardings(abstract, models.logical_specs(abstract), mesh)
-  params = jax.jit(lambda: nnx.split(bench.load_model(config.model))[1],
-                   out_shardings=shardings)()
-  return nnx.merge(graphdef, params)
-
-
 def bytes_per_device(tree):
   """Bytes of the tree's arrays on one device (every sharding here splits evenly)."""
   import jax
@@ -184,7 +170,8 @@ def run_case(v):
   step_lib.validate(config, n)
   mesh = sharding.make_mesh(config.mesh, devices)
   peak = throughput.peak_flops(devices[0])
-  state, _, record = bench.time_train_step(v, config, mesh, lambda: sharded_model(config, mesh),
+  state, _, record = bench.time_train_step(v, config, mesh,
+                                           lambda: bench.sharded_model(config, mesh),
                                            peak * n if peak else None)
   record.update(rows_per_gpu=config.train.global_batch_size // n,
                 devices_used=[str(d) for d in mesh.devices.flat], **memory_fields(state, devices))

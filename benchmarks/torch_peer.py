@@ -1,27 +1,38 @@
-"""The PyTorch peer of benchmarks/train_step.py: transformers' Qwen2ForCausalLM, same shapes.
+"""The PyTorch peers of benchmarks/train_step.py: transformers' Qwen2ForCausalLM, same shapes.
 
   python benchmarks/torch_peer.py --model=qwen2.5-1.5b --objective=dft --batch=4   # on a GPU
   python benchmarks/torch_peer.py --liger ...          # Liger's fused linear cross entropy head
+  python benchmarks/torch_peer.py --model=qwen2.5-7b --lora_rank=16 --batch=4    # the peft peer
   python benchmarks/torch_peer.py --smoke              # tiny shape on the CPU (tests)
 
-The setting of the benchmark issue's reference table: random init from a Qwen2Config (no
-download), float32 master weights + bf16 autocast, SDPA attention, gradient checkpointing
-(non-reentrant), torch.optim.AdamW(fused=True) after clip_grad_norm_(1.0). Rows are causal over
-the whole 4096 tokens (input_ids only: SDPA's flash kernel; passing restarting position_ids would
-make transformers build a packed block mask and leave the flash kernel, slower).
+Full fine-tuning, the setting of the benchmark issue's reference table: random init from a
+Qwen2Config (no download), float32 master weights + bf16 autocast, SDPA attention, gradient
+checkpointing (non-reentrant), torch.optim.AdamW(fused=True) after clip_grad_norm_(1.0).
+LoRA (lora_rank > 0, the LoRA issue's peer): the base built in param_dtype (bfloat16, as
+from_pretrained(dtype=torch.bfloat16) loads it), peft.get_peft_model with LoraConfig(r, alpha,
+target_modules = the <name>_proj of lora_targets, dropout 0, no bias; peft keeps the adapters in
+float32), the same autocast, checkpointing and fused AdamW over the adapters only.
+Rows are causal over the whole 4096 tokens (input_ids only: SDPA's flash kernel; passing
+restarting position_ids would make transformers build a packed block mask and leave the flash
+kernel, slower).
 Loss, token mean over the loss mask:
   sft: -log p(y_t);  dft (arXiv:2508.05629): -sg(p(y_t)) log p(y_t).
 Plain: full bf16 logits from the model, log_softmax in float32 (what the reference measured).
 --liger: hidden states -> LigerFusedLinearCrossEntropyLoss (use_token_scaling=True is DFT).
 Timing as in train_step.py: warm-up steps, then timed steps ended by torch.cuda.synchronize;
 median. Peak memory: torch.cuda.max_memory_allocated. --probe_batches: afterwards, one step at
-each larger batch (peak reset before each) until one runs out of memory.
+each larger batch (peak reset before each) until one runs out of memory. MFU: tokens/s x
+dft_jax.throughput.flops_per_token (6 N + 12 L d T; with LoRA 4 N_base + 6 N_adapters + 12 L d T),
+as for our records. A missing package (torch, transformers, peft, liger_kernel) makes the record
+`skipped`, naming it.
 """
 import argparse
+import importlib
 import json
 import os
 import sys
 import time
+import types
 
 import numpy as np
 
@@ -30,28 +41,41 @@ if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
 from benchmarks import train_step as bench  # pylint: disable=wrong-import-position
+from dft_jax import throughput  # pylint: disable=wrong-import-position  (no jax at import)
 
 # HF Qwen2Config fields of the dft_jax presets (tests check they match dft_jax.models.PRESETS).
 SHAPES = {
     "qwen2.5-0.5b": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864,
-                         num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2),
+                         num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                         tie_word_embeddings=True),
     "qwen2.5-1.5b": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960,
-                         num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2),
+                         num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+                         tie_word_embeddings=True),
+    "qwen2.5-7b": dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                       num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                       tie_word_embeddings=False),
     "tiny-qwen2": dict(vocab_size=320, hidden_size=64, intermediate_size=128,
-                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                       tie_word_embeddings=True),
 }
 
 
-def build_model(name, device):
-  """Random-init Qwen2ForCausalLM (float32) on `device`, SDPA attention, checkpointing on."""
+def build_model(name, device, dtype="float32"):
+  """Random-init Qwen2ForCausalLM with parameters in `dtype` on `device` (built in that dtype, as
+  from_pretrained(dtype=...) does: no float32 copy first), SDPA attention, checkpointing on."""
   import torch
   import transformers
   config = transformers.Qwen2Config(
-      **SHAPES[name], rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True,
-      max_position_embeddings=32768, use_cache=False, attn_implementation="sdpa")
+      **SHAPES[name], rope_theta=1e6, rms_norm_eps=1e-6, max_position_embeddings=32768,
+      use_cache=False, attn_implementation="sdpa")
   torch.manual_seed(0)
-  with torch.device(device):
-    model = transformers.Qwen2ForCausalLM(config)
+  default = torch.get_default_dtype()
+  torch.set_default_dtype(getattr(torch, dtype))
+  try:
+    with torch.device(device):
+      model = transformers.Qwen2ForCausalLM(config)
+  finally:
+    torch.set_default_dtype(default)
   enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.2x
   if enable:
     enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -59,6 +83,17 @@ def build_model(name, device):
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
   model.train()
   return model
+
+
+def with_lora(model, v):
+  """peft.get_peft_model: LoRA adapters of rank v["lora_rank"] on the <name>_proj modules of
+  v["lora_targets"] (q,k,v,o,gate,up,down), alpha v["lora_alpha"], no dropout, no bias; the base
+  frozen, the adapters float32 (peft's autocast_adapter_dtype)."""
+  import peft
+  targets = [f"{t.strip()}_proj" for t in v["lora_targets"].split(",") if t.strip()]
+  config = peft.LoraConfig(r=v["lora_rank"], lora_alpha=v["lora_alpha"], target_modules=targets,
+                           lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
+  return peft.get_peft_model(model, config)
 
 
 def token_loss(logp_N, mask_N, objective):
@@ -102,8 +137,14 @@ def run_torch(v):
   cuda = torch.cuda.is_available()
   device = "cuda" if cuda else "cpu"
   sync = torch.cuda.synchronize if cuda else (lambda: None)
+  # a missing optional package skips the record before the model is built
+  for package, needed in (("peft", v["lora_rank"]), ("liger_kernel", v["liger"])):
+    if needed:
+      importlib.import_module(package)
   t0 = time.perf_counter()
-  model = build_model(v["model"], device)
+  model = build_model(v["model"], device, v["param_dtype"])
+  if v["lora_rank"]:
+    model = with_lora(model, v)
   params = [p for p in model.parameters() if p.requires_grad]
   opt = torch.optim.AdamW(params, lr=2e-5, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0,
                           fused=cuda)
@@ -134,20 +175,23 @@ def run_torch(v):
     sync()
     times.append(time.perf_counter() - t0)
     losses.append(float(loss.detach()))
-  num_params = sum(p.numel() for p in params)
+  trainable = sum(p.numel() for p in params)
+  num_params = sum(p.numel() for p in model.parameters() if not p.requires_grad) or trainable
   s = SHAPES[v["model"]]
-  flops = 6 * num_params + 12 * s["num_hidden_layers"] * s["hidden_size"] * v["seq_len"]
+  flops = throughput.flops_per_token(
+      num_params, types.SimpleNamespace(num_layers=s["num_hidden_layers"],
+                                        hidden_size=s["hidden_size"]),
+      v["seq_len"], num_trainable=trainable if v["lora_rank"] else None)
   name = torch.cuda.get_device_name() if cuda else "cpu"
-  from dft_jax.throughput import PEAK_FLOPS  # the same peak as the JAX records' MFU
-  peak_flops = next((f for k, f in PEAK_FLOPS.items() if k in name), None)
-  record = dict(num_params=num_params, num_layers=s["num_hidden_layers"],
-                hidden_size=s["hidden_size"], vocab_size=vocab,
+  peak_flops = next((f for k, f in throughput.PEAK_FLOPS.items() if k in name), None)
+  record = dict(num_params=num_params, trainable_params=trainable,
+                num_layers=s["num_hidden_layers"], hidden_size=s["hidden_size"], vocab_size=vocab,
                 tokens_per_step=v["batch"] * v["seq_len"], init_s=init_s, losses=losses,
                 peak_bytes=torch.cuda.max_memory_allocated() if cuda else None,
                 bytes_limit=torch.cuda.mem_get_info()[1] if cuda else None,
                 device=name, platform="gpu" if cuda else "cpu", fused_adamw=cuda,
-                versions=bench.versions("torch", "transformers", "liger_kernel", "triton",
-                                        "numpy"))
+                versions=bench.versions("torch", "transformers", "peft", "liger_kernel",
+                                        "triton", "numpy"))
   record.update(bench.timing_fields(times[v["warmup"]:], v["batch"] * v["seq_len"], flops,
                                     peak_flops))
   record["probes"] = probe(step, v, rng, vocab, device, cuda)
@@ -185,9 +229,9 @@ def run_variant(v):
   v = dict(bench.DEFAULTS, **v)
   record = {k: v[k] for k in bench.DEFAULTS if k not in ("est_s", "group")}
   record.update(name=v.get("name") or f"torch/{v['model']}/{v['objective']}", group=v["group"],
-                framework="torch", remat="checkpoint_layers", attention="sdpa",
-                lm_head_chunk=None, status="ok")
-  return bench.run_recorded(record, lambda: run_torch(v), skipped=(ImportError,))
+                framework="torch", peft=bool(v["lora_rank"]), remat="checkpoint_layers",
+                attention="sdpa", lm_head=None, lm_head_chunk=None, status="ok")
+  return bench.run_recorded(record, lambda: run_torch(v), skipped=(ModuleNotFoundError,))
 
 
 def main(argv=None):
@@ -200,6 +244,7 @@ def main(argv=None):
   p.add_argument("--steps", type=int, default=10)
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--liger", action="store_true")
+  p.add_argument("--lora_rank", type=int, default=0, help="> 0: the peft peer (bf16 base)")
   p.add_argument("--probe_batches", default="", help="comma-separated, e.g. 6,8")
   p.add_argument("--smoke", action="store_true", help="tiny-qwen2, T=128, float32, CPU-sized")
   args = p.parse_args(argv)
@@ -207,10 +252,12 @@ def main(argv=None):
     v = {k: tuple(x) if isinstance(x, list) else x for k, x in json.loads(args.variant).items()}
   else:
     v = dict(model=args.model, objective=args.objective, batch=args.batch, seq_len=args.seq_len,
-             steps=args.steps, warmup=args.warmup, liger=args.liger,
+             steps=args.steps, warmup=args.warmup, liger=args.liger, lora_rank=args.lora_rank,
+             param_dtype="bfloat16" if args.lora_rank else "float32",
              probe_batches=tuple(int(b) for b in args.probe_batches.split(",") if b))
     if args.smoke:
-      v.update(model="tiny-qwen2", seq_len=128, compute_dtype="float32", steps=3, warmup=1)
+      v.update(model="tiny-qwen2", seq_len=128, compute_dtype="float32", param_dtype="float32",
+               steps=3, warmup=1)
   print("RESULT " + json.dumps(run_variant(v)), flush=True)
 
 

@@ -61,6 +61,13 @@ DEFAULTS = dict(
     compute_dtype="bfloat16",
     attention="auto",           # cudnn on GPU
     mu_dtype=None,              # AdamW first moment dtype (needs config.optimizer.mu_dtype)
+    nu_dtype=None,              # AdamW second moment dtype (config.optimizer.nu_dtype)
+    lora_rank=0,                # config.lora.rank: 0 trains every parameter; > 0 LoRA adapters
+                                # (torch: the peft peer); param_dtype is the frozen base's dtype
+    lora_alpha=16.0,            # config.lora.alpha (scale alpha / rank)
+    lora_targets="q,k,v,o,gate,up,down",  # config.lora.targets (peft: <name>_proj)
+    base_quant="none",          # config.lora.base_quant: none | int8 | nf4 (QLoRA)
+    quant_block_size=64,        # config.lora.block_size: nf4 blocks (input elements)
     doc_len=(256, 2048),        # document lengths drawn uniformly in [lo, hi]; (T, T): 1 per row
     steps=10,
     warmup=2,
@@ -69,7 +76,81 @@ DEFAULTS = dict(
     probe_batches=(),           # torch: extra batch sizes tried for one step each, until OOM
     est_s=60,                   # sweep: expected wall time (skip if the budget is short)
     group="",                   # sweep: "policy" records compete for remat="best"
+    topk_method="blocks",       # lm_head.top_k_values' method: blocks (its default) | lax
 )
+
+# CPU smoke runs only: XLA:CPU compiles the tiny step faster, the numbers are not measurements.
+SMOKE_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+# Tiny CPU shapes of the smoke plan's JAX variants.
+TINY = dict(model="tiny-qwen2", seq_len=128, batch=2, lm_head_chunk=64, doc_len=(16, 64),
+            compute_dtype="float32", steps=3, warmup=1, xla_flags=SMOKE_XLA_FLAGS, est_s=20)
+DOTS_ATTN = "dots_attention_saveable"  # the fastest remat policy on the H100
+FAST = dict(remat=DOTS_ATTN, lm_head="fused", steps=8, warmup=2, est_s=25)
+
+# The 1.5B shape on one H200 (issues 15 and 16), in priority order (the budget skips the tail).
+# est_s: process start + init + compile + 2 + 8 steps (H100 at 2 + 10 steps: 20-25 s a 1.5B
+# variant, 30-45 s the first compile and a torch peer, Liger 45 s). Every JAX row runs
+# dots_attention_saveable and the fused head unless named otherwise; asft and iw_sft ask for the
+# fused head and run the checkpointed one (their lm_head says so): jax/sft/checkpointed is their
+# SFT.
+H200 = [
+    dict(name="torch/dft", framework="torch", objective="dft", steps=8, est_s=35),
+    dict(FAST, name="jax/dft/fused", est_s=45),  # the first compile fills the autotune cache
+    dict(FAST, name="jax/dft/checkpointed", lm_head="checkpointed"),
+    dict(FAST, name="jax/sft/fused", objective="sft"),
+    dict(FAST, name="jax/dft/lean", remat="nothing_saveable", mu_dtype="bfloat16",
+         nu_dtype="bfloat16"),
+    dict(name="torch/dft/liger", framework="torch", objective="dft", liger=True, steps=8,
+         est_s=45),
+    dict(FAST, name="jax/eaft/fused", objective="eaft"),
+    dict(FAST, name="jax/psft/k4/fused", objective="psft", minibatches=4, est_s=45),
+    dict(FAST, name="jax/psft/k1/fused", objective="psft"),
+    dict(FAST, name="jax/gem/fused", objective="gem"),
+    dict(FAST, name="jax/deft/fused", objective="deft"),
+    dict(FAST, name="jax/power/fused", objective="power"),
+    dict(FAST, name="jax/chord_phi/fused", objective="chord_phi"),
+    dict(FAST, name="jax/prob_threshold/fused", objective="prob_threshold"),
+    dict(FAST, name="jax/sft/checkpointed", objective="sft", lm_head="checkpointed"),
+    dict(FAST, name="jax/asft", objective="asft", est_s=35),
+    dict(FAST, name="jax/iw_sft", objective="iw_sft", est_s=35),
+]
+
+# The Qwen2.5-7B shape on one H200 (issues 16 and 17), DFT, 4 x 4096 unless named otherwise.
+# LoRA: rank 16 on all seven projections, alpha 16, bf16 base (PEFT's peer the same).
+SEVEN_B = dict(model="qwen2.5-7b", lm_head="fused", steps=8, warmup=2)
+LORA16 = dict(SEVEN_B, lora_rank=16, lora_alpha=16.0, param_dtype="bfloat16")
+PEFT16 = dict(LORA16, framework="torch", lm_head="checkpointed")
+H200_7B = [
+    dict(PEFT16, name="torch/7b/peft/b4", est_s=60),
+    dict(LORA16, name="jax/7b/lora16/b4", remat="nothing_saveable", est_s=65),
+    dict(LORA16, name="jax/7b/qlora_nf4/b1", remat="nothing_saveable", base_quant="nf4",
+         batch=1, est_s=55),
+    dict(SEVEN_B, name="jax/7b/dft/nothing", remat="nothing_saveable", est_s=75),
+    dict(LORA16, name="jax/7b/lora16/b4/attn", remat="attention_saveable", est_s=60),
+    dict(SEVEN_B, name="jax/7b/dft/attn_mu_bf16", remat="attention_saveable",
+         mu_dtype="bfloat16", est_s=75),
+    dict(PEFT16, name="torch/7b/peft/b2", batch=2, est_s=45),
+    dict(PEFT16, name="torch/7b/peft/b1", batch=1, est_s=40),
+    dict(SEVEN_B, name="torch/7b/dft/b1", framework="torch", lm_head="checkpointed", batch=1,
+         est_s=55),
+]
+
+# After the first H200 run (EAFT at 3.4x SFT with top-k in rounds of 16): EAFT's two-stage block
+# top-k against one lax.top_k (step, and head alone where the record times the ways), and LoRA /
+# QLoRA at 7B with smaller head chunks (the head's [chunk, 152,064] float32 buffers are ~2.3 GiB
+# each at 4,096 tokens).
+H200_MORE = [
+    dict(name="head/eaft/fused", framework="head", objective="eaft", lm_head="fused",
+         compare=True, est_s=35),
+    dict(FAST, name="jax/eaft/fused", objective="eaft"),
+    dict(FAST, name="jax/eaft/fused/lax_top_k", objective="eaft", topk_method="lax"),
+    dict(FAST, name="jax/sft/fused", objective="sft"),
+    dict(FAST, name="jax/psft/k4/fused", objective="psft", minibatches=4, est_s=45),
+    dict(LORA16, name="jax/7b/lora16/b4/chunk1024", remat="nothing_saveable", lm_head_chunk=1024,
+         est_s=65),
+    dict(LORA16, name="jax/7b/qlora_nf4/b1/chunk1024", remat="nothing_saveable",
+         base_quant="nf4", batch=1, lm_head_chunk=1024, est_s=55),
+]
 
 PLANS = {
     # The H100 plan, in priority order: when the budget runs short the tail is skipped.
@@ -128,14 +209,16 @@ PLANS = {
                    for objective, k in (("dft", 1), ("eaft", 1), ("sft", 1), ("psft", 4),
                                         ("gem", 1), ("deft", 1), ("psft", 1))
                    for head in ("fused", "checkpointed")],
+    # One H200, one call each (~540 s): the issues' targets side by side with the peers.
+    "h200": H200,
+    "h200_7b": H200_7B,
+    "h200_more": H200_MORE,
     # Tiny shapes on CPU: the plumbing of every path above in seconds.
     "smoke": [
         dict(name="torch/dft", framework="torch", model="tiny-qwen2", seq_len=128,
              doc_len=(16, 64), compute_dtype="float32", steps=3, warmup=1, probe_batches=(8,),
              est_s=5),
-        dict(name="jax/psft/k2", model="tiny-qwen2", seq_len=128, batch=2, lm_head_chunk=64,
-             doc_len=(16, 64), objective="psft", minibatches=2, compute_dtype="float32",
-             steps=3, warmup=1, group="policy", est_s=5),
+        dict(TINY, name="jax/psft/k2", objective="psft", minibatches=2, group="policy"),
         dict(name="jax/dft/needs_hook", model="tiny-qwen2", remat="no_such_policy", est_s=5),
         dict(name="head/eaft/checkpointed", framework="head", model="tiny-qwen2", seq_len=128,
              batch=2, lm_head_chunk=64, doc_len=(16, 64), objective="eaft",
@@ -145,23 +228,46 @@ PLANS = {
              compute_dtype="float32", w_dtype="float32", compare=True, steps=3, warmup=1,
              est_s=5),
         dict(name="jax/dft/over_budget", model="tiny-qwen2", remat="best", est_s=10 ** 6),
+        # LoRA rank 4 on a bf16 base, QLoRA nf4, the peft peer, ASFT (the checkpointed head runs)
+        dict(TINY, name="jax/lora4", lora_rank=4, lora_alpha=8.0, param_dtype="bfloat16",
+             lm_head="fused"),
+        dict(TINY, name="jax/qlora_nf4", lora_rank=4, lora_alpha=8.0, param_dtype="bfloat16",
+             base_quant="nf4", quant_block_size=16, batch=1, lm_head="fused"),
+        dict(TINY, name="torch/peft", framework="torch", lora_rank=4, lora_alpha=8.0,
+             xla_flags=""),
+        dict(TINY, name="jax/asft", objective="asft", lm_head="fused"),
     ],
 }
 
 
-# Compile-only memory analysis of the 1.5B step (--memory_sweep): XLA's buffer sizes per option.
-MEMORY_PLAN = [
-    dict(name="nothing/chunk4096", remat="nothing_saveable", lm_head_chunk=4096),
-    dict(name="nothing/chunk1024", remat="nothing_saveable", lm_head_chunk=1024),
-    dict(name="dots/chunk4096", remat="dots_with_no_batch_dims_saveable", lm_head_chunk=4096),
-    dict(name="nothing/chunk1024/micro2", remat="nothing_saveable", lm_head_chunk=1024,
-         microbatches=2),
-    dict(name="nothing/chunk1024/b8", remat="nothing_saveable", lm_head_chunk=1024, batch=8),
-    dict(name="nothing/chunk1024/psft", remat="nothing_saveable", lm_head_chunk=1024,
-         objective="psft"),
-    dict(name="nothing/chunk1024/bf16_params", remat="nothing_saveable", lm_head_chunk=1024,
-         param_dtype="bfloat16"),
-]
+# Compile-only memory analysis (--memory_sweep, --memory_plan): XLA's buffer sizes per option.
+MEMORY_PLANS = {
+    "1.5b": [
+        dict(name="nothing/chunk4096", remat="nothing_saveable", lm_head_chunk=4096),
+        dict(name="nothing/chunk1024", remat="nothing_saveable", lm_head_chunk=1024),
+        dict(name="dots/chunk4096", remat="dots_with_no_batch_dims_saveable",
+             lm_head_chunk=4096),
+        dict(name="nothing/chunk1024/micro2", remat="nothing_saveable", lm_head_chunk=1024,
+             microbatches=2),
+        dict(name="nothing/chunk1024/b8", remat="nothing_saveable", lm_head_chunk=1024,
+             batch=8),
+        dict(name="nothing/chunk1024/psft", remat="nothing_saveable", lm_head_chunk=1024,
+             objective="psft"),
+        dict(name="nothing/chunk1024/bf16_params", remat="nothing_saveable", lm_head_chunk=1024,
+             param_dtype="bfloat16"),
+    ],
+    # The 7B rows of the h200_7b plan (and what does not fit), before the GPU run. On CPU the
+    # cuDNN-attention policies (attention_saveable) save what nothing_saveable saves.
+    "7b": [
+        dict(LORA16, name="lora16/nothing/b4", remat="nothing_saveable"),
+        dict(LORA16, name="qlora_nf4/nothing/b1", remat="nothing_saveable", base_quant="nf4",
+             batch=1),
+        dict(SEVEN_B, name="full/nothing/b4", remat="nothing_saveable"),
+        dict(SEVEN_B, name="full/nothing/mu_bf16/b4", remat="nothing_saveable",
+             mu_dtype="bfloat16"),
+        dict(LORA16, name="lora16/dots_attn/micro4/b4", remat=DOTS_ATTN, microbatches=4),
+    ],
+}
 
 
 MEMORY_NOTE = (
@@ -226,13 +332,19 @@ def bench_config(v):
                       "(checkpointed | fused): the step's choice of LM head")
     c.model.lm_head_impl = v["lm_head"]
   c.objective.name = v["objective"]
+  if v["lora_rank"]:
+    if "lora" not in c:
+      raise NeedsHook("lora_rank needs config.lora (rank, alpha, targets, base_quant)")
+    c.lora.update(rank=v["lora_rank"], alpha=float(v["lora_alpha"]), targets=v["lora_targets"],
+                  base_quant=v["base_quant"], block_size=v["quant_block_size"])
   c.train.update(global_batch_size=v["batch"] * v["minibatches"], seq_len=v["seq_len"],
                  minibatches=v["minibatches"], microbatches=v["microbatches"], num_steps=1000)
   c.data.max_length = min(c.data.max_length, v["seq_len"])
-  if v["mu_dtype"]:
-    if "mu_dtype" not in c.optimizer:
-      raise NeedsHook("mu_dtype needs config.optimizer.mu_dtype (passed to optax.adamw)")
-    c.optimizer.mu_dtype = v["mu_dtype"]
+  for moment in ("mu_dtype", "nu_dtype"):  # AdamW's moments stored in another dtype
+    if v[moment]:
+      if moment not in c.optimizer:
+        raise NeedsHook(f"{moment} needs config.optimizer.{moment}")
+      c.optimizer[moment] = v[moment]
   return c
 
 
@@ -288,10 +400,45 @@ def timing_fields(times, tokens_per_step, flops_per_token, peak_flops):
               mfu=tokens_per_s * flops_per_token / peak_flops if peak_flops else None)
 
 
-def load_model(model_cfg):
-  """The decoder of config.model (a preset: random init; benchmarks need no tokenizer)."""
+def load_model(config):
+  """The decoder of config.model with config.lora's adapters (a preset: random init; benchmarks
+  need no tokenizer)."""
   from dft_jax import models
-  return models.load(model_cfg.name, **models.decoder_options(model_cfg))[0]
+  return models.load(config.model.name,
+                     **models.decoder_options(config.model, config.get("lora")))[0]
+
+
+def sharded_model(config, mesh):
+  """load_model(config) with each parameter created on its shards: `jit` with out_shardings (a
+  partitionable PRNG), so no device holds the whole model and no parameter is materialised in
+  float32 before its cast to the base's bf16 or its quantisation (the eager init would hold each
+  stacked float32 weight once: 7.6 GB for the 7B shape's MLP)."""
+  import jax
+  from flax import nnx
+  from dft_jax import models, sharding
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: load_model(config)))
+  shardings = sharding.param_shardings(abstract, models.logical_specs(abstract), mesh)
+  params = jax.jit(lambda: nnx.split(load_model(config))[1], out_shardings=shardings)()
+  return nnx.merge(graphdef, params)
+
+
+def head_that_runs(config):
+  """The LM head the step takes: model.lm_head_impl, unless the objective does not fit the fused
+  head (a sequence-level or reference-distribution objective: the checkpointed one)."""
+  from dft_jax import step as step_lib
+  if config.model.lm_head_impl == "fused" and step_lib.fused_head_fits(config.objective):
+    return "fused"
+  return "checkpointed"
+
+
+def base_param_count(model_cfg):
+  """N of the plain decoder (every parameter once, tied embedding once): the base a LoRA run
+  freezes, counted from shapes (a quantised base packs two weights a byte)."""
+  from flax import nnx
+  from dft_jax import models
+  from dft_jax import step as step_lib
+  return step_lib.count_params(nnx.state(nnx.eval_shape(
+      lambda: models.Decoder(model_cfg, rngs=nnx.Rngs(0)))))
 
 
 def time_train_step(v, config, mesh, make_model, peak_flops):
@@ -311,7 +458,7 @@ def time_train_step(v, config, mesh, make_model, peak_flops):
   model_cfg = model.config
   graphdef, state, frozen, tx, _ = step_lib.init_train_state(model, config, mesh)
   del model
-  jax.block_until_ready((state, frozen))
+  jax.block_until_ready((state, frozen))  # frozen: a LoRA base, or ASFT / iw-SFT's reference
   init_s = time.perf_counter() - t0
   step = step_lib.make_train_step(graphdef, tx, config, mesh, step_lib.shardings_of(state),
                                   step_lib.shardings_of(frozen))
@@ -329,27 +476,33 @@ def time_train_step(v, config, mesh, make_model, peak_flops):
                           num_steps=v["warmup"] + v["steps"], record=recorder, frozen=frozen)
   times = [h["step_seconds"] for h in recorder.history]
   losses = [h["loss"] for h in recorder.history]
-  num_params = step_lib.count_params(state.params)
+  lora = frozen.base is not None
   tokens = rows * v["seq_len"]
   record = dict(
-      num_params=num_params, num_layers=model_cfg.num_layers, hidden_size=model_cfg.hidden_size,
-      vocab_size=model_cfg.vocab_size, tokens_per_step=tokens, init_s=init_s,
-      compile_s=compile_s, losses=losses, memory_analysis=memory_stats(compiled),
+      num_params=base_param_count(model_cfg) if lora else step_lib.count_params(state.params),
+      trainable_params=step_lib.count_params(state.params), num_layers=model_cfg.num_layers,
+      hidden_size=model_cfg.hidden_size, vocab_size=model_cfg.vocab_size, tokens_per_step=tokens,
+      init_s=init_s, compile_s=compile_s, losses=losses, memory_analysis=memory_stats(compiled),
       versions=versions("jax", "jaxlib", "flax", "optax", "numpy"), **device_info())
   record.update(timing_fields(times[v["warmup"]:], tokens,
-                              throughput.flops_per_token(num_params, model_cfg, v["seq_len"]),
+                              step_lib.train_flops_per_token(state, frozen, model_cfg,
+                                                             v["seq_len"]),
                               peak_flops))
   return state, batches[0], record
 
 
 def run_jax(v):
   """Builds, compiles and times one variant in this process; returns its record fields."""
+  import functools
   import jax
+  from dft_jax import lm_head
   from dft_jax import step as step_lib
+  if v["topk_method"] != "blocks":  # this process's top-k: one lax.top_k over the vocabulary
+    lm_head.top_k_values = functools.partial(lm_head.top_k_values, method=v["topk_method"])
   config = bench_config(v)
   step_lib.validate(config, 1)
-  _, batch, record = time_train_step(v, config, single_device_mesh(),
-                                     lambda: load_model(config.model),
+  mesh = single_device_mesh()
+  _, batch, record = time_train_step(v, config, mesh, lambda: sharded_model(config, mesh),
                                      throughput.peak_flops(jax.devices()[0]))
   stats = jax.devices()[0].memory_stats() or {}
   seg = np.asarray(batch["segment_ids"])
@@ -365,7 +518,13 @@ def run_variant(v):
   record = {k: v[k] for k in DEFAULTS if k not in ("est_s", "group", "probe_batches", "liger")}
   record.update(name=v.get("name") or f"{v['framework']}/{v['model']}/{v['objective']}",
                 group=v["group"], status="ok")
-  return run_recorded(record, lambda: run_jax(v), skipped=(NeedsHook,))
+
+  def measure():
+    fields = run_jax(v)
+    # lm_head: the head that ran (asft, iw_sft, dft_seq keep the checkpointed one)
+    fields.update(lm_head=head_that_runs(bench_config(v)), lm_head_requested=v["lm_head"])
+    return fields
+  return run_recorded(record, measure, skipped=(NeedsHook,))
 
 
 def run_recorded(record, measure, skipped=()):
@@ -391,23 +550,26 @@ def run_recorded(record, measure, skipped=()):
 
 
 def abstract_state(config, mesh):
-  """(graphdef, abstract TrainState, tx) as train.init_train_state builds them, but shapes and
-  dtypes only: nothing allocated (every leaf on the mesh's one device)."""
+  """(graphdef, abstract TrainState, abstract Frozen, tx) as step.init_train_state builds them
+  (with LoRA the adapters train and the base is Frozen.base; ASFT / iw-SFT without LoRA get the
+  copy of the starting parameters in Frozen.reference), but shapes and dtypes only: nothing
+  allocated (every leaf on the mesh's one device)."""
   import jax
   import jax.numpy as jnp
   from flax import nnx
   from dft_jax import models, sharding
   from dft_jax import step as step_lib
-  model = nnx.eval_shape(lambda: load_model(config.model))
-  graphdef, params = nnx.split(model)
+  model = nnx.eval_shape(lambda: load_model(config))
+  graphdef, params, base = step_lib.split_model(model)
   logical = models.logical_specs(params)
   tx, _ = step_lib.make_optimizer(config.optimizer, config.train.num_steps, logical)
   replicated = sharding.replicated(mesh)
+  abstract = lambda tree: jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), tree)
   state = step_lib.TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
                               opt_state=jax.eval_shape(tx.init, params))
-  state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-                       state)
-  return graphdef, state, tx
+  reference = params if base is None and step_lib.needs_reference(config.objective) else None
+  return graphdef, abstract(state), abstract(step_lib.Frozen(base=base, reference=reference)), tx
 
 
 def compiled_memory(v):
@@ -419,27 +581,27 @@ def compiled_memory(v):
   v = dict(DEFAULTS, **v)
   config = bench_config(v)
   mesh = single_device_mesh()
-  graphdef, state, tx = abstract_state(config, mesh)
+  graphdef, state, frozen, tx = abstract_state(config, mesh)
   step = step_lib.make_train_step(graphdef, tx, config, mesh, step_lib.shardings_of(state),
-                                  step_lib.shardings_of(step_lib.Frozen()))
+                                  step_lib.shardings_of(frozen))
   rows = config.train.global_batch_size
   batch = {k: jax.ShapeDtypeStruct((rows, v["seq_len"]), x.dtype,
                                    sharding=sharding.batch_sharding(mesh))
            for k, x in packed_rows(np.random.default_rng(0), 1, 8, 8).items()}
   t0 = time.perf_counter()
-  compiled = step.lower(state, batch, step_lib.Frozen()).compile()
+  compiled = step.lower(state, batch, frozen).compile()
   out = memory_stats(compiled)
   out.update(compile_s=time.perf_counter() - t0, backend=jax.default_backend(),
              num_params=step_lib.count_params(state.params))
   return out
 
 
-def run_memory_sweep(out_path, model):
-  """compiled_memory for every MEMORY_PLAN option (plus the attention-only temporaries at each
-  option's shape); writes a JSON list and prints a table in GiB."""
+def run_memory_sweep(out_path, plan):
+  """compiled_memory for every MEMORY_PLANS[plan] option (plus the attention-only temporaries at
+  each option's shape); writes a JSON list and prints a table in GiB."""
   rows = []
-  for option in MEMORY_PLAN:
-    v = dict(option, model=model)
+  for option in MEMORY_PLANS[plan]:
+    v = dict(option, model=option.get("model", "qwen2.5-1.5b"))
     mem = compiled_memory(v)
     mem.update(name=option["name"], option=option, attention_temp_bytes=attention_memory(v),
                saved_activation_bytes=saved_activation_bytes(v),
@@ -451,7 +613,7 @@ def run_memory_sweep(out_path, model):
             "saved_activation_bytes", "head_temp_bytes")),
           flush=True)
   with open(out_path, "w") as f:
-    json.dump(dict(backend=rows[0]["backend"], model=model, compile_only=True, note=MEMORY_NOTE,
+    json.dump(dict(backend=rows[0]["backend"], plan=plan, compile_only=True, note=MEMORY_NOTE,
                    versions=versions("jax", "jaxlib", "flax", "optax"), rows=rows), f, indent=1)
   return rows
 
@@ -488,18 +650,19 @@ def saved_activation_bytes(v):
   from dft_jax import step as step_lib
   v = dict(DEFAULTS, **v)
   config = bench_config(v)
-  graphdef, state, _ = abstract_state(config, single_device_mesh())
+  graphdef, state, frozen, _ = abstract_state(config, single_device_mesh())
   stats, objective = objective_of(config)
 
-  def loss(params, batch):
-    return objective(step_lib.model_token_stats(step_lib.merge_model(graphdef, params), batch,
-                                                v["lm_head_chunk"], stats), batch)
+  def loss(params, base, batch):  # a LoRA run's frozen base an argument: its arrays are no
+    model = step_lib.merge_model(graphdef, params, base)  # residuals (the policy saves the same)
+    return objective(step_lib.model_token_stats(model, batch, v["lm_head_chunk"], stats), batch)
 
   batch = abstract_batch(v["batch"] // v["microbatches"], v["seq_len"])
-  params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state.params)
+  params, base = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                              (state.params, frozen.base))
   text = io.StringIO()
   with contextlib.redirect_stdout(text):  # lines "bf16[28,4,4096,1536] output of ..."
-    print_saved_residuals(loss, params, batch)
+    print_saved_residuals(loss, params, base, batch)
   total = 0
   for dtype, dims, src in re.findall(r"^([a-z]+\d*)\[([\d,]*)\] (.*)$", text.getvalue(), re.M):
     if not src.startswith("from the argument"):
@@ -668,69 +831,164 @@ def run_sweep(plan, out_dir, budget_s):
   return result
 
 
+def merge_results(paths, out_path):
+  """One result of several sweeps' train_step.json (e.g. the h200 and h200_7b calls): their
+  records in order, the summary over all of them; written to out_path, the table printed."""
+  results = []
+  for path in paths:
+    with open(path) as f:
+      results.append(json.load(f))
+  records = [r for result in results for r in result["records"]]
+  merged = dict(plan="+".join(r["plan"] for r in results), created=results[0]["created"],
+                wall_s=sum(r["wall_s"] for r in results), parts=list(paths), records=records,
+                summary=summarize(records))
+  with open(out_path, "w") as f:
+    json.dump(merged, f, indent=1)
+  print(format_table(records, merged["summary"]), flush=True)
+  return merged
+
+
 def _ok(records, **match):
   return [r for r in records if r["status"] == "ok"
           and all(r.get(k) == want for k, want in match.items())]
 
 
-# Fields that make a fused-head record and a checkpointed one a like-for-like pair.
+# Fields that make two records a like-for-like pair (a fused head against the checkpointed one).
 TWIN_KEYS = ("framework", "model", "objective", "batch", "seq_len", "minibatches", "microbatches",
-             "remat", "lm_head_chunk", "compute_dtype", "w_dtype", "mu_dtype", "xla_flags",
-             "doc_len")
+             "remat", "lm_head_chunk", "compute_dtype", "param_dtype", "w_dtype", "mu_dtype",
+             "nu_dtype", "xla_flags", "doc_len", "lora_rank", "base_quant")
+# An objective's step time per token is compared with SFT's at the same shape, head and remat.
+VS_SFT_KEYS = ("model", "batch", "seq_len", "remat", "lm_head", "lm_head_chunk", "param_dtype",
+               "mu_dtype", "nu_dtype", "xla_flags", "doc_len", "lora_rank", "base_quant")
+LORA_PEAK_GIB = 32.0  # a 40 GB card
+# The issues' targets: (summary key, comparison, bound).
+TARGETS = (
+    ("dft_mfu", ">=", 0.52),                       # 1.5B, 4 x 4096, DFT
+    ("dft_speedup_vs_transformers", ">=", 1.6),
+    ("lean_peak_gib", "<=", 25.5),                 # Liger's peak at 4 x 4096
+    ("lean_mfu", ">=", 0.42),
+    ("objective_per_token_vs_sft_max", "<=", 1.05),  # PSFT K=4 apart
+    ("psft_k4_per_token_vs_sft", "<=", 1.15),
+    ("large_mfu", ">=", 0.52),                     # 7B full fine-tune, 4 x 4096
+    ("large_speedup_vs_transformers", ">=", 1.5),  # its largest batch that fits
+    ("lora_peak_gib", "<=", LORA_PEAK_GIB),        # 7B LoRA rank 16, 4 x 4096
+    ("lora_speedup_vs_peft", ">=", 1.5),
+    ("qlora_peak_gib", "<=", 16.0),                # 7B QLoRA, 1 x 4096
+)
+
+
+def _same(r, q, keys):
+  return all(r.get(k) == q.get(k) for k in keys)
+
+
+def _brief(r):
+  """name, tokens/s, MFU and peak GiB of a record (the summary's rows)."""
+  return dict(name=r["name"], tokens_per_s=r["tokens_per_s"], mfu=r.get("mfu"),
+              peak_gib=r["peak_bytes"] / GIB if r.get("peak_bytes") else None)
 
 
 def summarize(records):
-  """The issue's targets, read off the records of one run (absent where a record is missing)."""
+  """The issues' targets, read off the records of one run (absent where a record is missing):
+  the 1.5B DFT row and its ratio to transformers, fused / checkpointed head, each objective's step
+  time per token over SFT's, the lean peak against Liger's, the 7B full fine-tune, LoRA against
+  the peft peer at the same batch, QLoRA's peak, and `targets` (value, bound, met)."""
   s = {}
-  ref = lambda name: next(iter(_ok(records, name=name)), None)
-  peer, liger = ref("torch/dft"), ref("torch/dft/liger")
-  ours = _ok(records, framework="jax", model=DEFAULTS["model"], objective="dft", batch=4,
-             seq_len=DEFAULTS["seq_len"])
+  first = lambda **match: next(iter(_ok(records, **match)), None)
+  base = dict(model=DEFAULTS["model"], objective="dft", batch=4, seq_len=DEFAULTS["seq_len"],
+              lora_rank=0)
+  peer = first(framework="torch", liger=False, **base)
+  liger = first(framework="torch", liger=True, **base)
+  ours = _ok(records, framework="jax", **base)
   if ours:
     fastest = max(ours, key=lambda r: r["tokens_per_s"])
     s.update(dft_fastest=fastest["name"], dft_tokens_per_s=fastest["tokens_per_s"],
              dft_mfu=fastest["mfu"])
     if peer:
       s["dft_speedup_vs_transformers"] = fastest["tokens_per_s"] / peer["tokens_per_s"]
-    with_peak = [r for r in ours if r.get("peak_bytes")]
-    if with_peak:
-      leanest = min(with_peak, key=lambda r: r["peak_bytes"])
-      s.update(dft_leanest=leanest["name"], dft_leanest_peak_gib=leanest["peak_bytes"] / GIB)
-    if liger and liger.get("peak_bytes"):
-      s["liger_peak_gib"] = liger["peak_bytes"] / GIB
-  for r in _ok(records, framework="jax", mu_dtype=None, xla_flags=""):
-    # per-token step time over SFT's at the same remat, head and head chunk
-    same = [q for q in _ok(records, framework="jax", objective="sft", mu_dtype=None, xla_flags="")
-            if all(q[k] == r[k] for k in ("model", "remat", "lm_head", "lm_head_chunk", "batch"))]
-    if r["objective"] != "sft" and same:
-      s[f"{r['name']} / {same[0]['name']} step time per token"] = (
-          r["step_time_s"] / r["tokens_per_step"]) / (
-              same[0]["step_time_s"] / same[0]["tokens_per_step"])
-  for r in _ok(records, lm_head="fused"):
-    twin = [q for q in _ok(records, lm_head="checkpointed") if all(q[k] == r[k] for k in TWIN_KEYS)]
-    if twin:
-      s[f"{r['name']} / {twin[0]['name']} time"] = r["step_time_s"] / twin[0]["step_time_s"]
+    lean = [r for r in ours if r.get("peak_bytes")]
+    if lean:
+      leanest = min(lean, key=lambda r: r["peak_bytes"])
+      s.update(lean=leanest["name"], lean_peak_gib=leanest["peak_bytes"] / GIB,
+               lean_mfu=leanest["mfu"])
+  if liger and liger.get("peak_bytes"):
+    s["liger_peak_gib"] = liger["peak_bytes"] / GIB
+  s["fused_vs_checkpointed_time"] = {
+      f"{r['name']} / {twin['name']}": r["step_time_s"] / twin["step_time_s"]
+      for r in _ok(records, framework="jax", lm_head="fused")
+      for twin in _ok(records, framework="jax", lm_head="checkpointed")
+      if _same(r, twin, TWIN_KEYS)}
+  per_token = lambda r: r["step_time_s"] / r["tokens_per_step"]
+  vs_sft = {}
+  for r in _ok(records, framework="jax"):
+    sft = [q for q in _ok(records, framework="jax", objective="sft", minibatches=1)
+           if _same(r, q, VS_SFT_KEYS)]
+    if r["objective"] != "sft" and sft:
+      vs_sft[r["name"]] = dict(sft=sft[0]["name"], lm_head=r["lm_head"],
+                               ratio=per_token(r) / per_token(sft[0]))
+  s["step_time_per_token_vs_sft"] = vs_sft
+  psft_k4 = [x["ratio"] for n, x in vs_sft.items() if first(name=n)["minibatches"] > 1]
+  others = [x["ratio"] for n, x in vs_sft.items() if first(name=n)["minibatches"] == 1]
+  if others:
+    s["objective_per_token_vs_sft_max"] = max(others)
+  if psft_k4:
+    s["psft_k4_per_token_vs_sft"] = max(psft_k4)
+  large = _ok(records, framework="jax", model="qwen2.5-7b", lora_rank=0)
+  large_peers = _ok(records, framework="torch", model="qwen2.5-7b", lora_rank=0)
+  if large:
+    best = max(large, key=lambda r: r["mfu"] or 0)
+    s["large"] = [_brief(r) for r in large + large_peers]
+    s.update(large_fastest=best["name"], large_mfu=best["mfu"])
+    if large_peers:
+      s["large_speedup_vs_transformers"] = best["tokens_per_s"] / max(
+          r["tokens_per_s"] for r in large_peers)
+  lora = [r for r in _ok(records, framework="jax") if r.get("lora_rank")]
+  s["lora"] = []
+  for r in lora:
+    row = dict(_brief(r), batch=r["batch"], base_quant=r["base_quant"])
+    peft = [q for q in _ok(records, framework="torch") if q.get("lora_rank")
+            and _same(r, q, ("model", "batch", "seq_len", "objective", "lora_rank"))]
+    if peft:
+      row.update(peft=peft[0]["name"], peft_tokens_per_s=peft[0]["tokens_per_s"],
+                 peft_peak_gib=(peft[0]["peak_bytes"] or 0) / GIB,
+                 speedup_vs_peft=r["tokens_per_s"] / peft[0]["tokens_per_s"])
+    s["lora"].append(row)
+  plain = [x for x in s["lora"] if x["base_quant"] == "none" and x["batch"] == 4]
+  if plain:  # the fastest within the peak target, else the fastest
+    best = max(plain, key=lambda x: (x["peak_gib"] is not None and x["peak_gib"] <= LORA_PEAK_GIB,
+                                     x["tokens_per_s"]))
+    s.update(lora_fastest=best["name"], lora_peak_gib=best["peak_gib"])
+    if "speedup_vs_peft" in best:
+      s["lora_speedup_vs_peft"] = best["speedup_vs_peft"]
+  quantised = [x for x in s["lora"] if x["base_quant"] != "none" and x["peak_gib"]]
+  if quantised:
+    s["qlora_peak_gib"] = min(x["peak_gib"] for x in quantised)
+  s["peft"] = [_brief(r) for r in _ok(records, framework="torch") if r.get("lora_rank")]
   s["max_batch_predicted"] = {r["name"]: r["max_batch_predicted"] for r in records
                               if r.get("max_batch_predicted")}
   s["max_batch_ran"] = {r["name"]: r["max_batch_fit"] for r in records if r.get("max_batch_fit")}
   s["max_batch_ran"].update({r["name"]: r["batch"] for r in _ok(records, name="jax/dft/max_batch")})
+  s["targets"] = {key: dict(value=s[key], target=f"{op} {bound}",
+                            met=s[key] >= bound if op == ">=" else s[key] <= bound)
+                  for key, op, bound in TARGETS if s.get(key) is not None}
   return s
 
 
 def format_table(records, summary):
   """The compact table printed last (the device reply keeps the end of the output)."""
-  head = (f"{'variant':24s} {'status':7s} {'remat':>10s} {'chunk':>5s} {'B':>3s} {'tok/s':>8s} "
+  head = (f"{'variant':26s} {'status':7s} {'remat':>9s} {'head':>5s} {'B':>3s} {'tok/s':>8s} "
           f"{'step ms':>8s} {'MFU':>6s} {'peak GiB':>8s} {'maxB':>4s} {'compile':>7s}")
   lines = [head, "-" * len(head)]
   for r in records:
     if r["status"] != "ok":
-      lines.append(f"{r['name']:24s} {r['status']:7s} {(r.get('error') or '')[-90:]}")
+      lines.append(f"{r['name']:26s} {r['status']:7s} {(r.get('error') or '')[-90:]}")
       continue
     mfu = f"{100 * r['mfu']:5.1f}%" if r.get("mfu") else "     -"
     peak = f"{r['peak_bytes'] / GIB:8.1f}" if r.get("peak_bytes") else "       -"
-    remat = "-" if r["framework"] == "head" else REMAT_SHORT.get(r["remat"], r["remat"])[:10]
-    chunk = r.get("lm_head_chunk") or "-"
-    lines.append(f"{r['name']:24s} {'ok':7s} {remat:>10s} {chunk:>5} {r['batch']:3d} "
+    remat = "-" if r["framework"] == "head" else REMAT_SHORT.get(r["remat"], r["remat"])[:9]
+    lm_head = {"fused": "fused", "checkpointed": "ckpt"}.get(r.get("lm_head"), "-")
+    if r["framework"] == "torch":
+      lm_head = "liger" if r.get("liger") else "full"
+    lines.append(f"{r['name']:26s} {'ok':7s} {remat:>9s} {lm_head:>5s} {r['batch']:3d} "
                  f"{r['tokens_per_s']:8,.0f} {1e3 * r['step_time_s']:8.1f} {mfu} {peak} "
                  f"{r.get('max_batch_predicted') or 0:4d} {r.get('compile_s', 0):7.1f}")
   lines.append("summary: " + json.dumps(rounded(summary)))
@@ -758,10 +1016,14 @@ def parse_args(argv=None):
   p.add_argument("--out", default="benchmarks/results/latest", help="sweep output folder")
   p.add_argument("--budget_s", type=float, default=450.0, help="sweep wall-time budget")
   p.add_argument("--variant", help="one variant as JSON (what the sweep passes to a subprocess)")
+  p.add_argument("--merge", nargs="+", metavar="JSON",
+                 help="merge these sweeps' train_step.json into --out (a file), summary redone")
   p.add_argument("--memory", action="store_true",
                  help="compile only and print XLA's memory analysis (no execution)")
+  p.add_argument("--memory_plan", choices=sorted(MEMORY_PLANS), default="1.5b",
+                 help="the options --memory_sweep compiles")
   p.add_argument("--memory_sweep", metavar="OUT_JSON",
-                 help="compile-only memory analysis of every MEMORY_PLAN option for --model")
+                 help="compile-only memory analysis of every --memory_plan option")
   for key, value in DEFAULTS.items():
     if key in ("framework", "group", "est_s", "liger", "probe_batches", "doc_len"):
       continue
@@ -776,8 +1038,11 @@ def main(argv=None):
   if args.sweep:
     run_sweep(args.sweep, args.out, args.budget_s)
     return
+  if args.merge:
+    merge_results(args.merge, args.out)
+    return
   if args.memory_sweep:
-    run_memory_sweep(args.memory_sweep, args.model)
+    run_memory_sweep(args.memory_sweep, args.memory_plan)
     return
   if args.variant:
     v = json.loads(args.variant)

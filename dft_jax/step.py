@@ -190,7 +190,7 @@ def merge_model(graphdef, params, frozen=None):
 
 def full_params(params, frozen=None):
   """One state with every variable of the model: what nnx.split(model) gives."""
-  return params if frozen is None else nnx.State.merge(params, frozen)
+  return params if frozen is None else nnx.merge_state(params, frozen)
 
 
 def _placed(tree, mesh):
@@ -305,8 +305,8 @@ def objective_loss_fused(hidden_BxTxD, w_DxV, batch, cfg, *, extra_BxT=None,
 
   batch: targets, loss_mask and optionally segment_ids [B, T]; cfg: config.objective or a
   Setting; extra_BxT: what objectives.needs(cfg) names besides "segments" (old_logp, ref_logp);
-  current_old_logp: the policy snapshot is the current parameters (one update per batch),
-  old_logp = sg(logp) of this forward; denominators: as in objectives.objective_loss. Only for
+  current_old_logp: the policy snapshot is the current parameters (True: one update per batch;
+  a traced boolean: the first of K updates), old_logp = sg(logp) of this forward; denominators: as in objectives.objective_loss. Only for
   objectives the fused head fits (fused_head_fits): a sequence-level one (dft_seq) or one
   comparing full distributions with a reference model (asft) takes lm_head.token_stats.
   """
@@ -317,9 +317,12 @@ def objective_loss_fused(hidden_BxTxD, w_DxV, batch, cfg, *, extra_BxT=None,
   extra_BxT = dict(extra_BxT or {})
 
   def with_old_logp(values):
-    if not current_old_logp:
+    if current_old_logp is False:
       return values
-    return {**values, "old_logp": jax.lax.stop_gradient(values["logp"])}
+    current = jax.lax.stop_gradient(values["logp"])
+    if "old_logp" in values:  # a traced flag: is this update's snapshot the current policy?
+      current = jnp.where(current_old_logp, current, values["old_logp"])
+    return {**values, "old_logp": current}
 
   mask, segment_ids = batch["loss_mask"], batch.get("segment_ids")
   if denominators is None:
@@ -358,9 +361,10 @@ def make_train_step(graphdef, tx, config, mesh, state_shardings, frozen_sharding
   stat_names = objectives.required_stats(config.objective)
   lora = frozen_shardings.base is not None
   fused = config.model.lm_head_impl == "fused" and fused_head_fits(setting)
-  # With one update per batch the snapshot is the current policy: old_logp = sg(logp), no extra
-  # forward. With K > 1 updates, pi_old is computed once, before the first of them (with LoRA
-  # the snapshot is a copy of the adapters only).
+  # The snapshot pi_old is the policy before the first of the K = train.minibatches updates: for
+  # that update (K = 1: every update) old_logp = sg(logp) of its own forward; for the others one
+  # forward-only pass with the snapshot's parameters, before the updates (with LoRA the snapshot
+  # is a copy of the adapters only).
   snapshot_forward = "old_logp" in needs and t.minibatches > 1
 
   def reference(params, frozen, mb):
@@ -375,7 +379,7 @@ def make_train_step(graphdef, tx, config, mesh, state_shardings, frozen_sharding
     return lm_head.token_stats(hidden_BxTxD, w_DxV, mb["targets"], chunk_size=chunk,
                                stats=("logp",))["logp"]
 
-  def microbatch_loss(params, frozen, mb, old_logp_BxT, denominators):
+  def microbatch_loss(params, frozen, mb, old_logp_BxT, is_first, denominators):
     model = merge_model(graphdef, params, frozen.base)
     ref = (reference(params, frozen, mb)
            if "ref_logp" in needs or lm_head.needs_ref(stat_names) else None)
@@ -386,13 +390,15 @@ def make_train_step(graphdef, tx, config, mesh, state_shardings, frozen_sharding
       inputs["ref_logp"] = target_logp(ref, mb)
     if fused:
       hidden_BxTxD, w_DxV = hidden_and_head(model, mb)
+      current = is_first if snapshot_forward else "old_logp" in needs
       return objective_loss_fused(
-          hidden_BxTxD, w_DxV, mb, setting, extra_BxT=inputs,
-          current_old_logp="old_logp" in needs and not snapshot_forward,
+          hidden_BxTxD, w_DxV, mb, setting, extra_BxT=inputs, current_old_logp=current,
           denominators=denominators, chunk_size=chunk)
     stats = model_token_stats(model, mb, chunk, stat_names, ref)
-    if "old_logp" in needs and not snapshot_forward:
-      inputs["old_logp"] = jax.lax.stop_gradient(stats["logp"])
+    if "old_logp" in needs:
+      current = jax.lax.stop_gradient(stats["logp"])
+      inputs["old_logp"] = (jnp.where(is_first, current, old_logp_BxT) if snapshot_forward
+                            else current)
     return objectives.objective_loss({**stats, **inputs}, mb, setting, denominators=denominators)
 
   grad_fn = jax.value_and_grad(microbatch_loss, has_aux=True)
@@ -401,17 +407,20 @@ def make_train_step(graphdef, tx, config, mesh, state_shardings, frozen_sharding
     split = jax.tree.map(
         lambda v: split_rows(split_rows(v, t.minibatches), t.microbatches, axis=1), batch)
     old_logp = None
-    if snapshot_forward:  # pi_old: the parameters before this batch's K updates, forward only
+    if snapshot_forward:  # pi_old's logp for updates 2..K, forward only; update 1 reads its own
       snapshot = lambda mb: target_logp(
           hidden_and_head(merge_model(graphdef, state.params, frozen.base), mb), mb)
-      old_logp = jax.lax.map(lambda mini: jax.lax.map(snapshot, mini), split)
+      later = jax.lax.map(lambda mini: jax.lax.map(snapshot, mini),
+                          jax.tree.map(lambda v: v[1:], split))
+      old_logp = jnp.concatenate([jnp.zeros_like(later[:1]), later])
+    first_update = jnp.arange(t.minibatches) == 0
 
     def minibatch_update(carry, xs):
       params, opt_state = carry
-      micro, old = xs  # [microbatches, rows, T]
+      micro, old, is_first = xs  # [microbatches, rows, T]
       rows = merge_leading(micro)
       denominators = objectives.global_denominators(rows["loss_mask"], rows["segment_ids"])
-      loss_and_grads = lambda mb, o: grad_fn(params, frozen, mb, o, denominators)
+      loss_and_grads = lambda mb, o: grad_fn(params, frozen, mb, o, is_first, denominators)
       first = jax.tree.map(lambda v: v[0], (micro, old))
       zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
                            jax.eval_shape(loss_and_grads, *first))
@@ -428,7 +437,7 @@ def make_train_step(graphdef, tx, config, mesh, state_shardings, frozen_sharding
                          skipped=1.0 - finite.astype(jnp.float32))
 
     (params, opt_state), per_update = jax.lax.scan(
-        minibatch_update, (state.params, state.opt_state), (split, old_logp))
+        minibatch_update, (state.params, state.opt_state), (split, old_logp, first_update))
     summed = jax.tree.map(lambda v: v.sum(0), per_update)
     out = objectives.finalize_metrics(summed)
     out.update(loss=summed["loss"] / t.minibatches, grad_norm=summed["grad_norm"] / t.minibatches,

@@ -1,4 +1,4 @@
-"""benchmarks/: packed inputs, the sweep's plumbing and JSON, compile-only memory, the peer's shapes.
+"""benchmarks/: packed inputs, the sweep's plumbing, JSON and summary, compile-only memory, peers.
 
 The numbers themselves come from GPU runs (benchmarks/README.md); here tiny shapes on the CPU check
 that both scripts run end to end and write what the README promises.
@@ -43,10 +43,11 @@ def test_peer_shapes_match_presets():
   for name, hf in torch_peer.SHAPES.items():
     c = PRESETS[name]
     assert (hf["vocab_size"], hf["hidden_size"], hf["intermediate_size"], hf["num_hidden_layers"],
-            hf["num_attention_heads"], hf["num_key_value_heads"]) == (
+            hf["num_attention_heads"], hf["num_key_value_heads"], hf["tie_word_embeddings"]) == (
                 c.vocab_size, c.hidden_size, c.intermediate_size, c.num_layers, c.num_heads,
-                c.num_kv_heads)
-    assert c.tie_word_embeddings and c.attention_bias and c.rope_theta == 1e6
+                c.num_kv_heads, c.tie_word_embeddings)
+    assert c.attention_bias and c.rope_theta == 1e6
+  assert {v["model"] for v in bench.PLANS["h200_7b"]} == {"qwen2.5-7b"}
 
 
 def test_resolve_picks_fastest_policy_and_predicts_max_batch():
@@ -69,6 +70,74 @@ def test_resolve_picks_fastest_policy_and_predicts_max_batch():
   assert bench.predicted_max_batch(torch_record) == 10  # 1 GiB fixed, 2 GiB a row
 
 
+def record(name, step_time_s, peak_gib=None, mfu=None, **fields):
+  """A finished sweep record: DEFAULTS' knobs, fields, and the timing of step_time_s."""
+  r = dict(bench.DEFAULTS, name=name, status="ok", step_time_s=step_time_s, mfu=mfu,
+           peak_bytes=peak_gib * 2 ** 30 if peak_gib else None, **fields)
+  r["tokens_per_step"] = r["batch"] * r["minibatches"] * r["seq_len"]
+  r["tokens_per_s"] = r["tokens_per_step"] / step_time_s
+  if r["framework"] == "torch":
+    r["lm_head"] = None
+  return r
+
+
+def test_summary_reads_the_targets_off_the_records(tmp_path):
+  fast = dict(remat="dots_attention_saveable", lm_head="fused")
+  lora = dict(model="qwen2.5-7b", lora_rank=16, param_dtype="bfloat16")
+  records = [
+      record("torch/dft", 0.6, 48.0, framework="torch"),
+      record("torch/dft/liger", 0.8, 25.5, framework="torch", liger=True),
+      record("jax/dft/fused", 0.3, 50.0, 0.55, **fast),
+      record("jax/dft/checkpointed", 0.4, 51.0, 0.41, remat="dots_attention_saveable"),
+      record("jax/sft/fused", 0.3, objective="sft", **fast),
+      record("jax/eaft/fused", 0.33, objective="eaft", **fast),
+      record("jax/psft/k4/fused", 1.2 * 1.1, objective="psft", minibatches=4, **fast),
+      record("jax/dft/lean", 0.35, 24.0, 0.47, lm_head="fused", mu_dtype="bfloat16"),
+      record("torch/7b/peft/b4", 2.0, 50.5, framework="torch", **lora),
+      record("jax/7b/lora16/b4", 1.25, 30.0, 0.5, lm_head="fused", **lora),
+      record("jax/7b/lora16/b4/big", 1.0, 40.0, 0.6, lm_head="fused", remat="dots_saveable",
+             **lora),  # faster, over the peak target: not the one the summary reports
+      record("jax/7b/qlora_nf4/b1", 0.5, 17.0, lm_head="fused", base_quant="nf4", batch=1,
+             **lora),
+      record("jax/7b/dft/nothing", 1.6, 120.0, 0.51, model="qwen2.5-7b"),
+      record("torch/7b/dft/b1", 0.6, 114.0, framework="torch", model="qwen2.5-7b", batch=1),
+      dict(name="jax/iw_sft", status="skipped", error="budget"),
+  ]
+  s = bench.summarize(records)
+  assert s["dft_fastest"] == "jax/dft/fused"
+  assert s["dft_speedup_vs_transformers"] == pytest.approx(2.0)
+  assert s["fused_vs_checkpointed_time"] == {
+      "jax/dft/fused / jax/dft/checkpointed": pytest.approx(0.75)}
+  assert s["step_time_per_token_vs_sft"]["jax/eaft/fused"]["ratio"] == pytest.approx(1.1)
+  assert s["step_time_per_token_vs_sft"]["jax/psft/k4/fused"]["ratio"] == pytest.approx(1.1)
+  assert set(s["step_time_per_token_vs_sft"]) == {"jax/eaft/fused", "jax/psft/k4/fused",
+                                                  "jax/dft/fused"}
+  assert (s["lean"], s["lean_peak_gib"], s["liger_peak_gib"]) == ("jax/dft/lean", 24.0, 25.5)
+  assert (s["large_fastest"], s["large_mfu"]) == ("jax/7b/dft/nothing", 0.51)
+  # 4 rows / 1.6 s over 1 row / 0.6 s
+  assert s["large_speedup_vs_transformers"] == pytest.approx(1.5)
+  assert s["lora_fastest"] == "jax/7b/lora16/b4" and s["lora_peak_gib"] == 30.0
+  assert s["lora_speedup_vs_peft"] == pytest.approx(1.6)
+  assert s["qlora_peak_gib"] == 17.0 and s["lora"][2].get("peft") is None  # no 1-row peer
+  met = {k: t["met"] for k, t in s["targets"].items()}
+  assert met == dict(dft_mfu=True, dft_speedup_vs_transformers=True, lean_peak_gib=True,
+                     lean_mfu=True, objective_per_token_vs_sft_max=False,
+                     psft_k4_per_token_vs_sft=True, large_mfu=False,
+                     large_speedup_vs_transformers=True, lora_peak_gib=True,
+                     lora_speedup_vs_peft=True, qlora_peak_gib=False)
+  table = bench.format_table(records, s)
+  assert "jax/iw_sft                 skipped budget" in table and " fused " in table
+  parts = []  # the two H200 calls' results, merged into one file
+  for i, (plan, part) in enumerate((("h200", records[:8]), ("h200_7b", records[8:]))):
+    parts.append(tmp_path / f"{i}.json")
+    parts[-1].write_text(json.dumps(dict(plan=plan, created="t", wall_s=1.0, records=part,
+                                         summary={})))
+  merged = bench.merge_results([str(p) for p in parts], str(tmp_path / "h200.json"))
+  as_json = lambda x: json.loads(json.dumps(x))
+  assert merged["plan"] == "h200+h200_7b" and merged["records"] == as_json(records)
+  assert json.loads((tmp_path / "h200.json").read_text())["summary"] == as_json(s)
+
+
 def test_compiled_memory_counts_the_donated_state():
   """XLA's argument bytes = fp32 params + AdamW's two fp32 moments (+ counters and the batch)."""
   v = dict(model="tiny-qwen2", batch=2, seq_len=64, lm_head_chunk=32, compute_dtype="float32")
@@ -79,6 +148,21 @@ def test_compiled_memory_counts_the_donated_state():
   assert mem["temp_bytes"] > 0
 
 
+def test_compiled_memory_of_a_lora_step_holds_the_frozen_base():
+  """With LoRA the step's arguments are the bf16 base (read, never donated) + the float32 adapters
+  and their two AdamW moments (donated); nothing else of the model's size."""
+  v = dict(model="tiny-qwen2", batch=2, seq_len=64, lm_head_chunk=32, compute_dtype="float32",
+           lora_rank=4, param_dtype="bfloat16")
+  mem = bench.compiled_memory(v)
+  base = bench.base_param_count(PRESETS["tiny-qwen2"])
+  adapters = mem["num_params"]  # what trains
+  # 2 layers x rank 4 x (in + out) of q, o (64, 64), k, v (64, 32), gate, up, down (64, 128)
+  assert adapters == 2 * 4 * (2 * (64 + 64) + 2 * (64 + 32) + 3 * (64 + 128))
+  state = 3 * 4 * adapters
+  assert 2 * base + state <= mem["argument_bytes"] <= 2 * base + state + 4096 + 5 * 2 * 64 * 4
+  assert state <= mem["alias_bytes"] <= state + 4096
+
+
 def run_script(args, timeout=120):
   path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=path)
@@ -86,9 +170,19 @@ def run_script(args, timeout=120):
                         text=True, timeout=timeout, check=False)
 
 
+def first_missing(*packages):
+  """The first of the packages this Python cannot import, or None."""
+  return next((p for p in packages if importlib.util.find_spec(p) is None), None)
+
+
+def assert_skipped_for(record, package):
+  """A peer skipped because `package` is absent here, and for no other reason."""
+  assert (record["status"], record["error"]) == ("skipped", f"No module named '{package}'")
+
+
 def test_smoke_sweep_writes_records_and_table(tmp_path):
   proc = run_script(["benchmarks/train_step.py", "--sweep=smoke", f"--out={tmp_path}",
-                     "--budget_s=240"], timeout=240)
+                     "--budget_s=600"], timeout=700)
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads((tmp_path / "train_step.json").read_text())
   records = {r["name"]: r for r in result["records"]}
@@ -106,13 +200,44 @@ def test_smoke_sweep_writes_records_and_table(tmp_path):
   assert "REMAT_POLICIES" in records["jax/dft/needs_hook"]["error"]
   assert records["jax/dft/over_budget"]["status"] == "skipped"
   peer = records["torch/dft"]
-  if importlib.util.find_spec("torch") is None:  # CI installs no torch: the peer says so
-    assert (peer["status"], peer["error"]) == ("skipped", "No module named 'torch'")
+  if first_missing("torch", "transformers"):  # CI installs no torch: the peer says so
+    assert_skipped_for(peer, first_missing("torch", "transformers"))
   else:  # with torch the peer must run
     assert peer["status"] == "ok", peer.get("error")
     assert peer["num_params"] == psft["num_params"]  # same model, tied embedding counted once
     assert np.all(np.isfinite(peer["losses"])) and peer["probes"][0]["status"] == "ok"
+  check_lora_records(records, psft)
+  asft = records["jax/asft"]  # a reference copy; the fused head asked for, the checkpointed ran
+  assert asft["status"] == "ok", asft.get("error")
+  assert (asft["lm_head_requested"], asft["lm_head"]) == ("fused", "checkpointed")
+  assert np.all(np.isfinite(asft["losses"]))
   assert "variant" in proc.stdout and "summary:" in proc.stdout.splitlines()[-1]
+  assert result["summary"]["lora"][0]["name"] == "jax/lora4"
+
+
+def check_lora_records(records, full):
+  """LoRA and QLoRA on the tiny model: what trains is the adapters, the MFU's FLOPs are
+  4 N_base + 6 N_adapters + 12 L d T with N_base the full model's N; the peft peer (when torch
+  and peft are here) counts the same base and adapters from its own modules."""
+  lora, qlora, peft = records["jax/lora4"], records["jax/qlora_nf4"], records["torch/peft"]
+  for r in (lora, qlora):
+    assert r["status"] == "ok", r.get("error")
+    for key in RECORD_KEYS:
+      assert key in r, key
+    assert r["lm_head"] == "fused" and r["lora_rank"] == 4 and np.all(np.isfinite(r["losses"]))
+    assert r["num_params"] == full["num_params"]
+    assert r["trainable_params"] == 2 * 4 * 1024  # test_compiled_memory_of_a_lora_step...
+    assert r["flops_per_token"] == (4 * r["num_params"] + 6 * r["trainable_params"]
+                                    + 12 * 2 * 64 * 128)
+  assert qlora["base_quant"] == "nf4" and qlora["tokens_per_step"] == 128
+  if first_missing("torch", "transformers", "peft"):
+    assert_skipped_for(peft, first_missing("torch", "transformers", "peft"))
+    return
+  assert peft["status"] == "ok", peft.get("error")
+  assert peft["framework"] == "torch" and peft["peft"] is True
+  assert (peft["num_params"], peft["trainable_params"], peft["flops_per_token"]) == (
+      lora["num_params"], lora["trainable_params"], lora["flops_per_token"])
+  assert np.all(np.isfinite(peft["losses"]))
 
 
 def test_head_benchmark_compares_the_heads():

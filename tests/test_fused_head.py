@@ -1,5 +1,5 @@
 """lm_head.fused_loss / fused_objective_loss (gradient formed in the forward pass) against the naive
-head (full logits, token_stats_naive + objectives.objective_loss, autodiff); exact top-k rounds."""
+head (full logits, token_stats_naive + objectives.objective_loss, autodiff); the exact block top-k."""
 import re
 
 import jax
@@ -72,31 +72,30 @@ def assert_grads_close(got, want, rtol=1e-4, atol_frac=1e-6):
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("k", [1, 5, 16, 17, 20, 33, 40])
+@pytest.mark.parametrize("k", [1, 5, 16, 17, 20, 33, 47])
 def test_top_k_values_equal_lax_top_k(k, dtype):
+  """The block method gives lax.top_k's values exactly: ties (also across blocks), rows with
+  fewer finite entries than k, k equal maxima, k >= the number of blocks (one lax.top_k)."""
   rng = np.random.default_rng(k)
-  x = rng.normal(size=(3, 5, 300)).astype(np.float32)
-  x[0] = np.round(x[0] * 2)       # many ties, also across the rounds' boundaries
-  x[1, :, :290] = -np.inf         # fewer finite entries than k in some rows
-  x[2, 0, :40] = 7.0              # the k largest all equal
+  x = rng.normal(size=(3, 5, 5000)).astype(np.float32)  # 40 blocks of TOPK_BLOCK
+  x[0] = np.round(x[0] * 2)       # many ties
+  x[1, :, :4990] = -np.inf        # fewer finite entries than k in some rows
+  x[2, 0, 1000:1040] = 7.0        # the k largest all equal, spread over blocks
   x = jnp.asarray(x, dtype)
-  got = jax.jit(lm_head.top_k_values, static_argnums=(1, 2))(x, k, True)
+  got = jax.jit(lm_head.top_k_values, static_argnums=(1,))(x, k)
   want = jax.lax.top_k(x, k)[0]
   assert got.shape == want.shape == (3, 5, k) and got.dtype == dtype
   np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
 
 
-def test_top_k_values_run_in_rounds_of_the_kernel_size():
-  """EAFT's k = 20 over [rows, V]: top_k calls of k <= 16 on a 2-D operand only (XLA's GPU TopK
-  kernel), none of k = 20, and no sort once compiled (XLA turns a top_k whose values are sliced
-  other than from the first back into a sort of every row)."""
-  x = jax.ShapeDtypeStruct((2, 8, 2048), jnp.float32)
-  lowered = jax.jit(lambda x: lm_head.top_k_values(x, 20, rounds=True)).lower(x)
-  calls = re.findall(r"chlo.top_k\(%\w+, k = (\d+)\) : tensor<(\d+)x(\d+)xf32>",
-                     lowered.as_text())
-  assert sorted(int(k) for k, _, _ in calls) == [4, 16]
-  assert all((int(rows), int(n)) == (16, 2048) for _, rows, n in calls)
-  assert " sort(" not in lowered.compile().as_text()
+def test_top_k_values_sort_blocks_not_the_vocabulary():
+  """EAFT's k = 20 over a 151,936-entry vocabulary: the top_k calls run over the 1,187 block
+  maxima and the 20 x 128 candidate entries of a row, never over the whole row."""
+  x = jax.ShapeDtypeStruct((2, 8, 151_936), jnp.bfloat16)
+  lowered = jax.jit(lambda x: lm_head.top_k_values(x, 20)).lower(x).as_text()
+  pattern = r"chlo.top_k\(%\w+, k = 20\) : tensor<\d+x\d+x(\d+)x"
+  widths = sorted(int(n) for n in re.findall(pattern, lowered))
+  assert widths == sorted([20 * lm_head.TOPK_BLOCK, -(-151_936 // lm_head.TOPK_BLOCK)]), widths
 
 
 # ----------------------------------------------------------------------------- fused == naive

@@ -429,7 +429,8 @@ def test_adam_with_moments_stored_in_float32_is_optax_adamw(tmp_path):
   optax.adamw update for update; with bfloat16 moments it stays close over a few steps."""
   config = tiny_config(tmp_path, optimizer__weight_decay=0.1)
   params = {"w": jax.numpy.linspace(-1.0, 1.0, 24).reshape(4, 6), "b": jax.numpy.ones(6)}
-  logical = {"w": ("embed", "mlp"), "b": ("mlp",)}
+  P = jax.sharding.PartitionSpec
+  logical = {"w": P("embed", "mlp"), "b": P("mlp")}
   reference, _ = step_lib.make_optimizer(config.optimizer, 10, logical)
   results = {}
   for nu in ("float32", "bfloat16"):
