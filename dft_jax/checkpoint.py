@@ -1,17 +1,32 @@
-"""Checkpoints through orbax's CheckpointManager: atomic, async, keep-N, resumable.
+"""Checkpoints through orbax's CheckpointManager: atomic, async, keep-N, sealed, resumable.
 
 Layout of a workdir:
   config.json              the run's full config (written once, checked on resume)
+  run.lock                 held while a run uses the workdir (dft_jax/faults.py)
   checkpoints/<step>/      orbax items: `params` and `optimizer` (sharded arrays) and `data` (the
                            data iterator's JSON state); the step is the folder's name. Inference
                            (evaluate, export, generate) restores `params` alone.
+  checkpoints/<step>/checksums.json   the sha256 of every file of the items
+  rejected_checkpoints/<step>/        checkpoints a resumed run found unusable, kept for a look
 Orbax writes each step into a temporary folder and renames it when complete, so a run killed
-mid-save leaves the previous checkpoint as the latest complete one. A state holding NaN or inf is
-never written; a write that fails (disk full, no permission) or a checkpoint that does not fit the
-run raises CheckpointError: one line naming the folder and the last complete checkpoint.
+mid-save leaves the previous checkpoint as the latest complete one. Before that rename (once every
+process's writes have landed) process 0 writes checksums.json into the folder, so a complete
+checkpoint is a sealed one. A restore checks the files against it and takes the newest checkpoint
+that passes and that orbax reads; newer ones that do not are skipped with one warning (and moved to
+rejected_checkpoints/ by a resuming run), so altered bytes are never trained on. `checkpoint.keep`
+>= 1: orbax deletes old checkpoints only after a newer one is complete.
+
+A state holding NaN or inf is never written; a write that fails (disk full, no permission) or a
+checkpoint that does not fit the run raises CheckpointError: one line naming the folder and the
+last complete checkpoint.
+
+A resumed run must have the config its checkpoints were written with, except the fields in
+RESUMABLE; `check_config` names any other changed field with its old and new value.
 """
+import concurrent.futures
 import contextlib
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -22,17 +37,35 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from dft_jax import faults
 from dft_jax import files
-from dft_jax.errors import ConfigError, ModelError, UserInputError
+from dft_jax.errors import ConfigError, ModelError, UserInputError, check_number
 
 CONFIG_FILE = "config.json"
-# Fields that must match between a run and the checkpoints it resumes from.
-IDENTITY_FIELDS = (("model", "name"), ("objective", "name"), ("train", "seq_len"))
+MANIFEST = "checksums.json"
+# Written by orbax after the manifest, as part of the commit itself: not covered by it.
+COMMIT_RECORDS = ("_CHECKPOINT_METADATA", "commit_success.txt")
+TMP_SUFFIX = ocp.path.atomicity_types.TMP_DIR_SUFFIX
+REJECTED_DIR = "rejected_checkpoints"
+# Fields a resumed run may change: how long it trains (a longer train.num_steps extends the run and
+# its learning-rate schedule), how a step is laid out on the devices, what the run logs, how it
+# checkpoints and evaluates. None of them changes what a step computes (up to float rounding).
+RESUMABLE = ("train.num_steps", "train.microbatches", "train.nonfinite", "mesh.",
+             "model.attention", "model.remat", "model.lm_head_chunk",
+             "data.num_proc", "data.cache_dir", "data.error_on_dropped",
+             "checkpoint.", "eval.", "log.")
 
 
 class CheckpointError(UserInputError):
-  """A checkpoint cannot be written (disk full, no permission, non-finite state) or does not fit
-  this run (another model or config); earlier checkpoints stay intact."""
+  """A checkpoint cannot be written (disk full, no permission, non-finite state) or none can be
+  restored (damaged, or written for another model or config); earlier checkpoints stay intact."""
+
+
+def validate(ckpt_cfg):
+  """Checks config.checkpoint; ConfigError naming the field. keep >= 1: the newest complete
+  checkpoint is never deleted."""
+  check_number("checkpoint.every_steps", ckpt_cfg.every_steps, integer=True, minimum=1)
+  check_number("checkpoint.keep", ckpt_cfg.keep, integer=True, minimum=1)
 
 
 def checkpoint_dir(workdir):
@@ -41,12 +74,18 @@ def checkpoint_dir(workdir):
 
 def make_manager(workdir, ckpt_cfg=None):
   """The workdir's CheckpointManager; ckpt_cfg (config.checkpoint) for a writing run, None to
-  read only."""
+  read only. A writing manager is always orbax's async one (its commit callback seals each
+  checkpoint); `save(..., blocking=True)` waits for the commit."""
+  directory = checkpoint_dir(workdir)
+  if ckpt_cfg is None:
+    return ocp.CheckpointManager(
+        directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False))
+  _quiet_failure_reports()
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=ckpt_cfg.keep if ckpt_cfg else None, create=ckpt_cfg is not None,
-      enable_async_checkpointing=bool(ckpt_cfg and ckpt_cfg.async_save),
-      cleanup_tmp_directories=ckpt_cfg is not None, read_only=ckpt_cfg is None)
-  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+      max_to_keep=ckpt_cfg.keep, create=True, cleanup_tmp_directories=True,
+      enable_async_checkpointing=True, async_options=ocp.AsyncOptions(
+          post_finalization_callback=functools.partial(_seal_in_flight, directory)))
+  return ocp.CheckpointManager(directory, options=options)
 
 
 def complete_steps(directory):
@@ -54,6 +93,65 @@ def complete_steps(directory):
   if not os.path.isdir(directory):
     return []
   return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+
+
+# ----------------------------------------------------------------------------- checksums
+
+
+def _sha256(path):
+  with open(path, "rb") as f:
+    return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def checksums(folder, items=None):
+  """{path relative to `folder`: sha256} of the files of a checkpoint folder (of `items` only, if
+  given), but the manifest and orbax's commit records; files are hashed on 8 threads."""
+  paths = []
+  for root, _, names in os.walk(folder):
+    for name in names:
+      path = os.path.relpath(os.path.join(root, name), folder)
+      top = path.split(os.sep)[0]
+      if path not in (MANIFEST, *COMMIT_RECORDS) and (items is None or top in items):
+        paths.append(path)
+  with concurrent.futures.ThreadPoolExecutor(8) as pool:  # hashlib releases the GIL
+    return dict(zip(paths, pool.map(lambda p: _sha256(os.path.join(folder, p)), paths)))
+
+
+def _seal_in_flight(directory):
+  """Writes checksums.json into the checkpoint that orbax is committing. Orbax calls this on
+  process 0 once every process's writes have landed and before the rename that commits the
+  checkpoint, so every complete checkpoint carries its checksums."""
+  in_flight = [name for name in os.listdir(directory) if name.endswith(TMP_SUFFIX)]
+  if len(in_flight) != 1:
+    raise RuntimeError(f"expected one checkpoint being committed in {directory}: {in_flight}")
+  folder = os.path.join(directory, in_flight[0])
+  files.write_json(os.path.join(folder, MANIFEST), {"sha256": checksums(folder)}, sort_keys=True)
+
+
+def damage(folder, items=None):
+  """What makes checkpoint `folder` (its `items` only, if given) differ from its checksums.json,
+  as a phrase; None when every file matches."""
+  try:
+    expected = files.read_json(os.path.join(folder, MANIFEST))
+    if expected is None:
+      return f"it has no {MANIFEST}"
+    expected = {path: digest for path, digest in expected["sha256"].items()
+                if items is None or path.split("/")[0] in items}
+    actual = checksums(folder, items)
+  except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+    return f"it cannot be checked against its {MANIFEST} ({_reason(e)})"
+  problems = ((sorted(expected.keys() - actual.keys()), "missing"),
+              (sorted(p for p in expected.keys() & actual.keys() if expected[p] != actual[p]),
+               f"not what was written (its sha256 differs from {MANIFEST})"),
+              (sorted(actual.keys() - expected.keys()), f"not listed in {MANIFEST}"))
+  for paths, what in problems:
+    if paths:
+      more = f" (and {len(paths) - 1} other files)" if len(paths) > 1 else ""
+      return f"its file {paths[0]}{more} is {what}"
+  return None
+
+
+# ----------------------------------------------------------------------------- save
 
 
 @jax.jit
@@ -82,9 +180,9 @@ def _reason(e):
   return text[:400]
 
 
-def save(manager, step, state, data_state):
-  """Starts saving TrainState `state` as checkpoint `step` (async when configured); returns
-  whether a save was started.
+def save(manager, step, state, data_state, blocking=False):
+  """Starts saving TrainState `state` as checkpoint `step` (and waits for its commit when
+  `blocking`); returns whether a save was started.
 
   Raises CheckpointError, with nothing written, when `state` holds NaN or inf, and when a write
   fails (an async write reports its failure at the next save or `wait`).
@@ -97,7 +195,10 @@ def save(manager, step, state, data_state):
                optimizer=ocp.args.StandardSave(state.opt_state),
                data=ocp.args.JsonSave(data_state))
   try:
-    return manager.save(step, args=ocp.args.Composite(**items))
+    started = manager.save(step, args=ocp.args.Composite(**items))
+    if blocking:
+      manager.wait_until_finished()
+    return started
   except Exception as e:  # pylint: disable=broad-except  (orbax, tensorstore, OS errors)
     raise _write_error(manager, e) from None
 
@@ -122,10 +223,18 @@ def finishing_saves(manager):
 
 
 @functools.cache  # once per process
-def _silence_abandoned_writes():
-  """After a failed write orbax abandons the checkpoint's other writes: as they finish, tensorstore
-  reports 'Event loop is closed' (unraisable) and asyncio logs 'Task exception was never
-  retrieved', tracebacks that would bury the one-line error. Only those reports are dropped."""
+def _quiet_failure_reports():
+  """A failed write ends the run with one CheckpointError line. Orbax reports the failure too, as
+  it happens, from each of its threads (ERROR records with a traceback), and as the abandoned
+  writes finish tensorstore reports 'Event loop is closed' (unraisable) and asyncio 'Task
+  exception was never retrieved'; these reports, which would bury the line, are dropped. Orbax's
+  warnings and errors without a traceback stay."""
+  orbax_dir = os.path.dirname(ocp.__file__)
+  logging.getLogger("absl").addFilter(lambda record: not (
+      record.levelno >= logging.ERROR and record.exc_info
+      and record.pathname.startswith(orbax_dir)))
+  logging.getLogger("asyncio").addFilter(
+      lambda record: "exception was never retrieved" not in record.getMessage())
   default = sys.unraisablehook
 
   def hook(unraisable):
@@ -134,78 +243,175 @@ def _silence_abandoned_writes():
       default(unraisable)
 
   sys.unraisablehook = hook
-  logging.getLogger("asyncio").addFilter(
-      lambda record: "exception was never retrieved" not in record.getMessage())
 
 
 def _write_error(manager, e):
-  _silence_abandoned_writes()
   return CheckpointError(
       f"writing a checkpoint to {manager.directory} failed: {_reason(e)}; the last complete "
       f"checkpoint ({_last_complete(manager)}) is intact: free disk space or fix permissions, then "
       "run the same command to resume")
 
 
-def _restore(manager, step, items):
+# ----------------------------------------------------------------------------- restore
+
+
+def _try_restore(manager, step, items):
+  """(restored items, None) or (None, why checkpoint `step` cannot be used). Process 0 checks the
+  files against checksums.json; every process must read it with orbax."""
+  folder = os.path.join(manager.directory, str(step))
+  problem = damage(folder, items) if jax.process_index() == 0 else None
+  if not faults.process0_says(problem is None):
+    return None, problem or "process 0 found it damaged"
   try:
-    return manager.restore(step, args=ocp.args.Composite(**items))
-  except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
-    raise CheckpointError(
-        f"cannot restore checkpoint step {step} from {manager.directory}: {_reason(e)}; it was "
-        "written for another model or config (config.json next to it names the run) or is "
-        f"damaged: use a new --workdir or that run's config, or delete {manager.directory}/{step} "
-        "to resume from an earlier checkpoint") from None
+    restored, problem = manager.restore(step, args=ocp.args.Composite(**items)), None
+  except (ValueError, KeyError, TypeError, OSError) as e:
+    restored, problem = None, (
+        f"orbax cannot read it: {_reason(e)}; it was written for another model or config "
+        "(config.json next to it names the run) or is damaged")
+  if not faults.every_process_says(problem is None):
+    return None, problem or "another process cannot read it"
+  return restored, None
+
+
+def _newest_usable(manager, items, steps, set_aside=False):
+  """(step, restored items) of the newest of `steps` that is usable; CheckpointError naming the
+  newest one's problem when none is. Skipped newer ones are named in one warning and, with
+  `set_aside` (a run that will write checkpoints again), moved to rejected_checkpoints/."""
+  skipped = []
+  for step in reversed(steps):
+    restored, problem = _try_restore(manager, step, items)
+    if problem is None:
+      if skipped:
+        _skip(manager, skipped, step, set_aside)
+      return step, restored
+    skipped.append((step, problem))
+  (step, problem), earlier = skipped[0], len(skipped) - 1
+  either = f"; the {earlier} earlier checkpoint(s) cannot be used either" if earlier else ""
+  raise CheckpointError(
+      f"cannot restore checkpoint step {step} from {manager.directory}: {problem}{either}: use the "
+      "config of the run that wrote them, a new --workdir, or copies of the checkpoints")
+
+
+def _skip(manager, skipped, step, set_aside):
+  """Says in one warning that the `skipped` [(step, problem)] checkpoints are not used, `step` is;
+  with `set_aside` moves them to rejected_checkpoints/ (process 0), so their steps can be saved
+  again."""
+  (newest, problem), moved = skipped[0], ""
+  if set_aside:
+    rejected = os.path.join(os.path.dirname(str(manager.directory)), REJECTED_DIR)
+    if jax.process_index() == 0:
+      os.makedirs(rejected, exist_ok=True)
+      for bad, _ in skipped:
+        os.rename(os.path.join(manager.directory, str(bad)), _free_name(rejected, str(bad)))
+    faults.process0_says(True)  # the other processes wait for the moves
+    manager.reload()
+    moved = f"; moved to {rejected}"
+  others = f" (and {', '.join(str(s) for s, _ in skipped[1:])})" if len(skipped) > 1 else ""
+  logging.warning("checkpoint %s/%d%s cannot be used: %s; using checkpoint %d, the newest usable "
+                  "one%s", manager.directory, newest, others, problem, step, moved)
+
+
+def _free_name(folder, name):
+  path, n = os.path.join(folder, name), 1
+  while os.path.exists(path):
+    path, n = os.path.join(folder, f"{name}.{n}"), n + 1
+  return path
 
 
 def _abstract(tree):
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
-def restore(manager, state, step=None):
-  """(TrainState, data_state) of checkpoint `step` (default: latest complete): `state`'s
-  parameters and optimizer state replaced by the checkpoint's, restored onto their shardings
-  (its frozen LoRA base is not in checkpoints and stays); CheckpointError when the checkpoint does
-  not fit (another model or optimizer wrote it)."""
-  step = manager.latest_step() if step is None else step
-  restored = _restore(manager, step, dict(
+def restore(manager, state):
+  """(TrainState, data_state) of the newest usable checkpoint: `state`'s parameters and optimizer
+  state replaced by the checkpoint's, restored onto their shardings (its frozen LoRA base is not
+  in checkpoints and stays); None when there is no complete checkpoint. Unusable newer
+  checkpoints are moved to rejected_checkpoints/ (see `_newest_usable`); CheckpointError when none
+  is usable."""
+  steps = complete_steps(manager.directory)
+  if not steps:
+    return None
+  step, restored = _newest_usable(manager, dict(
       params=ocp.args.StandardRestore(_abstract(state.params)),
       optimizer=ocp.args.StandardRestore(_abstract(state.opt_state)),
-      data=ocp.args.JsonRestore()))
+      data=ocp.args.JsonRestore()), steps, set_aside=True)
   state = state.replace(step=jax.device_put(jnp.asarray(step, jnp.int32), state.step.sharding),
                         params=restored["params"], opt_state=restored["optimizer"])
   return state, restored["data"]
 
 
 def restore_params(workdir, abstract_params, step=None):
-  """The trained parameters of a workdir's checkpoint (default: the latest), restored onto
-  `abstract_params` (jax.ShapeDtypeStruct with shardings) without the optimizer state."""
+  """The trained parameters of a workdir's checkpoint `step` (default: the newest usable one),
+  restored onto `abstract_params` (jax.ShapeDtypeStruct with shardings) without the optimizer
+  state; their files are checked against the checkpoint's checksums.json first."""
   manager = make_manager(workdir)
-  step = manager.latest_step() if step is None else step
-  if step is None:
+  steps = complete_steps(manager.directory)
+  if step is not None:
+    if step not in steps:
+      raise ModelError(f"{workdir}: no complete checkpoint of step {step} in "
+                       f"{checkpoint_dir(workdir)} (complete: {steps or 'none'})")
+    steps = [step]
+  if not steps:
     raise ModelError(f"{workdir}: no complete checkpoint in {checkpoint_dir(workdir)}")
-  return _restore(manager, step, dict(params=ocp.args.StandardRestore(abstract_params)))["params"]
+  items = dict(params=ocp.args.StandardRestore(abstract_params))
+  return _newest_usable(manager, items, steps)[1]["params"]
 
 
-def check_config(workdir, config):
-  """ConfigError when `workdir` holds checkpoints of a run with another model, objective or
-  sequence length (its config.json says which)."""
+# ----------------------------------------------------------------------------- config.json
+
+
+def _flat(tree, prefix=""):
+  """{"section.field": value} of a nested dict."""
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flat(value, f"{prefix}{key}."))
+    else:
+      flat[f"{prefix}{key}"] = value
+  return flat
+
+
+_ABSENT = type("Absent", (), {"__repr__": lambda self: "(no such field)"})()
+
+
+def config_changes(old, new):
+  """[(field, old value, new value)] of the fields of nested dicts `old` and `new` that differ,
+  but those in RESUMABLE; a field missing on one side has the value `_ABSENT` there."""
+  old, new = _flat(old), _flat(new)
+  return [(field, old.get(field, _ABSENT), new.get(field, _ABSENT))
+          for field in sorted(old.keys() | new.keys())
+          if old.get(field, _ABSENT) != new.get(field, _ABSENT) and not field.startswith(RESUMABLE)]
+
+
+def check_config(workdir, config, allow_changes=False):
+  """ConfigError naming each changed field (old and new value) when `workdir` holds checkpoints
+  written with another config (its config.json, with the defaults of fields newer than the run)
+  than `config`, but for the RESUMABLE fields;
+  with `allow_changes` each change is logged instead (write_config then rewrites config.json)."""
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.exists(path) or not complete_steps(checkpoint_dir(workdir)):
     return
-  with open(path) as f:
-    old = json.load(f)
-  new = json.loads(config.to_json())
-  for section, field in IDENTITY_FIELDS:
-    before, now = old.get(section, {}).get(field), new[section][field]
-    if before != now:
-      raise ConfigError(
-          f"--workdir={workdir} holds checkpoints of a run with {section}.{field}={before!r}, "
-          f"but this run has {section}.{field}={now!r}; use a new --workdir")
+  try:
+    old = _with_defaults(files.read_json(path))  # fields newer than the run: their defaults
+  except ValueError as e:
+    raise ConfigError(f"{path}: not valid JSON ({e}); it names the config of the run that "
+                      "wrote the checkpoints beside it") from None
+  changes = config_changes(old, json.loads(config.to_json()))
+  if not changes:
+    return
+  before = ", ".join(f"{field}={value!r}" for field, value, _ in changes)
+  now = ", ".join(f"{field}={value!r}" for field, _, value in changes)
+  if not allow_changes:
+    raise ConfigError(
+        f"--workdir={workdir} holds checkpoints of a run with {before}, but this run has {now}: "
+        "run the same config to resume, pass --allow_config_change to resume with the new "
+        "values, or use a new --workdir")
+  logging.warning("--allow_config_change: %s resumes with %s (its checkpoints were written with "
+                  "%s); config.json is rewritten", workdir, now, before)
 
 
 def write_config(workdir, config):
   """Writes config.json (after check_config), atomically."""
-  check_config(workdir, config)
   if jax.process_index() == 0:
     files.write_json(os.path.join(workdir, CONFIG_FILE), json.loads(config.to_json()),
                      sort_keys=True)
@@ -226,21 +432,25 @@ def _merged(default, saved):
   return out
 
 
+def _with_defaults(saved):
+  """A run's config.json (a nested dict) over configs/default.py's defaults."""
+  from dft_jax import config_files  # pylint: disable=g-import-not-at-top
+  return _merged(json.loads(config_files.load(config_files.DEFAULT).to_json()), saved)
+
+
 def read_config(workdir):
   """The run's config.json over configs/default.py's defaults (fields newer than the run)."""
   import ml_collections  # pylint: disable=g-import-not-at-top
-  from dft_jax import config_files  # pylint: disable=g-import-not-at-top
   config = files.read_json(os.path.join(workdir, CONFIG_FILE))
   if config is None:
     raise ModelError(f"{workdir}: no {CONFIG_FILE} there; expected a dft_jax.train workdir")
-  default = json.loads(config_files.load(config_files.DEFAULT).to_json())
-  return ml_collections.ConfigDict(_merged(default, config))
+  return ml_collections.ConfigDict(_with_defaults(config))
 
 
 def restore_model(workdir, step=None):
-  """(model, tokenizer, config) of a workdir's checkpoint (default: the latest): the model built
-  abstractly from config.model (no base weights read) and its trained parameters restored onto
-  the first device, without the optimizer state."""
+  """(model, tokenizer, config) of a workdir's checkpoint (default: the newest usable): the model
+  built abstractly from config.model (no base weights read) and its trained parameters restored
+  onto the first device, without the optimizer state."""
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from dft_jax import models  # pylint: disable=g-import-not-at-top
   config = read_config(workdir)

@@ -1,5 +1,8 @@
 """User-facing errors: bad config, data or model input, reported as one line by every CLI."""
 import functools
+import math
+import numbers
+import operator
 import sys
 
 
@@ -17,6 +20,29 @@ class DataError(UserInputError):
 
 class ModelError(UserInputError):
   """A model path, checkpoint, architecture or tokenizer cannot be used."""
+
+
+_BOUNDS = (("minimum", ">=", operator.ge), ("above", ">", operator.gt),
+           ("maximum", "<=", operator.le), ("below", "<", operator.lt))
+
+
+def check_number(name, value, *, integer=False, optional=False, **bounds):
+  """Raises ConfigError `name=value: must be ...` unless `value` is a finite number (an integer,
+  not a bool, when `integer`) within `bounds` (minimum= / above= / maximum= / below=); None passes
+  when `optional`. Returns `value`."""
+  if optional and value is None:
+    return value
+  kind = numbers.Integral if integer else numbers.Real
+  ok = isinstance(value, kind) and not isinstance(value, bool) and math.isfinite(value)
+  limits = [(sign, bounds[key], op) for key, sign, op in _BOUNDS if key in bounds]
+  if ok and all(op(value, limit) for _, limit, op in limits):
+    return value
+  if integer and limits == [(">=", 1, operator.ge)]:
+    what = "a positive integer"
+  else:
+    what = " and ".join([("an integer" if integer else "a finite number")]
+                        + [f"{sign} {limit}" for sign, limit, _ in limits]).replace(" and ", " ", 1)
+  raise ConfigError(f"{name}={value!r}: must be {'None or ' if optional else ''}{what}")
 
 
 def one_line(e, limit=300):

@@ -11,19 +11,28 @@
   resumes from the last complete checkpoint. `rewind_jsonl` drops the metrics rows that a killed run
   wrote after that checkpoint, so the log of a resumed run reads as one uninterrupted run.
 - Files: `check_workdir` names a workdir that cannot be written before any work starts.
+- One run per workdir: `WorkdirLock` (run.lock, held by process 0 for the whole run) refuses a
+  second run naming the first one; the lock of a killed run is taken over.
 """
+import contextlib
+import fcntl
 import json
 import logging
 import os
 import signal
+import socket
+import sys
 import tempfile
 import threading
+import time
 
 import jax
+import numpy as np
 
 from dft_jax import files
 from dft_jax.errors import ConfigError
 
+LOCK_FILE = "run.lock"
 
 
 class Preempted(Exception):
@@ -81,6 +90,25 @@ class StopSignals:
     return True
 
 
+# ----------------------------------------------------------------------------- processes
+
+
+def process0_says(flag):
+  """Process 0's `flag` on every process (a collective in a multi-process run)."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(multihost_utils.broadcast_one_to_all(np.int32(flag)))
+
+
+def every_process_says(flag):
+  """Whether `flag` holds on every process (a collective in a multi-process run)."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(np.all(multihost_utils.process_allgather(np.int32(flag))))
+
+
 # ----------------------------------------------------------------------------- files
 
 
@@ -116,3 +144,127 @@ def rewind_jsonl(path, step):
   if len(keep) == len(lines) and all(line.endswith("\n") for line in lines):
     return
   files.write_text(path, "".join(keep))
+
+
+# ----------------------------------------------------------------------------- one run per workdir
+
+
+def _flock(fd):
+  """True: locked; False: another process holds the lock; None: the filesystem has no flock."""
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return True
+  except BlockingIOError:
+    return False
+  except OSError:
+    return None
+
+
+def _owner(fd):
+  """The run a lock file names ({} when it names none, e.g. torn by a kill)."""
+  try:
+    owner = json.loads(os.pread(fd, 1 << 16, 0))
+    return owner if isinstance(owner, dict) else {}
+  except ValueError:
+    return {}
+
+
+def _describe(owner):
+  if "pid" not in owner:
+    return "a run whose lock file names no process"
+  command = str(owner.get("command", "?"))
+  command = command if len(command) <= 200 else command[:197] + "..."
+  return (f"pid {owner['pid']} on {owner.get('host', '?')} since {owner.get('started', '?')} "
+          f"({command})")
+
+
+def _alive(owner):
+  """Whether the run a lock file names may still run: its pid exists on this host, or it ran on
+  another host (which cannot be checked from here)."""
+  if owner.get("host") != socket.gethostname():
+    return "pid" in owner
+  try:
+    os.kill(int(owner["pid"]), 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # another user's process
+    return True
+  return True
+
+
+def _same_file(fd, path):
+  try:
+    return os.fstat(fd).st_ino == os.stat(path).st_ino
+  except FileNotFoundError:
+    return False
+
+
+class WorkdirLock:
+  """Context manager: `run.lock` in the workdir names the run that uses it (pid, host, start time,
+  command) and is flock'ed while that run lives; a second run is refused with a ConfigError naming
+  the first.
+
+  The kernel drops a flock when its process dies, even by kill -9: a lock file nobody holds is
+  stale and is taken over with a warning naming the dead run. On a filesystem without flock the
+  file's content decides: a pid alive on this host, or a run on another host, holds it. The file is
+  removed on release.
+  """
+
+  def __init__(self, workdir):
+    self.workdir, self.path = workdir, os.path.join(workdir, LOCK_FILE)
+    self._fd = None
+
+  def __enter__(self):
+    self.acquire()
+    return self
+
+  def __exit__(self, *exc):
+    self.release()
+
+  def acquire(self):
+    while True:
+      fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+      locked, owner = _flock(fd), _owner(fd)
+      if locked is False or (locked is None and _alive(owner)):
+        os.close(fd)
+        hint = "" if locked is False else f" (if it is gone, delete {self.path})"
+        raise ConfigError(f"--workdir={self.workdir} is in use by another run: {_describe(owner)}"
+                          f"{hint}; wait for it to end or use another --workdir")
+      if _same_file(fd, self.path):  # not removed by a run that released it meanwhile
+        break
+      os.close(fd)
+    if owner:
+      logging.warning("%s: taking over the lock of %s, which is gone", self.path, _describe(owner))
+    me = dict(pid=os.getpid(), host=socket.gethostname(),
+              started=time.strftime("%Y-%m-%d %H:%M:%S %z"), command=" ".join(sys.argv))
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
+    os.fsync(fd)
+    self._fd = fd
+
+  def release(self):
+    if self._fd is None:
+      return
+    with contextlib.suppress(FileNotFoundError):
+      os.unlink(self.path)
+    os.close(self._fd)
+    self._fd = None
+
+
+@contextlib.contextmanager
+def one_run_per_workdir(workdir):
+  """Process 0 holds the workdir's WorkdirLock for the whole run; when another run holds it, every
+  process raises the ConfigError."""
+  lock, refused = WorkdirLock(workdir), None
+  if jax.process_index() == 0:
+    try:
+      lock.acquire()
+    except ConfigError as e:
+      refused = e
+  if not process0_says(refused is None):
+    raise refused or ConfigError(f"--workdir={workdir} is in use by another run (process 0's "
+                                 "error names it)")
+  try:
+    yield
+  finally:
+    lock.release()

@@ -10,6 +10,13 @@ import time
 
 import numpy as np
 
+from dft_jax.errors import check_number
+
+
+def validate(log_cfg):
+  """Checks config.log; ConfigError naming the field."""
+  check_number("log.every_steps", log_cfg.every_steps, integer=True, minimum=1)
+
 
 class JsonlWriter:
   """One JSON object per line: {"step": s, "time": unix seconds, name: value, ...}."""

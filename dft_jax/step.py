@@ -25,7 +25,7 @@ from flax import struct
 from dft_jax import lm_head
 from dft_jax import objectives
 from dft_jax import sharding
-from dft_jax.errors import ConfigError
+from dft_jax.errors import ConfigError, check_number
 
 BATCH_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
 LM_HEAD_IMPLS = ("checkpointed", "fused")  # lm_head.token_stats | lm_head.fused_loss
@@ -49,13 +49,17 @@ class Frozen(struct.PyTreeNode):
 
 
 def validate(config, num_devices, process_count=1):
-  """Checks config.train, config.optimizer and the mesh against the devices; ConfigError naming
-  the field."""
+  """Checks config.train, config.optimizer, the mesh against the devices and the LM head's chunk;
+  ConfigError naming the field (every number is checked for its range, NaN and inf)."""
   t = config.train
   for name in ("num_steps", "global_batch_size", "seq_len", "microbatches", "minibatches"):
-    value = t[name]
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-      raise ConfigError(f"train.{name}={value!r}: must be a positive integer")
+    check_number(f"train.{name}", t[name], integer=True, minimum=1)
+  check_number("train.seed", t.seed, integer=True, minimum=0)
+  check_number("model.lm_head_chunk", config.model.lm_head_chunk, integer=True, minimum=1)
+  if t.nonfinite not in ("skip", "stop"):
+    raise ConfigError(f"train.nonfinite={t.nonfinite!r}: expected 'skip' or 'stop'")
+  for axis in sharding.MESH_AXES:  # sizes, or -1 for the rest of the devices
+    check_number(f"mesh.{axis}", config.mesh[axis], integer=True, minimum=-1)
   mesh_shape = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(config.mesh, num_devices)))
   shards = mesh_shape["data"] * mesh_shape["fsdp"]
   per_update = t.minibatches * t.microbatches * shards
@@ -67,22 +71,24 @@ def validate(config, num_devices, process_count=1):
   if t.global_batch_size % process_count:
     raise ConfigError(f"train.global_batch_size={t.global_batch_size} must be divisible by the "
                       f"{process_count} processes")
-  if t.nonfinite not in ("skip", "stop"):
-    raise ConfigError(f"train.nonfinite={t.nonfinite!r}: expected 'skip' or 'stop'")
   if config.model.lm_head_impl not in LM_HEAD_IMPLS:
     raise ConfigError(f"model.lm_head_impl={config.model.lm_head_impl!r}: expected one of "
                       f"{', '.join(LM_HEAD_IMPLS)}")
   o = config.optimizer
   if o.schedule not in SCHEDULES:
     raise ConfigError(f"optimizer.schedule={o.schedule!r}: expected one of {sorted(SCHEDULES)}")
-  if not o.learning_rate > 0:
-    raise ConfigError(f"optimizer.learning_rate={o.learning_rate!r}: must be > 0")
   for moment in ("mu_dtype", "nu_dtype"):
     if o.get(moment) not in (None, "float32", "bfloat16"):
       raise ConfigError(f"optimizer.{moment}={o.get(moment)!r}: expected None (the parameters' "
                         "dtype), 'float32' or 'bfloat16'")
-  if o.warmup_steps < 0 or o.weight_decay < 0 or o.grad_clip_norm < 0:
-    raise ConfigError("optimizer.warmup_steps, weight_decay and grad_clip_norm must be >= 0")
+  check_number("optimizer.learning_rate", o.learning_rate, above=0)
+  check_number("optimizer.warmup_steps", o.warmup_steps, integer=True, minimum=0)
+  check_number("optimizer.min_lr_ratio", o.min_lr_ratio, minimum=0, maximum=1)
+  check_number("optimizer.weight_decay", o.weight_decay, minimum=0)
+  check_number("optimizer.b1", o.b1, minimum=0, below=1)
+  check_number("optimizer.b2", o.b2, minimum=0, below=1)
+  check_number("optimizer.eps", o.eps, above=0)
+  check_number("optimizer.grad_clip_norm", o.grad_clip_norm, minimum=0)  # 0: no clipping
 
 
 # ----------------------------------------------------------------------------- optimizer

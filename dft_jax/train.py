@@ -1,11 +1,14 @@
 """The main job: fine-tune a language model with an SFT-family objective, evaluate before and after.
 
   python -m dft_jax.train [--config=configs/default.py[:variant]] [--workdir=DIR] [--config.a.b=v ...]
+                          [--allow_config_change]
 
-`train_and_evaluate` reads top to bottom: check the config, build the mesh, load the model and
-tokenizer, place the train state, open the data, restore the latest checkpoint of the workdir (the
-same command resumes a run), compile the step (dft_jax/step.py), evaluate the base model, run the
-loop (dft_jax/loop.py) with checkpoints and stop signals, evaluate the result, write the summary.
+`train_and_evaluate` reads top to bottom: check the config, lock the workdir, refuse a resume with
+a changed config, return the summary of a finished run; then `run`: build the mesh, load the model
+and tokenizer, place the train state, open the data, restore the newest usable checkpoint of the
+workdir (the same command resumes a run), compile the step (dft_jax/step.py), evaluate the base
+model, run the loop (dft_jax/loop.py) with checkpoints and stop signals, evaluate the result,
+write the summary.
 A first SIGTERM / SIGINT ends the run after the current step with a checkpoint (exit 0); see
 dft_jax/faults.py. Nothing imports this module: it is the command line.
 """
@@ -37,7 +40,9 @@ def validate_config(config):
   step_lib.validate(config, jax.device_count(), jax.process_count())
   data.validate(config.data, seq_len=config.train.seq_len,
                 global_batch_size=config.train.global_batch_size,
-                process_count=jax.process_count())
+                process_count=jax.process_count(), max_segments=config.model.max_segments)
+  ckpt.validate(config.checkpoint)
+  metrics_lib.validate(config.log)
   evaluate.settings(config.eval)
 
 
@@ -48,15 +53,29 @@ def batches_of(data_iter, mesh):
     yield step_lib.global_batch(next(data_iter), mesh), position
 
 
-def train_and_evaluate(config, workdir):
+def train_and_evaluate(config, workdir, allow_config_change=False):
   """Runs (or resumes) training in `workdir`; returns the summary dict (also summary.json).
 
+  One run per workdir (faults.WorkdirLock). A run resuming from checkpoints must have the config
+  they were written with (but the fields of checkpoint.RESUMABLE), unless allow_config_change.
+  A finished run (summary.json of as many steps) returns its summary and writes nothing.
   Raises faults.Preempted when a stop signal ended the run early (after a checkpoint).
   """
-  t, is_main = config.train, jax.process_index() == 0
   validate_config(config)
   faults.check_workdir(workdir)
-  ckpt.check_config(workdir, config)
+  with faults.one_run_per_workdir(workdir):
+    ckpt.check_config(workdir, config, allow_config_change)
+    finished = files.read_json(os.path.join(workdir, "summary.json"))
+    if finished is not None and finished["steps"] >= config.train.num_steps:
+      logging.info("%s: this run finished all its %d steps; nothing to do", workdir,
+                   finished["steps"])
+      return finished
+    return run(config, workdir)
+
+
+def run(config, workdir):
+  """The run itself (train_and_evaluate's checks done, the workdir locked)."""
+  t, is_main = config.train, jax.process_index() == 0
   mesh = sharding.make_mesh(config.mesh)
 
   logging.info("loading %s", config.model.name)
@@ -73,14 +92,12 @@ def train_and_evaluate(config, workdir):
                                        global_batch_size=t.global_batch_size, seed=t.seed,
                                        max_segments=config.model.max_segments)
   manager = ckpt.make_manager(workdir, config.checkpoint)
-  if manager.latest_step() is not None:
-    logging.info("Restoring checkpoint %d from %s", manager.latest_step(), manager.directory)
-    state, data_state = ckpt.restore(manager, state)
+  restored = ckpt.restore(manager, state)
+  if restored is not None:
+    state, data_state = restored
     data_iter.restore(data_state)
-  finished = files.read_json(os.path.join(workdir, "summary.json"))
-  if int(state.step) >= t.num_steps and finished is not None:
-    logging.info("%s: this run finished all %d steps; nothing to do", workdir, t.num_steps)
-    return finished
+    logging.info("resuming from step %d of %d (workdir %s)", int(state.step), t.num_steps,
+                 os.path.abspath(workdir))
   ckpt.write_config(workdir, config)  # only once the checkpoints are known to fit this run
   if is_main:  # rows a killed run logged after its last checkpoint are logged again
     faults.rewind_jsonl(os.path.join(workdir, "metrics.jsonl"), int(state.step))
@@ -115,7 +132,8 @@ def train_and_evaluate(config, workdir):
       state = loop.train_loop(
           state, train_step, itertools.chain([first], batches), num_steps=t.num_steps,
           record=recorder, frozen=frozen,
-          save=lambda step, state: ckpt.save(manager, step, state, data_iter.state()),
+          save=lambda step, state: ckpt.save(manager, step, state, data_iter.state(),
+                                             blocking=not config.checkpoint.async_save),
           checkpoint_every=config.checkpoint.every_steps,
           stop=lambda step: signals.requested(step, manager))
       ckpt.wait(manager)
@@ -194,7 +212,7 @@ def main(argv):
   config = flags_.config
   workdir = flags_.workdir or os.path.join("runs", config.objective.name)
   try:
-    summary = train_and_evaluate(config, workdir)
+    summary = train_and_evaluate(config, workdir, flags_.allow_config_change)
   except faults.Preempted as stopped:  # every process says where it stopped
     print(f"dft_jax: {stopped}", flush=True)
     return
@@ -207,6 +225,9 @@ def define_flags(argv):
   from absl import flags  # pylint: disable=g-import-not-at-top
   cli.define_config(argv)
   flags.DEFINE_string("workdir", None, "run folder (default runs/<objective>); resumes if present")
+  flags.DEFINE_bool("allow_config_change", False,
+                    "resume although config fields changed since the checkpoints were written "
+                    "(each change is logged, config.json rewritten)")
   flags.DEFINE_string("coordinator_address", None, "multi-process: host:port of process 0")
   flags.DEFINE_integer("num_processes", None, "multi-process: number of processes")
   flags.DEFINE_integer("process_id", None, "multi-process: this process's index")

@@ -3,17 +3,21 @@
 The run tests start the real CLI (`python -m dft_jax.train`) on the tiny Llama in a subprocess
 (one CPU device, a JAX compilation cache shared by all of them) and compare what survives with an
 uninterrupted reference run bit for bit: metrics rows, parameters, optimizer state, data position.
+Damaged checkpoints, a second run on a workdir, a changed config on resume and a finished run run
+again are tried on copies of that reference run.
 The bad-input corpus (tests/bad_inputs/cases.json) goes through the CLI entry points in forks of one
 warm process (tests/bad_inputs/runner.py).
 """
 import hashlib
 import json
+import logging
 import os
 import random
 import re
 import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -23,12 +27,15 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from flax import nnx
 
 from dft_jax import checkpoint as ckpt
 from dft_jax import faults
+from dft_jax import files
 from dft_jax import step as step_lib
+from dft_jax.errors import ConfigError
 import test_train
-from test_train import REPO, cli_flags, read_jsonl, tiny_config
+from test_train import REPO, TINY, cli_flags, read_jsonl, tiny_config
 
 STEPS = 8
 CORPUS = REPO / "tests" / "bad_inputs"
@@ -155,7 +162,7 @@ def assert_same_state(a, b):
 
 def assert_same_run(workdir, reference):
   """Bit-identical to the reference: every logged metric of every step, the final state and the
-  data position; no temporary checkpoint folder left behind."""
+  data position; no temporary checkpoint folder and no lock left behind."""
   rows, ref_rows = read_jsonl(workdir / "metrics.jsonl"), read_jsonl(reference / "metrics.jsonl")
   assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
   for row, ref in zip(rows, ref_rows):
@@ -165,6 +172,7 @@ def assert_same_run(workdir, reference):
   assert_same_state(read_state(workdir, STEPS), read_state(reference, STEPS))
   assert read_data_state(workdir, STEPS) == read_data_state(reference, STEPS)
   assert not temporary_folders(workdir)
+  assert not (workdir / "run.lock").exists()
 
 
 def tree_digest(folder):
@@ -172,6 +180,25 @@ def tree_digest(folder):
   for path in sorted(p for p in folder.rglob("*") if p.is_file()):
     digest.update(str(path.relative_to(folder)).encode() + path.read_bytes())
   return digest.hexdigest()
+
+
+def file_times(folder):
+  """{path: modification time} of every file under `folder`."""
+  return {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
+
+
+def flip_a_byte(path):
+  data = bytearray(path.read_bytes())
+  data[len(data) // 2] ^= 0x01
+  path.write_bytes(bytes(data))
+
+
+def largest_file(folder):
+  return max((p for p in folder.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+def warning_lines(output, text):
+  return [line for line in output.splitlines() if line.startswith("W") and text in line]
 
 
 @pytest.fixture(scope="module")
@@ -219,8 +246,10 @@ def test_sigterm_finishes_the_step_checkpoints_and_resume_continues(rows_dir, en
   assert 3 <= step < STEPS
   assert complete_steps(workdir)[-2:] == [step - 1, step] and not temporary_folders(workdir)
   assert metric_steps(workdir) == list(range(1, step + 1))
+  assert not (workdir / "run.lock").exists()
   resumed = run(cmd, env)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert f"resuming from step {step} of {STEPS} (workdir {workdir})" in resumed.stderr
   assert_same_run(workdir, reference)
 
 
@@ -283,8 +312,11 @@ def test_kill9_during_an_async_save_resumes_from_the_previous_checkpoint(rows_di
   assert complete_steps(workdir) == [1, 2]
   assert temporary_folders(workdir) == ["3.orbax-checkpoint-tmp"]
   assert list((workdir / "checkpoints" / "3.orbax-checkpoint-tmp").glob("params*/ocdbt*/d/*"))
+  assert not (workdir / "checkpoints" / "3.orbax-checkpoint-tmp" / ckpt.MANIFEST).exists()
   resumed = run(cmd, env)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert f"resuming from step 2 of {STEPS} (workdir {workdir})" in resumed.stderr
+  assert f"taking over the lock of pid {proc.pid} on " in resumed.stderr
   assert_same_run(workdir, reference)
 
 
@@ -309,6 +341,223 @@ def test_kill9_at_a_random_moment_then_resume_is_bit_identical(rows_dir, env, re
   resumed = run(cmd, env)
   assert resumed.returncode == 0, (where, resumed.stderr[-3000:])
   assert_same_run(workdir, reference)
+
+
+# ----------------------------------------------------------------------------- checkpoint integrity
+
+
+def test_every_complete_checkpoint_carries_the_sha256_of_its_files(reference):
+  """checksums.json (written before orbax's commit rename) lists every file of the items with its
+  sha256, computed here with hashlib; only orbax's commit records are left out."""
+  for step in complete_steps(reference):
+    folder = reference / "checkpoints" / str(step)
+    listed = json.loads((folder / ckpt.MANIFEST).read_text())["sha256"]
+    on_disk = {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+               for p in folder.rglob("*") if p.is_file()}
+    assert {"_CHECKPOINT_METADATA", "commit_success.txt", ckpt.MANIFEST} <= on_disk.keys()
+    for name in ("_CHECKPOINT_METADATA", "commit_success.txt", ckpt.MANIFEST):
+      del on_disk[name]
+    assert listed == on_disk
+    assert {path.split("/")[0] for path in listed} == {"params", "optimizer", "data"}
+
+
+def remove_a_file(folder):
+  path = largest_file(folder / "optimizer")
+  path.unlink()
+  return f"its file {path.relative_to(folder)} is missing"
+
+
+def add_a_file(folder):
+  (folder / "params" / "d" / "extra").write_bytes(b"x")
+  return f"its file params/d/extra is not listed in {ckpt.MANIFEST}"
+
+
+def alter_a_byte(folder):
+  path = largest_file(folder / "params")
+  flip_a_byte(path)
+  return f"its file {path.relative_to(folder)} is not what was written"
+
+
+def remove_the_manifest(folder):
+  (folder / ckpt.MANIFEST).unlink()
+  return f"it has no {ckpt.MANIFEST}"
+
+
+def tear_the_manifest(folder):
+  path = folder / ckpt.MANIFEST
+  path.write_bytes(path.read_bytes()[:100])
+  return f"it cannot be checked against its {ckpt.MANIFEST}"
+
+
+@pytest.mark.parametrize("harm", [remove_a_file, add_a_file, alter_a_byte, remove_the_manifest,
+                                  tear_the_manifest])
+def test_damage_names_what_differs_from_the_checksums(reference, tmp_path, harm):
+  folder = tmp_path / "2"
+  shutil.copytree(reference / "checkpoints" / "2", folder)
+  assert ckpt.damage(str(folder)) is None
+  expected = harm(folder)
+  assert ckpt.damage(str(folder)).startswith(expected)
+
+
+def test_a_damaged_latest_checkpoint_is_never_trained_on(rows_dir, env, reference, tmp_path):
+  """One bit of checkpoint 4's parameters flipped after it was written: the resumed run says in one
+  line that it uses checkpoint 3 instead, moves 4 aside, and ends as the reference run."""
+  workdir = stopped_copy(reference, 4, tmp_path / "run")
+  params = workdir / "checkpoints" / "4" / "params"
+  flip_a_byte(largest_file(params))
+  resumed = run(command(fault_config(rows_dir), workdir), env)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  [line] = warning_lines(resumed.stderr, "cannot be used")
+  assert re.search(rf"checkpoint {re.escape(str(workdir))}/checkpoints/4 cannot be used: its file "
+                   r"params/\S+ is not what was written \(its sha256 differs from "
+                   r"checksums.json\); "
+                   r"using checkpoint 3, the newest usable one; moved to "
+                   rf"{re.escape(str(workdir))}/rejected_checkpoints$", line), line
+  assert f"resuming from step 3 of {STEPS}" in resumed.stderr
+  assert (workdir / "rejected_checkpoints" / "4" / "params").is_dir()
+  assert_same_run(workdir, reference)
+
+
+def test_restore_skips_a_checkpoint_orbax_cannot_read(reference, tmp_path, caplog):
+  """Checkpoint 3 lost its params manifest.ocdbt and was sealed again (its checksums match, orbax
+  cannot read it): inference uses checkpoint 2, says so, and moves nothing."""
+  workdir = stopped_copy(reference, 3, tmp_path / "run")
+  folder = workdir / "checkpoints" / "3"
+  (folder / "params" / "manifest.ocdbt").unlink()
+  files.write_json(str(folder / ckpt.MANIFEST), {"sha256": ckpt.checksums(str(folder))})
+  with caplog.at_level(logging.WARNING):
+    model, _, _ = ckpt.restore_model(str(workdir))
+  assert re.search(rf"checkpoint {re.escape(str(workdir))}/checkpoints/3 cannot be used: orbax "
+                   r"cannot read it: .*; using checkpoint 2, the newest usable one$", caplog.text,
+                   re.MULTILINE), caplog.text
+  expected, _, _ = ckpt.restore_model(str(reference), step=2)
+  for a, b in zip(jax.tree.leaves(nnx.state(model)), jax.tree.leaves(nnx.state(expected))):
+    assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
+  assert complete_steps(workdir) == [1, 2, 3] and not (workdir / "rejected_checkpoints").exists()
+
+
+def test_no_usable_checkpoint_is_one_error(reference, tmp_path):
+  workdir = stopped_copy(reference, 2, tmp_path / "run")
+  for step in (1, 2):
+    flip_a_byte(largest_file(workdir / "checkpoints" / str(step) / "params"))
+  with pytest.raises(ckpt.CheckpointError, match=(
+      rf"^cannot restore checkpoint step 2 from {re.escape(str(workdir))}/checkpoints: its file "
+      r"params/\S+ is not what was written .*; the 1 earlier checkpoint\(s\) cannot be used either"
+  )) as e:
+    ckpt.restore_model(str(workdir))
+  assert "\n" not in str(e.value)
+
+
+# ----------------------------------------------------------------------------- one run per workdir
+
+HOLD_LOCK = ("import sys, time; from dft_jax import faults; "
+             "faults.WorkdirLock(sys.argv[1]).acquire(); print('locked', flush=True); "
+             "time.sleep(600)")
+
+
+def test_workdir_lock_names_its_holder_and_is_taken_over_after_a_kill(env, tmp_path, caplog):
+  holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(tmp_path)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, text=True)
+  assert holder.stdout.readline() == "locked\n"
+  with pytest.raises(ConfigError, match=(
+      rf"^--workdir={tmp_path} is in use by another run: pid {holder.pid} on "
+      rf"{re.escape(socket.gethostname())} since \S+ \S+ \S+ \(-c {tmp_path}\); wait for it to "
+      r"end or use another --workdir$")):
+    faults.WorkdirLock(str(tmp_path)).acquire()
+  holder.kill()
+  holder.wait()
+  assert (tmp_path / "run.lock").exists()  # kill -9 leaves it behind
+  with caplog.at_level(logging.WARNING), faults.WorkdirLock(str(tmp_path)):
+    assert json.loads((tmp_path / "run.lock").read_text())["pid"] == os.getpid()
+  assert f"taking over the lock of pid {holder.pid} on " in caplog.text
+  assert not (tmp_path / "run.lock").exists()
+
+
+def test_without_flock_a_live_pid_on_this_host_holds_the_lock(tmp_path, monkeypatch):
+  """A filesystem without flock (ENOLCK): the pid in run.lock decides."""
+  def no_flock(fd, operation):
+    raise OSError(38, "Function not implemented")
+  monkeypatch.setattr(faults.fcntl, "flock", no_flock)
+  gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                        capture_output=True, text=True).stdout.strip()
+  with subprocess.Popen(["sleep", "60"]) as alive:
+    for pid, held in ((alive.pid, True), (int(gone), False)):
+      (tmp_path / "run.lock").write_text(json.dumps(dict(pid=pid, host=socket.gethostname())))
+      lock = faults.WorkdirLock(str(tmp_path))
+      if held:
+        with pytest.raises(ConfigError, match=rf"pid {pid} on .* \(if it is gone, delete "):
+          lock.acquire()
+      else:
+        lock.acquire()
+        lock.release()
+    alive.kill()
+
+
+def test_a_second_run_is_refused_until_the_first_is_killed(rows_dir, env, reference, tmp_path):
+  """While a run trains, the same command on its workdir is refused in one line naming it (and
+  changes nothing); after a kill -9 of the first, the command takes the stale lock over, resumes
+  and ends as the reference run."""
+  workdir = tmp_path / "run"
+  cmd = command(fault_config(rows_dir), workdir)
+  first = start(cmd, slow_save(env, 2, 60))
+  wait_for(lambda: saving(workdir, 2), first)
+  second = run(cmd, env)
+  assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr[-3000:]
+  [line] = error_lines(second.stderr)
+  assert line.startswith(f"dft_jax: error: --workdir={workdir} is in use by another run: pid "
+                         f"{first.pid} on {socket.gethostname()} since "), line
+  assert f"({REPO / 'tests' / 'fault_run.py'} --config." in line
+  first.kill()
+  first.wait()
+  resumed = run(cmd, env)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert f"taking over the lock of pid {first.pid} on " in resumed.stderr
+  assert f"resuming from step 1 of {STEPS} (workdir {workdir})" in resumed.stderr
+  assert_same_run(workdir, reference)
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+def test_a_finished_run_run_again_prints_its_summary_and_changes_nothing(rows_dir, env, reference,
+                                                                         tmp_path):
+  workdir = tmp_path / "run"
+  shutil.copytree(reference, workdir)
+  before, times = tree_digest(workdir), file_times(workdir)
+  again = run(command(fault_config(rows_dir), workdir), env)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert f"{workdir}: this run finished all its {STEPS} steps; nothing to do" in again.stderr
+  assert f"dft on {TINY}: {STEPS} steps in" in again.stdout
+  assert "loading" not in again.stderr and "compiling" not in again.stderr
+  assert tree_digest(workdir) == before and file_times(workdir) == times
+
+
+def test_a_changed_field_on_resume_is_refused_unless_allowed(rows_dir, env, reference, tmp_path):
+  """Another learning rate and compute dtype on resume: refused in one line naming both fields
+  with their old and new values, nothing changed; with --allow_config_change the run resumes,
+  logs the changes and config.json holds the new values."""
+  workdir = stopped_copy(reference, 6, tmp_path / "run")
+  changed = fault_config(rows_dir, optimizer__learning_rate=2e-3, model__compute_dtype="bfloat16")
+  before = tree_digest(workdir)
+  refused = run(command(changed, workdir), env)
+  assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+  [line] = error_lines(refused.stderr)
+  assert (f"--workdir={workdir} holds checkpoints of a run with model.compute_dtype='float32', "
+          "optimizer.learning_rate=0.001, but this run has model.compute_dtype='bfloat16', "
+          "optimizer.learning_rate=0.002: run the same config to resume, pass "
+          "--allow_config_change") in line, line
+  assert "loading" not in refused.stderr and tree_digest(workdir) == before
+  allowed = run(command(changed, workdir, "--allow_config_change"), env)
+  assert allowed.returncode == 0, allowed.stderr[-3000:]
+  [line] = warning_lines(allowed.stderr, "--allow_config_change")
+  assert line.endswith(f"{workdir} resumes with model.compute_dtype='bfloat16', "
+                       "optimizer.learning_rate=0.002 (its checkpoints were written with "
+                       "model.compute_dtype='float32', optimizer.learning_rate=0.001); config.json "
+                       "is rewritten")
+  config = json.loads((workdir / "config.json").read_text())
+  assert (config["optimizer"]["learning_rate"], config["model"]["compute_dtype"]) == (2e-3,
+                                                                                      "bfloat16")
+  assert metric_steps(workdir) == list(range(1, STEPS + 1))
 
 
 # ----------------------------------------------------------------------------- non-finite values
@@ -385,6 +634,9 @@ def test_full_disk_during_a_save_keeps_earlier_checkpoints(rows_dir, env, refere
   assert full.returncode == 2, full.stderr[-3000:]
   tail = full.stderr[-3000:]
   assert full.stderr.strip().splitlines()[-1] == error_lines(full.stderr)[-1], tail
+  # nothing but the progress (absl INFO lines) and the error: no traceback, no library report
+  assert "Traceback" not in full.stderr, tail
+  assert not [line for line in full.stderr.splitlines() if re.match(r"[WEF]\d{4} ", line)], tail
   [line] = error_lines(full.stderr)
   assert re.match(rf"dft_jax: error: writing a checkpoint to {re.escape(str(workdir))}/checkpoints "
                   r"failed: \[Errno 27\] File too large; the last complete checkpoint "
@@ -447,18 +699,25 @@ def test_rewind_jsonl_drops_rows_after_the_checkpoint_and_a_torn_line(tmp_path):
 
 @pytest.fixture(scope="module")
 def corpus_results(rows_dir, tmp_path_factory):
-  """Every case of tests/bad_inputs/cases.json through its CLI entry, in forks of one process."""
+  """Every case of tests/bad_inputs/cases.json through its CLI entry, in forks of one process.
+
+  In a case, {here} is the corpus folder, {tmp} a folder of its own and {trained} the workdir of
+  a one-step run made first; "workdir_in_use": true runs it while its workdir is locked.
+  """
   tmp = tmp_path_factory.mktemp("bad_inputs")
   base = cli_flags(fault_config(rows_dir, train__num_steps=1))
-  jobs = []
+  trained = tmp / "trained_run"
+  jobs = [dict(name="trained_run", entry="train", argv=[*base, f"--workdir={trained}"])]
   for case in CASES:
-    argv = [a.format(here=CORPUS, tmp=tmp / case["name"]) for a in case["argv"]]
+    argv = [a.format(here=CORPUS, tmp=tmp / case["name"], trained=trained) for a in case["argv"]]
     entry = case.get("entry", "train")
+    workdir = tmp / case["name"] / "run"
     if entry == "train":  # ml_collections wants --config=FILE before any --config.a.b override
-      files = [a for a in argv if a.startswith("--config=")]
-      argv = [*files, *base, f"--workdir={tmp / case['name'] / 'run'}",
-              *(a for a in argv if a not in files)]
-    jobs.append(dict(name=case["name"], entry=entry, argv=argv))
+      config_files = [a for a in argv if a.startswith("--config=")]
+      argv = [*config_files, *base, f"--workdir={workdir}",
+              *(a for a in argv if a not in config_files)]
+    jobs.append(dict(name=case["name"], entry=entry, argv=argv,
+                     hold_lock=str(workdir) if case.get("workdir_in_use") else None))
   (tmp / "jobs.json").write_text(json.dumps(jobs))
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1",
              XLA_FLAGS="--xla_force_host_platform_device_count=8")
@@ -466,13 +725,17 @@ def corpus_results(rows_dir, tmp_path_factory):
                            str(tmp / "results.json")], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
-  return json.loads((tmp / "results.json").read_text())
+  results = json.loads((tmp / "results.json").read_text())
+  assert results["trained_run"]["code"] == 0, results["trained_run"]["stderr"][-3000:]
+  assert not list(tmp.rglob("run.lock"))  # released on every way out
+  return results
 
 
 def test_corpus_has_every_kind_of_case():
   names = [c["name"] for c in CASES]
-  assert len(names) >= 20 and len(set(names)) == len(names)
-  for kind, least in (("config_", 5), ("data_", 7), ("model_", 4)):
+  assert len(names) >= 60 and len(set(names)) == len(names)
+  for kind, least in (("config_", 15), ("data_", 7), ("model_", 4), ("resume_", 2),
+                      ("workdir_", 2)):
     assert sum(n.startswith(kind) for n in names) >= least, kind
 
 

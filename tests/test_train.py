@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import jax
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -240,6 +241,42 @@ def test_config_errors_name_the_field(tmp_path, override, message):
   with pytest.raises(UserInputError) as e:
     train.train_and_evaluate(config, str(tmp_path / "run"))
   assert message in str(e.value)
+
+
+# Among 0, -1, NaN and inf, the values each numeric field accepts; every other one is refused.
+ACCEPTED = {"train.seed": (0,), "optimizer.warmup_steps": (0,), "optimizer.min_lr_ratio": (0,),
+            "optimizer.weight_decay": (0,), "optimizer.b1": (0,), "optimizer.b2": (0,),
+            "optimizer.grad_clip_norm": (0,), "data.shuffle_buffer": (0,),
+            "data.shuffle_seed": (0,), "eval.temperature": (0,), "eval.seed": (0,),
+            "mesh.data": (-1,)}
+
+
+def numeric_fields(config):
+  """section.field of every int or float field (placeholders included) of the checked sections."""
+  for section in ("train", "optimizer", "data", "eval", "log", "checkpoint", "mesh", "model"):
+    for name in config[section]:
+      if config[section].get_ref(name).get_type() in (int, float):
+        yield f"{section}.{name}"
+
+
+@pytest.mark.parametrize("value", [0, -1, float("nan"), float("inf")])
+def test_every_numeric_field_is_checked_before_anything_loads(tmp_path, value):
+  """Each numeric field set to `value` as a config file could set it (a float in an int field
+  too): validate_config accepts it or raises one ConfigError line naming the field."""
+  config = tiny_config(tmp_path)
+  fields = list(numeric_fields(config))
+  assert len(fields) >= 41
+  for field in fields:
+    section, name = field.split(".")
+    tree = config.to_dict()
+    tree[section][name] = value
+    changed = ml_collections.ConfigDict(tree)
+    if value in ACCEPTED.get(field, ()):
+      train.validate_config(changed)
+      continue
+    with pytest.raises(ConfigError) as e:
+      train.validate_config(changed)
+    assert field in str(e.value) and "\n" not in str(e.value), (field, str(e.value))
 
 
 def test_workdir_of_another_run_is_refused(tmp_path):

@@ -1,7 +1,8 @@
 """Data: HF datasets in, chat-templated, prompt-masked, packed batches out.
 
 Training (the train loop):
-  data.validate(config.data, seq_len=T, global_batch_size=G, process_count=P)  # early ConfigError
+  data.validate(config.data, seq_len=T, global_batch_size=G, process_count=P,  # early ConfigError
+                max_segments=config.model.max_segments)
   it = data.make_train_iterator(config.data, tokenizer, seq_len=T, global_batch_size=G,
                                 seed=config.train.seed,   # process_index/count: jax's by default
                                 max_segments=config.model.max_segments)  # docs per row < this

@@ -26,7 +26,7 @@ from absl import logging
 from dft_jax.data import formats
 from dft_jax.data import packing
 from dft_jax.data import sources
-from dft_jax.errors import ConfigError, DataError
+from dft_jax.errors import ConfigError, DataError, check_number
 
 STATE_VERSION = 1
 _FEATURES = datasets.Features({
@@ -38,19 +38,18 @@ _FEATURES = datasets.Features({
 })
 
 
-def validate(data_cfg, *, seq_len, global_batch_size, process_count):
-  """Checks the data fields and the batch geometry; raises ConfigError naming the field."""
+def validate(data_cfg, *, seq_len, global_batch_size, process_count, max_segments):
+  """Checks the data fields, the batch geometry and model.max_segments (the documents a packed row
+  may hold, fewer than this); raises ConfigError naming the field."""
   if data_cfg.truncation not in packing.TRUNCATION:
     raise ConfigError(f"data.truncation={data_cfg.truncation!r}: expected one of "
                       f"{', '.join(packing.TRUNCATION)}")
   for name in ("max_length", "num_proc", "pack_window"):
-    value = data_cfg[name]
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-      raise ConfigError(f"data.{name}={value!r}: must be a positive integer")
-  if not isinstance(data_cfg.shuffle_buffer, int) or data_cfg.shuffle_buffer < 0:
-    raise ConfigError(f"data.shuffle_buffer={data_cfg.shuffle_buffer!r}: must be an integer >= 0")
-  if data_cfg.max_rows is not None and data_cfg.max_rows < 1:
-    raise ConfigError(f"data.max_rows={data_cfg.max_rows!r}: must be None or >= 1")
+    check_number(f"data.{name}", data_cfg[name], integer=True, minimum=1)
+  check_number("data.shuffle_buffer", data_cfg.shuffle_buffer, integer=True, minimum=0)
+  check_number("data.max_rows", data_cfg.max_rows, integer=True, minimum=1, optional=True)
+  check_number("data.shuffle_seed", data_cfg.shuffle_seed, integer=True, minimum=0, optional=True)
+  packing.check_max_segments(max_segments)
   if seq_len < 2:
     raise ConfigError(f"seq_len={seq_len}: must be >= 2")
   if data_cfg.max_length > seq_len:
@@ -73,8 +72,7 @@ def make_train_iterator(data_cfg, tokenizer, *, seq_len, global_batch_size, seed
     import jax  # pylint: disable=g-import-not-at-top
     process_index, process_count = jax.process_index(), jax.process_count()
   validate(data_cfg, seq_len=seq_len, global_batch_size=global_batch_size,
-           process_count=process_count)
-  packing.check_max_segments(max_segments)
+           process_count=process_count, max_segments=max_segments)
   source = sources.load_source(data_cfg, streaming=data_cfg.streaming)
   if data_cfg.streaming and (data_cfg.shuffle_buffer or process_count > 1):
     # rows arrive reordered: name their place in this process's stream, not in the file

@@ -10,7 +10,7 @@ from flax import nnx
 from dft_jax import data as data_lib
 from dft_jax import sampling
 from dft_jax.data import sources
-from dft_jax.errors import ConfigError, DataError
+from dft_jax.errors import ConfigError, DataError, check_number
 from dft_jax.evaluate import answers
 from dft_jax.evaluate import generation
 from dft_jax.evaluate import teacher_forced
@@ -36,6 +36,10 @@ def settings(eval_cfg):
   for name in POSITIVE_FIELDS:
     if not isinstance(s[name], int) or s[name] < 1:
       raise ConfigError(f"eval.{name}={s[name]!r}: must be a positive integer")
+  check_number("eval.temperature", s["temperature"], minimum=0)
+  check_number("eval.top_p", s["top_p"], above=0, maximum=1)
+  check_number("eval.seed", s["seed"], integer=True, minimum=0)
+  check_number("eval.num_math", s["num_math"], integer=True, minimum=1, optional=True)
   if "math" in s["suites"] and not s["math_file"]:
     raise ConfigError("the math suite needs eval.math_file: MATH500-format rows {problem, answer} "
                       "in a .jsonl / .json / .parquet file or a hub name")

@@ -257,7 +257,7 @@ def run_study(config, out_dir, *, arm_specs=None, resume=False, lr_tuning=None, 
   t = config.train
   step_lib.validate(config, jax.device_count())
   data.validate(config.data, seq_len=t.seq_len, global_batch_size=t.global_batch_size,
-                process_count=1)
+                process_count=1, max_segments=config.model.max_segments)
   results = {"study": {"model": config.model.name, "arms": [dataclasses.asdict(a) for a in arms],
                        "config": json.loads(config.to_json())},
              "environment": environment(), "runs": [], "timing": {}}

@@ -3,15 +3,18 @@
   python tests/bad_inputs/runner.py JOBS_JSON RESULTS_JSON
 
 JOBS_JSON: [{"name": ..., "entry": "train" | "export" | "generate" | "scanner" | "inspect",
-"argv": [...]}, ...]. The parent imports the CLI modules once (the slow part, seconds); each job
-runs in a forked child exactly as `python -m dft_jax.<entry> ARGV` would: its own argv and flags,
-stdout and stderr on real file descriptors, an uncaught exception printed as the interpreter prints
-it, and the exit status of the child process. The parent never starts JAX's backends, so forking it
+"argv": [...], "hold_lock": WORKDIR (optional)}, ...], run in order. The parent imports the CLI
+modules once (the slow part, seconds); each job runs in a forked child exactly as
+`python -m dft_jax.<entry> ARGV` would: its own argv and flags, stdout and stderr on real file
+descriptors, an uncaught exception printed as the interpreter prints it, and the exit status of the
+child process. The parent never starts JAX's backends, so forking it
 is safe. The child's stdin answers "y" to every question, then ends: nothing should ask, and a
 question that was asked shows as what it allowed (custom code in a model folder runs, and the
-corpus's code fails loudly) rather than as a wait.
+corpus's code fails loudly) rather than as a wait. With "hold_lock" the parent holds that
+workdir's lock (another live run, as far as the child can tell) while the child runs.
 RESULTS_JSON: {name: {"code": int, "stdout": str, "stderr": str, "seconds": float}}.
 """
+import contextlib
 import json
 import os
 import sys
@@ -21,7 +24,7 @@ import traceback
 
 from transformers import AutoTokenizer  # pylint: disable=unused-import  (its lazy imports, once)
 
-from dft_jax import data, export, generate, train  # pylint: disable=unused-import
+from dft_jax import data, export, faults, generate, train  # pylint: disable=unused-import
 from dft_jax.data import inspect as data_inspect
 from dft_jax.experiments import scanner
 
@@ -68,8 +71,16 @@ def child(job, out, err):
   os._exit(code)
 
 
+def held_lock(workdir):
+  if not workdir:
+    return contextlib.nullcontext()
+  os.makedirs(workdir, exist_ok=True)
+  return faults.WorkdirLock(workdir)
+
+
 def run(job, timeout=120):
-  with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+  with held_lock(job.get("hold_lock")), tempfile.TemporaryFile() as out, \
+      tempfile.TemporaryFile() as err:
     start = time.time()
     pid = os.fork()
     if pid == 0:
