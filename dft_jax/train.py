@@ -44,6 +44,7 @@ def validate_config(config):
   ckpt.validate(config.checkpoint)
   metrics_lib.validate(config.log)
   evaluate.settings(config.eval)
+  models.lora_config(config.lora)
 
 
 def batches_of(data_iter, mesh):

@@ -98,7 +98,7 @@ def load(spec: str, *, seed: int = 0, **decoder_kwargs):
 
 def lora_config(lora_cfg):
   """LoRAConfig of config.lora, or None when lora.rank is 0 (or there is no lora section)."""
-  if not lora_cfg or not lora_cfg.get("rank"):
+  if not lora_cfg or lora_cfg.get("rank") == 0:
     return None
   targets = tuple(t.strip() for t in str(lora_cfg.targets).split(",") if t.strip())
   quant = None if lora_cfg.base_quant in (None, "none") else lora_cfg.base_quant

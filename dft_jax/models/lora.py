@@ -47,8 +47,8 @@ class LoRAConfig:
   def __post_init__(self):
     if not isinstance(self.rank, int) or self.rank < 1:
       raise ConfigError(f"lora.rank must be a positive integer, got {self.rank!r}")
-    if not self.alpha > 0:
-      raise ConfigError(f"lora.alpha must be positive, got {self.alpha!r}")
+    if not 0 < self.alpha < math.inf:
+      raise ConfigError(f"lora.alpha must be a finite number > 0, got {self.alpha!r}")
     targets = tuple(self.targets)
     unknown = [t for t in targets if t not in TARGETS]
     if unknown or not targets or len(set(targets)) != len(targets):
