@@ -41,6 +41,7 @@ import numpy as np
 from flax import nnx
 
 from dft_jax import data as data_lib
+from dft_jax import lm_head
 from dft_jax import objectives
 from dft_jax import sampling
 from dft_jax.data import sources
@@ -234,11 +235,11 @@ def _forced_token_stats(graphdef, params, base_params, batch):
     model = nnx.merge(graphdef, p)
     logits = model(batch["tokens"], positions_BxT=batch["positions"],
                    segment_ids_BxT=batch["segment_ids"])
-    return objectives.log_softmax(logits)
+    return lm_head.log_softmax(logits)
 
   logp_BxTxV = log_probs(params)
-  out = dict(logp=objectives.target_log_prob(logp_BxTxV, batch["targets"]),
-             entropy=objectives.entropy(logp_BxTxV))
+  out = dict(logp=lm_head.target_log_prob(logp_BxTxV, batch["targets"]),
+             entropy=lm_head.entropy(logp_BxTxV))
   if base_params is not None:
     base_logp_BxTxV = log_probs(base_params)
     out["kl"] = jnp.sum(jnp.exp(base_logp_BxTxV) * (base_logp_BxTxV - logp_BxTxV), axis=-1)
@@ -259,6 +260,14 @@ def forced_stats(graphdef, params, base_params, batch, *, batch_size):
     for key, value in stats.items():
       out.setdefault(key, []).append(np.asarray(value)[mask])
   return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def per_row_means(values, loss_mask_NxT):
+  """forced_stats' flat per-token values (row-major over loss_mask) -> the mean of each row that has
+  loss tokens, as a list."""
+  counts = np.asarray(loss_mask_NxT > 0).sum(axis=1)
+  rows = np.split(np.asarray(values, np.float64), np.cumsum(counts)[:-1])
+  return [float(r.mean()) for r in rows if r.size]
 
 
 def target_prob_histogram(logp):
@@ -361,6 +370,7 @@ class RunEvaluator:
     greedy = self._texts(model, prompt_ids, f"{prefix} greedy", max_new_tokens=max_new_tokens)
     correct = [[check(t, i) for t in texts] for i, texts in enumerate(greedy)]
     out = accuracy_metrics(correct, prefix)
+    out[f"{prefix}_correct"] = [int(c[0]) for c in correct]  # per problem: intervals over problems
     if extract is not None:
       out[f"{prefix}_answered"] = float(np.mean([extract(g[0]) is not None for g in greedy]))
     if self.cfg["samples"] > 1:
@@ -438,6 +448,7 @@ class RunEvaluator:
   def forgetting(self, model, params):
     general = self._forced(params, self.forced_batch("drift"))
     out = {"kl_to_base": float(general["kl"].mean()),
+           "kl_per_prompt": per_row_means(general["kl"], self.forced_batch("drift")["loss_mask"]),
            "entropy_general": float(general["entropy"].mean())}
     facts = self.rows("factual")
     prompt_ids = [self.encoder.prompt_ids(r["prompt"]) for r in facts]
@@ -445,6 +456,7 @@ class RunEvaluator:
                           max_new_tokens=self.cfg["factual_max_new_tokens"])
     correct = [data_lib.matches_fact(t[0], r["aliases"]) for t, r in zip(replies, facts)]
     out["factual_accuracy"] = float(np.mean(correct))
+    out["factual_correct"] = [int(c) for c in correct]
     heldout = self._forced(params, self.forced_batch("heldout"))
     out["perplexity_heldout"] = float(np.exp(-heldout["logp"].mean()))
     out["kl_heldout"] = float(heldout["kl"].mean())
