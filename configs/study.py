@@ -15,7 +15,9 @@ Regimes (study.regime_sets; study.regimes says which run, in order), for the sam
                 base solves almost none (greedy) and many target tokens -- the computed numbers --
                 are unlikely under it
   model_strong  builtin:lookup_* single-step reading problems answered the way the base replies:
-                it solves about half before training and most target tokens are likely under it
+                it solves over a third before training (0.37 greedy on 100 test problems, float32
+                on CPU) and few target tokens are unlikely under it (5 % with p < 0.1, against
+                23 % for model_weak)
 The study measures both ends (base accuracy on the test split, mean base probability of the
 held-out target tokens and its histogram), so the axis is measured, not asserted.
 

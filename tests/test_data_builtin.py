@@ -113,11 +113,12 @@ def test_lookup_answer_is_the_asked_count_and_the_reply_restates_it(name):
   for row in rows:
     facts, (person, thing) = lookup_facts(row["prompt"])
     people = [p for p, _ in facts]
-    assert len(facts) == len(row["numbers"]) == int(row["kind"][-1]) and len(set(people)) == len(
-        people), row
+    assert len(facts) == len(row["numbers"]) == int(row["kind"][-1]), row
+    assert len(set(people)) == len(people), row
     assert sorted(facts.values()) == sorted(row["numbers"])
-    assert row["answer"] == str(facts[(person, thing)])
-    assert row["response"] == f"{person} has {row['answer']} {thing}.\nThe answer is {row['answer']}."
+    answer = row["answer"]
+    assert answer == str(facts[(person, thing)])
+    assert row["response"] == f"{person} has {answer} {thing}.\nThe answer is {answer}."
     assert data.is_correct(row["response"], row["answer"])
     assert row["prompt"].endswith(builtin_lookup.INSTRUCTION)
   kinds = collections.Counter(r["kind"] for r in rows)
