@@ -7,6 +7,7 @@ import pytest
 
 from dft_jax import data
 from dft_jax.data import arith
+from dft_jax.data import builtin_lookup
 from dft_jax.data import inspect as data_inspect
 from dft_jax.data import testing
 
@@ -20,9 +21,11 @@ def test_sizes_and_fields():
   sizes = {name: len(data.load_builtin(name)) for name in data.BUILTINS}
   assert sizes == {"arith_train": 2000, "arith_test": 300, "arith_val": 200,
                    "arith_terse_train": 2000,
-                   "arith_terse_test": 300, "general_prompts": 80, "factual_qa": 70,
+                   "arith_terse_test": 300, "lookup_train": 2000, "lookup_test": 300,
+                   "lookup_val": 200, "general_prompts": 80, "factual_qa": 70,
                    "heldout_text": 8}
-  for name in ("arith_train", "arith_test", "arith_terse_train", "factual_qa", "general_prompts"):
+  for name in ("arith_train", "arith_test", "arith_terse_train", "lookup_train", "factual_qa",
+               "general_prompts"):
     assert {"prompt", "response", "answer"} <= set(data.load_builtin(name)[0])
   assert data.load_builtin("builtin:heldout_text") == data.load_builtin("heldout_text")
 
@@ -72,6 +75,55 @@ def test_terse_variant_answers_the_same_problems():
     assert t["response"] == f"#### {f['answer']}" and t["answer"] == f["answer"]
     assert t["prompt"].split("\n")[0] == f["prompt"].split("\n")[0]
     assert data.is_correct(t["response"], f["answer"])
+
+
+LOOKUP_FACT = re.compile(r"(\w+) (?:has|owns|keeps) (\d+) ([\w ]+?)(?: in a box)?\.|"
+                         r"There are (\d+) ([\w ]+?) in (\w+)'s bag\.")
+LOOKUP_QUESTION = re.compile(r"(?:How many ([\w ]+) does (\w+) (?:have|own)|"
+                             r"What is the number of ([\w ]+) that (\w+) has)\?")
+
+
+def lookup_facts(prompt):
+  """{(name, thing): count} of a lookup prompt, and the (name, thing) it asks about."""
+  facts = {}
+  for m in LOOKUP_FACT.finditer(prompt):
+    name, n, thing = (m[1], m[2], m[3]) if m[1] else (m[6], m[4], m[5])
+    facts[(name, thing)] = int(n)
+  q = LOOKUP_QUESTION.search(prompt)
+  return facts, ((q[2], q[1]) if q[1] else (q[4], q[3]))
+
+
+def test_lookup_generation_is_deterministic_and_splits_are_disjoint():
+  assert builtin_lookup.generate(50, 10, 5, seed=3) == builtin_lookup.generate(50, 10, 5, seed=3)
+  assert builtin_lookup.generate(50, 10, 5, seed=3) != builtin_lookup.generate(50, 10, 5, seed=4)
+  splits = [data.load_builtin(f"lookup_{s}") for s in ("train", "test", "val")]
+  prompts = [{r["prompt"] for r in rows} for rows in splits]
+  assert [len(p) for p in prompts] == [len(rows) for rows in splits]  # no repeat within a split
+  assert not prompts[0] & prompts[1] and not prompts[0] & prompts[2] and not prompts[1] & prompts[2]
+  # the same problem (people, things, counts, question) in other words is the same problem
+  problems = [{(tuple(sorted(lookup_facts(r["prompt"])[0].items())), lookup_facts(r["prompt"])[1])
+               for r in rows} for rows in splits]
+  assert not problems[0] & problems[1] and not problems[0] & problems[2]
+  assert not problems[1] & problems[2]
+
+
+@pytest.mark.parametrize("name", ["lookup_train", "lookup_test", "lookup_val"])
+def test_lookup_answer_is_the_asked_count_and_the_reply_restates_it(name):
+  rows = data.load_builtin(name)
+  for row in rows:
+    facts, (person, thing) = lookup_facts(row["prompt"])
+    people = [p for p, _ in facts]
+    assert len(facts) == len(row["numbers"]) == int(row["kind"][-1]), row
+    assert len(set(people)) == len(people), row
+    assert sorted(facts.values()) == sorted(row["numbers"])
+    answer = row["answer"]
+    assert answer == str(facts[(person, thing)])
+    assert row["response"] == f"{person} has {answer} {thing}.\nThe answer is {answer}."
+    assert data.is_correct(row["response"], row["answer"])
+    assert row["prompt"].endswith(builtin_lookup.INSTRUCTION)
+  kinds = collections.Counter(r["kind"] for r in rows)
+  assert set(kinds) == {"lookup_1", "lookup_2", "lookup_3"}
+  assert min(kinds.values()) > len(rows) / 4  # about a third each
 
 
 def test_general_prompts_are_varied():

@@ -29,8 +29,8 @@ Examples (evaluation, inspection):
   enc.encode(row) -> (input_ids, trained)   trained[i] = 1 where token i is a training target
   enc.prompt_ids(prompt) -> ids to generate from, rendered exactly as in training
   data.load_builtin(name) -> list[dict]     names in data.BUILTINS (builtin.py): arith_train/test,
-                                            arith_terse_train/test, general_prompts, factual_qa,
-                                            heldout_text
+                                            arith_terse_train/test, lookup_train/test/val,
+                                            general_prompts, factual_qa, heldout_text
   data.extract_answer(text) -> str | None   last `#### N` (else \\boxed{N}, else 'answer is N')
   data.is_correct(text, answer) -> bool     the extracted answer equals `answer` as a number
   data.matches_fact(text, aliases) -> bool  whole-word, case/accent-insensitive alias match

@@ -152,6 +152,7 @@ class RunEvaluator:
     greedy = self._texts(model, prompt_ids, f"{prefix} greedy", max_new_tokens=max_new_tokens)
     correct = [[check(t, i) for t in texts] for i, texts in enumerate(greedy)]
     out = answers.accuracy_metrics(correct, prefix)
+    out[f"{prefix}_correct"] = [int(c[0]) for c in correct]  # per problem: intervals over problems
     if extract is not None:
       out[f"{prefix}_answered"] = float(np.mean([extract(g[0]) is not None for g in greedy]))
     if self.cfg["samples"] > 1:
@@ -229,6 +230,8 @@ class RunEvaluator:
   def forgetting(self, model, params):
     general = self._forced(params, self.forced_batch("drift"))
     out = {"kl_to_base": float(general["kl_from_ref"].mean()),
+           "kl_per_prompt": teacher_forced.per_row_means(
+               general["kl_from_ref"], self.forced_batch("drift")["loss_mask"]),
            "entropy_general": float(general["entropy"].mean())}
     facts = self.rows("factual")
     prompt_ids = [self.encoder.prompt_ids(r["prompt"]) for r in facts]
@@ -236,6 +239,7 @@ class RunEvaluator:
                           max_new_tokens=self.cfg["factual_max_new_tokens"])
     correct = [data_lib.matches_fact(t[0], r["aliases"]) for t, r in zip(replies, facts)]
     out["factual_accuracy"] = float(np.mean(correct))
+    out["factual_correct"] = [int(c) for c in correct]
     heldout = self._forced(params, self.forced_batch("heldout"))
     out["perplexity_heldout"] = float(np.exp(-heldout["logp"].mean()))
     out["kl_heldout"] = float(heldout["kl_from_ref"].mean())

@@ -85,6 +85,14 @@ def forced_stats(graphdef, params, base_params, batch, *, batch_size):
   return {k: np.concatenate(v) for k, v in out.items()}
 
 
+def per_row_means(values, loss_mask_NxT):
+  """forced_stats' flat per-token values (row-major over loss_mask) -> the mean of each row that
+  has loss tokens, as a list."""
+  counts = np.asarray(loss_mask_NxT > 0).sum(axis=1)
+  rows = np.split(np.asarray(values, np.float64), np.cumsum(counts)[:-1])
+  return [float(r.mean()) for r in rows if r.size]
+
+
 def target_prob_histogram(logp):
   """Counts of exp(logp) over objectives.HIST_EDGES (the train metric's bins; the last bin
   includes 1.0)."""

@@ -1,29 +1,35 @@
-"""SFT under the scanner, measured: SFT vs DFT vs PSFT (and variants) trained from one base model.
+"""SFT under the scanner, measured: every objective trained from one base model, in two regimes of
+prior strength (the base model weak or strong on the task), with bootstrap intervals.
 
-  python -m dft_jax.experiments.scanner --config=configs/study.py:gpu \
-      --config.model.name=PATH/SmolLM2-135M-Instruct.Q4_1.gguf
-  python -m dft_jax.experiments.scanner                              # :cpu, SmolLM2 on 2 CPU cores
+  python -m dft_jax.experiments.scanner --config=configs/study.py:gpu   # the study, one H200
+  python -m dft_jax.experiments.scanner                                 # :cpu, SmolLM2 on 2 cores
   python -m dft_jax.experiments.scanner --config=configs/study.py:gpu,smoke  # the GPU path, tiny
-  python -m dft_jax.experiments.scanner --config=configs/study.py:gpu --tune_lr=5e-5,1e-4,2e-4
+  python -m dft_jax.experiments.scanner --config=configs/study.py:gpu --regime=model_strong \
+      --arm=sft --arm=dft --tune_lr=5e-5,1e-4,2e-4 --config.study.seeds=5
   python -m dft_jax.experiments.scanner --replot=results/scanner     # tables + figures again
 
-The setting is configs/study.py (`--config.train.num_steps=10` overrides any field, e.g.
-`--config.study.seeds=1`). For each seed (the data order) and each arm
-(`--arm=label=objective[,field=value...][,lr=X]`, any objective in objectives.OBJECTIVES with any
-of its hyperparameters): train from the same base parameters on the same batches, with the same
-step and loop as dft_jax.train, then evaluate with dft_jax.evaluate (in-domain greedy accuracy on
-held-out problems;
-KL(base || tuned) and entropy on the base model's replies to general prompts; factual QA accuracy;
-held-out perplexity; the target-probability histogram on held-out responses).
+The setting is configs/study.py (`--config.train.num_steps=10` overrides any field). For each
+regime (study.regime_sets: a train, a validation and a test set), each seed (the data order) and
+each arm (`--arm=label=objective[,field=value...][,lr=X]`, any objective in objectives.OBJECTIVES
+with any of its hyperparameters): train from the same base parameters on the same batches, with
+the same step and loop as dft_jax.train, then evaluate with dft_jax.evaluate (in-domain greedy
+accuracy on the held-out problems; KL(base || tuned) and entropy on the base model's replies to
+general prompts; factual QA accuracy; held-out perplexity; the target-probability histogram on
+held-out responses).
 
-One process does all of it: the model is loaded and the base evaluated once; every arm's train
-step is traced once and compiled in background threads while the base model is evaluated and the
-first arms train, then reused by all seeds (only the data differ); the evaluation programs are
-shared by all runs; a persistent XLA compilation cache makes a second invocation skip compiles.
-The loop is seed-major, so when `study.budget_s` runs out every arm has as many seeds as possible
-(`--resume` adds the missing runs later). OUT/results.json is rewritten after every run;
-OUT/results.md and the figures (report.py) after every seed. With `--tune_lr` (study.lr_grid) each
-arm's learning rate is first chosen on the validation split (tune_learning_rates, OUT/lr_tuning/).
+Learning rates (study.lr_grid, --tune_lr): with a grid, every arm without its own lr trains on seed
+0 at each grid lr and keeps the one with the best greedy accuracy on the regime's validation split
+(the smaller on a tie); that run is then evaluated on the test split as the arm's seed 0 (training
+it again would repeat it), and seeds 1 .. seeds-1 train at the chosen lr.
+
+One process does all of it: the model is loaded once and the base model evaluated once per regime;
+every train step the study needs (one per arm and lr: the regimes share them, as only the data
+differ) is traced and compiled in background threads while the base model is evaluated and the
+first runs train; a persistent XLA compilation cache makes a second invocation skip compiles. The
+order is seed-major (all of seed 0, tuning included, then seed 1, ...), regimes alternating within
+a seed, so when `study.budget_s` runs out every regime has as many seeds as possible (`--resume`
+adds the missing runs later). OUT/<regime>/results.json is rewritten after every run, its
+results.md after every seed, the figures (report.py) and OUT/results.md (all regimes) at the end.
 """
 import concurrent.futures
 import copy
@@ -56,7 +62,7 @@ HISTORY_KEYS = ("loss", "target_prob", "entropy", "grad_norm", "learning_rate", 
 class Arm:
   label: str
   objective: dict   # name, then config.objective fields or the objective's hyperparameters
-  lr: float | None  # optimizer.learning_rate, None: the study's
+  lr: float | None  # optimizer.learning_rate; None: tuned on the grid, or the study's
 
 
 def _value(text):
@@ -94,7 +100,11 @@ def arm_spec(arm):
 
 def select_arms(study_cfg, arm_specs=None):
   """The arms to run: `arm_specs` (--arm) if given, else the config's."""
-  return [parse_arm(s) for s in (arm_specs or study_cfg.arms)]
+  arms = [parse_arm(s) for s in (arm_specs or study_cfg.arms)]
+  labels = [a.label for a in arms]
+  if len(set(labels)) != len(labels):
+    raise ConfigError(f"arms {labels}: every arm needs its own label")
+  return arms
 
 
 def arm_config(config, arm, seed):
@@ -134,6 +144,57 @@ def arm_config(config, arm, seed):
   return c
 
 
+def select_regimes(study_cfg, names=None):
+  """The regimes to run, in order: `names` (--regime) if given, else study.regimes."""
+  chosen = list(names) if names else [n.strip() for n in study_cfg.regimes.split(",") if n.strip()]
+  unknown = [n for n in chosen if n not in study_cfg.regime_sets]
+  if unknown or not chosen:
+    raise ConfigError(f"regimes {chosen or study_cfg.regimes!r}: expected names from "
+                      f"study.regime_sets ({', '.join(study_cfg.regime_sets)})")
+  return list(dict.fromkeys(chosen))
+
+
+def all_regimes(study_cfg):
+  """Every regime of study.regime_sets: those of study.regimes first, in its order."""
+  first = select_regimes(study_cfg)
+  return first + [n for n in study_cfg.regime_sets if n not in first]
+
+
+def regime_config(config, name):
+  """The study config with regime `name`'s train set (data.source) and test set (eval.in_domain)."""
+  sets = config.study.regime_sets[name]
+  c = copy.deepcopy(config)
+  c.data.source, c.eval.in_domain = sets.train, sets.test
+  return c
+
+
+def validation_eval_config(config, name):
+  """config.eval reduced to greedy in-domain accuracy on the regime's validation set."""
+  e = copy.deepcopy(config.eval)
+  e.update(suites="in_domain", in_domain=config.study.regime_sets[name].val,
+           num_examples=config.study.tune_examples)
+  return e
+
+
+def parse_lr_grid(values):
+  """study.lr_grid (floats, or strings from --tune_lr) -> a tuple of learning rates > 0; () none."""
+  if not values:
+    return ()
+  try:
+    grid = tuple(float(v) for v in values)
+  except (TypeError, ValueError):
+    grid = ()
+  if not grid or not all(0 < lr < float("inf") for lr in grid):
+    raise ConfigError(f"--tune_lr / study.lr_grid={values!r}: expected learning rates > 0, "
+                      "e.g. --tune_lr 5e-5,1e-4,2e-4")
+  return tuple(sorted(set(grid)))
+
+
+def best_lr(scores):
+  """The lr of the highest score in {lr: score}; the smaller lr on a tie."""
+  return min(scores, key=lambda lr: (-scores[lr], lr))
+
+
 def enable_compilation_cache(path, log=print):
   """Persistent XLA cache: every compiled program (however small or fast) is written and reused.
   A JAX without these options only costs the reuse, so that is logged, not raised."""
@@ -162,11 +223,56 @@ class InlineExecutor:
 
 
 def make_compiler(workers):
-  """Where train steps compile: `workers` background threads (-1: a quarter of the cores, at most
-  4), or 0 for the calling thread."""
+  """Where train steps are traced and compiled: `workers` background threads (-1: a quarter of the
+  cores, at most 4), or 0 for the calling thread."""
   if workers < 0:
     workers = max(1, min(4, (os.cpu_count() or 1) // 4))
   return concurrent.futures.ThreadPoolExecutor(workers) if workers else InlineExecutor()
+
+
+# ----------------------------------------------------------------------------- the plan
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  regime: str
+  arm: Arm
+  seed: int
+  tune: bool  # train at every grid lr, keep the best on the validation set (seed 0 only)
+
+
+def plan(regimes, arms, num_seeds, grid, done=frozenset()):
+  """The runs still to do, in order: seed by seed, regime by regime, arm by arm; an arm without
+  its own lr is tuned (Task.tune) on seed 0 when there is a grid. done: {(regime, label, seed)}."""
+  return [Task(regime, arm, seed, tune=bool(grid) and arm.lr is None and seed == 0)
+          for seed in range(num_seeds) for regime in regimes for arm in arms
+          if (regime, arm.label, seed) not in done]
+
+
+def program(arm, lr):
+  """The arm at one learning rate: one compiled train step (shared by every regime and seed)."""
+  return dataclasses.replace(arm, lr=lr)
+
+
+def program_key(arm):
+  return json.dumps([arm.objective, arm.lr], sort_keys=True)
+
+
+def programs_needed(tasks, grid, chosen_lr):
+  """Every train step the tasks need, in the order they first need it: a tuned arm at each grid
+  lr (or, tuned earlier, at its chosen lr: chosen_lr(regime, label) -> lr or None), any other arm
+  at its own lr (None: the study's)."""
+  needed = {}
+  for task in tasks:
+    arm = task.arm
+    if arm.lr is not None or not grid:
+      lrs = [arm.lr]
+    else:
+      known = None if task.tune else chosen_lr(task.regime, arm.label)
+      lrs = list(grid) if known is None else [known]
+    for lr in lrs:
+      needed.setdefault(program_key(program(arm, lr)), program(arm, lr))
+  return list(needed.values())
 
 
 # ----------------------------------------------------------------------------- training
@@ -174,7 +280,8 @@ def make_compiler(workers):
 
 @dataclasses.dataclass
 class Trainer:
-  """One arm's config and train step, compiled once (in the background) and reused by every seed."""
+  """One arm's config and train step, compiled once (in the background) and reused by every seed
+  and regime."""
   config: object
   compiled: concurrent.futures.Future  # -> the compiled train_step(state, batch, frozen)
 
@@ -186,13 +293,16 @@ def fresh_state(config, graphdef, params, mesh):
 
 
 def build_trainer(config, graphdef, base_params, mesh, example_batch, compiler):
-  """Traces the arm's train step here and hands its compilation to `compiler` (an executor), so
-  that it overlaps with the evaluation and the other arms' runs."""
-  state, frozen, tx, _ = fresh_state(config, graphdef, base_params, mesh)  # shapes, shardings
-  step = step_lib.make_train_step(graphdef, tx, config, mesh, step_lib.shardings_of(state),
-                                  step_lib.shardings_of(frozen))
-  lowered = step.lower(step_lib.abstract_of(state), example_batch, step_lib.abstract_of(frozen))
-  return Trainer(config, compiler.submit(lowered.compile))
+  """Hands the tracing and compilation of the arm's train step to `compiler` (an executor), so
+  that it overlaps with the evaluations and the other arms' runs."""
+  def compile_step():
+    state, frozen, tx, _ = fresh_state(config, graphdef, base_params, mesh)  # shapes, shardings
+    step = step_lib.make_train_step(graphdef, tx, config, mesh, step_lib.shardings_of(state),
+                                    step_lib.shardings_of(frozen))
+    return step.lower(step_lib.abstract_of(state), example_batch,
+                      step_lib.abstract_of(frozen)).compile()
+
+  return Trainer(config, compiler.submit(compile_step))
 
 
 def train_run(trainer, graphdef, base_params, host_batches, mesh):
@@ -227,6 +337,64 @@ def data_batches(config, tokenizer, seed):
   return [next(it) for _ in range(t.num_steps)]
 
 
+def strip(results):
+  return {k: v for k, v in results.items() if k != "samples"}
+
+
+@dataclasses.dataclass
+class Runner:
+  """What every run of the study shares: the base model, the mesh, the compiled train steps, the
+  evaluators of each regime and the current (regime, seed)'s batches."""
+  graphdef: object
+  base_params: object
+  mesh: object
+  tokenizer: object
+  configs: dict          # regime -> its config
+  trainers: dict         # program_key -> Trainer
+  evaluators: dict       # regime -> RunEvaluator on the test split (+ forgetting, target_probs)
+  val_evaluators: dict   # regime -> RunEvaluator on the validation split (tuning)
+  batches: dict = dataclasses.field(default_factory=dict)
+
+  def host_batches(self, regime, seed):
+    if (regime, seed) not in self.batches:
+      self.batches = {(regime, seed): data_batches(self.configs[regime], self.tokenizer, seed)}
+    return self.batches[(regime, seed)]
+
+  def train(self, arm, lr, regime, seed):
+    return train_run(self.trainers[program_key(program(arm, lr))], self.graphdef,
+                     self.base_params, self.host_batches(regime, seed), self.mesh)
+
+  def run(self, task, lr):
+    """Trains task.arm at lr and evaluates it on the regime's test split: the run's record."""
+    params, history, seconds = self.train(task.arm, lr, task.regime, task.seed)
+    return self.record(task, lr, params, history, seconds)
+
+  def tune(self, task, grid):
+    """Trains task.arm at every grid lr; the best on the validation split (the smaller lr on a
+    tie) is evaluated on the test split: (the run's record, {lr: validation accuracy})."""
+    trained, scores, seconds = {}, {}, {"compile_wait": 0.0, "train": 0.0, "validation": 0.0}
+    for lr in grid:
+      params, history, times = self.train(task.arm, lr, task.regime, task.seed)
+      t0 = time.time()
+      scores[lr] = self.val_evaluators[task.regime](params)["in_domain_accuracy"]
+      for key, value in (*times.items(), ("validation", time.time() - t0)):
+        seconds[key] = round(seconds.get(key, 0.0) + value, 2)  # summed over the grid
+      trained[lr] = (params, history)
+    chosen = best_lr(scores)
+    params, history = trained.pop(chosen)
+    del trained
+    return self.record(task, chosen, params, history, seconds), scores
+
+  def record(self, task, lr, params, history, seconds):
+    t0 = time.time()
+    ev = self.evaluators[task.regime](params)
+    seconds["eval"] = round(time.time() - t0, 2)
+    if lr is None:  # the arm runs at the study's learning rate
+      lr = self.configs[task.regime].optimizer.learning_rate
+    return {"arm": task.arm.label, "seed": task.seed, "lr": lr, "eval": strip(ev),
+            "samples": ev["samples"], "history": history, "seconds": seconds}
+
+
 # ----------------------------------------------------------------------------- the study
 
 
@@ -236,222 +404,218 @@ def environment():
           "device_count": jax.device_count()}
 
 
-def strip(results):
-  return {k: v for k, v in results.items() if k != "samples"}
-
-
-def run_study(config, out_dir, *, arm_specs=None, resume=False, lr_tuning=None, log=print):
-  """Trains and evaluates every (seed, arm); returns the results dict (also OUT/results.json).
-
-  lr_tuning: tune_learning_rates' summary, kept in the results and the table.
-  resume: keep the runs (and base evaluation) of an earlier OUT/results.json made with the same
-  config and arms, and run only the missing (seed, arm) pairs.
-  """
-  from dft_jax import data, sharding  # pylint: disable=g-import-not-at-top
-  started = time.time()
-  os.makedirs(out_dir, exist_ok=True)
-  enable_compilation_cache(config.study.compilation_cache, log)
-  arms = select_arms(config.study, arm_specs)
-  for arm in arms:
-    arm_config(config, arm, 0)  # bad arms fail before anything is loaded
-  t = config.train
-  step_lib.validate(config, jax.device_count())
-  data.validate(config.data, seq_len=t.seq_len, global_batch_size=t.global_batch_size,
-                process_count=1, max_segments=config.model.max_segments)
-  results = {"study": {"model": config.model.name, "arms": [dataclasses.asdict(a) for a in arms],
-                       "config": json.loads(config.to_json())},
+def new_results(config, regime, arms, grid):
+  """The empty results of one regime (OUT/<regime>/results.json)."""
+  results = {"study": {"regime": regime, "sets": dict(config.study.regime_sets[regime]),
+                       "model": config.model.name, "arms": [dataclasses.asdict(a) for a in arms],
+                       "lr_grid": list(grid), "config": json.loads(config.to_json())},
              "environment": environment(), "runs": [], "timing": {}}
-  if lr_tuning:
-    results["lr_tuning"] = lr_tuning
-  earlier = read_earlier(out_dir, results["study"]) if resume else None
-  if earlier:
-    results.update(base=earlier["base"], base_samples=earlier["base_samples"], runs=earlier["runs"])
-    log(f"resuming: {len(earlier['runs'])} runs of {out_dir}/results.json kept")
-  done = {(r["seed"], r["arm"]) for r in results["runs"]}
-  todo = {seed: [a for a in arms if (seed, a.label) not in done]
-          for seed in range(config.study.seeds)}
-
-  mesh = sharding.make_mesh(config.mesh)
-  model, tokenizer = models.load_from_config(config.model)
-  graphdef, base_state, _, _, _ = step_lib.init_train_state(model, config, mesh)
-  base_params = base_state.params
-  del model, base_state
-  batches = {0: data_batches(config, tokenizer, 0)}
-  results["timing"]["load_s"] = round(time.time() - started, 1)
-  log(f"model {config.model.name} on {results['environment']}; arms "
-      f"{[a.label for a in arms]}")
-
-  # Every arm that will run is traced now and compiled in the background, while the base model is
-  # evaluated and the first arms train.
-  compiler = make_compiler(config.study.compile_workers)
-  example = step_lib.global_batch(batches[0][0], mesh)
-  trainers = {a.label: build_trainer(arm_config(config, a, 0), graphdef, base_params, mesh,
-                                     example, compiler)
-              for a in arms if any(a in arms_of_seed for arms_of_seed in todo.values())}
-  evaluator = evaluate.RunEvaluator(config.eval, config.data, tokenizer, graphdef, base_params)
-  if "base" not in results:
-    t0 = time.time()
-    base = evaluator(base_params)
-    results["base"], results["base_samples"] = strip(base), base["samples"]
-    results["timing"]["base_eval_s"] = round(time.time() - t0, 1)
-    log(f"base: {report.one_line(base)} ({results['timing']['base_eval_s']} s)")
-
-  steady_s, first_run_s = {}, []
-  for seed, seed_arms in todo.items():
-    if seed_arms and seed not in batches:
-      batches = {seed: data_batches(config, tokenizer, seed)}
-    for arm in seed_arms:
-      # A seen arm is compiled; an unseen one may still wait for its compilation like a first did.
-      estimate = steady_s.get(arm.label, max(first_run_s, default=0.0))
-      if out_of_budget(config.study.budget_s, started, estimate):
-        results["stopped_early"] = (f"time budget {config.study.budget_s:.0f} s reached before "
-                                    f"seed {seed} of {arm.label}")
-        break
-      run = run_arm(arm, seed, batches[seed], trainers[arm.label], graphdef, base_params, mesh,
-                    evaluator)
-      results["runs"].append(run)
-      if arm.label not in steady_s:
-        first_run_s.append(run["seconds"]["total"])
-      steady_s[arm.label] = (run["seconds"]["total"] - run["seconds"]["compile_wait"]
-                             - run["seconds"]["first_step"])
-      results["timing"]["total_s"] = round(time.time() - started, 1)
-      write_json(results, out_dir)
-      log(f"seed {seed} {arm.label:14s} train {run['seconds']['train']:6.1f} s (waited "
-          f"{run['seconds']['compile_wait']:.1f} s for compilation, first step "
-          f"{run['seconds']['first_step']:.1f}) eval {run['seconds']['eval']:5.1f} s | "
-          f"{report.one_line(run['eval'])}")
-    if seed_arms:
-      report.write_report(results, out_dir, log=log)
-    if "stopped_early" in results:
-      log(results["stopped_early"] + "; rerun with --resume to add the missing runs")
-      break
-  compiler.shutdown(wait=False, cancel_futures=True)
-  results["timing"]["total_s"] = round(time.time() - started, 1)
-  write_json(results, out_dir)
-  report.write_report(results, out_dir, log=log)
-  log(f"done in {results['timing']['total_s']:.0f} s: {os.path.abspath(out_dir)}")
+  if grid:
+    results["lr_tuning"] = {"tune_on": config.study.regime_sets[regime].val,
+                            "num_examples": config.study.tune_examples, "seed": 0,
+                            "grid": list(grid), "arms": {}}
   return results
 
 
-def parse_lr_grid(values):
-  """study.lr_grid (floats, or strings from --tune_lr) -> a tuple of learning rates > 0."""
-  try:
-    grid = tuple(float(v) for v in values)
-  except (TypeError, ValueError):
-    grid = ()
-  if not grid or not all(0 < lr < float("inf") for lr in grid):
-    raise ConfigError(f"--tune_lr / study.lr_grid={values!r}: expected learning rates > 0, "
-                      "e.g. --tune_lr 5e-5,1e-4,2e-4")
-  return grid
-
-
-def best_lr(scores):
-  """The lr of the highest score in {lr: score}; the smaller lr on a tie."""
-  return min(scores, key=lambda lr: (-scores[lr], lr))
-
-
-def tune_learning_rates(config, out_dir, *, arm_specs=None, resume=False, log=print):
-  """(arm specs with learning rates chosen on the validation set, the choice); the tuning runs go
-  to OUT/lr_tuning/ and the choice to OUT/lr_tuning.json.
-
-  Every arm without its own lr trains once (seed 0, the study's token budget) at each lr of
-  study.lr_grid and is scored by in-domain accuracy on study.tune_on (held out from both the
-  training data and the test set that the study reports); the best lr wins, the smaller on a tie.
-  study.budget_s bounds the tuning and the study each.
-  """
-  grid = parse_lr_grid(config.study.lr_grid)
-  arms = select_arms(config.study, arm_specs)
-  tuned = [a for a in arms if a.lr is None]
-  if not tuned:
-    raise ConfigError("--tune_lr: every arm sets its own lr=..., so there is nothing to tune")
-  tune_cfg = copy.deepcopy(config)
-  tune_cfg.study.update(seeds=1, lr_grid=())
-  tune_cfg.eval.update(suites="in_domain", in_domain=config.study.tune_on,
-                       num_examples=config.study.tune_examples)
-  candidates = [arm_spec(dataclasses.replace(a, label=f"{a.label}@{lr:g}", lr=lr))
-                for a in tuned for lr in grid]
-  log(f"tuning the learning rate of {[a.label for a in tuned]} over {list(grid)} "
-      f"on {config.study.tune_on}")
-  results = run_study(tune_cfg, os.path.join(out_dir, "lr_tuning"), arm_specs=candidates,
-                      resume=resume, log=log)
-  if "stopped_early" in results:
-    raise ConfigError(f"learning-rate tuning stopped early ({results['stopped_early']}); raise "
-                      "--budget_s or shrink study.lr_grid, then rerun with --resume")
-  accuracy = {r["arm"]: r["eval"]["in_domain_accuracy"] for r in results["runs"]}
-  choice = {}
-  for a in tuned:
-    scores = {lr: accuracy[f"{a.label}@{lr:g}"] for lr in grid}
-    best = best_lr(scores)
-    choice[a.label] = {"lr": best, "val_accuracy": {f"{lr:g}": v for lr, v in scores.items()}}
-    log(f"{a.label}: lr {best:g} (validation accuracy " + ", ".join(
-        f"{lr:g}: {v:.3f}" for lr, v in scores.items()) + ")")
-  summary = {"tune_on": config.study.tune_on, "num_examples": config.study.tune_examples,
-             "seed": 0, "arms": choice}
-  files.write_json(os.path.join(out_dir, "lr_tuning.json"), summary, indent=1)
-  return [arm_spec(dataclasses.replace(a, lr=choice[a.label]["lr"]) if a.label in choice else a)
-          for a in arms], summary
-
-
 def read_earlier(out_dir, study):
-  """The earlier results.json of out_dir if it has the same config (the study section aside: seeds,
-  budget and cache may change) and arms, else None."""
+  """The earlier results.json of out_dir if it has the same config (the study section aside:
+  seeds, budget and cache may change), arms and lr grid, else None."""
   path = os.path.join(out_dir, "results.json")
   if not os.path.exists(path):
     return None
   with open(path) as f:
     earlier = json.load(f)
-  same = lambda a, b: json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
-  without_study = lambda c: {k: v for k, v in c.items() if k != "study"}
+  same = lambda a, b: json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)  # noqa: E731
+  without_study = lambda c: {k: v for k, v in c.items() if k != "study"}  # noqa: E731
   if not (same(without_study(earlier["study"]["config"]), without_study(study["config"]))
-          and same(earlier["study"]["arms"], study["arms"])):
-    raise ConfigError(f"--resume: {path} was made with another config or other arms; use a new "
-                      "--out or leave out --resume")
+          and same(earlier["study"]["arms"], study["arms"])
+          and same(earlier["study"].get("lr_grid", []), study["lr_grid"])):
+    raise ConfigError(f"--resume: {path} was made with another config, other arms or another lr "
+                      "grid; use a new study.out or leave out --resume")
   return earlier
 
 
 def out_of_budget(budget_s, started, estimate_s):
-  """Whether a run estimated to take estimate_s would end past budget_s (0: no budget)."""
+  """Whether work estimated to take estimate_s would end past budget_s (0: no budget)."""
   return bool(budget_s) and time.time() - started + estimate_s > budget_s
-
-
-def run_arm(arm, seed, batches, trainer, graphdef, base_params, mesh, evaluator):
-  """Trains one arm on one seed's batches and evaluates it; the run's record."""
-  t0 = time.time()
-  params, history, seconds = train_run(trainer, graphdef, base_params, batches, mesh)
-  t1 = time.time()
-  after = evaluator(params)
-  seconds.update(eval=round(time.time() - t1, 2), total=round(time.time() - t0, 2))
-  return {"arm": arm.label, "seed": seed, "eval": strip(after), "samples": after["samples"],
-          "history": history, "seconds": seconds}
 
 
 def write_json(results, out_dir):
   files.write_json(os.path.join(out_dir, "results.json"), results, indent=1)
 
 
+def collect_regimes(out_dir, names):
+  """{regime: results} of the regimes in `names` (in that order) that have OUT/<regime>/
+  results.json."""
+  paths = {n: os.path.join(out_dir, n, "results.json") for n in names}
+  return {n: files.read_json(p) for n, p in paths.items() if os.path.isfile(p)}
+
+
+def start_regimes(configs, arms, grid, out_dir, resume, log):
+  """{regime: results}: new, or with resume the earlier OUT/<regime>/results.json's base
+  evaluation, tuning and runs (the same config, arms and grid, else ConfigError)."""
+  regimes = {}
+  for name, c in configs.items():
+    results = new_results(c, name, arms, grid)
+    folder = os.path.join(out_dir, name)
+    earlier = read_earlier(folder, results["study"]) if resume else None
+    if earlier:
+      results.update({k: earlier[k] for k in ("base", "base_samples", "runs", "lr_tuning")
+                      if k in earlier})
+      log(f"{name}: resuming with {len(earlier['runs'])} runs of {folder}/results.json")
+    os.makedirs(folder, exist_ok=True)
+    regimes[name] = results
+  return regimes
+
+
+def run_task(runner, task, grid, results, log):
+  """Runs one task (a run, or an arm's tuning and its seed-0 run) and records it in results."""
+  t0 = time.time()
+  tuning = results.get("lr_tuning", {}).get("arms", {})
+  if task.tune:
+    run, scores = runner.tune(task, grid)
+    tuning[task.arm.label] = {"lr": run["lr"],
+                              "val_accuracy": {f"{lr:g}": v for lr, v in scores.items()}}
+    note = " (validation " + ", ".join(f"{lr:g}: {v:.3f}" for lr, v in scores.items()) + ")"
+  else:
+    tuned = grid and task.arm.lr is None
+    run, note = runner.run(task, tuning[task.arm.label]["lr"] if tuned else task.arm.lr), ""
+  run["seconds"]["total"] = round(time.time() - t0, 2)
+  results["runs"].append(run)
+  log(f"{task.regime} seed {task.seed} {task.arm.label:12s} lr {run['lr']:g}{note} | "
+      f"{run['seconds']['total']:5.1f} s (waited {run['seconds']['compile_wait']:.1f} s for "
+      f"compilation) | {report.one_line(run['eval'])}")
+  return run
+
+
+def run_study(config, out_dir, *, arm_specs=None, regime_names=None, resume=False, log=print):
+  """Trains and evaluates every (seed, regime, arm), tuning learning rates first when
+  study.lr_grid is set; returns {regime: results} (also OUT/<regime>/results.json).
+
+  resume: keep the runs, tuning and base evaluation of the earlier OUT/<regime>/results.json
+  made with the same config, arms and grid, and run only the missing ones.
+  """
+  from dft_jax import data, sharding  # pylint: disable=g-import-not-at-top
+  started = time.time()
+  enable_compilation_cache(config.study.compilation_cache, log)
+  arms = select_arms(config.study, arm_specs)
+  names = select_regimes(config.study, regime_names)
+  grid = parse_lr_grid(config.study.lr_grid)
+  configs = {n: regime_config(config, n) for n in names}
+  t = config.train
+  for c in configs.values():
+    for arm in arms:
+      arm_config(c, arm, 0)  # bad arms fail before anything is loaded
+    step_lib.validate(c, jax.device_count())
+    data.validate(c.data, seq_len=t.seq_len, global_batch_size=t.global_batch_size,
+                  process_count=1, max_segments=c.model.max_segments)
+  regimes = start_regimes(configs, arms, grid, out_dir, resume, log)
+  chosen_lr = lambda regime, label: (  # noqa: E731
+      regimes[regime].get("lr_tuning", {}).get("arms", {}).get(label, {}).get("lr"))
+  tasks = plan(names, arms, config.study.seeds, grid,
+               {(n, r["arm"], r["seed"]) for n, res in regimes.items() for r in res["runs"]})
+
+  mesh = sharding.make_mesh(config.mesh)
+  model, tokenizer = models.load_from_config(config.model)
+  graphdef, base_state, _, _, _ = step_lib.init_train_state(model, config, mesh)
+  runner = Runner(graphdef, base_state.params, mesh, tokenizer, configs, {}, {}, {})
+  del model, base_state
+  example = step_lib.global_batch(runner.host_batches(names[0], 0)[0], mesh)
+  load_s = round(time.time() - started, 1)
+  log(f"model {config.model.name} on {environment()}; regimes {names}; arms "
+      f"{[a.label for a in arms]}{f'; lr grid {list(grid)}' if grid else ''}; {len(tasks)} "
+      "runs to do")
+
+  # Every train step the study needs is traced and compiled in the background, in the order the
+  # runs need them, while the base model is evaluated and the first runs train.
+  compiler = make_compiler(config.study.compile_workers)
+  for p in programs_needed(tasks, grid, chosen_lr):
+    runner.trainers[program_key(p)] = build_trainer(arm_config(config, p, 0), graphdef,
+                                                    runner.base_params, mesh, example, compiler)
+  for n in names:
+    runner.evaluators[n] = evaluate.RunEvaluator(configs[n].eval, configs[n].data, tokenizer,
+                                                 graphdef, runner.base_params)
+    if any(task.tune and task.regime == n for task in tasks):
+      runner.val_evaluators[n] = evaluate.RunEvaluator(validation_eval_config(config, n),
+                                                       configs[n].data, tokenizer, graphdef,
+                                                       runner.base_params)
+    regimes[n]["timing"]["load_s"] = load_s
+    if "base" not in regimes[n]:
+      t0 = time.time()
+      base = runner.evaluators[n](runner.base_params)
+      regimes[n]["base"], regimes[n]["base_samples"] = strip(base), base["samples"]
+      regimes[n]["timing"]["base_eval_s"] = round(time.time() - t0, 1)
+      log(f"{n} base: {report.one_line(base)} ({regimes[n]['timing']['base_eval_s']} s)")
+
+  seconds_per_training, remaining = {}, []
+  for i, task in enumerate(tasks):
+    trainings = len(grid) if task.tune else 1
+    estimate = trainings * seconds_per_training.get(
+        task.arm.label, max(seconds_per_training.values(), default=0.0))
+    if out_of_budget(config.study.budget_s, started, estimate):
+      remaining = tasks[i:]
+      break
+    results = regimes[task.regime]
+    run = run_task(runner, task, grid, results, log)
+    seconds_per_training[task.arm.label] = (
+        run["seconds"]["total"] - run["seconds"]["compile_wait"]) / trainings
+    results["timing"]["total_s"] = round(time.time() - started, 1)
+    write_json(results, os.path.join(out_dir, task.regime))
+    following = tasks[i + 1] if i + 1 < len(tasks) else None
+    if following is None or (following.seed, following.regime) != (task.seed, task.regime):
+      report.write_report(results, os.path.join(out_dir, task.regime),
+                          confidence=config.study.confidence, figures=False, log=log)
+  compiler.shutdown(wait=False, cancel_futures=True)
+
+  for n, results in regimes.items():
+    missing = [task for task in remaining if task.regime == n]
+    if missing:
+      results["stopped_early"] = (
+          f"time budget {config.study.budget_s:.0f} s reached with {len(missing)} runs to do, "
+          f"from seed {missing[0].seed} of {missing[0].arm.label}")
+    results["timing"]["total_s"] = round(time.time() - started, 1)
+    write_json(results, os.path.join(out_dir, n))
+    report.write_report(results, os.path.join(out_dir, n), confidence=config.study.confidence,
+                        log=log)
+  report.write_overview(collect_regimes(out_dir, all_regimes(config.study)), out_dir,
+                        config.study.confidence)
+  if remaining:
+    log(f"time budget {config.study.budget_s:.0f} s reached with {len(remaining)} runs to do; "
+        "rerun with --resume to add them")
+  log(f"done in {time.time() - started:.0f} s: {os.path.abspath(out_dir)}")
+  return regimes
+
+
 # ----------------------------------------------------------------------------- command line
+
+
+def replot(out_dir, names, confidence=0.95):
+  """Rewrites the tables and figures of a study folder: OUT/<regime>/ for the regimes in `names`
+  and OUT/results.md, or of one regime's folder (its results.json)."""
+  single = files.read_json(os.path.join(out_dir, "results.json"))
+  if single is not None:
+    report.write_report(single, out_dir, confidence=confidence)
+    return
+  regimes = collect_regimes(out_dir, names)
+  if not regimes:
+    raise ConfigError(f"--replot={out_dir}: no results.json there or in its folders")
+  for name, results in regimes.items():
+    report.write_report(results, os.path.join(out_dir, name), confidence=confidence)
+  report.write_overview(regimes, out_dir, confidence)
 
 
 def main(argv):
   del argv
   from absl import flags  # pylint: disable=g-import-not-at-top
   flags_ = flags.FLAGS
-  if flags_.replot:
-    results = files.read_json(os.path.join(flags_.replot, "results.json"))
-    if results is None:
-      raise ConfigError(f"--replot={flags_.replot}: no results.json there")
-    report.write_report(results, flags_.replot)
-    return
   config = flags_.config
-  out = config.study.out
+  if flags_.replot:
+    replot(flags_.replot, all_regimes(config.study), config.study.confidence)
+    return
   if flags_.tune_lr is not None:
-    config.study.lr_grid = tuple(flags_.tune_lr.split(","))
-  log = lambda s: print(s, flush=True)  # noqa: E731
-  arm_specs, tuning = flags_.arm, None
-  if config.study.lr_grid:
-    arm_specs, tuning = tune_learning_rates(config, out, arm_specs=flags_.arm,
-                                            resume=flags_.resume, log=log)
-  run_study(config, out, arm_specs=arm_specs, resume=flags_.resume, lr_tuning=tuning, log=log)
+    config.study.lr_grid = tuple(v for v in flags_.tune_lr.split(",") if v.strip())
+  run_study(config, config.study.out, arm_specs=flags_.arm, regime_names=flags_.regime,
+            resume=flags_.resume, log=lambda s: print(s, flush=True))
 
 
 def define_flags(argv):
@@ -460,11 +624,14 @@ def define_flags(argv):
                     help_text="config file[:variant] (configs/study.py:cpu|gpu[,smoke])")
   flags.DEFINE_multi_string("arm", None, "label=objective[,field=value...][,lr=X] (repeatable; "
                             "replaces the config's arms)")
+  flags.DEFINE_multi_string("regime", None, "a regime of study.regime_sets (repeatable; replaces "
+                            "study.regimes)")
   flags.DEFINE_string("tune_lr", None, "LR,LR,...: choose each arm's learning rate from this grid "
-                      "on the validation set first (study.lr_grid, study.tune_on)")
-  flags.DEFINE_bool("resume", False, "keep the runs already in OUT/results.json (same config) and "
-                    "run only the missing ones")
-  flags.DEFINE_string("replot", None, "only rewrite DIR's table and figures from DIR/results.json")
+                      "on the regime's validation set (study.lr_grid; an empty value: no tuning)")
+  flags.DEFINE_bool("resume", False, "keep the runs already in OUT/<regime>/results.json (same "
+                    "config, arms and grid) and run only the missing ones")
+  flags.DEFINE_string("replot", None, "only rewrite the tables and figures of DIR (a study's OUT "
+                      "or one regime's folder) from its results.json files")
 
 
 def cli_main(argv=None):
