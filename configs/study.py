@@ -60,14 +60,15 @@ def get_config(arg=None):
       heldout_text="builtin:heldout_text", progress=False)
   c.study = ml_collections.ConfigDict(dict(
       seeds=3,                 # data-order seeds (train.seed = 0 .. seeds-1)
-      arms=ARMS,
+      arms=ARMS,               # label=objective[,field=value...][,lr=X] per arm (ARMS above)
       lr_grid=(),              # learning rates to choose each arm's from first (--tune_lr)
       tune_on="builtin:arith_val",  # ... by in-domain accuracy on this validation set
       tune_examples=200,       # ... of this many problems
       budget_s=0.0,            # stop starting runs past this wall time (0: no limit)
       compilation_cache="~/.cache/dft_jax/xla",  # persistent XLA cache folder ("": none)
       compile_workers=-1,      # threads compiling train steps in the background (-1 auto, 0 none)
-      out=os.path.join("results", "scanner", *(["cpu"] if scale == "cpu" else [])),  # results
+      # folder of results.json, results.md and the figures
+      out=os.path.join("results", "scanner", *(["cpu"] if scale == "cpu" else [])),
   ))
 
   if scale == "gpu":

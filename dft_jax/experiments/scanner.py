@@ -455,22 +455,22 @@ def main(argv):
 
 
 def define_flags(argv):
-  from absl import flags  # pylint: disable=g-import-not-at-top
   cli.define_config(argv, default=config_files.STUDY,
                     help_text="config file[:variant] (configs/study.py:cpu|gpu[,smoke])")
-  flags.DEFINE_multi_string("arm", None, "label=objective[,field=value...][,lr=X] (repeatable; "
-                            "replaces the config's arms)")
-  flags.DEFINE_string("tune_lr", None, "LR,LR,...: choose each arm's learning rate from this grid "
-                      "on the validation set first (study.lr_grid, study.tune_on)")
-  flags.DEFINE_bool("resume", False, "keep the runs already in OUT/results.json (same config) and "
-                    "run only the missing ones")
-  flags.DEFINE_string("replot", None, "only rewrite DIR's table and figures from DIR/results.json")
+  cli.define("multi_string", "arm", None, "label=objective[,field=value...][,lr=X] (repeatable; "
+             "replaces the config's arms)")
+  cli.define("string", "tune_lr", None, "LR,LR,...: choose each arm's learning rate from this "
+             "grid on the validation set first (study.lr_grid, study.tune_on)")
+  cli.define("bool", "resume", False, "keep the runs already in OUT/results.json (same config) "
+             "and run only the missing ones")
+  cli.define("string", "replot", None, "only rewrite DIR's table and figures from "
+             "DIR/results.json")
 
 
 def cli_main(argv=None):
   argv = sys.argv if argv is None else argv
   define_flags(argv)
-  cli.run(main, argv)
+  cli.run(main, argv, doc="\n\n".join(__doc__.split("\n\n")[:2]))  # summary and usage
 
 
 if __name__ == "__main__":
