@@ -24,8 +24,10 @@ def get_config(arg=None):
       name="smollm2-135m-instruct",  # alias | HF folder | .gguf file | preset:NAME (random init)
       param_dtype="float32",         # dtype of the master weights
       compute_dtype="float32",       # dtype of the matmuls: float32 on CPU, bfloat16 on accelerators
-      remat="none",                  # activation checkpointing: none | nothing_saveable |
-                                     # dots_saveable | dots_with_no_batch_dims_saveable
+      remat="dots_with_no_batch_dims_saveable",  # activation checkpointing: none |
+                                     # nothing_saveable | dots_saveable |
+                                     # dots_with_no_batch_dims_saveable (keeps the projections'
+                                     # outputs, recomputes attention: host memory on CPU)
       scan_layers=True,              # one scanned layer (fast compiles) instead of a Python loop
       attention="auto",              # auto (cudnn on GPU, xla elsewhere) | xla | cudnn
       lm_head_chunk=1024,            # tokens per chunk of the LM head
@@ -99,7 +101,8 @@ def get_config(arg=None):
       num_steps=20,                  # optimizer batches to train on
       global_batch_size=4,           # rows of seq_len tokens per optimizer batch
       seq_len=384,                   # tokens per row (two built-in examples fit: 82% real tokens)
-      microbatches=1,                # gradient accumulation inside the step
+      microbatches=4,                # gradient accumulation inside the step (CPU: one row at a
+                                     # time, for host memory; the gpu variant: 1)
       minibatches=1,                 # updates per global batch (PSFT's K; old_logp fixed across them)
       seed=0,                        # parameter init (presets, LoRA) and data order
       nonfinite="skip",              # a NaN / inf step: skip (the update) | stop (the run)
@@ -162,6 +165,7 @@ def get_config(arg=None):
     elif v == "gpu":
       c.model.compute_dtype = "bfloat16"
       c.model.remat = "nothing_saveable"
+      c.train.microbatches = 1
       c.train.num_steps = 200
       c.train.global_batch_size = 32
       c.train.seq_len = 1024

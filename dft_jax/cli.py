@@ -194,9 +194,11 @@ def help_text(doc, config=None, config_file=None, sections=None):
 
 def _print_help_and_exit(argv, doc, sections):
   from absl import flags  # pylint: disable=g-import-not-at-top
-  config = flags.FLAGS.config if "config" in flags.FLAGS else None
-  given = [a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")]
-  config_file = (given or [os.path.relpath(_state["config_file"] or "")])[-1]
+  config, config_file = None, None
+  if "config" in flags.FLAGS:
+    config = flags.FLAGS.config
+    given = [a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")]
+    config_file = given[-1] if given else os.path.relpath(_state["config_file"])
   print(help_text(doc, config, config_file, sections), flush=True)
   sys.exit(0)
 
@@ -227,6 +229,19 @@ class _TqdmSafeHandler(logging.StreamHandler):
       self.handleError(record)
 
 
+# Library warnings that report what dft_jax asked for: orbax on the read-only checkpoint manager
+# that evaluate, generate and export open.
+EXPECTED_WARNINGS = ("read_only=True", "directory is read only")
+
+
+def _shown(record):
+  """dft_jax's INFO lines and up; a library's warnings and up, unless expected."""
+  if record.pathname.startswith(PACKAGE):
+    return True
+  return (record.levelno >= logging.WARNING
+          and not any(w in record.getMessage() for w in EXPECTED_WARNINGS))
+
+
 def setup_logging():
   """One handler on stderr: dft_jax's INFO lines and every library's warnings, in _LineFormat; no
   INFO chatter from libraries (orbax writes about ten lines per checkpoint, jax one per missing
@@ -238,7 +253,7 @@ def setup_logging():
   handler = _TqdmSafeHandler(sys.stderr)
   handler.dft_jax = True
   handler.setFormatter(_LineFormat())
-  handler.addFilter(lambda r: r.levelno >= logging.WARNING or r.pathname.startswith(PACKAGE))
+  handler.addFilter(_shown)
   root.addHandler(handler)
   root.setLevel(logging.INFO)
 
@@ -283,20 +298,23 @@ _state = {"phase": None, "on_stop": None, "config_file": None}
 
 
 @contextlib.contextmanager
-def phase(label, ticking=True):
-  """Names what the command is doing (a stop signal's message says it) and logs `label…`; with
-  `ticking`, a status line counts the seconds on a terminal (for phases inside one long library
-  call: loading, compiling) and `label… done in S s` is logged at the end. Phases with their own
-  progress bars (evaluation) pass ticking=False."""
+def phase(label, timed=True):
+  """Names what the command is doing (a stop signal's message says it). A `timed` phase (one long
+  library call: loading, compiling) shows `label… 12 s` on a terminal's status line, counting,
+  and logs `label… done in S s` at the end; in a log file, `label…` at the start and the same
+  end line. A phase with its own progress bars (evaluation) passes timed=False: `label…` is
+  logged at the start."""
   previous, _state["phase"] = _state["phase"], label
   started, done = time.time(), threading.Event()
-  logging.info("%s…", label)
+  ticking = timed and sys.stderr.isatty()  # in a log, the start and end lines are enough
   if ticking:
     def tick():
       while not done.wait(1.0):
         _status.show(f"dft_jax: {label}… {time.time() - started:.0f} s")
     thread = threading.Thread(target=tick, daemon=True, name="dft_jax-status")
     thread.start()
+  else:
+    logging.info("%s…", label)
   try:
     yield
   finally:
@@ -305,7 +323,7 @@ def phase(label, ticking=True):
       thread.join()
       _status.end()
     _state["phase"] = previous
-  if ticking:
+  if timed:
     logging.info("%s… done in %.1f s", label, time.time() - started)
 
 

@@ -31,9 +31,8 @@ def prompt_ids(config, tokenizer, prompts):
 
 def main(argv):
   del argv
-  import tqdm  # pylint: disable=g-import-not-at-top
   from absl import flags  # pylint: disable=g-import-not-at-top
-  from dft_jax import sampling  # pylint: disable=g-import-not-at-top
+  from dft_jax.evaluate import generation  # pylint: disable=g-import-not-at-top
   flags_ = flags.FLAGS
   if not flags_.prompt:
     raise ConfigError("--prompt: give at least one user message, e.g. --prompt='What is 2 + 2?'")
@@ -43,14 +42,10 @@ def main(argv):
     raise ModelError(f"model {spec!r} has no tokenizer; generate needs one (set "
                      "--config.model.tokenizer to an HF tokenizer folder)")
   ids = prompt_ids(config, tokenizer, flags_.prompt)
-  with cli.phase("generating", ticking=False), tqdm.tqdm(
-      total=len(ids), desc="generating", unit="reply", file=sys.stderr) as bar:
-    replies = sampling.generate(
-        model, ids, max_new_tokens=flags_.max_new_tokens, temperature=flags_.temperature,
-        top_p=flags_.top_p, eos_ids=sampling.stop_ids(model, tokenizer),
-        pad_id=sampling.pad_id(tokenizer), seed=flags_.seed,
-        on_done=lambda n: bar.update(max(0, min(n, len(ids)) - bar.n)))
-    bar.update(len(ids) - bar.n)
+  with cli.phase("generating", timed=False):
+    replies = generation.generate_ids(
+        model, tokenizer, ids, max_new_tokens=flags_.max_new_tokens, batch_size=len(ids),
+        temperature=flags_.temperature, top_p=flags_.top_p, seed=flags_.seed, label="generating")
   for prompt, reply in zip(flags_.prompt, replies):
     if len(flags_.prompt) > 1:
       print(f"### {prompt}")

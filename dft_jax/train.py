@@ -98,7 +98,7 @@ def train_and_evaluate(config, workdir):
     evaluator = evaluate.RunEvaluator(config.eval, config.data, tokenizer, graphdef, base_params)
   before = files.read_json(os.path.join(workdir, "eval_before.json"))
   if config.eval.before and before is None:
-    with cli.phase("evaluating the base model", ticking=False):
+    with cli.phase("evaluating the base model", timed=False):
       before = evaluator(base_params)
     if is_main:
       files.write_json(os.path.join(workdir, "eval_before.json"), before)
@@ -136,7 +136,7 @@ def train_and_evaluate(config, workdir):
                          base_model_name_or_path=config.model.name)
   after = None
   if config.eval.after:
-    with cli.phase("evaluating the trained model", ticking=False):
+    with cli.phase("evaluating the trained model", timed=False):
       after = evaluator(step_lib.full_params(state.params, frozen.base))
   summary = make_summary(config, recorder.history, before, after, train_seconds)
   if is_main:

@@ -149,6 +149,9 @@ def test_a_stop_before_the_first_step_is_one_line_and_leaves_nothing(tiny_args, 
   code, output, seconds = run_until(tiny_args, text, sig, tmp_path / "run")
   assert code == 128 + sig and seconds < 10, output[-3000:]
   assert "Traceback" not in output
+  # a clean console: the run folder first, dft_jax's lines in one format, no library chatter
+  assert output.splitlines()[0] == f"dft_jax: run folder {tmp_path / 'run'}"
+  assert "PyTorch" not in output and "backend" not in output and "INFO" not in output
   assert output.rstrip().splitlines()[-1] == (
       f"dft_jax: stopped by {signal.Signals(sig).name} while {phase}; no checkpoint yet, "
       "nothing kept")

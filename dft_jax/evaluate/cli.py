@@ -64,7 +64,7 @@ def main(argv):
   graphdef, params = nnx.split(model)
   scorer = evaluator.RunEvaluator(config.eval, config.data, tokenizer, graphdef,
                                   params if base is None else nnx.split(base)[1])
-  with cli.phase(f"evaluating {spec}", ticking=False):
+  with cli.phase(f"evaluating {spec}", timed=False):
     results = scorer(params)
   print(evaluator.format_table(results, f"{spec} (base: {base_name})"), flush=True)
   if flags_.out:
