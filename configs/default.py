@@ -19,12 +19,16 @@ def get_config(arg=None):
   variants = [a for a in (arg or "cpu").split(",") if a]
   c = ml_collections.ConfigDict()
 
+  # Every field has its meaning in the comment on its line (`--help` lists them from here).
   c.model = ml_collections.ConfigDict(dict(
-      name="smollm2-135m-instruct",  # alias | HF dir | .gguf file | preset:NAME (random init)
-      param_dtype="float32",         # master weights
-      compute_dtype="float32",       # float32 on CPU, bfloat16 on accelerators
-      remat="none",                  # none | nothing_saveable | dots_saveable | dots_with_no_batch_dims_saveable
-      scan_layers=True,
+      name="smollm2-135m-instruct",  # alias | HF folder | .gguf file | preset:NAME (random init)
+      param_dtype="float32",         # dtype of the master weights
+      compute_dtype="float32",       # dtype of the matmuls: float32 on CPU, bfloat16 on accelerators
+      remat="dots_with_no_batch_dims_saveable",  # activation checkpointing: none |
+                                     # nothing_saveable | dots_saveable |
+                                     # dots_with_no_batch_dims_saveable (keeps the projections'
+                                     # outputs, recomputes attention: host memory on CPU)
+      scan_layers=True,              # one scanned layer (fast compiles) instead of a Python loop
       attention="auto",              # auto (cudnn on GPU, xla elsewhere) | xla | cudnn
       lm_head_chunk=1024,            # tokens per chunk of the LM head
       lm_head_impl="checkpointed",   # checkpointed (any objective) | fused (gradient in the
@@ -37,11 +41,11 @@ def get_config(arg=None):
   # LoRA / QLoRA (README "LoRA"): rank 0 trains every parameter; rank > 0 trains low-rank adapters
   # on `targets` and keeps the base frozen (stored in model.param_dtype, or quantised).
   c.lora = ml_collections.ConfigDict(dict(
-      rank=0,
-      alpha=16.0,                    # scale alpha / rank (PEFT's default)
-      targets="q,k,v,o,gate,up,down",
+      rank=0,                        # adapter rank; 0: no LoRA, every parameter trains
+      alpha=16.0,                    # adapter scale alpha / rank (PEFT's default)
+      targets="q,k,v,o,gate,up,down",  # projections that get adapters
       base_quant="none",             # none | int8 (per channel) | nf4 (QLoRA, blocks of block_size)
-      block_size=64,
+      block_size=64,                 # nf4 quantisation block
   ))
 
   c.data = ml_collections.ConfigDict(dict(
@@ -49,25 +53,30 @@ def get_config(arg=None):
       split="train",                 # hub / save_to_disk split; files: train (or train[:1000])
       subset=placeholder(str),       # hub dataset config name
       format="prompt_response",      # prompt_response | messages | text
-      prompt_field="prompt",         # dotted keys reach nested fields: extra_info.question
-      response_field="response",
-      messages_field="messages",
-      text_field="text",
+      prompt_field="prompt",         # prompt_response: the prompt's field (dotted: a.b is nested)
+      response_field="response",     # prompt_response: the response's field
+      messages_field="messages",     # messages: the field holding [{role, content}, ...]
+      text_field="text",             # text: the field holding the text
+      answer_field=placeholder(str),  # field with each row's final answer, for the held-out
+                                     # accuracy (None: the response's last \boxed{} or #### N)
       loss_on="assistant",           # assistant (all its turns) | last_assistant | all (tokens)
-      system_prompt=placeholder(str),
-      # None: the tokenizer's; or Jinja text, a .jinja file, "none" (prompt + response + EOS)
-      chat_template=placeholder(str),
+      system_prompt=placeholder(str),  # system turn added to every example
+      chat_template=placeholder(str),  # None: the tokenizer's; or Jinja text, a .jinja file,
+                                     # "none" (prompt + response + EOS)
       max_length=192,                # longest example kept (tokens)
-      truncation="drop",             # drop | truncate_response | truncate_prompt
+      truncation="drop",             # longer examples: drop | truncate_response | truncate_prompt
       packing=True,                  # best-fit packing; False: one example per row, padded
-      streaming=False,
+      eval_holdout=placeholder(int),  # rows of data.source kept out of training and scored
+                                     # before/after (0: none; None: 5% of a file's rows, at most
+                                     # 100; none of builtin sets and streams)
+      streaming=False,               # read the source as a stream (datasets IterableDataset)
       shuffle_buffer=10_000,         # streaming: rows in the shuffle buffer (0: no shuffle)
       pack_window=4096,              # streaming: rows packed together
       num_proc=1,                    # processes for tokenisation
-      max_rows=placeholder(int),
-      shuffle_seed=placeholder(int),  # None: train.seed
+      max_rows=placeholder(int),     # use only the first rows of the source
+      shuffle_seed=placeholder(int),  # data order (None: train.seed)
       error_on_dropped=False,        # make dropped rows (too long, empty) an error
-      cache_dir=placeholder(str),    # None: the datasets default
+      cache_dir=placeholder(str),    # datasets cache folder (None: the datasets default)
   ))
 
   # name, aggregation (token_mean | seq_mean | sum_norm), norm_constant, entropy_coef, kl_coef,
@@ -75,54 +84,80 @@ def get_config(arg=None):
   c.objective = ml_collections.ConfigDict(objectives.config_block("dft"))
 
   c.optimizer = ml_collections.ConfigDict(dict(
-      learning_rate=2e-5,
-      schedule="cosine",             # cosine | linear | constant
-      warmup_steps=3,
-      min_lr_ratio=0.1,
-      weight_decay=0.0,
-      b1=0.9, b2=0.95, eps=1e-8,
-      grad_clip_norm=1.0,
+      learning_rate=2e-5,            # peak learning rate (AdamW)
+      schedule="cosine",             # after warmup: cosine | linear | constant
+      warmup_steps=3,                # linear warmup from 0
+      min_lr_ratio=0.1,              # final learning rate / peak (cosine, linear)
+      weight_decay=0.0,              # AdamW decoupled weight decay
+      b1=0.9,                        # AdamW first-moment decay
+      b2=0.95,                       # AdamW second-moment decay
+      eps=1e-8,                      # AdamW epsilon
+      grad_clip_norm=1.0,            # clip the global gradient norm to this (0: no clipping)
       mu_dtype=placeholder(str),     # AdamW first moment: None (= params) | bfloat16
       nu_dtype=placeholder(str),     # second moment: None (optax.adamw) | bfloat16 (b2 <= 0.99)
   ))
 
   c.train = ml_collections.ConfigDict(dict(
-      num_steps=20,
+      num_steps=20,                  # optimizer batches to train on
       global_batch_size=4,           # rows of seq_len tokens per optimizer batch
-      seq_len=384,                   # two built-in examples fit a row: 82% real tokens
-      microbatches=1,                # gradient accumulation inside the step
+      seq_len=384,                   # tokens per row (two built-in examples fit: 82% real tokens)
+      microbatches=4,                # gradient accumulation inside the step (CPU: one row at a
+                                     # time, for host memory; the gpu variant: 1)
       minibatches=1,                 # updates per global batch (PSFT's K; old_logp fixed across them)
-      seed=0,
-      nonfinite="skip",              # skip | stop
+      seed=0,                        # parameter init (presets, LoRA) and data order
+      nonfinite="skip",              # a NaN / inf step: skip (the update) | stop (the run)
   ))
 
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  c.mesh = ml_collections.ConfigDict(dict(
+      data=-1,                       # data-parallel devices (-1: all the others)
+      fsdp=1,                        # devices the parameters and optimizer state are sharded over
+      tensor=1,                      # tensor-parallel devices
+  ))
 
   c.checkpoint = ml_collections.ConfigDict(dict(
-      every_steps=10, keep=2, async_save=True, export_hf=False))
+      every_steps=10,                # steps between checkpoints (and one at the end)
+      keep=2,                        # checkpoints kept
+      async_save=True,               # write checkpoints while training goes on
+      export_hf=False,               # also write an HF folder (and a PEFT one for LoRA) at the end
+  ))
 
-  # Before/after evaluation (dft_jax/evaluate): suites in_domain | math | forgetting | target_probs.
+  # Before/after evaluation (dft_jax/evaluate, README "Evaluation").
   c.eval = ml_collections.ConfigDict(dict(
-      before=True, after=True,
-      suites="in_domain,forgetting",
-      in_domain="builtin:arith_test",  # held-out problems {prompt, answer, response}
-      num_examples=24, max_new_tokens=96,
-      samples=1, temperature=1.0, top_p=1.0, seed=0,  # samples > 1: avg@k / pass@k at temperature
-      math_file=placeholder(str),    # MATH500-format rows {problem, answer}: file or hub name
-      math_split=placeholder(str),   # hub split (default test; files: train)
-      num_math=placeholder(int),     # None: all rows
-      math_max_new_tokens=1024,
-      general_prompts="builtin:general_prompts", num_general=24,
-      factual_qa="builtin:factual_qa", num_factual=32, factual_max_new_tokens=48,
-      heldout_text="builtin:heldout_text",
-      num_hist=200,                  # held-out responses in the target-probability histogram
+      before=True,                   # evaluate the starting model
+      after=True,                    # evaluate the trained model
+      suites="auto",                 # holdout,in_domain,math,forgetting,target_probs; auto:
+                                     # holdout (a held-out split exists), in_domain (training on
+                                     # builtin:arith*), math (math_file set), forgetting
+      in_domain="builtin:arith_test",  # in_domain set: rows {prompt, answer, response}
+      num_examples=24,               # in_domain problems
+      max_new_tokens=96,             # reply length, in_domain and forgetting's general prompts
+      samples=1,                     # replies per problem; > 1: avg@k / pass@k at temperature
+      temperature=1.0,               # sampling temperature when samples > 1
+      top_p=1.0,                     # nucleus sampling when samples > 1
+      seed=0,                        # sampling seed
+      math_file=placeholder(str),    # math set: rows {problem, answer} (file or hub name),
+                                     # scored with math-verify
+      math_split=placeholder(str),   # math set's hub split (default test; files: train)
+      num_math=placeholder(int),     # math problems (None: all rows)
+      math_max_new_tokens=1024,      # reply length, math and holdout (at most)
+      general_prompts="builtin:general_prompts",  # forgetting: prompts for KL and entropy
+      num_general=24,                # forgetting: general prompts used
+      factual_qa="builtin:factual_qa",  # forgetting: questions {prompt, aliases}
+      num_factual=32,                # forgetting: questions used
+      factual_max_new_tokens=48,     # forgetting: reply length for the questions
+      heldout_text="builtin:heldout_text",  # forgetting: prose for perplexity
+      num_hist=200,                  # target_probs: in_domain responses in the histogram
       batch_size=32,                 # rows per generation batch
       forced_batch_size=8,           # rows per teacher-forced batch
-      progress=True,
+      progress=True,                 # progress bars
   ))
 
   c.log = ml_collections.ConfigDict(dict(
-      every_steps=1, progress=True, jsonl=True, tensorboard=True))
+      every_steps=1,                 # steps between metric rows
+      progress=True,                 # the progress bar
+      jsonl=True,                    # metrics.jsonl in the run folder
+      tensorboard=True,              # TensorBoard files in the run folder
+  ))
 
   for v in variants:
     if v == "cpu":
@@ -131,6 +166,7 @@ def get_config(arg=None):
       c.model.compute_dtype = "bfloat16"
       c.model.remat = "nothing_saveable"
       c.model.lm_head_impl = "fused"   # 0.86x the checkpointed head's step on an H200
+      c.train.microbatches = 1
       c.train.num_steps = 200
       c.train.global_batch_size = 32
       c.train.seq_len = 1024

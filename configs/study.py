@@ -87,14 +87,15 @@ def get_config(arg=None):
       regimes="model_weak,model_strong",  # which regimes run, in this order (--regime)
       regime_sets=REGIME_SETS,  # name -> train / val / test sets (builtin:NAME, file, hub name)
       seeds=3,                 # data-order seeds (train.seed = 0 .. seeds-1)
-      arms=ARMS,
+      arms=ARMS,               # label=objective[,field=value...][,lr=X] per arm (ARMS above)
       lr_grid=(),              # learning rates to choose each arm's from (--tune_lr; () none)
-      tune_examples=200,       # validation problems the choice is made on
+      tune_examples=200,       # ... on this many problems of the regime's validation set
       confidence=0.95,         # bootstrap intervals (over problems and seeds) in the tables
       budget_s=0.0,            # stop starting runs past this wall time (0: no limit)
       compilation_cache="~/.cache/dft_jax/xla",  # persistent XLA cache folder ("": none)
       compile_workers=-1,      # threads tracing + compiling train steps (-1 auto, 0 none)
-      out=os.path.join("results", "scanner", *(["cpu"] if scale == "cpu" else [])),  # results
+      # folder of results.md, the regimes' results.json and figures
+      out=os.path.join("results", "scanner", *(["cpu"] if scale == "cpu" else [])),
   ))
 
   if scale == "gpu":

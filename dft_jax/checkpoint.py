@@ -418,8 +418,10 @@ def write_config(workdir, config):
 
 
 def is_workdir(path):
-  """Whether `path` is a dft_jax.train workdir (a folder with config.json)."""
-  return os.path.isfile(os.path.join(path, CONFIG_FILE))
+  """Whether `path` is a dft_jax.train workdir: a folder with config.json and checkpoints/ (an HF
+  model folder has a config.json too, but no checkpoints/)."""
+  return (os.path.isfile(os.path.join(path, CONFIG_FILE))
+          and os.path.isdir(checkpoint_dir(path)))
 
 
 def _merged(default, saved):

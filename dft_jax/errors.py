@@ -4,6 +4,7 @@ import math
 import numbers
 import operator
 import sys
+import threading
 
 
 class UserInputError(ValueError):
@@ -51,6 +52,13 @@ def one_line(e, limit=300):
   return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
+def _quiet_from_now_on():
+  """Nothing printed after the error line: a library's background thread or exit handler that
+  fails while the process ends (e.g. an executor refusing new work after shutdown) stays silent."""
+  threading.excepthook = lambda args: None
+  sys.unraisablehook = lambda unraisable: None
+
+
 def cli_entry(main):
   """Wraps a CLI `main` so a UserInputError prints `dft_jax: error: <message>` and exits 2."""
 
@@ -60,6 +68,7 @@ def cli_entry(main):
       return main(*args, **kwargs)
     except UserInputError as e:
       print(f"dft_jax: error: {e}", file=sys.stderr, flush=True)
+      _quiet_from_now_on()
       sys.exit(2)
 
   return wrapped

@@ -1,24 +1,25 @@
 """Export a decoder as an HF folder that transformers / vLLM / lm-eval load directly, and LoRA
 adapters as a PEFT adapter folder.
 
-  python -m dft_jax.export --checkpoint WORKDIR --out hf_model/   # a dft_jax.train workdir
-  python -m dft_jax.export --model smollm2-135m-instruct --out smollm2_hf/ [--dtype bfloat16]
+  python -m dft_jax.export --model=runs/dft --out=hf_model/     # a training run folder
+  python -m dft_jax.export --model=smollm2-135m-instruct --out=smollm2_hf/ --dtype=bfloat16
 
 Writes config.json, generation_config.json, model.safetensors (HF names, [out, in] layout; no
 lm_head when tied; LoRA adapters folded in, a quantised base dequantised) and, with a tokenizer,
 its files and chat template (tokenizer.save_pretrained). `export_peft` writes the adapters alone
 (adapter_config.json + adapter_model.safetensors) for `peft.PeftModel.from_pretrained`.
 """
-import argparse
 import json
 import pathlib
+import sys
 
 import jax
 import numpy as np
 from flax import nnx
 from safetensors.numpy import save_file
 
-from dft_jax.errors import ModelError, cli_entry
+from dft_jax import cli  # first: before anything imports transformers
+from dft_jax.errors import ConfigError, ModelError
 from dft_jax.models import hf, peft
 from dft_jax.models.decoder import PARAM_DTYPES
 
@@ -60,26 +61,36 @@ def export_peft(model, out_dir, *, base_model_name_or_path=None) -> pathlib.Path
   return out
 
 
-@cli_entry
-def main(argv=None):
-  parser = argparse.ArgumentParser(prog="python -m dft_jax.export",
-                                   description=__doc__.split("\n")[0])
-  source = parser.add_mutually_exclusive_group(required=True)
-  source.add_argument("--checkpoint", help="a dft_jax.train workdir (its latest checkpoint)")
-  source.add_argument("--model", help="a models.load spec: alias, HF folder, .gguf, preset:NAME")
-  parser.add_argument("--out", required=True, help="output folder (created)")
-  parser.add_argument("--dtype", choices=PARAM_DTYPES, default=None,
-                      help="weights dtype (default: the model's parameter dtype)")
-  args = parser.parse_args(argv)
-  if args.checkpoint:
-    from dft_jax import checkpoint  # pylint: disable=g-import-not-at-top
-    model, tokenizer, _ = checkpoint.restore_model(args.checkpoint)
-  else:
-    from dft_jax import models  # pylint: disable=g-import-not-at-top
-    model, tokenizer = models.load(args.model)
-  out = export_hf(model, tokenizer, args.out, dtype=args.dtype)
-  print(f"exported {model.config.model_type} ({model.config.num_layers} layers) to {out}")
+def main(argv):
+  del argv
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  flags_ = flags.FLAGS
+  if not flags_.out:
+    raise ConfigError("--out: give the folder to write, e.g. --out=hf_model/")
+  spec = flags_.model or flags_.config.model.name
+  model, tokenizer, _ = cli.load_model(spec, flags_.config, step=flags_.step)
+  with cli.phase(f"writing {flags_.out}"):
+    out = export_hf(model, tokenizer, flags_.out, dtype=flags_.dtype)
+  print(f"exported {model.config.model_type} ({model.config.num_layers} layers) to {out}",
+        flush=True)
+
+
+def define_flags(argv):
+  cli.define_config(argv)
+  cli.define("string", "model", None, "a training run folder (its checkpoint), an alias, an HF "
+             "folder, a .gguf file or preset:NAME (default: config.model.name)")
+  cli.define("integer", "step", None, "a run folder's checkpoint step (default: the latest)")
+  cli.define("string", "out", None, "output folder (created; required)")
+  cli.define("enum", "dtype", None, "weights dtype (default: the model's parameter dtype)",
+             enum_values=list(PARAM_DTYPES))
+
+
+def cli_main(argv=None):
+  """`python -m dft_jax.export ARGS`."""
+  argv = sys.argv if argv is None else argv
+  define_flags(argv)
+  cli.run(main, argv, doc=__doc__, sections=("model",))
 
 
 if __name__ == "__main__":
-  main()
+  cli_main()

@@ -1,55 +1,75 @@
 """Chat with a model from the command line (greedy by default).
 
-  python -m dft_jax.generate --model smollm2-135m-instruct --prompt "What is the capital of France?"
+  python -m dft_jax.generate --prompt="What is the capital of France?"     # config.model.name
+  python -m dft_jax.generate --model=runs/dft --prompt="What is 12 * 7?"   # a training run folder
+  python -m dft_jax.generate --model=model.gguf --prompt=Hi --temperature=0.7 --max_new_tokens=64
 
-Each --prompt is one user turn; the tokenizer's chat template wraps it (raw text when the tokenizer
-has none, or with --raw). Prompts run as one left-padded batch.
+--model is a training run folder (its latest checkpoint, prompts rendered as the run's training
+rendered them: its chat template and system prompt), an alias, an HF folder or a .gguf file. Each
+--prompt is one user turn under the chat template (data.chat_template / data.system_prompt of the
+config; --config.data.chat_template=none gives the raw prompt text). Prompts run as one
+left-padded batch.
 """
-import argparse
+import sys
 
-from dft_jax import models, sampling
-from dft_jax.errors import ModelError, cli_entry
-
-
-def chat_prompt_ids(tokenizer, prompt: str, *, system: str | None = None, raw: bool = False):
-  """Token ids of `prompt` as a user turn under the chat template, ready for the reply."""
-  if raw or tokenizer.chat_template is None:
-    return tokenizer(prompt).input_ids
-  messages = ([{"role": "system", "content": system}] if system else []) + [
-      {"role": "user", "content": prompt}]
-  text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-  return tokenizer(text, add_special_tokens=False).input_ids
+from dft_jax import cli  # first: before anything imports transformers
+from dft_jax.errors import ConfigError, ModelError
 
 
-@cli_entry
-def main(argv=None):
-  parser = argparse.ArgumentParser(prog="python -m dft_jax.generate",
-                                   description=__doc__.split("\n")[0])
-  parser.add_argument("--model", default="smollm2-135m-instruct",
-                      help="alias, HF folder, .gguf file (see dft_jax.models.load)")
-  parser.add_argument("--prompt", action="append", required=True, help="user message (repeatable)")
-  parser.add_argument("--system", default=None, help="system message")
-  parser.add_argument("--raw", action="store_true", help="no chat template")
-  parser.add_argument("--max-new-tokens", type=int, default=128)
-  parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-  parser.add_argument("--top-p", type=float, default=1.0)
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--dtype", default=None, help="compute dtype (default: bfloat16 on "
-                      "accelerators, float32 on CPU)")
-  args = parser.parse_args(argv)
-  model, tokenizer = models.load(args.model, compute_dtype=args.dtype)
+def prompt_ids(config, tokenizer, prompts):
+  """Token ids of each prompt as a user turn, rendered as training renders prompts
+  (data.Encoder.prompt_ids: config.data's template and system prompt); the raw text's tokens when
+  the tokenizer has no chat template and config.data names none."""
+  from dft_jax import data  # pylint: disable=g-import-not-at-top
+  data_cfg = config.data
+  if data_cfg.chat_template is None and not getattr(tokenizer, "chat_template", None):
+    data_cfg.chat_template = "none"
+  data_cfg.format = "prompt_response"
+  encoder = data.Encoder(data_cfg, tokenizer)
+  return [encoder.prompt_ids(p) for p in prompts]
+
+
+def main(argv):
+  del argv
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from dft_jax.evaluate import generation  # pylint: disable=g-import-not-at-top
+  flags_ = flags.FLAGS
+  if not flags_.prompt:
+    raise ConfigError("--prompt: give at least one user message, e.g. --prompt='What is 2 + 2?'")
+  spec = flags_.model or flags_.config.model.name
+  model, tokenizer, config = cli.load_model(spec, flags_.config, step=flags_.step)
   if tokenizer is None:
-    raise ModelError(f"model {args.model!r} has no tokenizer; generate needs one")
-  prompts = [chat_prompt_ids(tokenizer, p, system=args.system, raw=args.raw) for p in args.prompt]
-  replies = sampling.generate(
-      model, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-      top_p=args.top_p, eos_ids=sampling.stop_ids(model, tokenizer),
-      pad_id=sampling.pad_id(tokenizer), seed=args.seed)
-  for prompt, reply in zip(args.prompt, replies):
-    if len(args.prompt) > 1:
+    raise ModelError(f"model {spec!r} has no tokenizer; generate needs one (set "
+                     "--config.model.tokenizer to an HF tokenizer folder)")
+  ids = prompt_ids(config, tokenizer, flags_.prompt)
+  with cli.phase("generating", timed=False):
+    replies = generation.generate_ids(
+        model, tokenizer, ids, max_new_tokens=flags_.max_new_tokens, batch_size=len(ids),
+        temperature=flags_.temperature, top_p=flags_.top_p, seed=flags_.seed, label="generating")
+  for prompt, reply in zip(flags_.prompt, replies):
+    if len(flags_.prompt) > 1:
       print(f"### {prompt}")
-    print(tokenizer.decode(reply, skip_special_tokens=True).strip())
+    print(tokenizer.decode(reply, skip_special_tokens=True).strip(), flush=True)
+
+
+def define_flags(argv):
+  cli.define_config(argv)
+  cli.define("string", "model", None, "a training run folder (its checkpoint), an alias, an HF "
+             "folder or a .gguf file (default: config.model.name)")
+  cli.define("integer", "step", None, "a run folder's checkpoint step (default: the latest)")
+  cli.define("multi_string", "prompt", None, "a user message (repeatable)")
+  cli.define("integer", "max_new_tokens", 128, "longest reply (tokens)")
+  cli.define("float", "temperature", 0.0, "sampling temperature (0: greedy)")
+  cli.define("float", "top_p", 1.0, "nucleus sampling mass")
+  cli.define("integer", "seed", 0, "sampling seed")
+
+
+def cli_main(argv=None):
+  """`python -m dft_jax.generate ARGS`."""
+  argv = sys.argv if argv is None else argv
+  define_flags(argv)
+  cli.run(main, argv, doc=__doc__, sections=("model", "data"))
 
 
 if __name__ == "__main__":
-  main()
+  cli_main()

@@ -61,8 +61,10 @@ class TensorBoardWriter:
 
 
 class ProgressWriter:
-  """A tqdm bar over the run's steps: loss, target probability, entropy, tokens/s, MFU; its ETA
-  starts with the first timed step (the step is compiled before)."""
+  """A tqdm bar over the run's steps: loss, target probability, entropy, tokens/s, MFU. The bar
+  starts at the first step written (its time, measured from the compiled step's dispatch, is in
+  its tok/s), so tqdm's rate and ETA come from the steps after it: the ETA shows once steps are
+  timed, never from a start that included compiling or the base evaluation."""
 
   KEYS = (("loss", "loss", "{:.4f}"), ("target_prob", "p", "{:.3f}"), ("entropy", "H", "{:.3f}"),
           ("tokens_per_s", "tok/s", "{:,.0f}"), ("mfu", "MFU", "{:.1%}"))
@@ -74,12 +76,15 @@ class ProgressWriter:
     del histograms
     if self._bar is None:
       import tqdm  # pylint: disable=g-import-not-at-top
-      self._bar = tqdm.tqdm(total=self._total, initial=step - 1, desc="train", unit="step",
+      self._bar = tqdm.tqdm(total=self._total, initial=step, desc="train", unit="step",
                             file=self._stream or sys.stderr, dynamic_ncols=True)
     self._bar.set_postfix_str(", ".join(
         f"{label} {fmt.format(scalars[k])}" for k, label, fmt in self.KEYS if k in scalars),
                               refresh=False)
-    self._bar.update(step - self._bar.n)
+    if step > self._bar.n:
+      self._bar.update(step - self._bar.n)
+    else:  # the first step written: shown, but not timed by tqdm
+      self._bar.refresh()
 
   def close(self):
     if self._bar is not None:

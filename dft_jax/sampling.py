@@ -31,10 +31,19 @@ def sample_token(logits_BxV, key, *, temperature, top_p, greedy: bool):
   return jax.random.categorical(key, logits_BxV, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "greedy"))
+_listeners = []  # on_done callbacks of the generate calls running now (innermost last)
+
+
+def _rows_done(n):
+  if _listeners:
+    _listeners[-1](int(n))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "greedy", "report"))
 def _generate(graphdef, state, tokens_BxP, valid_BxP, key, temperature, top_p, eos_E, pad_id, *,
-              max_new_tokens, greedy):
-  """new tokens [B, max_new_tokens]; pad_id after a row's EOS."""
+              max_new_tokens, greedy, report=False):
+  """new tokens [B, max_new_tokens]; pad_id after a row's EOS. report: tells _rows_done how many
+  rows have finished after every token (a host callback)."""
   model = nnx.merge(graphdef, state)
   b, p = tokens_BxP.shape
   positions_BxP = jnp.maximum(jnp.cumsum(valid_BxP, axis=1) - 1, 0)
@@ -51,6 +60,8 @@ def _generate(graphdef, state, tokens_BxP, valid_BxP, key, temperature, top_p, e
     token_B = jnp.where(done_B, pad_id, sample(logits_BxV, jax.random.fold_in(key, i)))
     out_BxN = out_BxN.at[:, i].set(token_B)
     done_B = done_B | jnp.isin(token_B, eos_E)
+    if report:
+      jax.debug.callback(_rows_done, jnp.sum(done_B))
     hidden, cache = model.forward_cached(token_B[:, None], position_B[:, None],
                                          jnp.ones((b, 1), bool), cache)
     return i + 1, cache, model.logits(hidden)[:, 0], done_B, position_B + 1, out_BxN
@@ -78,10 +89,13 @@ def pad_id(tokenizer) -> int:
 
 
 def generate(model, prompt_ids: list[list[int]], *, max_new_tokens: int, temperature: float = 0.0,
-             top_p: float = 1.0, eos_ids=(), pad_id: int = 0, seed: int = 0) -> list[list[int]]:
+             top_p: float = 1.0, eos_ids=(), pad_id: int = 0, seed: int = 0,
+             on_done=None) -> list[list[int]]:
   """New token ids per prompt, cut before the first EOS (EOS itself not included).
 
-  temperature 0 is greedy; otherwise temperature / top_p sampling, deterministic for `seed`."""
+  temperature 0 is greedy; otherwise temperature / top_p sampling, deterministic for `seed`.
+  on_done(n), if given, is called from the runtime as rows finish (n: rows done so far), e.g. to
+  move a progress bar while the one compiled call runs."""
   if not prompt_ids or any(len(ids) == 0 for ids in prompt_ids):
     raise DataError("generate needs at least one prompt and no empty prompt")
   if temperature < 0 or not 0 < top_p <= 1 or max_new_tokens < 1:
@@ -94,10 +108,16 @@ def generate(model, prompt_ids: list[list[int]], *, max_new_tokens: int, tempera
     tokens[row, p - len(ids):], valid[row, p - len(ids):] = ids, True
   eos = np.asarray(sorted(set(eos_ids)) or [-1], np.int32)
   graphdef, state = nnx.split(model)
-  out = np.asarray(_generate(
-      graphdef, state, tokens, valid, jax.random.PRNGKey(seed), jnp.float32(temperature or 1.0),
-      jnp.float32(top_p), eos, jnp.int32(pad_id), max_new_tokens=max_new_tokens,
-      greedy=temperature == 0))
+  if on_done is not None:
+    _listeners.append(on_done)
+  try:
+    out = np.asarray(_generate(
+        graphdef, state, tokens, valid, jax.random.PRNGKey(seed), jnp.float32(temperature or 1.0),
+        jnp.float32(top_p), eos, jnp.int32(pad_id), max_new_tokens=max_new_tokens,
+        greedy=temperature == 0, report=on_done is not None))
+  finally:
+    if on_done is not None:
+      _listeners.remove(on_done)
   results = []
   for row in out.tolist():
     stop = next((j for j, t in enumerate(row) if t in set(eos.tolist())), len(row))

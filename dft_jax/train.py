@@ -79,8 +79,8 @@ def run(config, workdir):
   t, is_main = config.train, jax.process_index() == 0
   mesh = sharding.make_mesh(config.mesh)
 
-  logging.info("loading %s", config.model.name)
-  model, tokenizer = models.load_from_config(config.model, config.lora)
+  with cli.phase(f"loading {config.model.name}"):
+    model, tokenizer = models.load_from_config(config.model, config.lora)
   model_config, lora = model.config, model.lora
   graphdef, state, frozen, tx, schedule = step_lib.init_train_state(model, config, mesh)
   del model
@@ -105,12 +105,10 @@ def run(config, workdir):
 
   batches = batches_of(data_iter, mesh)
   first = next(batches)
-  logging.info("compiling the train step")
-  started = time.time()
-  train_step = step_lib.make_train_step(graphdef, tx, config, mesh, step_lib.shardings_of(state),
-                                        step_lib.shardings_of(frozen))
-  train_step = train_step.lower(state, first[0], frozen).compile()
-  logging.info("compiled in %.1f s", time.time() - started)
+  with cli.phase("compiling the train step"):
+    train_step = step_lib.make_train_step(graphdef, tx, config, mesh, step_lib.shardings_of(state),
+                                          step_lib.shardings_of(frozen))
+    train_step = train_step.lower(state, first[0], frozen).compile()
 
   evaluator = None
   if config.eval.before or config.eval.after:
@@ -118,7 +116,8 @@ def run(config, workdir):
     evaluator = evaluate.RunEvaluator(config.eval, config.data, tokenizer, graphdef, base_params)
   before = files.read_json(os.path.join(workdir, "eval_before.json"))
   if config.eval.before and before is None:
-    before = evaluator(base_params)
+    with cli.phase("evaluating the base model", timed=False):
+      before = evaluator(base_params)
     if is_main:
       files.write_json(os.path.join(workdir, "eval_before.json"), before)
 
@@ -154,8 +153,10 @@ def run(config, workdir):
     if lora is not None:
       export.export_peft(trained, os.path.join(workdir, "peft"),
                          base_model_name_or_path=config.model.name)
-  after = (evaluator(step_lib.full_params(state.params, frozen.base)) if config.eval.after
-           else None)
+  after = None
+  if config.eval.after:
+    with cli.phase("evaluating the trained model", timed=False):
+      after = evaluator(step_lib.full_params(state.params, frozen.base))
   summary = make_summary(config, recorder.history, before, after, train_seconds)
   if is_main:
     files.write_json(os.path.join(workdir, "summary.json"), summary)
@@ -183,23 +184,17 @@ def make_summary(config, history, before, after, train_seconds):
 
 
 def format_summary(summary):
-  """A before/after table for the console (the evaluation rows of evaluate.ROWS, then training)."""
+  """A before/after table for the console: every evaluated set under what it scored
+  (evaluate.table_sections), then the training figures."""
   lines = [f"{summary['objective']} on {summary['model']}: {summary['steps']} steps in "
            f"{summary['train_seconds']:.0f} s, {summary.get('tokens_per_s', 0):,.0f} tokens/s"]
-  before, after = summary.get("before") or {}, summary.get("after") or {}
-  width = max(len(label) for _, label, _ in evaluate.ROWS) + 2
-  if before or after:
-    lines.append(f"{'':{width}s} {'before':>10s} {'after':>10s}")
-  for key, label, fmt in evaluate.ROWS:
-    if key in before or key in after:
-      cells = [fmt.format(r[key]) if key in r else "-" for r in (before, after)]
-      lines.append(f"{label:{width}s} {cells[0]:>10s} {cells[1]:>10s}")
-  for key in ("loss", "target_prob", "entropy"):
-    if f"train_{key}" in summary:
-      v = summary[f"train_{key}"]
-      label = f"train {key} (first -> last step)"
-      lines.append(f"{label:{width}s} {v['first']:10.4f} {v['last']:10.4f}")
-  return "\n".join(lines)
+  sections = evaluate.table_sections([summary.get("before") or {}, summary.get("after") or {}])
+  training = [(f"{key} (first -> last step)", [f"{v['first']:.4f}", f"{v['last']:.4f}"])
+              for key in ("loss", "target_prob", "entropy")
+              if (v := summary.get(f"train_{key}"))]
+  if training:
+    sections.append(("training batches", training))
+  return "\n".join(lines + evaluate.format_sections(["before", "after"], sections))
 
 
 # ----------------------------------------------------------------------------- command line
@@ -213,7 +208,8 @@ def main(argv):
   config = flags_.config
   workdir = flags_.workdir or os.path.join("runs", config.objective.name)
   try:
-    summary = train_and_evaluate(config, workdir, flags_.allow_config_change)
+    with cli.run_folder(workdir):
+      summary = train_and_evaluate(config, workdir, flags_.allow_config_change)
   except faults.Preempted as stopped:  # every process says where it stopped
     print(f"dft_jax: {stopped}", flush=True)
     return
@@ -223,15 +219,14 @@ def main(argv):
 
 
 def define_flags(argv):
-  from absl import flags  # pylint: disable=g-import-not-at-top
   cli.define_config(argv)
-  flags.DEFINE_string("workdir", None, "run folder (default runs/<objective>); resumes if present")
-  flags.DEFINE_bool("allow_config_change", False,
-                    "resume although config fields changed since the checkpoints were written "
-                    "(each change is logged, config.json rewritten)")
-  flags.DEFINE_string("coordinator_address", None, "multi-process: host:port of process 0")
-  flags.DEFINE_integer("num_processes", None, "multi-process: number of processes")
-  flags.DEFINE_integer("process_id", None, "multi-process: this process's index")
+  cli.define("string", "workdir", None, "run folder (default runs/<objective>); resumes if present")
+  cli.define("bool", "allow_config_change", False,
+             "resume although config fields changed since the checkpoints were written "
+             "(each change is logged, config.json rewritten)")
+  cli.define("string", "coordinator_address", None, "multi-process: host:port of process 0")
+  cli.define("integer", "num_processes", None, "multi-process: number of processes")
+  cli.define("integer", "process_id", None, "multi-process: this process's index")
 
 
 def cli_main(argv=None):
@@ -240,7 +235,7 @@ def cli_main(argv=None):
   import sys  # pylint: disable=g-import-not-at-top
   argv = sys.argv if argv is None else argv
   define_flags(argv)
-  cli.run(main, argv)
+  cli.run(main, argv, doc="\n\n".join(__doc__.split("\n\n")[:2]))  # summary and usage
 
 
 if __name__ == "__main__":

@@ -108,7 +108,7 @@ tokenizer = hf.read_tokenizer(sys.argv[1])
 for source, fmt in json.loads(sys.argv[2]):
   for streaming in (False, True):
     c = testing.default_config().data
-    c.update(source=source, format=fmt, streaming=streaming, cache_dir=sys.argv[3])
+    c.update(source=source, format=fmt, streaming=streaming, cache_dir=sys.argv[3], max_length=64)
     next(data.make_train_iterator(c, tokenizer, seq_len=64, global_batch_size=2, seed=0,
                                   max_segments=64, process_index=0, process_count=1))
 print(json.dumps(attempts))

@@ -263,6 +263,74 @@ def test_suites_score_replies_whose_answers_are_known(tmp_path):
   assert [s["reply"] for s in out["samples"]] == ["\\boxed{7}"] + ["The answer is 8"] * 2
 
 
+def test_holdout_suite_scores_the_held_out_rows_of_the_training_file(tmp_path):
+  """Rows ending in A have a \\boxed{7} solution and the model answers \\boxed{7} (right), in B
+  a '#### 7' one and the model says 'The answer is 8' (wrong), in C no final answer (left out of
+  the accuracy); data.eval_holdout=6 of the 40 rows are held out (holdout.heldout_indices)."""
+  from dft_jax.data import holdout
+  tokenizer = models.load(TINY)[1]
+  last = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"][-1]
+  model = answering_model(tokenizer, {last("? A"): "\\boxed{7}", last("? B"): "The answer is 8",
+                                      last("? C"): ""})
+  q = "Tom has 3 apples and buys 4 more. How many does he have?"
+  kinds = [("A", "3 + 4 = 7, so \\boxed{7}"), ("B", "3 + 4 = 7.\n#### 7"), ("C", "Seven apples.")]
+  rows = [{"prompt": f"{q} {kinds[i % 3][0]}", "response": kinds[i % 3][1]} for i in range(40)]
+  d = data_cfg()
+  d.update(source=write_jsonl(tmp_path / "train.jsonl", rows), chat_template="none",
+           eval_holdout=6)
+  graphdef, params = nnx.split(model)
+  ev = evaluator.RunEvaluator(eval_cfg(math_max_new_tokens=12), d, tokenizer, graphdef, params)
+  assert ev.suites == ("holdout", "forgetting")  # eval.suites=auto, a file: no arithmetic set
+  out = ev(params, suites="holdout")
+  held = [i % 3 for i in holdout.heldout_indices(40, 6)]
+  answered = [k for k in held if k != 2]
+  assert out["holdout_rows"] == 6 and out["holdout_n"] == len(answered)
+  assert out["holdout_accuracy"] == pytest.approx(answered.count(0) / len(answered))
+  assert out["sets"]["holdout"] == (f"held-out rows of {d.source} (6 rows, {len(answered)} with "
+                                    "a final answer: math-verify)")
+  # Teacher-forced on the responses and EOS, as trained (chat_template none), against float64.
+  batch = ev.forced_batch("holdout")
+  assert batch["loss_mask"].sum() == sum(
+      len(tokenizer(kinds[k][1], add_special_tokens=False)["input_ids"]) + 1 for k in held)
+  target, _, _ = numpy_stats(model, model, batch)
+  assert out["holdout_nll"] == pytest.approx(-target.mean(), rel=1e-4)
+  assert out["holdout_target_prob"] == pytest.approx(np.exp(target).mean(), rel=1e-4)
+
+
+@pytest.mark.parametrize("source,math_file,expected", [
+    ("builtin:arith_train", None, ("in_domain", "forgetting")),
+    ("builtin:arith_train", "math.jsonl", ("in_domain", "math", "forgetting")),
+    ("builtin:general_prompts", None, ("forgetting",)),
+])
+def test_auto_suites_follow_the_data(source, math_file, expected):
+  d = data_cfg()
+  d.source = source
+  assert evaluator.auto_suites(eval_cfg(math_file=math_file), d, has_holdout=False) == expected
+  assert evaluator.auto_suites(eval_cfg(math_file=math_file), d, True)[0] == "holdout"
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("so \\boxed{\\frac{1}{2}} in the end", "\\frac{1}{2}"),
+    ("\\boxed{1} then \\boxed{x^{2}}", "x^{2}"),
+    ("3 + 4 = 7.\n#### 7\n", "7"),
+    ("#### 1,234", "1,234"),
+    ("no answer", None),
+    ("\\boxed{unclosed", None),
+])
+def test_final_answer(text, expected):
+  assert answers.final_answer(text) == expected
+
+
+def test_results_table_names_each_set_and_its_size():
+  before = {"sets": {"holdout": "held-out rows of t.jsonl (5 rows)", "forgetting": "forgetting"},
+            "holdout_nll": 1.5, "kl_to_base": 0.0, "holdout_avg@4": 0.25}
+  after = {**before, "holdout_nll": 1.0, "kl_to_base": 0.5, "holdout_avg@4": 0.5}
+  lines = evaluate.format_sections(["before", "after"], evaluate.table_sections([before, after]))
+  assert lines[1] == "held-out rows of t.jsonl (5 rows)"
+  assert lines[2].split() == ["target", "NLL", "(teacher-forced)", "1.5000", "1.0000"]
+  assert lines[3].split() == ["avg@4", "0.250", "0.500"] and lines[4] == "forgetting"
+
+
 def test_run_evaluator_forgetting_and_target_probs(tiny):
   model, tokenizer, graphdef, params = tiny
   ev = evaluator.RunEvaluator(eval_cfg(suites="forgetting,target_probs"), data_cfg(), tokenizer,
@@ -306,7 +374,7 @@ def test_math_rows_need_problem_and_answer(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (dict(suites="in_domain,nope"), "allowed names are in_domain, math"),
+    (dict(suites="in_domain,nope"), "allowed names are auto or holdout, in_domain, math"),
     (dict(suites="math"), "needs eval.math_file"),
     (dict(samples=0), "eval.samples=0"),
     (dict(samples=4, temperature=0.0), "needs a temperature > 0"),
@@ -320,26 +388,29 @@ def test_settings_errors_name_the_field(overrides, message):
 # ----------------------------------------------------------------------------- command line
 
 
+def evaluate_cli(*argv):
+  cli.cli_main(["dft_jax.evaluate", *argv])
+
+
 @pytest.mark.parametrize("argv,message", [
-    (["--suite", "nope", "--model", TINY], "allowed names are"),
-    (["--suite", "math", "--model", TINY], "needs eval.math_file"),
-    (["--model", TINY, "--checkpoint", "/tmp"], "exactly one of --checkpoint"),
-    ([], "exactly one of --checkpoint"),
-    (["--checkpoint", "/no/such/run"], "no config.json"),
-    (["--model", "/no/such/model"], "not found"),
+    (["--config.eval.suites=nope", f"--model={TINY}"], "allowed names are"),
+    (["--config.eval.suites=math", f"--model={TINY}"], "needs eval.math_file"),
+    ([f"--model={TINY}", "--step=3"], "--step=3 needs a training run folder"),
+    (["--model=/no/such/model"], "not found"),
+    (["--config.eval.math_fil=x.jsonl"], "config.eval has no field 'math_fil'"),
 ])
 def test_cli_errors_are_one_line(argv, message, capsys):
   with pytest.raises(SystemExit) as e:
-    cli.main(argv)
+    evaluate_cli(*argv)
   assert e.value.code == 2
-  err = capsys.readouterr().err.strip()
-  assert err.startswith("dft_jax: error:") and message in err and "\n" not in err
+  err = capsys.readouterr().err.strip().splitlines()[-1]
+  assert err.startswith("dft_jax: error:") and message in err
 
 
 def test_cli_on_a_model_takes_its_settings_from_the_default_config(tmp_path, capsys):
   out = tmp_path / "eval.json"
-  cli.main(["--model", TINY, "--suite", "target_probs", "--out", str(out)])
-  assert "target NLL, held-out responses" in capsys.readouterr().out
+  evaluate_cli(f"--model={TINY}", "--config.eval.suites=target_probs", f"--out={out}")
+  assert "target NLL, reference responses" in capsys.readouterr().out
   written = json.loads(out.read_text())
   expected = dict(testing.default_config().eval, suites=["target_probs"])
   assert written["settings"] == expected and written["model"] == written["base"] == TINY
@@ -349,22 +420,26 @@ def test_cli_on_a_model_takes_its_settings_from_the_default_config(tmp_path, cap
 def test_python_m_dft_jax_evaluate_runs_the_cli():
   done = subprocess.run([sys.executable, "-m", "dft_jax.evaluate", "--help"], capture_output=True,
                         text=True, timeout=300, check=False)
-  assert done.returncode == 0 and "--checkpoint" in done.stdout and "--math_file" in done.stdout
+  assert done.returncode == 0 and "--model" in done.stdout and "eval.math_file=None" in done.stdout
 
 
 @pytest.mark.parametrize("lora", [False, True])
-def test_cli_on_a_checkpoint(tmp_path, capsys, lora):
+def test_cli_on_a_run_folder(tmp_path, capsys, lora):
+  """--model=RUN: the run's checkpoint, scored with the run's config (its data file, so its
+  held-out rows) and the fields the command line sets."""
   from dft_jax import train
   from test_train import lora_config, tiny_config
   config = (lora_config if lora else tiny_config)(tmp_path, train__num_steps=1)
   config.log.tensorboard = False
   train.train_and_evaluate(config, str(tmp_path / "run"))
   out = tmp_path / "eval.json"
-  cli.main(["--checkpoint", str(tmp_path / "run"), "--suite", "in_domain,forgetting",
-            "--num_examples", "3", "--max_new_tokens", "4", "--batch_size", "3", "--out", str(out)])
+  evaluate_cli(f"--model={tmp_path / 'run'}", "--config.eval.suites=holdout,forgetting",
+               "--config.eval.num_general=3", "--config.eval.max_new_tokens=4",
+               "--config.eval.math_max_new_tokens=4", "--config.eval.batch_size=3", f"--out={out}")
   printed = capsys.readouterr().out
-  assert "in-domain accuracy (greedy)" in printed and "KL(base || model)" in printed
+  assert f"held-out rows of {config.data.source} (3 rows, 3 with" in printed
+  assert "KL(base || model), general prompts" in printed
   results = json.loads(out.read_text())
   assert results["base"] == TINY and results["model"] == str(tmp_path / "run")
-  assert results["results"]["in_domain_n"] == 3
+  assert results["settings"]["num_general"] == 3 and results["results"]["holdout_rows"] == 3
   assert results["results"]["kl_to_base"] > 0  # one step with lr 1e-3 moved the model

@@ -327,7 +327,7 @@ def test_adapters_and_quantised_base_shard_by_logical_rules():
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(rank=0), "lora.rank must be a positive integer"),
-    (dict(alpha=0.0), "lora.alpha must be positive"),
+    (dict(alpha=0.0), "lora.alpha must be a finite number > 0, got 0.0"),
     (dict(targets=("q", "qkv")), "lora.targets.*among q, k, v, o, gate, up, down"),
     (dict(targets=()), "lora.targets"),
     (dict(base_quant="fp8"), "lora.base_quant 'fp8' is not supported; supported: None, int8, nf4"),

@@ -185,7 +185,7 @@ def test_export_then_import_identical_params(family, tmp_path, dtype):
 
 def test_export_cli(tmp_path, capsys):
   folder = FIXTURES / "tiny_qwen3"
-  export.main(["--model", str(folder), "--out", str(tmp_path / "out")])
+  export.cli_main(["dft_jax.export", f"--model={folder}", f"--out={tmp_path / 'out'}"])
   assert "exported qwen3" in capsys.readouterr().out
   back, _ = models.load(str(tmp_path / "out"))
   original, _ = models.load(str(folder))
@@ -200,7 +200,7 @@ def test_export_cli_from_a_training_checkpoint(tmp_path, capsys):
   config = tiny_config(tmp_path, train__num_steps=1)
   config.log.tensorboard = False
   train.train_and_evaluate(config, str(tmp_path / "run"))
-  export.main(["--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "out")])
+  export.cli_main(["dft_jax.export", f"--model={tmp_path / 'run'}", f"--out={tmp_path / 'out'}"])
   assert "exported llama" in capsys.readouterr().out
   trained, _, _ = checkpoint.restore_model(str(tmp_path / "run"))
   back, _ = models.load(str(tmp_path / "out"))

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from dft_jax import generate, models, sampling
+from dft_jax.data import testing
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 ATOL = 5e-4
@@ -66,11 +67,12 @@ def test_config_from_gguf_metadata(smollm2):
 
 def test_chat_template_prompt_matches_golden(smollm2, golden):
   _, tokenizer = smollm2
-  ids = generate.chat_prompt_ids(tokenizer, str(golden["prompt_texts"][0]))
+  config = testing.default_config()
+  [ids] = generate.prompt_ids(config, tokenizer, [str(golden["prompt_texts"][0])])
   assert ids == golden["prompt_ids"][0, :golden["prompt_lengths"][0]].tolist()
 
 
 def test_generate_cli_answers_paris(capsys):
-  generate.main(["--model", "smollm2-135m-instruct", "--prompt", "What is the capital of France?",
-                 "--max-new-tokens", "16"])
+  generate.cli_main(["dft_jax.generate", "--model=smollm2-135m-instruct",
+                     "--prompt=What is the capital of France?", "--max_new_tokens=16"])
   assert "Paris" in capsys.readouterr().out

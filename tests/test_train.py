@@ -48,7 +48,8 @@ def tiny_config(tmp_path, **overrides):
   c.model.lm_head_chunk = 96
   c.data.source = write_rows(tmp_path / "rows.jsonl")
   c.data.max_length = 64
-  c.train.update(seq_len=64, global_batch_size=8, num_steps=4)
+  c.model.remat = "none"
+  c.train.update(seq_len=64, global_batch_size=8, num_steps=4, microbatches=1)
   c.optimizer.update(learning_rate=1e-3, warmup_steps=0, schedule="constant")
   c.checkpoint.update(every_steps=2, async_save=False)
   c.eval.update(before=False, after=False)

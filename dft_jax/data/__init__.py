@@ -15,6 +15,9 @@ Training (the train loop):
   it.summary()       # one line: rows kept / dropped, packing efficiency, loss-token fraction
                      # (also logged when the iterator is made)
 
+  The iterator leaves out the held-out rows of data.source (data.eval_holdout, holdout.py), which
+  the before/after evaluation scores.
+
   The stream is endless: epoch e is the source shuffled, best-fit packed and its rows shuffled
   from (seed, e) alone; epochs follow each other without a gap, so a batch may span two. Rows obey
   the Batch contract (packing.py): targets are next tokens within a segment; loss_mask is 0 on

@@ -10,17 +10,11 @@ iterator at config.train.seq_len / global_batch_size.
 import itertools
 import sys
 
-from absl import app
-from absl import flags
-from ml_collections import config_flags
-
-from dft_jax import config_files
+from dft_jax import cli  # first: before anything imports transformers
 from dft_jax.data import formats
 from dft_jax.data import pipeline
 from dft_jax.data import sources
-from dft_jax.errors import DataError, cli_entry
-
-_DEFAULT_CONFIG = config_files.DEFAULT
+from dft_jax.errors import DataError
 
 MARKS = {False: ("[[", "]]"), True: ("\033[1;32m", "\033[0m")}
 
@@ -62,34 +56,47 @@ def report(config, tokenizer, *, num=3, color=False):
   return "\n".join(lines)
 
 
-@cli_entry
-def main(config, *, num, tokenizer_dir, color):
-  """Prints the report for `config`, with the tokenizer of config.model.name or `tokenizer_dir`."""
+def read_tokenizer(config, tokenizer_dir=None):
+  """The tokenizer of `tokenizer_dir`, else config.model.name's (read without its weights), else
+  config.model.tokenizer's."""
+  from dft_jax import models  # pylint: disable=g-import-not-at-top
+  from dft_jax.models import hf, loader  # pylint: disable=g-import-not-at-top
   if tokenizer_dir:
-    from dft_jax.models import hf  # pylint: disable=g-import-not-at-top
-    tokenizer = hf.read_tokenizer(tokenizer_dir)
-  else:
-    from dft_jax import models  # pylint: disable=g-import-not-at-top
-    _, tokenizer = models.load(config.model.name)
+    return hf.read_tokenizer(tokenizer_dir)
+  tokenizer = models.read(config.model.name)[2]
+  if tokenizer is None and config.model.get("tokenizer"):
+    tokenizer = loader.tokenizer_for(config.model, None)
   if tokenizer is None:
     raise DataError(f"model.name={config.model.name!r} comes with no tokenizer; pass --tokenizer")
-  color = {"always": True, "never": False, "auto": sys.stdout.isatty()}[color]
-  print(report(config, tokenizer, num=num, color=color))
+  return tokenizer
 
 
-def cli(argv=None):
-  """`python -m dft_jax.data.inspect ARGS` (argv: sys.argv by default). Flags are defined here, not
-  at import, so importing this module defines no global flags."""
+def main(argv):
+  """Prints the report for --config, with config.model.name's tokenizer or --tokenizer's."""
+  del argv
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  flags_ = flags.FLAGS
+  tokenizer = read_tokenizer(flags_.config, flags_.tokenizer)
+  color = {"always": True, "never": False, "auto": sys.stdout.isatty()}[flags_.color]
+  print(report(flags_.config, tokenizer, num=flags_.num, color=color), flush=True)
+
+
+def define_flags(argv):
+  cli.define_config(argv)
+  cli.define("integer", "num", 3, "examples to print")
+  cli.define("string", "tokenizer", None, "a saved HF tokenizer folder (default: "
+             "config.model.name's tokenizer)")
+  cli.define("enum", "color", "auto", "mark trained spans with ANSI colours (auto: on a "
+             "terminal)", enum_values=["auto", "always", "never"])
+
+
+def cli_main(argv=None):
+  """`python -m dft_jax.data.inspect ARGS`. Flags are defined here, not at import, so importing
+  this module defines no global flags."""
   argv = sys.argv if argv is None else argv
-  config = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Config file.", sys_argv=argv)
-  num = flags.DEFINE_integer("num", 3, "Examples to print.")
-  tokenizer_dir = flags.DEFINE_string(
-      "tokenizer", None, "A saved HF tokenizer folder; default: config.model.name's tokenizer.")
-  color = flags.DEFINE_enum("color", "auto", ["auto", "always", "never"],
-                            "Mark trained spans with ANSI colours (auto: on a terminal).")
-  app.run(lambda _: main(config.value, num=num.value, tokenizer_dir=tokenizer_dir.value,
-                         color=color.value), argv=argv)
+  define_flags(argv)
+  cli.run(main, argv, doc=__doc__, sections=("model", "data", "train"))
 
 
 if __name__ == "__main__":
-  cli()
+  cli_main()

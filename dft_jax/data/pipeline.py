@@ -24,6 +24,7 @@ import numpy as np
 from absl import logging
 
 from dft_jax.data import formats
+from dft_jax.data import holdout
 from dft_jax.data import packing
 from dft_jax.data import sources
 from dft_jax.errors import ConfigError, DataError, check_number
@@ -49,6 +50,7 @@ def validate(data_cfg, *, seq_len, global_batch_size, process_count, max_segment
   check_number("data.shuffle_buffer", data_cfg.shuffle_buffer, integer=True, minimum=0)
   check_number("data.max_rows", data_cfg.max_rows, integer=True, minimum=1, optional=True)
   check_number("data.shuffle_seed", data_cfg.shuffle_seed, integer=True, minimum=0, optional=True)
+  holdout.check(data_cfg)
   packing.check_max_segments(max_segments)
   if seq_len < 2:
     raise ConfigError(f"seq_len={seq_len}: must be >= 2")
@@ -74,6 +76,7 @@ def make_train_iterator(data_cfg, tokenizer, *, seq_len, global_batch_size, seed
   validate(data_cfg, seq_len=seq_len, global_batch_size=global_batch_size,
            process_count=process_count, max_segments=max_segments)
   source = sources.load_source(data_cfg, streaming=data_cfg.streaming)
+  source, _, held_out = holdout.split(source, data_cfg)
   if data_cfg.streaming and (data_cfg.shuffle_buffer or process_count > 1):
     # rows arrive reordered: name their place in this process's stream, not in the file
     source = dataclasses.replace(source, locate=sources.RowLocator(
@@ -89,6 +92,7 @@ def make_train_iterator(data_cfg, tokenizer, *, seq_len, global_batch_size, seed
     it = StreamingIterator(source, encoder, data_cfg, **kwargs)
   else:
     it = PackedIterator(tokenize(source, encoder, data_cfg), source, data_cfg, **kwargs)
+  it.stats["held_out"] = held_out
   logging.info("%s", it.summary())
   return it
 
@@ -155,8 +159,10 @@ class _Batches:
     if dropped:
       why = f" ({why}; max_length={self.limit}, truncation={self.cfg.truncation})"
     slots = max(s["packed_rows"], 1) * self.seq_len
-    return (f"data {self.cfg.source}: {s['rows']} rows read, {s['kept']} kept, {dropped} dropped"
-            f"{why}; {s['packed_rows']} {'packed' if self.cfg.packing else 'padded'} rows of "
+    held = (f" ({s['held_out']} more held out for evaluation: data.eval_holdout)"
+            if s.get("held_out") else "")
+    return (f"data {self.cfg.source}: {s['rows']} rows read{held}, {s['kept']} kept, {dropped} "
+            f"dropped{why}; {s['packed_rows']} {'packed' if self.cfg.packing else 'padded'} rows of "
             f"{self.seq_len} tokens{self._scope}: {100 * s['tokens'] / slots:.1f}% real tokens, "
             f"{100 * s['loss_tokens'] / slots:.1f}% loss tokens")
 

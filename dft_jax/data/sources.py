@@ -34,15 +34,19 @@ class RowLocator:
   """Names a row for error messages: `row 17 of data/train.jsonl`.
 
   `files` and `builder` are set for multi-file sources; the file holding a row is then found
-  (on the error path only) by counting each file's rows in order.
+  (on the error path only) by counting each file's rows in order. `renumber` maps the row numbers
+  of a part of the source (the training part, without the held-out rows) to the source's.
   """
   source: str
   split_note: str = ""
   files: tuple = ()
   builder: str = ""
   cache_dir: str | None = None
+  renumber: object = dataclasses.field(default=None, compare=False)
 
   def __call__(self, index):
+    if self.renumber is not None:
+      index = self.renumber(index)
     if len(self.files) > 1:
       found = _file_of_row(self.files, self.builder, index, self.cache_dir)
       if found is not None:

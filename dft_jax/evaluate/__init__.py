@@ -28,6 +28,8 @@ Modules: answers (math-verify, accuracy, pass@k), generation (batched sampling),
 (logp, entropy, KL through the chunked LM head), evaluator (RunEvaluator, sets, results table),
 cli (`python -m dft_jax.evaluate`).
 """
-from dft_jax.evaluate.evaluator import ROWS, SUITES, RunEvaluator, format_table, settings
+from dft_jax.evaluate.evaluator import (ROWS, SUITES, RunEvaluator, format_sections, format_table,
+                                       settings, table_sections)
 
-__all__ = ["ROWS", "SUITES", "RunEvaluator", "format_table", "settings"]
+__all__ = ["ROWS", "SUITES", "RunEvaluator", "format_sections", "format_table", "settings",
+           "table_sections"]

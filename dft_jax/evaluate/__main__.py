@@ -2,4 +2,4 @@
 from dft_jax.evaluate import cli
 
 if __name__ == "__main__":
-  cli.main()
+  cli.cli_main()

@@ -20,12 +20,37 @@ def math_answer(text):
   return parse(text)
 
 
+def final_answer(text):
+  """The final answer a solution states: the content of its last `\\boxed{...}` (nested braces
+  kept), else what follows its last `#### ` on that line; None when it states neither."""
+  start = text.rfind("\\boxed{")
+  if start >= 0:
+    depth, i = 0, start + len("\\boxed")
+    for j in range(i, len(text)):
+      depth += {"{": 1, "}": -1}.get(text[j], 0)
+      if depth == 0:
+        return text[i + 1:j].strip() or None
+    return None
+  hashes = text.rfind("####")
+  if hashes >= 0:
+    return text[hashes + 4:].strip().split("\n")[0].strip() or None
+  return None
+
+
+def _parsed(text):
+  """math-verify's parse of a final answer (final_answer's, read as LaTeX), else of the text."""
+  stated = final_answer(text)
+  return (math_answer(f"${stated}$") if stated else []) or math_answer(text)
+
+
 def is_math_correct(reply, answer):
   """Whether the reply's final answer equals `answer` (a MATH500 answer, LaTeX without $) up to
-  symbolic equivalence, as math-verify decides (e.g. \\frac12 = 0.5; x^2+2x+1 = (x+1)^2)."""
+  symbolic equivalence, as math-verify decides (e.g. \\frac12 = 0.5; x^2+2x+1 = (x+1)^2). The
+  reply's final answer is its last \\boxed{} or `#### N` (final_answer), else what math-verify
+  finds in it."""
   from math_verify import verify  # pylint: disable=g-import-not-at-top
   gold = math_answer(f"${answer}$") or math_answer(str(answer))
-  predicted = math_answer(reply)
+  predicted = _parsed(reply)
   return bool(gold) and bool(predicted) and bool(verify(gold, predicted))
 
 

@@ -9,6 +9,7 @@ import functools
 
 import jax
 import numpy as np
+import tqdm
 from flax import nnx
 
 from dft_jax import lm_head
@@ -18,25 +19,33 @@ from dft_jax.data import packing
 LENGTH_BUCKET = 64  # rows are padded to a multiple of this many tokens (fewer recompiles)
 
 
-def teacher_forced_batch(prompt_ids, reply_ids, pad):
-  """Rows prompt + reply, right-padded; loss_mask marks the positions whose target is a reply
-  token. Returns the Batch-contract dict (numpy, one segment per row)."""
-  length = max(len(p) + len(r) for p, r in zip(prompt_ids, reply_ids))
-  n = len(prompt_ids)
+def encoded_batch(examples, pad):
+  """Rows of encoded examples (input ids, trained flags: data.Encoder.encode), right-padded;
+  loss_mask marks the positions whose target is a trained token (loss_mask[t] = trained[t + 1]),
+  as in training. Returns the Batch-contract dict (numpy, one segment per row)."""
+  length = max(len(ids) for ids, _ in examples)
+  n = len(examples)
   tokens = np.full((n, length), pad, np.int32)
   targets = np.full((n, length), pad, np.int32)
   loss_mask = np.zeros((n, length), np.float32)
   segment_ids = np.zeros((n, length), np.int32)
   positions = np.zeros((n, length), np.int32)
-  for i, (p, r) in enumerate(zip(prompt_ids, reply_ids)):
-    seq = list(p) + list(r)
-    tokens[i, :len(seq)] = seq
-    targets[i, :len(seq) - 1] = seq[1:]
-    loss_mask[i, len(p) - 1:len(seq) - 1] = 1.0
-    segment_ids[i, :len(seq)] = 1
-    positions[i, :len(seq)] = np.arange(len(seq))
+  for i, (ids, trained) in enumerate(examples):
+    k = len(ids)
+    tokens[i, :k] = ids
+    targets[i, :k - 1] = ids[1:]
+    loss_mask[i, :k - 1] = np.asarray(trained[1:], np.float32)
+    segment_ids[i, :k] = 1
+    positions[i, :k] = np.arange(k)
   return dict(tokens=tokens, targets=targets, loss_mask=loss_mask, segment_ids=segment_ids,
               positions=positions)
+
+
+def teacher_forced_batch(prompt_ids, reply_ids, pad):
+  """Rows prompt + reply, right-padded; loss_mask marks the positions whose target is a reply
+  token (encoded_batch with every reply token trained)."""
+  return encoded_batch([(list(p) + list(r), [0] * len(p) + [1] * len(r))
+                        for p, r in zip(prompt_ids, reply_ids)], pad)
 
 
 def _padded(batch, rows, length):
@@ -65,9 +74,10 @@ def _token_stats(graphdef, params, base_params, batch):
                              ref_hidden_BxTxD=ref_hidden_BxTxD, ref_w_DxV=ref_w_DxV)
 
 
-def forced_stats(graphdef, params, base_params, batch, *, batch_size):
+def forced_stats(graphdef, params, base_params, batch, *, batch_size, label=None):
   """Per-token logp, entropy and (base_params given) kl_from_ref at the batch's loss_mask
   positions (flat numpy), batch_size rows at a time, rows and length padded to fixed buckets.
+  label: the title of a progress bar over rows (stderr); None shows none.
 
   `batch` is any Batch-contract dict; DataError if a row has more segment runs than the model's
   max_segments (packing.check_segment_runs)."""
@@ -75,13 +85,15 @@ def forced_stats(graphdef, params, base_params, batch, *, batch_size):
   n, t = batch["tokens"].shape
   length = -(-t // LENGTH_BUCKET) * LENGTH_BUCKET
   out = {}
-  for start in range(0, n, batch_size):
-    part = _padded({k: v[start:start + batch_size] for k, v in batch.items()},
-                   min(batch_size, n), length)
-    stats = jax.device_get(_token_stats(graphdef, params, base_params, part))
-    mask = part["loss_mask"] > 0
-    for key, value in stats.items():
-      out.setdefault(key, []).append(np.asarray(value)[mask])
+  with tqdm.tqdm(total=n, desc=label, unit="row", disable=label is None) as bar:
+    for start in range(0, n, batch_size):
+      part = _padded({k: v[start:start + batch_size] for k, v in batch.items()},
+                     min(batch_size, n), length)
+      stats = jax.device_get(_token_stats(graphdef, params, base_params, part))
+      mask = part["loss_mask"] > 0
+      for key, value in stats.items():
+        out.setdefault(key, []).append(np.asarray(value)[mask])
+      bar.update(min(batch_size, n - start))
   return {k: np.concatenate(v) for k, v in out.items()}
 
 

@@ -501,6 +501,8 @@ def run_study(config, out_dir, *, arm_specs=None, regime_names=None, resume=Fals
   arms = select_arms(config.study, arm_specs)
   names = select_regimes(config.study, regime_names)
   grid = parse_lr_grid(config.study.lr_grid)
+  if grid and all(arm.lr is not None for arm in arms):
+    raise ConfigError("--tune_lr: every arm sets its own lr=..., so there is nothing to tune")
   configs = {n: regime_config(config, n) for n in names}
   t = config.train
   for c in configs.values():
@@ -619,25 +621,24 @@ def main(argv):
 
 
 def define_flags(argv):
-  from absl import flags  # pylint: disable=g-import-not-at-top
   cli.define_config(argv, default=config_files.STUDY,
                     help_text="config file[:variant] (configs/study.py:cpu|gpu[,smoke])")
-  flags.DEFINE_multi_string("arm", None, "label=objective[,field=value...][,lr=X] (repeatable; "
-                            "replaces the config's arms)")
-  flags.DEFINE_multi_string("regime", None, "a regime of study.regime_sets (repeatable; replaces "
-                            "study.regimes)")
-  flags.DEFINE_string("tune_lr", None, "LR,LR,...: choose each arm's learning rate from this grid "
-                      "on the regime's validation set (study.lr_grid; an empty value: no tuning)")
-  flags.DEFINE_bool("resume", False, "keep the runs already in OUT/<regime>/results.json (same "
-                    "config, arms and grid) and run only the missing ones")
-  flags.DEFINE_string("replot", None, "only rewrite the tables and figures of DIR (a study's OUT "
-                      "or one regime's folder) from its results.json files")
+  cli.define("multi_string", "arm", None, "label=objective[,field=value...][,lr=X] (repeatable; "
+             "replaces the config's arms)")
+  cli.define("multi_string", "regime", None, "a regime of study.regime_sets (repeatable; replaces "
+             "study.regimes)")
+  cli.define("string", "tune_lr", None, "LR,LR,...: choose each arm's learning rate from this "
+             "grid on the regime's validation set (study.lr_grid; an empty value: no tuning)")
+  cli.define("bool", "resume", False, "keep the runs already in OUT/<regime>/results.json (same "
+             "config, arms and grid) and run only the missing ones")
+  cli.define("string", "replot", None, "only rewrite the tables and figures of DIR (a study's "
+             "OUT or one regime's folder) from its results.json files")
 
 
 def cli_main(argv=None):
   argv = sys.argv if argv is None else argv
   define_flags(argv)
-  cli.run(main, argv)
+  cli.run(main, argv, doc="\n\n".join(__doc__.split("\n\n")[:2]))  # summary and usage
 
 
 if __name__ == "__main__":

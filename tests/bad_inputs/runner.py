@@ -2,9 +2,9 @@
 
   python tests/bad_inputs/runner.py JOBS_JSON RESULTS_JSON
 
-JOBS_JSON: [{"name": ..., "entry": "train" | "export" | "generate" | "scanner" | "inspect",
-"argv": [...], "hold_lock": WORKDIR (optional)}, ...], run in order. The parent imports the CLI
-modules once (the slow part, seconds); each job runs in a forked child exactly as
+JOBS_JSON: [{"name": ..., "entry": "train" | "evaluate" | "generate" | "export" | "inspect" |
+"scanner", "argv": [...], "hold_lock": WORKDIR (optional)}, ...], run in order. The parent imports
+the CLI modules once (the slow part, seconds); each job runs in a forked child exactly as
 `python -m dft_jax.<entry> ARGV` would: its own argv and flags, stdout and stderr on real file
 descriptors, an uncaught exception printed as the interpreter prints it, and the exit status of the
 child process. The parent never starts JAX's backends, so forking it
@@ -26,15 +26,15 @@ from transformers import AutoTokenizer  # pylint: disable=unused-import  (its la
 
 from dft_jax import data, export, faults, generate, train  # pylint: disable=unused-import
 from dft_jax.data import inspect as data_inspect
+from dft_jax.evaluate import cli as evaluate_cli
 from dft_jax.experiments import scanner
 
-ENTRIES = {  # entry -> how `python -m dft_jax.<entry> ARGV` calls it
-    "train": lambda argv: train.cli_main(["dft_jax.train", *argv]),
-    "export": export.main,
-    "generate": generate.main,
-    "scanner": lambda argv: scanner.cli_main(["dft_jax.experiments.scanner", *argv]),
-    "inspect": lambda argv: data_inspect.cli(["dft_jax.data.inspect", *argv]),
+MODULES = {  # entry -> the module `python -m dft_jax.<entry> ARGV` runs (all: cli_main(argv))
+    "train": train, "evaluate": evaluate_cli, "generate": generate, "export": export,
+    "inspect": data_inspect, "scanner": scanner,
 }
+ENTRIES = {entry: (lambda argv, m=module: m.cli_main([m.__name__, *argv]))
+           for entry, module in MODULES.items()}
 
 
 def exit_code(e):
