@@ -182,7 +182,7 @@ def help_text(doc, config=None, config_file=None, sections=None):
         f"config fields, with the values of --config={config_file} (set any field with "
         "--config.SECTION.FIELD=VALUE):", WIDTH)]
     docs = config_files.field_docs()
-    fields = list(config_files.flatten(config))
+    fields = list(config_files.flatten(config, leaves=docs))
     sections_order = list(dict.fromkeys(path.split(".")[0] for path, _ in fields))
     order = {path: i for i, path in enumerate(docs)}  # as the config files define them
     fields.sort(key=lambda f: (sections_order.index(f[0].split(".")[0]), order.get(f[0], 0)))
@@ -256,6 +256,7 @@ def setup_logging():
   handler.addFilter(_shown)
   root.addHandler(handler)
   root.setLevel(logging.INFO)
+  logging.getLogger("absl").setLevel(logging.INFO)  # absl.logging.info: the data summary
 
 
 # ----------------------------------------------------------------------------- phases

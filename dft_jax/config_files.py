@@ -95,10 +95,12 @@ def field_docs():
   return docs
 
 
-def flatten(config, prefix=""):
-  """(dotted path, value) of every leaf field of a ConfigDict, in definition order."""
+def flatten(config, prefix="", leaves=()):
+  """(dotted path, value) of every leaf field of a ConfigDict, in definition order; a field whose
+  path is in `leaves` is one field even when its value is a dict (study.regime_sets)."""
   for key, value in config.items():
-    if hasattr(value, "items"):
-      yield from flatten(value, f"{prefix}{key}.")
+    path = f"{prefix}{key}"
+    if hasattr(value, "items") and path not in leaves:
+      yield from flatten(value, f"{path}.", leaves)
     else:
-      yield f"{prefix}{key}", value
+      yield path, value

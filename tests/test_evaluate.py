@@ -435,7 +435,9 @@ def test_cli_on_a_run_folder(tmp_path, capsys, lora):
   out = tmp_path / "eval.json"
   evaluate_cli(f"--model={tmp_path / 'run'}", "--config.eval.suites=holdout,forgetting",
                "--config.eval.num_general=3", "--config.eval.max_new_tokens=4",
-               "--config.eval.math_max_new_tokens=4", "--config.eval.batch_size=3", f"--out={out}")
+               "--config.eval.math_max_new_tokens=4", "--config.eval.batch_size=3",
+               "--config.eval.num_factual=3", "--config.eval.factual_max_new_tokens=4",
+               f"--out={out}")
   printed = capsys.readouterr().out
   assert f"held-out rows of {config.data.source} (3 rows, 3 with" in printed
   assert "KL(base || model), general prompts" in printed

@@ -372,7 +372,8 @@ class RunEvaluator:
     results, examples, sets = {}, {}, {}
     for name in (parse_suites(suites) if suites else self.suites):
       sets[name] = self.describe(name)
-      logging.info("scoring %s", sets[name])
+      if self.cfg["progress"]:
+        logging.info("scoring %s", sets[name])
       started = time.time()
       out, ex = getattr(self, name)(model, params)
       results.update(out)

@@ -76,6 +76,13 @@ def paired_difference(a_SxN, b_SxN, **kw):
   return bootstrap(lambda m: m["x"][..., 0] - m["x"][..., 1], {"x": np.stack([a_SxN, b_SxN])}, **kw)
 
 
+def gain_per_unit_kl(means):
+  """In-domain gain over KL to the base; NaN (shown as n/a) where the KL is 0: an arm that did not
+  move has no gain per unit of drift."""
+  with np.errstate(divide="ignore", invalid="ignore"):
+    return np.where(means["kl"] > 0, means["gain"] / means["kl"], np.nan)
+
+
 def holds_zero(interval):
   """Whether an interval (point, low, high) contains 0: the difference is not evidence."""
   return interval[1] <= 0.0 <= interval[2]
@@ -149,7 +156,7 @@ def arm_statistics(results, arm, confidence):
         100 * (matrix(runs, "perplexity_heldout") / base["perplexity_heldout"] - 1), **kw)
   gain_per_kl = has(results, "in_domain_accuracy") and has(results, "kl_to_base")
   if gain_per_kl:
-    out["gain_per_kl"] = bootstrap(lambda m: m["gain"] / m["kl"], {
+    out["gain_per_kl"] = bootstrap(gain_per_unit_kl, {
         "gain": matrix(runs, "in_domain_accuracy", base), "kl": matrix(runs, "kl_to_base")}, **kw)
   ref = reference_arm(results)
   if arm != ref:
@@ -159,9 +166,8 @@ def arm_statistics(results, arm, confidence):
         out[f"vs_ref/{metric}"] = paired_difference(matrix(mine, metric), matrix(theirs, metric),
                                                     **kw)
     if gain_per_kl:
-      ratio = lambda m: m["gain"] / m["kl"]  # noqa: E731
       out["vs_ref/gain_per_kl"] = bootstrap(
-          lambda m: ratio(m)[..., 0] - ratio(m)[..., 1],
+          lambda m: gain_per_unit_kl(m)[..., 0] - gain_per_unit_kl(m)[..., 1],
           {"gain": np.stack([matrix(r, "in_domain_accuracy", base) for r in (mine, theirs)]),
            "kl": np.stack([matrix(r, "kl_to_base") for r in (mine, theirs)])}, **kw)
   return out
@@ -201,8 +207,11 @@ def one_line(ev):
 
 
 def cell(interval, fmt, difference=False):
-  """'0.752 [0.71, 0.79]'; a difference whose interval holds 0 ends with NOT_EVIDENCE."""
+  """'0.752 [0.71, 0.79]'; a difference whose interval holds 0 ends with NOT_EVIDENCE; n/a where
+  the statistic is undefined (gain / KL at KL 0)."""
   point, low, high = interval
+  if np.isnan([point, low, high]).any():
+    return "n/a"
   text = f"{fmt.format(point)} [{fmt.format(low)}, {fmt.format(high)}]"
   return f"{text} {NOT_EVIDENCE}" if difference and holds_zero(interval) else text
 
