@@ -13,7 +13,7 @@ import pytest
 from dft_jax import cli
 from dft_jax import config_files
 from dft_jax import metrics
-from test_train import REPO, TINY, cli_flags, tiny_config
+from test_train import REPO, cli_flags, tiny_config
 
 COMMANDS = ("dft_jax.train", "dft_jax.evaluate", "dft_jax.generate", "dft_jax.export",
             "dft_jax.data.inspect", "dft_jax.experiments.scanner")

@@ -16,7 +16,7 @@ import dataclasses
 
 import numpy as np
 
-from dft_jax.errors import ConfigError, DataError, check_number
+from dft_jax.errors import DataError, check_number
 
 HOLDOUT_SEED = 0
 AUTO_FRACTION = 0.05
