@@ -493,6 +493,19 @@ def initialize_distributed(coordinator_address=None, num_processes=None, process
 # ----------------------------------------------------------------------------- models
 
 
+def define_model_flags():
+  """--model and --step, for the commands that use a trained model (load_model)."""
+  define("string", "model", None, "a training run folder (its checkpoint), an alias, an HF "
+         "folder, a .gguf file or preset:NAME (default: config.model.name)")
+  define("integer", "step", None, "a run folder's checkpoint step (default: the latest)")
+
+
+def model_spec():
+  """What --model names, or config.model.name without it."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  return flags.FLAGS.model or flags.FLAGS.config.model.name
+
+
 def load_model(spec, config, *, step=None):
   """(model, tokenizer, config) for the commands that use a trained model (evaluate, generate,
   export). `spec` is a training run folder (checkpoint.is_workdir: its checkpoint `step`, default

@@ -67,7 +67,7 @@ def main(argv):
   flags_ = flags.FLAGS
   if not flags_.out:
     raise ConfigError("--out: give the folder to write, e.g. --out=hf_model/")
-  spec = flags_.model or flags_.config.model.name
+  spec = cli.model_spec()
   model, tokenizer, _ = cli.load_model(spec, flags_.config, step=flags_.step)
   with cli.phase(f"writing {flags_.out}"):
     out = export_hf(model, tokenizer, flags_.out, dtype=flags_.dtype)
@@ -77,9 +77,7 @@ def main(argv):
 
 def define_flags(argv):
   cli.define_config(argv)
-  cli.define("string", "model", None, "a training run folder (its checkpoint), an alias, an HF "
-             "folder, a .gguf file or preset:NAME (default: config.model.name)")
-  cli.define("integer", "step", None, "a run folder's checkpoint step (default: the latest)")
+  cli.define_model_flags()
   cli.define("string", "out", None, "output folder (created; required)")
   cli.define("enum", "dtype", None, "weights dtype (default: the model's parameter dtype)",
              enum_values=list(PARAM_DTYPES))

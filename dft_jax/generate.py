@@ -36,7 +36,7 @@ def main(argv):
   flags_ = flags.FLAGS
   if not flags_.prompt:
     raise ConfigError("--prompt: give at least one user message, e.g. --prompt='What is 2 + 2?'")
-  spec = flags_.model or flags_.config.model.name
+  spec = cli.model_spec()
   model, tokenizer, config = cli.load_model(spec, flags_.config, step=flags_.step)
   if tokenizer is None:
     raise ModelError(f"model {spec!r} has no tokenizer; generate needs one (set "
@@ -54,9 +54,7 @@ def main(argv):
 
 def define_flags(argv):
   cli.define_config(argv)
-  cli.define("string", "model", None, "a training run folder (its checkpoint), an alias, an HF "
-             "folder or a .gguf file (default: config.model.name)")
-  cli.define("integer", "step", None, "a run folder's checkpoint step (default: the latest)")
+  cli.define_model_flags()
   cli.define("multi_string", "prompt", None, "a user message (repeatable)")
   cli.define("integer", "max_new_tokens", 128, "longest reply (tokens)")
   cli.define("float", "temperature", 0.0, "sampling temperature (0: greedy)")

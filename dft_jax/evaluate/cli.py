@@ -50,7 +50,7 @@ def main(argv):
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from dft_jax import checkpoint  # pylint: disable=g-import-not-at-top
   flags_ = flags.FLAGS
-  spec = flags_.model or flags_.config.model.name
+  spec = cli.model_spec()
   evaluator.settings(flags_.config.eval)  # field errors before anything is loaded
   run = checkpoint.is_workdir(spec)
   model, tokenizer, config = cli.load_model(spec, flags_.config, step=flags_.step)
@@ -74,9 +74,7 @@ def main(argv):
 
 def define_flags(argv):
   cli.define_config(argv)
-  cli.define("string", "model", None, "a training run folder (its checkpoint), an alias, an HF "
-             "folder or a .gguf file (default: config.model.name)")
-  cli.define("integer", "step", None, "a run folder's checkpoint step (default: the latest)")
+  cli.define_model_flags()
   cli.define("string", "base", None, "base model for KL (default: a run's model.name; for "
              "another --model, the model itself: KL 0)")
   cli.define("string", "out", None, "also write the results as JSON here")
