@@ -69,6 +69,10 @@ DEFAULTS = dict(
     base_quant="none",          # config.lora.base_quant: none | int8 | nf4 (QLoRA)
     quant_block_size=64,        # config.lora.block_size: nf4 blocks (input elements)
     doc_len=(256, 2048),        # document lengths drawn uniformly in [lo, hi]; (T, T): 1 per row
+    max_segments=None,          # config.model.max_segments; None: the most documents packed_rows
+                                # puts in a row, ceil(T / lo) + 1 (cuDNN's packed backward keeps
+                                # a float32 [B * max_segments, T, N, H] buffer: 14 GiB at 64 for
+                                # the 7B shape at 4 x 4096, benchmarks/README.md)
     steps=10,
     warmup=2,
     xla_flags="",               # appended to XLA_FLAGS for this variant's process
@@ -152,6 +156,21 @@ H200_MORE = [
          base_quant="nf4", batch=1, lm_head_chunk=1024, est_s=55),
 ]
 
+# After the buffer assignment showed cuDNN's packed attention backward holding 14.1 of the LoRA
+# step's 20 GiB of temporaries (a float32 [B * max_segments, T, N, H] buffer, max_segments 64):
+# the LoRA / QLoRA rows with max_segments at the most documents a row holds (17), with their peers
+# in the same run, and the 7B full fine-tune's peak at that bound.
+H200_LORA = [
+    dict(PEFT16, name="torch/7b/peft/b4", est_s=60),
+    dict(LORA16, name="jax/7b/lora16/b4", remat="nothing_saveable", est_s=65),
+    dict(LORA16, name="jax/7b/qlora_nf4/b1", remat="nothing_saveable", base_quant="nf4",
+         batch=1, est_s=55),
+    dict(PEFT16, name="torch/7b/peft/b1", batch=1, est_s=40),
+    dict(LORA16, name="jax/7b/lora16/b4/attn", remat="attention_saveable", est_s=60),
+    dict(SEVEN_B, name="jax/7b/dft/attn_mu_bf16", remat="attention_saveable",
+         mu_dtype="bfloat16", est_s=75),
+]
+
 PLANS = {
     # The H100 plan, in priority order: when the budget runs short the tail is skipped.
     # est_s: process start + init + compile + steps, H100 (1.5B compile ~30-45 s).
@@ -213,6 +232,7 @@ PLANS = {
     "h200": H200,
     "h200_7b": H200_7B,
     "h200_more": H200_MORE,
+    "h200_lora": H200_LORA,
     # Tiny shapes on CPU: the plumbing of every path above in seconds.
     "smoke": [
         dict(name="torch/dft", framework="torch", model="tiny-qwen2", seq_len=128,
@@ -288,6 +308,15 @@ class NeedsHook(Exception):
 # ----------------------------------------------------------------------------- inputs
 
 
+def segment_bound(v):
+  """The variant's model.max_segments: its own, else the most documents `packed_rows` can put in a
+  row (every document but the last has at least lo tokens)."""
+  if v["max_segments"]:
+    return int(v["max_segments"])
+  lo = min(int(v["doc_len"][0]), v["seq_len"])
+  return max(2, -(-v["seq_len"] // lo) + 1)
+
+
 def packed_rows(rng, rows, seq_len, vocab, doc_len=(256, 2048)):
   """Random packed rows {tokens, targets, loss_mask, segment_ids, positions}, numpy [rows, T].
 
@@ -325,7 +354,7 @@ def bench_config(v):
                     f"({', '.join(decoder.REMAT_POLICIES)})")
   c.model.update(name=f"preset:{v['model']}", param_dtype=v["param_dtype"],
                  compute_dtype=v["compute_dtype"], remat=v["remat"], attention=v["attention"],
-                 lm_head_chunk=v["lm_head_chunk"])
+                 lm_head_chunk=v["lm_head_chunk"], max_segments=segment_bound(v))
   if v["lm_head"] != "checkpointed":
     if "lm_head_impl" not in c.model:
       raise NeedsHook(f"lm_head={v['lm_head']!r} needs config.model.lm_head_impl "
@@ -522,7 +551,8 @@ def run_variant(v):
   def measure():
     fields = run_jax(v)
     # lm_head: the head that ran (asft, iw_sft, dft_seq keep the checkpointed one)
-    fields.update(lm_head=head_that_runs(bench_config(v)), lm_head_requested=v["lm_head"])
+    fields.update(lm_head=head_that_runs(bench_config(v)), lm_head_requested=v["lm_head"],
+                  max_segments=segment_bound(v))
     return fields
   return run_recorded(record, measure, skipped=(NeedsHook,))
 
@@ -856,10 +886,11 @@ def _ok(records, **match):
 # Fields that make two records a like-for-like pair (a fused head against the checkpointed one).
 TWIN_KEYS = ("framework", "model", "objective", "batch", "seq_len", "minibatches", "microbatches",
              "remat", "lm_head_chunk", "compute_dtype", "param_dtype", "w_dtype", "mu_dtype",
-             "nu_dtype", "xla_flags", "doc_len", "lora_rank", "base_quant")
+             "nu_dtype", "xla_flags", "doc_len", "max_segments", "lora_rank", "base_quant")
 # An objective's step time per token is compared with SFT's at the same shape, head and remat.
 VS_SFT_KEYS = ("model", "batch", "seq_len", "remat", "lm_head", "lm_head_chunk", "param_dtype",
-               "mu_dtype", "nu_dtype", "xla_flags", "doc_len", "lora_rank", "base_quant")
+               "mu_dtype", "nu_dtype", "xla_flags", "doc_len", "max_segments", "lora_rank",
+               "base_quant")
 LORA_PEAK_GIB = 32.0  # a 40 GB card
 # The issues' targets: (summary key, comparison, bound).
 TARGETS = (

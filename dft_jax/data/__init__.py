@@ -10,7 +10,8 @@ Training (the train loop):
   state = it.state() # small JSON-serialisable dict; save it with the checkpoint
   it.restore(state)  # on a fresh iterator (same data config and tokenizer): it then yields exactly
                      # the batches the saved one would have yielded next
-  it.stats           # rows, kept, dropped {reason: n}, tokens, loss_tokens, packed_rows
+  it.stats           # rows, kept, dropped {reason: n}, tokens, loss_tokens, packed_rows,
+                     # most_docs_per_row
                      # (per epoch; running totals when streaming), batches_per_epoch
   it.summary()       # one line: rows kept / dropped, packing efficiency, loss-token fraction
                      # (also logged when the iterator is made)

@@ -126,7 +126,7 @@ class _Batches:
     self.pad_id = pad_id
     self.limit = min(data_cfg.max_length, seq_len)
     self.stats = {"rows": 0, "kept": 0, "dropped": {}, "tokens": 0, "loss_tokens": 0,
-                  "packed_rows": 0}
+                  "packed_rows": 0, "most_docs_per_row": 0}
 
   def __iter__(self):
     return self
@@ -146,11 +146,12 @@ class _Batches:
     kept = np.flatnonzero(reason == packing.KEPT)
     return kept, start[kept], length[kept]
 
-  def _count(self, lengths, loss_tokens, num_rows):
+  def _count(self, lengths, loss_tokens, rows):
     self.stats["kept"] += len(lengths)
     self.stats["tokens"] += int(np.sum(lengths))
     self.stats["loss_tokens"] += int(np.sum(loss_tokens))
-    self.stats["packed_rows"] += num_rows
+    self.stats["packed_rows"] += len(rows)
+    self.stats["most_docs_per_row"] = max([self.stats["most_docs_per_row"], *map(len, rows)])
 
   def summary(self):
     s = self.stats
@@ -164,7 +165,8 @@ class _Batches:
     return (f"data {self.cfg.source}: {s['rows']} rows read{held}, {s['kept']} kept, {dropped} "
             f"dropped{why}; {s['packed_rows']} {'packed' if self.cfg.packing else 'padded'} rows of "
             f"{self.seq_len} tokens{self._scope}: {100 * s['tokens'] / slots:.1f}% real tokens, "
-            f"{100 * s['loss_tokens'] / slots:.1f}% loss tokens")
+            f"{100 * s['loss_tokens'] / slots:.1f}% loss tokens, at most "
+            f"{s['most_docs_per_row']} documents a row (model.max_segments={self.max_segments})")
 
   def _batch(self, rows):
     return packing.assemble(rows, self.seq_len, self.pad_id, self.max_segments)
@@ -191,7 +193,7 @@ class PackedIterator(_Batches):
     for k, (_, trained) in zip(cut, self._examples(cut)):
       loss[k] = trained[1:].sum()
     self._plans = {}
-    self._count(self._length, loss, len(self._plan(0)))
+    self._count(self._length, loss, self._plan(0))
     self.stats["batches_per_epoch"] = self.stats["packed_rows"] / self.global_batch_size
     self._fingerprint = hashlib.sha256(b"".join(
         np.ascontiguousarray(a, np.int64).tobytes()
@@ -294,7 +296,7 @@ class StreamingIterator(_Batches):
     rng = np.random.default_rng([self.seed, self.epoch, self.consumed])
     self._window = [[examples[i] for i in row] for row in self._pack(length, rng)]
     self._usable |= bool(self._window)
-    self._count(length, [t[1:].sum() for _, t in examples], len(self._window))
+    self._count(length, [t[1:].sum() for _, t in examples], self._window)
 
   def __next__(self):
     rows = []

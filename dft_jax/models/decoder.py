@@ -262,10 +262,11 @@ class Decoder(nnx.Module):
     zeros = jax.nn.initializers.zeros
     c, L = config, config.num_layers
     self.embed = param(normal, (c.vocab_size, c.hidden_size), ("vocab", "embed"))
-    def base_weights():  # one at a time (see layer_arrays)
+    def base_weights():  # one name at a time, drawn one layer at a time (see layer_arrays)
       for name, (shape, _) in layer_param_shapes(c).items():
         init = ones if "norm" in name else zeros if name.startswith("b") else normal
-        yield name, init(rngs.params(), (L, *shape), jnp.float32).astype(self.param_dtype)
+        yield name, jax.lax.map(lambda key, init=init, shape=shape: init(
+            key, shape, jnp.float32).astype(self.param_dtype), jax.random.split(rngs.params(), L))
 
     arrays = layer_arrays(c, lora, base_weights(), rngs.params() if lora else None)
     self.layers = nnx.Dict({
