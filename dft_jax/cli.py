@@ -8,8 +8,8 @@ end any phase with one line.
   cli.run(main, argv, doc=__doc__, sections=("model", "data"))
 
 Importing this module first keeps transformers' advice about a missing PyTorch off the console
-(dft_jax never uses torch models); the CLI modules import it before anything that imports
-transformers.
+(dft_jax never uses torch models) and caps glibc's malloc arenas before jax starts its threads
+(host.limit_arenas); the CLI modules import it before anything that imports transformers or jax.
 """
 import contextlib
 import logging
@@ -25,7 +25,10 @@ import time
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")  # "PyTorch was not found ..."
 
 from dft_jax import config_files  # pylint: disable=wrong-import-position
+from dft_jax import host  # pylint: disable=wrong-import-position
 from dft_jax.errors import ConfigError, cli_entry  # pylint: disable=wrong-import-position
+
+host.limit_arenas()  # before jax's threads exist: a command's host memory (host.py)
 
 PACKAGE = os.path.dirname(os.path.abspath(__file__))
 HELP_FLAGS = ("--help", "-help", "-h", "--helpshort", "--helpfull", "-?")
