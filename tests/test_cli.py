@@ -13,6 +13,7 @@ import pytest
 from dft_jax import cli
 from dft_jax import config_files
 from dft_jax import metrics
+from conftest import FAST_COMPILE
 from test_train import REPO, cli_flags, tiny_config
 
 COMMANDS = ("dft_jax.train", "dft_jax.evaluate", "dft_jax.generate", "dft_jax.export",
@@ -63,7 +64,7 @@ def test_objective_meanings_come_from_the_registry():
 
 def env():
   return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1",
-              XLA_FLAGS="--xla_force_host_platform_device_count=1")
+              XLA_FLAGS=f"--xla_force_host_platform_device_count=1 {FAST_COMPILE}")
 
 
 @pytest.mark.parametrize("command", COMMANDS)

@@ -34,6 +34,7 @@ from dft_jax import faults
 from dft_jax import files
 from dft_jax import step as step_lib
 from dft_jax.errors import ConfigError
+from conftest import FAST_COMPILE
 import test_train
 from test_train import REPO, TINY, cli_flags, read_jsonl, tiny_config
 
@@ -50,7 +51,7 @@ VOLATILE = ("time", "step_seconds", "tokens_per_s", "mfu")  # wall-clock metrics
 def env(tmp_path_factory):
   cache = tmp_path_factory.mktemp("jax_cache")
   return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1",
-              XLA_FLAGS="--xla_force_host_platform_device_count=1",
+              XLA_FLAGS=f"--xla_force_host_platform_device_count=1 {FAST_COMPILE}",
               JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
 
@@ -727,7 +728,7 @@ def corpus_results(rows_dir, tmp_path_factory):
                      hold_lock=str(workdir) if case.get("workdir_in_use") else None))
   (tmp / "jobs.json").write_text(json.dumps(jobs))
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1",
-             XLA_FLAGS="--xla_force_host_platform_device_count=8")
+             XLA_FLAGS=f"--xla_force_host_platform_device_count=8 {FAST_COMPILE}")
   result = subprocess.run([sys.executable, str(CORPUS / "runner.py"), str(tmp / "jobs.json"),
                            str(tmp / "results.json")], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=600)

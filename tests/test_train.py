@@ -22,6 +22,7 @@ from dft_jax import checkpoint, models, sharding, train
 from dft_jax import step as step_lib
 from dft_jax.data.testing import default_config
 from dft_jax.errors import ConfigError, UserInputError
+from conftest import FAST_COMPILE
 
 REPO = pathlib.Path(__file__).parent.parent
 TINY = str(REPO / "tests" / "fixtures" / "tiny_llama")
@@ -312,10 +313,10 @@ def test_two_processes_equal_one(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
   single = subprocess.run(
       command + [f"--workdir={tmp_path / 'one'}"], cwd=REPO, capture_output=True, text=True,
-      env=dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=2"), timeout=300)
+      env=dict(env, XLA_FLAGS=f"--xla_force_host_platform_device_count=2 {FAST_COMPILE}"), timeout=300)
   assert single.returncode == 0, single.stderr[-3000:]
   port = free_port()
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count=1 {FAST_COMPILE}"
   procs = [subprocess.Popen(
       command + [f"--workdir={tmp_path / 'two'}", f"--coordinator_address=localhost:{port}",
                  "--num_processes=2", f"--process_id={i}"],
