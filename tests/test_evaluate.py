@@ -321,6 +321,19 @@ def test_final_answer(text, expected):
   assert answers.final_answer(text) == expected
 
 
+@pytest.mark.parametrize("text,expected", [
+    ("so \\boxed{\\frac{1}{2}} in the end", "\\frac{1}{2}"),
+    ("3 + 4 = 7.\n#### 7\n", "7"),
+    ("The count is 3, so the answer is 12.", "12"),
+    ("The answer is: 1,234", "1234"),
+    ("no answer", None),
+])
+def test_stated_answer_also_reads_answer_is(text, expected):
+  """holdout's "replies with a final answer": a reply scored by math-verify as "The answer is N."
+  states an answer too."""
+  assert answers.stated_answer(text) == expected
+
+
 def test_results_table_names_each_set_and_its_size():
   before = {"sets": {"holdout": "held-out rows of t.jsonl (5 rows)", "forgetting": "forgetting"},
             "holdout_nll": 1.5, "kl_to_base": 0.0, "holdout_avg@4": 0.25}

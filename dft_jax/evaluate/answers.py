@@ -5,6 +5,8 @@ facts by `dft_jax.data.matches_fact`; this module adds the MATH500-style check a
 """
 import numpy as np
 
+from dft_jax.data.answers import extract_answer
+
 
 def pass_at_k(n, c, k):
   """Unbiased pass@k from n samples with c right (arXiv 2107.03374): 1 - C(n-c, k) / C(n, k)."""
@@ -35,6 +37,12 @@ def final_answer(text):
   if hashes >= 0:
     return text[hashes + 4:].strip().split("\n")[0].strip() or None
   return None
+
+
+def stated_answer(text):
+  """What a reply states as its final answer: final_answer's \\boxed{} or `#### N`, else the
+  number after its last 'answer is' (data.extract_answer); None when it states none."""
+  return final_answer(text) or extract_answer(text)
 
 
 def _parsed(text):

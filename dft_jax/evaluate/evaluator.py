@@ -301,7 +301,7 @@ class RunEvaluator:
     scored, shown = self._scored(
         model, [e["prompt"] for e in answered],
         lambda t, i: answers.is_math_correct(t, answered[i]["answer"]), "holdout", max_new_tokens,
-        extract=answers.final_answer)
+        extract=answers.stated_answer)
     for e, row in zip(shown, answered):
       e.update(prompt=self.tokenizer.decode(row["prompt"], skip_special_tokens=True),
                answer=row["answer"])
