@@ -8,8 +8,9 @@ end any phase with one line.
   cli.run(main, argv, doc=__doc__, sections=("model", "data"))
 
 Importing this module first keeps transformers' advice about a missing PyTorch off the console
-(dft_jax never uses torch models) and caps glibc's malloc arenas before jax starts its threads
-(host.limit_arenas); the CLI modules import it before anything that imports transformers or jax.
+(dft_jax never uses torch models) and sets glibc's malloc up to hand freed memory back before jax
+starts its threads (host.keep_heap_small); the CLI modules import it before anything that imports
+transformers or uses jax.
 """
 import contextlib
 import logging
@@ -28,7 +29,7 @@ from dft_jax import config_files  # pylint: disable=wrong-import-position
 from dft_jax import host  # pylint: disable=wrong-import-position
 from dft_jax.errors import ConfigError, cli_entry  # pylint: disable=wrong-import-position
 
-host.limit_arenas()  # before jax's threads exist: a command's host memory (host.py)
+host.keep_heap_small()  # before jax's threads exist: a command's host memory (host.py)
 
 PACKAGE = os.path.dirname(os.path.abspath(__file__))
 HELP_FLAGS = ("--help", "-help", "-h", "--helpshort", "--helpfull", "-?")
