@@ -267,3 +267,20 @@ def test_breakdown_times_every_part(tmp_path):
   assert {"trunk fwd+bwd", "optimizer (clip + AdamW)", "whole train step"} <= set(seconds)
   assert sum(k.startswith("head+objective") for k in seconds) == 3  # checkpointed x 2, fused
   assert all(np.isfinite(t) and t > 0 for t in seconds.values())
+
+
+def test_host_memory_puts_each_peak_after_the_line_of_its_phase(capsys):
+  """A child that prints "small", holds 64 MB, prints "large", holds 400 MB: the sampler's peak is
+  the large phase's and each phase's peak reads after its own line."""
+  from benchmarks import host_memory
+  child = ("import time, numpy as np\n"
+           "print('small', flush=True); a = np.ones(8 * 2**20); time.sleep(1.5)\n"
+           "print('large', flush=True); b = np.ones(50 * 2**20); time.sleep(1.5)\n")
+  code, lines, samples = host_memory.sample([sys.executable, "-c", child], every_s=0.05)
+  assert code == 0 and [line for _, line in lines] == ["small", "large"]
+  peaks = dict(host_memory.peak_after_each_line(lines, samples))
+  assert peaks["large"] - peaks["small"] > 300e6  # the 400 MB array
+  assert max(rss for _, rss in samples) == peaks["large"]
+  assert host_memory.main(["--every_s=0.05", "--min_gb=0", "--", sys.executable, "-c", child]) == 0
+  out = capsys.readouterr().out
+  assert "peak" in out and "GB after: large" in out
