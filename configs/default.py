@@ -36,8 +36,8 @@ def get_config(arg=None):
       max_segments=64,               # most runs of segment ids (documents + padding) in a row:
                                      # cuDNN attention's static bound; the packer keeps under it.
                                      # On GPU its backward holds B * this * T * heads * head_dim
-                                     # float32: set it just above the data summary's "at most N
-                                     # documents a row" (README "Speed on a GPU")
+                                     # float32: set it just above the data summary's "most
+                                     # documents in a row" (README "Speed on a GPU")
       tokenizer=placeholder(str),    # HF tokenizer folder, for presets
   ))
 

@@ -194,7 +194,7 @@ def test_rows_hold_fewer_documents_than_max_segments(tok, cfg, streaming):
   assert seg.max() == 3 and packing.segment_runs_per_row(seg).max() == 4
   assert it.stats["packed_rows"] == 40  # the 120 examples, 3 a row
   assert it.stats["most_docs_per_row"] == 3
-  assert "at most 3 documents a row (model.max_segments=4)" in it.summary()
+  assert "most documents in a row: 3 (model.max_segments=4)" in it.summary()
 
 
 def test_max_segments_must_leave_room_for_a_document(tok, cfg):

@@ -165,8 +165,8 @@ class _Batches:
     return (f"data {self.cfg.source}: {s['rows']} rows read{held}, {s['kept']} kept, {dropped} "
             f"dropped{why}; {s['packed_rows']} {'packed' if self.cfg.packing else 'padded'} rows of "
             f"{self.seq_len} tokens{self._scope}: {100 * s['tokens'] / slots:.1f}% real tokens, "
-            f"{100 * s['loss_tokens'] / slots:.1f}% loss tokens, at most "
-            f"{s['most_docs_per_row']} documents a row (model.max_segments={self.max_segments})")
+            f"{100 * s['loss_tokens'] / slots:.1f}% loss tokens, most documents in a row: "
+            f"{s['most_docs_per_row']} (model.max_segments={self.max_segments})")
 
   def _batch(self, rows):
     return packing.assemble(rows, self.seq_len, self.pad_id, self.max_segments)
