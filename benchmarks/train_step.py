@@ -278,6 +278,16 @@ MEMORY_PLANS = {
     ],
     # The 7B rows of the h200_7b plan (and what does not fit), before the GPU run. On CPU the
     # cuDNN-attention policies (attention_saveable) save what nothing_saveable saves.
+    # What model.max_segments costs on a GPU (cuDNN's packed backward keeps a float32 dQ buffer
+    # per segment slot): the 7B LoRA step at the old default 64, the rows' bound 17 and 8.
+    "7b_segments": [
+        dict(LORA16, name="lora16/b4/segments64", max_segments=64),
+        dict(LORA16, name="lora16/b4/segments17", max_segments=17),
+        dict(LORA16, name="lora16/b4/segments8", max_segments=8),
+        dict(LORA16, name="lora16/b1/segments64", batch=1, max_segments=64),
+        dict(LORA16, name="qlora_nf4/b1/segments64", base_quant="nf4", batch=1, max_segments=64),
+        dict(LORA16, name="qlora_nf4/b1/segments17", base_quant="nf4", batch=1, max_segments=17),
+    ],
     "7b": [
         dict(LORA16, name="lora16/nothing/b4", remat="nothing_saveable"),
         dict(LORA16, name="qlora_nf4/nothing/b1", remat="nothing_saveable", base_quant="nf4",
@@ -734,7 +744,7 @@ def attention_memory(v):
   import jax
   import jax.numpy as jnp
   from dft_jax.models import PRESETS, attention
-  v = dict(DEFAULTS, **v)
+  v = variant = dict(DEFAULTS, **v)
   c = PRESETS[v["model"]]
   b, t = v["batch"] // v["microbatches"], v["seq_len"]
   q = jax.ShapeDtypeStruct((b, t, c.num_heads, c.head_dim), jnp.dtype(v["compute_dtype"]))
@@ -742,7 +752,8 @@ def attention_memory(v):
   seg = jax.ShapeDtypeStruct((b, t), jnp.int32)
 
   def loss(q, k, v, seg):
-    out = attention.attend(q, k, v, segment_ids_BxT=seg, impl=v_impl)
+    out = attention.attend(q, k, v, segment_ids_BxT=seg, impl=v_impl,
+                           max_segments=segment_bound(variant))
     return jnp.sum(out.astype(jnp.float32))
 
   v_impl = v["attention"]

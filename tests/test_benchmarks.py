@@ -284,3 +284,19 @@ def test_host_memory_puts_each_peak_after_the_line_of_its_phase(capsys):
   assert host_memory.main(["--every_s=0.05", "--min_gb=0", "--", sys.executable, "-c", child]) == 0
   out = capsys.readouterr().out
   assert "peak" in out and "GB after: large" in out
+
+
+def test_segment_bound_holds_every_packed_row_and_reaches_the_config():
+  """packed_rows never puts more documents in a row than segment_bound (so cuDNN's packed layout
+  keeps them apart), the bound is tight, and bench_config hands it to model.max_segments."""
+  from dft_jax.data import packing
+  v = dict(bench.DEFAULTS, seq_len=300, doc_len=(20, 90))
+  rows = bench.packed_rows(np.random.default_rng(0), 400, 300, 50, doc_len=(20, 90))
+  runs = packing.segment_runs_per_row(rows["segment_ids"])
+  bound = bench.segment_bound(v)
+  assert bound == 16 and runs.max() <= bound
+  fixed = bench.packed_rows(np.random.default_rng(0), 4, 300, 50, doc_len=(22, 22))
+  assert packing.segment_runs_per_row(fixed["segment_ids"]).max() == 14  # 13 x 22 + a cut 14th
+  assert bench.segment_bound(dict(v, doc_len=(22, 22))) == 15
+  assert bench.bench_config(v).model.max_segments == bound
+  assert bench.segment_bound(dict(v, max_segments=40)) == 40
