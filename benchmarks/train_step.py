@@ -160,16 +160,9 @@ H200_MORE = [
 # step's 20 GiB of temporaries (a float32 [B * max_segments, T, N, H] buffer, max_segments 64):
 # the LoRA / QLoRA rows with max_segments at the most documents a row holds (17), with their peers
 # in the same run, and the 7B full fine-tune's peak at that bound.
-H200_LORA = [
-    dict(PEFT16, name="torch/7b/peft/b4", est_s=60),
-    dict(LORA16, name="jax/7b/lora16/b4", remat="nothing_saveable", est_s=65),
-    dict(LORA16, name="jax/7b/qlora_nf4/b1", remat="nothing_saveable", base_quant="nf4",
-         batch=1, est_s=55),
-    dict(PEFT16, name="torch/7b/peft/b1", batch=1, est_s=40),
-    dict(LORA16, name="jax/7b/lora16/b4/attn", remat="attention_saveable", est_s=60),
-    dict(SEVEN_B, name="jax/7b/dft/attn_mu_bf16", remat="attention_saveable",
-         mu_dtype="bfloat16", est_s=75),
-]
+H200_LORA = [next(v for v in H200_7B if v["name"] == name) for name in (
+    "torch/7b/peft/b4", "jax/7b/lora16/b4", "jax/7b/qlora_nf4/b1", "torch/7b/peft/b1",
+    "jax/7b/lora16/b4/attn", "jax/7b/dft/attn_mu_bf16")]
 
 PLANS = {
     # The H100 plan, in priority order: when the budget runs short the tail is skipped.
@@ -276,8 +269,6 @@ MEMORY_PLANS = {
         dict(name="nothing/chunk1024/bf16_params", remat="nothing_saveable", lm_head_chunk=1024,
              param_dtype="bfloat16"),
     ],
-    # The 7B rows of the h200_7b plan (and what does not fit), before the GPU run. On CPU the
-    # cuDNN-attention policies (attention_saveable) save what nothing_saveable saves.
     # What model.max_segments costs on a GPU (cuDNN's packed backward keeps a float32 dQ buffer
     # per segment slot): the 7B LoRA step at the old default 64, the rows' bound 17 and 8.
     "7b_segments": [
@@ -288,6 +279,8 @@ MEMORY_PLANS = {
         dict(LORA16, name="qlora_nf4/b1/segments64", base_quant="nf4", batch=1, max_segments=64),
         dict(LORA16, name="qlora_nf4/b1/segments17", base_quant="nf4", batch=1, max_segments=17),
     ],
+    # The 7B rows of the h200_7b plan (and what does not fit), before the GPU run. On CPU the
+    # cuDNN-attention policies (attention_saveable) save what nothing_saveable saves.
     "7b": [
         dict(LORA16, name="lora16/nothing/b4", remat="nothing_saveable"),
         dict(LORA16, name="qlora_nf4/nothing/b1", remat="nothing_saveable", base_quant="nf4",
@@ -319,8 +312,9 @@ class NeedsHook(Exception):
 
 
 def segment_bound(v):
-  """The variant's model.max_segments: its own, else the most documents `packed_rows` can put in a
-  row (every document but the last has at least lo tokens)."""
+  """The variant's model.max_segments: its own, else ceil(T / lo) + 1: `packed_rows` puts at most
+  ceil(T / lo) documents in a row (every one but the last has at least lo tokens), and one run
+  more is the slot the train packer leaves for padding (these rows have none)."""
   if v["max_segments"]:
     return int(v["max_segments"])
   lo = min(int(v["doc_len"][0]), v["seq_len"])

@@ -288,7 +288,8 @@ def test_host_memory_puts_each_peak_after_the_line_of_its_phase(capsys):
 
 def test_segment_bound_holds_every_packed_row_and_reaches_the_config():
   """packed_rows never puts more documents in a row than segment_bound (so cuDNN's packed layout
-  keeps them apart), the bound is tight, and bench_config hands it to model.max_segments."""
+  keeps them apart), it is one run above the most a row can hold, and bench_config hands it to
+  model.max_segments."""
   from dft_jax.data import packing
   v = dict(bench.DEFAULTS, seq_len=300, doc_len=(20, 90))
   rows = bench.packed_rows(np.random.default_rng(0), 400, 300, 50, doc_len=(20, 90))

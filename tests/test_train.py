@@ -313,7 +313,8 @@ def test_two_processes_equal_one(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
   single = subprocess.run(
       command + [f"--workdir={tmp_path / 'one'}"], cwd=REPO, capture_output=True, text=True,
-      env=dict(env, XLA_FLAGS=f"--xla_force_host_platform_device_count=2 {FAST_COMPILE}"), timeout=300)
+      env=dict(env, XLA_FLAGS=f"--xla_force_host_platform_device_count=2 {FAST_COMPILE}"),
+      timeout=300)
   assert single.returncode == 0, single.stderr[-3000:]
   port = free_port()
   env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count=1 {FAST_COMPILE}"
