@@ -39,11 +39,12 @@ def _rows_done(n):
     _listeners[-1](int(n))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "greedy", "report"))
-def _generate(graphdef, state, tokens_BxP, valid_BxP, key, temperature, top_p, eos_E, pad_id, *,
-              max_new_tokens, greedy, report=False):
-  """new tokens [B, max_new_tokens]; pad_id after a row's EOS. report: tells _rows_done how many
-  rows have finished after every token (a host callback)."""
+def decode(graphdef, state, tokens_BxP, valid_BxP, key, temperature, top_p, eos_E, pad_id, *,
+           max_new_tokens, greedy, report=False):
+  """new tokens [B, max_new_tokens] of the model (graphdef, state) after the left-padded prompts
+  (prompt_arrays); pad_id after a row's EOS. report: tells _rows_done how many rows have finished
+  after every token (a host callback). Pure: jitted by `generate`, vmapped over models by the
+  study."""
   model = nnx.merge(graphdef, state)
   b, p = tokens_BxP.shape
   positions_BxP = jnp.maximum(jnp.cumsum(valid_BxP, axis=1) - 1, 0)
@@ -70,6 +71,31 @@ def _generate(graphdef, state, tokens_BxP, valid_BxP, key, temperature, top_p, e
            jnp.zeros((b,), bool), positions_BxP[:, -1] + 1,
            jnp.full((b, max_new_tokens), pad_id, jnp.int32))
   return jax.lax.while_loop(cond, body, carry)[-1]
+
+
+_generate = jax.jit(decode, static_argnames=("graphdef", "max_new_tokens", "greedy", "report"))
+
+
+def prompt_arrays(prompt_ids, pad_id):
+  """(tokens, valid) [B, P] numpy: the prompts left-padded to one length, a multiple of
+  PROMPT_BUCKET (fewer compiled shapes)."""
+  p = -(-max(map(len, prompt_ids)) // PROMPT_BUCKET) * PROMPT_BUCKET
+  tokens = np.full((len(prompt_ids), p), pad_id, np.int32)
+  valid = np.zeros((len(prompt_ids), p), bool)
+  for row, ids in enumerate(prompt_ids):
+    tokens[row, p - len(ids):], valid[row, p - len(ids):] = ids, True
+  return tokens, valid
+
+
+def eos_array(eos_ids):
+  return np.asarray(sorted(set(eos_ids)) or [-1], np.int32)
+
+
+def cut_at_eos(rows, eos_ids):
+  """decode's rows of new tokens -> lists cut before the first EOS."""
+  eos = set(np.asarray(eos_ids).tolist())
+  return [row[:next((j for j, t in enumerate(row) if t in eos), len(row))]
+          for row in np.asarray(rows).tolist()]
 
 
 def stop_ids(model, tokenizer) -> list[int]:
@@ -101,12 +127,8 @@ def generate(model, prompt_ids: list[list[int]], *, max_new_tokens: int, tempera
   if temperature < 0 or not 0 < top_p <= 1 or max_new_tokens < 1:
     raise DataError(f"generate: need temperature >= 0 (got {temperature}), 0 < top_p <= 1 "
                     f"(got {top_p}), max_new_tokens >= 1 (got {max_new_tokens})")
-  p = -(-max(map(len, prompt_ids)) // PROMPT_BUCKET) * PROMPT_BUCKET
-  tokens = np.full((len(prompt_ids), p), pad_id, np.int32)
-  valid = np.zeros((len(prompt_ids), p), bool)
-  for row, ids in enumerate(prompt_ids):
-    tokens[row, p - len(ids):], valid[row, p - len(ids):] = ids, True
-  eos = np.asarray(sorted(set(eos_ids)) or [-1], np.int32)
+  tokens, valid = prompt_arrays(prompt_ids, pad_id)
+  eos = eos_array(eos_ids)
   graphdef, state = nnx.split(model)
   if on_done is not None:
     _listeners.append(on_done)
@@ -118,8 +140,4 @@ def generate(model, prompt_ids: list[list[int]], *, max_new_tokens: int, tempera
   finally:
     if on_done is not None:
       _listeners.remove(on_done)
-  results = []
-  for row in out.tolist():
-    stop = next((j for j, t in enumerate(row) if t in set(eos.tolist())), len(row))
-    results.append(row[:stop])
-  return results
+  return cut_at_eos(out, eos)

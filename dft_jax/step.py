@@ -348,18 +348,28 @@ def fused_head_fits(objective_cfg):
 
 
 def make_train_step(graphdef, tx, config, mesh, state_shardings, frozen_shardings):
-  """The jitted `train_step(state, batch, frozen) -> (state, metrics)`, state donated.
+  """The jitted `train_step(state, batch, frozen) -> (state, metrics)` of `step_function`, state
+  donated, `batch` [G, T] sharded over the mesh's (data, fsdp) axes."""
+  return jax.jit(
+      step_function(graphdef, tx, config, lora=frozen_shardings.base is not None),
+      in_shardings=(state_shardings, sharding.batch_sharding(mesh), frozen_shardings),
+      out_shardings=(state_shardings, sharding.replicated(mesh)),
+      donate_argnums=(0,))
 
-  `batch` holds the global batch [G, T] sharded over (data, fsdp); `frozen` (init_train_state's
-  Frozen) is read, never updated: with LoRA the frozen base, whose adapters-off model is then the
-  reference (KL anchor, reference statistics); else frozen.reference, a copy of the starting
-  parameters, when the objective needs one.
+
+def step_function(graphdef, tx, config, *, lora):
+  """`train_step(state, batch, frozen) -> (state, metrics)`, not jitted (make_train_step jits it
+  over the mesh; the study vmaps it over a population of runs).
+
+  `batch` holds the global batch [G, T]; `frozen` (init_train_state's Frozen) is read, never
+  updated: with LoRA (lora=True) the frozen base, whose adapters-off model is then the reference
+  (KL anchor, reference statistics); else frozen.reference, a copy of the starting parameters,
+  when the objective needs one.
   """
   setting = objectives.validate(config.objective)
   t, chunk = config.train, config.model.lm_head_chunk
   needs = objectives.needs(config.objective)
   stat_names = objectives.required_stats(config.objective)
-  lora = frozen_shardings.base is not None
   fused = config.model.lm_head_impl == "fused" and fused_head_fits(setting)
   # The snapshot pi_old is the policy before the first of the K = train.minibatches updates: for
   # that update (K = 1: every update) old_logp = sg(logp) of its own forward; for the others one
@@ -429,11 +439,13 @@ def make_train_step(graphdef, tx, config, mesh, state_shardings, frozen_sharding
       grad_norm = optax.tree.norm(grads)
       finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
       updates, new_opt_state = tx.update(grads, opt_state, params)
+      update_norm = optax.tree.norm(updates)  # the step's size: is an objective a smaller step?
       new_params = optax.apply_updates(params, updates)
       keep_if_finite = lambda new, prev: jax.tree.map(lambda a, b: jnp.where(finite, a, b),
                                                       new, prev)
       carry = (keep_if_finite(new_params, params), keep_if_finite(new_opt_state, opt_state))
       return carry, dict(mets, loss=loss, grad_norm=grad_norm,
+                         update_norm=jnp.where(finite, update_norm, 0.0),
                          skipped=1.0 - finite.astype(jnp.float32))
 
     (params, opt_state), per_update = jax.lax.scan(
@@ -441,12 +453,8 @@ def make_train_step(graphdef, tx, config, mesh, state_shardings, frozen_sharding
     summed = jax.tree.map(lambda v: v.sum(0), per_update)
     out = objectives.finalize_metrics(summed)
     out.update(loss=summed["loss"] / t.minibatches, grad_norm=summed["grad_norm"] / t.minibatches,
-               skipped=summed["skipped"], tokens=(batch["segment_ids"] > 0).sum(),
+               update_norm=summed["update_norm"] / t.minibatches, skipped=summed["skipped"], tokens=(batch["segment_ids"] > 0).sum(),
                loss_tokens=batch["loss_mask"].sum())
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), out
 
-  return jax.jit(
-      train_step,
-      in_shardings=(state_shardings, sharding.batch_sharding(mesh), frozen_shardings),
-      out_shardings=(state_shardings, sharding.replicated(mesh)),
-      donate_argnums=(0,))
+  return train_step

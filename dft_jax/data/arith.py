@@ -9,6 +9,7 @@ near-deterministic single-path target. Every step is written `x op y = z`; the f
 `#### N` (checked by answers.extract_answer / is_correct).
 """
 import random
+import re
 
 FULL_INSTRUCTION = "Think step by step and end with the line '#### <number>'."
 TERSE_INSTRUCTION = "Reply with only the line '#### <number>'."
@@ -370,3 +371,88 @@ def as_terse(rows):
   return [{"prompt": f"{x['question']}\n{TERSE_INSTRUCTION}", "response": f"#### {x['answer']}",
            "answer": x["answer"], "kind": x["kind"], "path": "answer_only",
            "numbers": list(x["numbers"])} for x in rows]
+
+
+# ----------------------------------------------------------------------------- out of distribution
+# Test sets of the same skill from other distributions (the study's OOD columns): the same stories
+# with numbers one digit longer, and the same kind of computation without a story.
+
+STEP = re.compile(r"(\d+) ([-+*/]) (\d+) = (-?\d+)")
+OPERATIONS = {"+": lambda x, y: x + y, "-": lambda x, y: x - y, "*": lambda x, y: x * y,
+              "/": lambda x, y: x / y}
+
+
+def steps_hold(text):
+  """Whether every written step `x op y = z` of a solution is arithmetically right, z >= 0."""
+  return all(OPERATIONS[op](int(x), int(y)) == int(z) >= 0 for x, op, y, z in STEP.findall(text))
+
+
+class _LongerNumbers(random.Random):
+  """random.Random whose randint draws amounts (ranges reaching 10 or more) with one more digit:
+  n -> 10 n + a units digit; counts and multipliers (ranges below 10) stay as they are, so the
+  problems' divisibility constructions (g * randint(1, 9)) still hold."""
+
+  def randint(self, a, b):
+    n = super().randint(a, b)
+    return 10 * n + super().randint(0, 9) if b >= 10 else n
+
+
+def generate_longer_numbers(num, seed, exclude=frozenset()):
+  """`num` word problems of the training kinds with amounts one digit longer (two- and
+  three-digit operands where training has one- and two-digit ones), answered like training rows:
+  {question, response, answer, kind, path, numbers}. A kind whose construction does not survive
+  the longer numbers (a bill smaller than the cost) is drawn again; every written step is checked.
+  exclude: (kind, numbers) keys not to produce (the training problems)."""
+  r = _LongerNumbers(seed)
+  seen, rows = set(exclude), []
+  names = sorted(KINDS)
+  while len(rows) < num:
+    kind = r.choice(names)
+    try:
+      key, question, ans, paths, closing = KINDS[kind](r)
+    except (IndexError, ValueError):  # e.g. no bill of 20, 50, 100 exceeds the longer cost
+      continue
+    path = r.choice(sorted(paths))
+    response = "\n".join(paths[path] + [closing, f"#### {ans}"])
+    if (kind, key) in seen or ans <= 0 or not steps_hold(response):
+      continue
+    seen.add((kind, key))
+    rows.append({"question": question, "response": response, "answer": str(ans), "kind": kind,
+                 "path": path, "numbers": list(key)})
+  return rows
+
+
+EXPRESSION_PROMPTS = ("Compute {e}.", "What is {e}?", "Evaluate {e}.", "Work out {e}.")
+
+
+def _expression(r):
+  """(text, value, steps): two or three operations on numbers 2..30 with a whole, positive value
+  of at most 999, in the words of the training solutions' steps ('x op y = z')."""
+  while True:
+    numbers = [r.randint(2, 30) for _ in range(r.choice((3, 4)))]
+    ops = [r.choice("+-*") for _ in numbers[1:]]
+    grouped = len(ops) == 2 and r.random() < 0.4  # (a op b) op c
+    text = " ".join(f"{n} {o}" for n, o in zip(numbers, ops)) + f" {numbers[-1]}"
+    if grouped:
+      text = f"({numbers[0]} {ops[0]} {numbers[1]}) {ops[1]} {numbers[2]}"
+    value = eval(text, {"__builtins__": {}})  # pylint: disable=eval-used  (digits, + - * ( ) only)
+    if 0 < value <= 999:
+      return text, value
+
+
+def generate_expressions(num, seed):
+  """`num` bare arithmetic problems -- the training kinds' operations with no story ('What is
+  12 + 3 * 7?') -- under the training instruction: {question, response: "", answer, kind, path,
+  numbers}. The response is empty: these sets are scored on the final answer only."""
+  r = random.Random(seed)
+  seen, rows = set(), []
+  while len(rows) < num:
+    text, value = _expression(r)
+    if text in seen:
+      continue
+    seen.add(text)
+    rows.append({"question": r.choice(EXPRESSION_PROMPTS).format(e=text), "response": "",
+                 "answer": str(value), "kind": "expression", "path": "none",
+                 "numbers": [int(t) for t in text.replace("(", " ").replace(")", " ").split()
+                             if t.isdigit()]})
+  return rows

@@ -5,7 +5,6 @@ given replies, through the chunked LM head (`dft_jax.lm_head.token_stats`, never
   H(pi)            = -sum_v pi(v|.) log pi(v|.)
   KL(base || pi)   = sum_v pi_base(v|.) [log pi_base(v|.) - log pi(v|.)]
 """
-import functools
 
 import jax
 import numpy as np
@@ -48,7 +47,7 @@ def teacher_forced_batch(prompt_ids, reply_ids, pad):
                         for p, r in zip(prompt_ids, reply_ids)], pad)
 
 
-def _padded(batch, rows, length):
+def padded(batch, rows, length):
   """The batch padded with masked-out rows / positions to [rows, length]."""
   n, t = batch["tokens"].shape
   return {k: np.pad(v, [(0, rows - n), (0, length - t)]) for k, v in batch.items()}
@@ -62,8 +61,7 @@ def _trunk(graphdef, params, batch):
   return hidden_BxTxD, model.head_weight()
 
 
-@functools.partial(jax.jit, static_argnames="graphdef")
-def _token_stats(graphdef, params, base_params, batch):
+def token_stats(graphdef, params, base_params, batch):
   """float32 [B, T] logp, entropy and, with base_params, kl_from_ref = KL(base || model)."""
   hidden_BxTxD, w_DxV = _trunk(graphdef, params, batch)
   if base_params is None:
@@ -72,6 +70,9 @@ def _token_stats(graphdef, params, base_params, batch):
   return lm_head.token_stats(hidden_BxTxD, w_DxV, batch["targets"],
                              stats=("logp", "entropy", "kl_from_ref"),
                              ref_hidden_BxTxD=ref_hidden_BxTxD, ref_w_DxV=ref_w_DxV)
+
+
+_token_stats = jax.jit(token_stats, static_argnames="graphdef")
 
 
 def forced_stats(graphdef, params, base_params, batch, *, batch_size, label=None):
@@ -87,7 +88,7 @@ def forced_stats(graphdef, params, base_params, batch, *, batch_size, label=None
   out = {}
   with tqdm.tqdm(total=n, desc=label, unit="row", disable=label is None) as bar:
     for start in range(0, n, batch_size):
-      part = _padded({k: v[start:start + batch_size] for k, v in batch.items()},
+      part = padded({k: v[start:start + batch_size] for k, v in batch.items()},
                      min(batch_size, n), length)
       stats = jax.device_get(_token_stats(graphdef, params, base_params, part))
       mask = part["loss_mask"] > 0
