@@ -1,11 +1,12 @@
-"""The "SFT under the scanner" study: one base model, two regimes of prior strength, the same token
-budget, learning-rate protocol and evaluation for every objective (dft_jax.experiments.scanner).
+"""The "SFT under the scanner" study: one base model, two regimes of prior strength, every arm at
+every learning rate of one shared grid and over several data orders, evaluated along training
+(dft_jax.experiments.scanner; docs/study.md).
 
   python -m dft_jax.experiments.scanner --config=configs/study.py:gpu   # both regimes, one H200
-  python -m dft_jax.experiments.scanner                                 # :cpu, SmolLM2 on 2 cores
-  python -m dft_jax.experiments.scanner --config=configs/study.py:gpu,smoke  # the GPU path, tiny
-  python -m dft_jax.experiments.scanner --config=configs/study.py:gpu --regime=model_strong
-  python -m dft_jax.train --config=configs/study.py:gpu --config.objective.name=psft  # one arm
+  python -m dft_jax.experiments.scanner --config=configs/study.py:gpu --config.study.regimes=model_weak
+  python -m dft_jax.experiments.scanner --config=configs/study.py:gpu --resume   # add what is missing
+  python -m dft_jax.experiments.scanner --config=configs/study.py:gpu,smoke  # the GPU path, tiny, CPU
+  python -m dft_jax.train --config=configs/study.py:gpu --config.objective.name=psft  # one run
 
 Variants (the part after ':', comma-separated): cpu (default) | gpu, and smoke (tests/fixtures/
 tiny_llama and a tiny budget through the same code path).
@@ -13,21 +14,24 @@ tiny_llama and a tiny budget through the same code path).
 Regimes (study.regime_sets; study.regimes says which run, in order), for the same base model:
   model_weak    builtin:arith_*  multi-step word problems, several reasoning paths per problem: the
                 base solves almost none (greedy) and many target tokens -- the computed numbers --
-                are unlikely under it
-  model_strong  builtin:lookup_* single-step reading problems answered the way the base replies:
-                it solves over a third before training (0.37 greedy on 100 test problems, float32
-                on CPU) and few target tokens are unlikely under it (5 % with p < 0.1, against
-                23 % for model_weak)
-The study measures both ends (base accuracy on the test split, mean base probability of the
-held-out target tokens and its histogram), so the axis is measured, not asserted.
+                are unlikely under it. Out of distribution: the same stories with numbers one
+                digit longer (arith_ood_longer), and the operations without a story
+                (arith_ood_expressions)
+  model_strong  builtin:lookup_hard_* reading problems answered the way the base replies (two to
+                four people's counts, one asked): few target tokens are unlikely under the base,
+                which solves a fair share before training and cannot solve them all after it.
+                Out of distribution: the facts as a list asked in unseen words (lookup_ood_list),
+                and two people's counts added (lookup_ood_sum)
+The study measures both ends (base accuracy, base target-probability histogram), so the axis is
+measured, not asserted.
 
-Every arm of a regime trains on its train split for the same number of global batches and makes
-train.minibatches optimizer updates per global batch, so PSFT's K-update trust region and the
-other objectives see the same tokens in the same order and take the same number of steps; only
-PSFT uses the per-batch policy snapshot. With study.lr_grid every arm without its own lr first
-trains once per grid lr (seed 0) and keeps the lr with the best greedy accuracy on the regime's
-validation split; that run, evaluated on the test split, is the arm's seed 0 (training it again
-would give the same run), then seeds 1 .. seeds-1 train at the chosen lr.
+Arms (study.arms) are overrides of this config with the main job's field names; study.run_arms
+says which run, in order (the budget stops before the later ones). Every arm of a regime trains at
+every rate of study.lr_grid and every data seed 0 .. seeds-1 (one vmapped population), on the same
+batches in the same order for a seed, for the same number of updates (train.minibatches per
+global batch: PSFT's K), evaluated on the test and OOD sets and the forgetting sets every
+study.eval_every global batches, and on the validation set at the end (for the secondary table:
+each arm at its best validation rate).
 """
 import os
 
@@ -35,32 +39,39 @@ import ml_collections
 
 from dft_jax import config_files
 
-# Arms: "label=objective[,field=value...]"; fields are the objective's hyperparameters
-# (objective.<name>.<field>) or generic config.objective fields, plus lr (this arm's
-# optimizer.learning_rate: the arm is then not tuned).
-ARMS = (
-    "sft=sft",
-    "dft=dft",
-    "psft=psft",
-    "power_0.5=power,alpha=0.5",
-    "sft+entropy=sft,entropy_coef=0.05",
-    "dft+kl=dft,kl_coef=0.1",
-    "eaft=eaft",
-    "gem=gem",
-    "deft=deft",
-    "asft=asft",
-    "chord_phi=chord_phi",
-    "p=power,alpha=1.0",
-    "top_logp=prob_threshold",
-    "iw_sft=iw_sft",
+# label -> overrides of this config (nested like it; an arm may not set optimizer.learning_rate:
+# the grid does). The first six are the seed's question and its controls; the rest are the
+# registry's other objectives.
+ARMS = dict(
+    sft=dict(objective=dict(name="sft")),
+    sft_kl=dict(objective=dict(name="sft", kl_coef=0.1)),           # SFT + KL anchor (k3)
+    dft=dict(objective=dict(name="dft")),
+    psft=dict(objective=dict(name="psft")),
+    sft_entropy=dict(objective=dict(name="sft", entropy_coef=0.05)),
+    asft=dict(objective=dict(name="asft")),
+    dft_kl=dict(objective=dict(name="dft", kl_coef=0.1)),
+    power_0_5=dict(objective=dict(name="power", power=dict(alpha=0.5))),
+    p=dict(objective=dict(name="power", power=dict(alpha=1.0))),    # Beyond-LL's -p
+    top_logp=dict(objective=dict(name="prob_threshold")),
+    eaft=dict(objective=dict(name="eaft")),
+    gem=dict(objective=dict(name="gem")),
+    deft=dict(objective=dict(name="deft")),
+    chord_phi=dict(objective=dict(name="chord_phi")),
+    iw_sft=dict(objective=dict(name="iw_sft")),
 )
-CPU_ARMS = ("sft=sft", "dft=dft", "psft=psft", "power_0.5=power,alpha=0.5")
+FIRST_ARMS = "sft,sft_kl,dft,psft,sft_entropy,asft"
 
 REGIME_SETS = dict(
-    model_weak=dict(train="builtin:arith_train", val="builtin:arith_val",
-                    test="builtin:arith_test"),
-    model_strong=dict(train="builtin:lookup_train", val="builtin:lookup_val",
-                      test="builtin:lookup_test"),
+    model_weak=dict(
+        train="builtin:arith_train", val="builtin:arith_val", test="builtin:arith_test",
+        ood=dict(longer_numbers="builtin:arith_ood_longer",
+                 expressions="builtin:arith_ood_expressions"),
+        max_new_tokens=128),   # reply length on its test, OOD and validation sets
+    model_strong=dict(
+        train="builtin:lookup_hard_train", val="builtin:lookup_hard_val",
+        test="builtin:lookup_hard_test",
+        ood=dict(list_layout="builtin:lookup_ood_list", sums="builtin:lookup_ood_sum"),
+        max_new_tokens=48),
 )
 
 
@@ -77,70 +88,62 @@ def get_config(arg=None):
   c.log.update(progress=False, tensorboard=False)
   c.data.update(source=REGIME_SETS["model_weak"]["train"], max_length=192)  # each regime its own
   c.optimizer.update(schedule="cosine", min_lr_ratio=0.1, weight_decay=0.0, grad_clip_norm=1.0)
-  # max_new_tokens also bounds the base model's replies to the general prompts (the KL set): one
-  # value for both regimes keeps that set, and so the forgetting numbers, the same in both.
-  c.eval.update(
-      suites="in_domain,forgetting,target_probs",
-      in_domain=REGIME_SETS["model_weak"]["test"], samples=1, factual_qa="builtin:factual_qa",
-      heldout_text="builtin:heldout_text", progress=False)
+  # max_new_tokens bounds the base model's replies to the general prompts (the KL set): one value
+  # for both regimes keeps that set, and so the forgetting numbers, the same in both.
+  c.eval.update(in_domain=REGIME_SETS["model_weak"]["test"], samples=1,
+                factual_qa="builtin:factual_qa", heldout_text="builtin:heldout_text",
+                progress=False)
   c.study = ml_collections.ConfigDict(dict(
-      regimes="model_weak,model_strong",  # which regimes run, in this order (--regime)
-      regime_sets=REGIME_SETS,  # name -> train / val / test sets (builtin:NAME, file, hub name)
-      seeds=3,                 # data-order seeds (train.seed = 0 .. seeds-1)
-      arms=ARMS,               # label=objective[,field=value...][,lr=X] per arm (ARMS above)
-      lr_grid=(),              # learning rates to choose each arm's from (--tune_lr; () none)
-      tune_examples=200,       # ... on this many problems of the regime's validation set
-      confidence=0.95,         # bootstrap intervals (over problems and seeds) in the tables
-      budget_s=0.0,            # stop starting runs past this wall time (0: no limit)
+      regimes="model_weak,model_strong",  # which regimes run, in this order
+      regime_sets=REGIME_SETS,  # name -> train / val / test / ood sets, reply length
+      arms=ARMS,               # label -> overrides of this config (ARMS above)
+      run_arms=FIRST_ARMS,     # the arms that run, in this order (labels of study.arms)
+      lr_grid=(3e-5, 1e-4, 3e-4, 1e-3),  # every arm trains at every one of these peak rates
+      seeds=5,                 # data-order seeds (train.seed = 0 .. seeds-1)
+      eval_every=3,            # global batches between evaluations (and one at the end)
+      ood_examples=150,        # problems of each OOD set
+      val_examples=100,        # problems of the validation set (end of training only)
+      gain_levels=(0.25, 0.5, 0.8),  # matched gain: these fractions of SFT's best in-domain gain
+      confidence=0.95,         # bootstrap intervals; Holm's family-wise level is 1 - this
+      resamples=4000,          # bootstrap draws
+      budget_s=0.0,            # stop starting arms that would end past this wall time (0: none)
       compilation_cache="~/.cache/dft_jax/xla",  # persistent XLA cache folder ("": none)
-      compile_workers=-1,      # threads tracing + compiling train steps (-1 auto, 0 none)
-      # folder of results.md, the regimes' results.json and figures
       out=os.path.join("results", "scanner", *(["cpu"] if scale == "cpu" else [])),
   ))
 
   if scale == "gpu":
     # SmolLM2-135M in bf16 on one H200. Each run: 12 global batches of 32 x 512 tokens (~197k
-    # tokens: ~0.6 epoch of arith_train, ~1.2 of lookup_train) = 48 updates of 8 rows.
-    # Time, estimated from the H100 run of 36 such batches (0.18 s a batch, +25 % for arms with
-    # a reference forward: dft+kl, asft, iw_sft; +20 % for psft's snapshot; ~1 s of evaluation a
-    # run; model load 11 s, base evaluation 30 s):
-    #   one run ~2.6 s of training; evaluation on the test split ~1.1 s (model_weak) / ~0.6 s
-    #   (model_strong: short replies), on the validation split ~0.65 / ~0.15 s (tuning only)
-    #   tuning (seed 0): 14 arms x 2 lr x 2 regimes = 56 runs, the 28 chosen evaluated on test:
-    #     ~105 s (model_weak) + ~85 s (model_strong)
-    #   seeds 1-2: 14 arms x 2 seeds x 2 regimes = 56 runs: ~100 s + ~85 s
-    #   model load ~11 s, base evaluations ~45 s, tokenising (each regime and seed) ~12 s,
-    #   figures ~10 s
-    #   => ~460 s (7.7 min) in all. The 28 train steps (14 arms x 2 lr, shared by both regimes)
-    #   are traced and compiled in 4 background threads meanwhile (~15 s each, 7 rounds, done
-    #   before the last arm's tuning needs them). budget_s stops starting runs that would end past
-    #   510 s, so that the whole command, figures included, stays under 10 minutes; `--resume`
-    #   adds whatever is missing.
-    c.model.update(compute_dtype="bfloat16", remat="none")
+    # tokens: ~0.6 epoch of arith_train) = 48 updates of 8 rows; an arm is 4 rates x 5 seeds = 20
+    # runs in one vmapped program, evaluated after 3, 6, 9 and 12 batches.
+    c.model.update(compute_dtype="bfloat16", remat="none", max_segments=8)
     c.train.update(num_steps=12, global_batch_size=32, seq_len=512, minibatches=4)
-    c.optimizer.update(learning_rate=1e-4, warmup_steps=5)
+    c.optimizer.update(warmup_steps=5)
     c.eval.update(num_examples=200, batch_size=200, max_new_tokens=128, num_general=64,
-                  num_factual=70, factual_max_new_tokens=48, num_hist=200, forced_batch_size=16)
-    c.study.update(seeds=3, lr_grid=(1e-4, 3e-4), budget_s=510.0)
+                  num_factual=70, factual_max_new_tokens=48, num_hist=200, forced_batch_size=32)
+    c.study.update(budget_s=0.0)
   else:
-    # SmolLM2-135M in float32 on 2 CPU cores (~12 s per 8 x 256-token batch): 4 global batches of
-    # 8 x 256 tokens = 8 updates of 4 rows, one seed, four arms, a small evaluation: the pipeline
-    # on the real model in about 20 minutes, far too short to learn (the GPU scale is the study).
+    # SmolLM2-135M in float32 on 2 CPU cores: sft and dft, two rates, two seeds, a small
+    # evaluation: the pipeline on the real model, far too short to learn (the GPU scale is the
+    # study).
     c.train.update(num_steps=4, global_batch_size=8, seq_len=256, minibatches=2)
-    c.optimizer.update(learning_rate=5e-5, warmup_steps=2)
+    c.optimizer.update(warmup_steps=2)
     c.eval.update(num_examples=16, batch_size=16, max_new_tokens=80, num_general=16,
                   num_factual=16, factual_max_new_tokens=32, num_hist=16, forced_batch_size=8)
-    c.study.update(seeds=1, arms=CPU_ARMS, budget_s=0.0, tune_examples=16)
+    c.study.update(run_arms="sft,dft", lr_grid=(3e-5, 1e-4), seeds=2, eval_every=2,
+                   ood_examples=16, val_examples=16)
 
   if "smoke" in variants:
     # Same code path, tiny model (vocabulary 320: the arithmetic rows are ~280 tokens) and budget.
     c.model.update(name=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                      "tests", "fixtures", "tiny_llama"), lm_head_chunk=256)
-    c.data.max_length = 384
-    c.train.update(num_steps=2, global_batch_size=32, seq_len=512, minibatches=4)
-    c.optimizer.update(learning_rate=1e-3, warmup_steps=1)
+    c.data.update(max_length=384, max_rows=128)
+    c.train.update(num_steps=2, global_batch_size=8, seq_len=512, minibatches=2)
+    c.optimizer.update(warmup_steps=1)
     c.eval.update(num_examples=8, batch_size=8, max_new_tokens=8, num_general=8, num_factual=8,
                   factual_max_new_tokens=8, num_hist=8, forced_batch_size=8)
-    c.study.update(seeds=2, lr_grid=(1e-3, 3e-3), budget_s=0.0, tune_examples=8,
+    c.study.update(run_arms="sft,dft", lr_grid=(1e-3, 3e-3), seeds=2, eval_every=1,
+                   ood_examples=8, val_examples=8, resamples=200,
                    out=os.path.join("runs", "scanner_smoke"))
+    for regime in REGIME_SETS:
+      c.study.regime_sets[regime].max_new_tokens = 8
   return c

@@ -85,18 +85,27 @@ class Population:
   members: tuple
 
 
+def population_tx(base_tx):
+  """The members' optimizer: the train job's at peak rate 1, then each member's rate."""
+  return optax.chain(base_tx, scale_by_member_lr())
+
+
+def population_state(params, base_tx, rates):
+  """TrainState [R, ...]: R copies of params, each with a fresh optimizer state at rates[m]."""
+  opt_state = jax.vmap(lambda lr: optax.chain(base_tx, scale_by_member_lr(lr)).init(params))(
+      rates)
+  stacked = jax.tree.map(lambda p: jnp.repeat(p[None], rates.shape[0], axis=0), params)
+  return step_lib.TrainState(step=jnp.zeros((), jnp.int32), params=stacked, opt_state=opt_state)
+
+
 def init_population(model, config, population_members, mesh):
-  """Every member starts from `model`'s parameters with a fresh optimizer at its own rate."""
+  """Every member starts from `model`'s parameters (copied) with a fresh optimizer at its rate."""
   graphdef, state, frozen, base_tx, unit_schedule = step_lib.init_train_state(
       model, unit_rate_config(config), mesh)
-  tx = optax.chain(base_tx, scale_by_member_lr())
   rates = jnp.asarray([m.lr for m in population_members], jnp.float32)
-  opt_state = jax.jit(jax.vmap(
-      lambda lr: optax.chain(base_tx, scale_by_member_lr(lr)).init(state.params)))(rates)
-  params = jax.tree.map(lambda p: jnp.repeat(p[None], len(population_members), axis=0),
-                        state.params)
-  return Population(graphdef, state.replace(params=params, opt_state=opt_state), frozen, tx,
-                    unit_schedule, tuple(population_members))
+  stacked = jax.jit(lambda p, r: population_state(p, base_tx, r))(state.params, rates)
+  return Population(graphdef, stacked, frozen, population_tx(base_tx), unit_schedule,
+                    tuple(population_members))
 
 
 def make_population_step(graphdef, tx, config):
