@@ -198,7 +198,7 @@ def rate_lines(a):
     for label in regime.labels:
       cells = []
       for m in ms:
-            text = cell(stats.interval(measures(label, m)[:, i, -1]), fmt_of(m))
+        text = cell(stats.interval(measures(label, m)[:, i, -1]), fmt_of(m))
         c = by.get((label, m, where))
         if c is not None:
           text += f"<br>{difference_cell(c, fmt_of(m))}"
