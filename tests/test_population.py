@@ -11,6 +11,7 @@ from dft_jax import config_files
 from dft_jax import evaluate
 from dft_jax import loop
 from dft_jax import models
+from dft_jax import objectives
 from dft_jax import sharding
 from dft_jax import step as step_lib
 from dft_jax.experiments import population as pop
@@ -44,9 +45,10 @@ def solo_run(config, model, tokenizer, member, mesh):
   c.optimizer.learning_rate, c.train.seed = member.lr, member.seed
   graphdef, params = nnx.split(model)
   model = nnx.merge(graphdef, jax.tree.map(jnp.copy, params))  # the step donates its state
-  graphdef, state, frozen, tx, _ = step_lib.init_train_state(model, c, mesh)
+  setting = objectives.validate(c.objective)
+  graphdef, state, frozen, tx, _ = step_lib.init_train_state(model, c, mesh, setting=setting)
   train_step = step_lib.make_train_step(graphdef, tx, c, mesh, step_lib.shardings_of(state),
-                                        step_lib.shardings_of(frozen))
+                                        step_lib.shardings_of(frozen), setting=setting)
   losses = []
   for batch in scanner.data_batches(c, tokenizer, member.seed):
     state, metrics = train_step(state, step_lib.global_batch(batch, mesh), frozen)
@@ -61,8 +63,9 @@ def test_each_member_trains_as_a_run_of_its_own(tiny, objective):
   config.objective.name = objective
   mesh = one_device_mesh()
   chosen = pop.members((1e-3, 3e-3), (0, 1))
-  population = pop.init_population(model, config, chosen, mesh)  # copies the parameters
-  step = pop.make_population_step(population.graphdef, population.tx, config)
+  setting = objectives.validate(config.objective)
+  population = pop.init_population(model, config, setting, chosen, mesh)  # copies the parameters
+  step = pop.make_population_step(population.graphdef, population.tx, config, setting)
   batches = {s: scanner.data_batches(config, tokenizer, s) for s in (0, 1)}
   history = pop.History(population, ("loss", "update_norm"), config.train.minibatches)
   state = loop.train_loop(population.state, step, pop.member_batches(batches, chosen),

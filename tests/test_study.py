@@ -28,9 +28,9 @@ def study_config(variant="gpu,smoke"):
 
 def test_arms_are_overrides_of_the_config():
   config = study_config("gpu")
-  c = scanner.arm_config(config, "sft_kl")
-  assert (c.objective.name, c.objective.kl_coef) == ("sft", 0.1)
-  c = scanner.arm_config(config, "power_0_5")
+  c, setting = scanner.arm_config(config, "sft_kl")
+  assert (c.objective.name, c.objective.kl_coef, setting.name) == ("sft", 0.1, "sft")
+  c, _ = scanner.arm_config(config, "power_0_5")
   assert (c.objective.name, c.objective.power.alpha) == ("power", 0.5)
   assert config.objective.kl_coef == 0.0 and config.objective.name == "sft"  # untouched
   for label in config.study.arms:  # every arm of the file is a valid config

@@ -98,20 +98,21 @@ def population_state(params, base_tx, rates):
   return step_lib.TrainState(step=jnp.zeros((), jnp.int32), params=stacked, opt_state=opt_state)
 
 
-def init_population(model, config, population_members, mesh):
-  """Every member starts from `model`'s parameters (copied) with a fresh optimizer at its rate."""
+def init_population(model, config, setting, population_members, mesh):
+  """Every member starts from `model`'s parameters (copied) with a fresh optimizer at its rate;
+  setting: the resolved objective (objectives.validate)."""
   graphdef, state, frozen, base_tx, unit_schedule = step_lib.init_train_state(
-      model, unit_rate_config(config), mesh)
+      model, unit_rate_config(config), mesh, setting=setting)
   rates = jnp.asarray([m.lr for m in population_members], jnp.float32)
   stacked = jax.jit(lambda p, r: population_state(p, base_tx, r))(state.params, rates)
   return Population(graphdef, stacked, frozen, population_tx(base_tx), unit_schedule,
                     tuple(population_members))
 
 
-def make_population_step(graphdef, tx, config):
+def make_population_step(graphdef, tx, config, setting):
   """The train job's step vmapped over the members: (state [R], batch [R, G, T], frozen) ->
   (state, metrics [R]); the state is donated."""
-  step = step_lib.step_function(graphdef, tx, config, lora=False)
+  step = step_lib.step_function(graphdef, tx, config, setting=setting, lora=False)
   return jax.jit(jax.vmap(step, in_axes=(STATE_AXES, 0, None), out_axes=(STATE_AXES, 0)),
                  donate_argnums=(0,))
 

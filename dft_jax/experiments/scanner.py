@@ -50,9 +50,7 @@ from dft_jax.errors import ConfigError
 from dft_jax.experiments import population as pop
 from dft_jax.experiments import report
 
-HISTORY_KEYS = ("loss", "target_prob", "entropy", "grad_norm", "update_norm", "loss_tokens",
-                "p_below_0.1", "p_above_0.9", "skipped", "psft/clip_frac_high",
-                "psft/clip_frac_low", "psft/ratio", "kl_anchor/k3")
+HISTORY_KEYS = ("grad_norm", "update_norm", "loss_tokens", "skipped", *objectives.metric_names())
 
 
 # ----------------------------------------------------------------------------- arms and regimes
@@ -94,17 +92,17 @@ def apply_overrides(config, overrides, where):
 
 
 def arm_config(config, label):
-  """The study config with arm `label`'s overrides (study.arms[label]), its objective checked."""
+  """(config, setting): the study config with arm `label`'s overrides (study.arms[label]) and its
+  objective resolved (objectives.validate: the edge; nothing below checks it again)."""
   overrides = config.study.arms[label]
   if "learning_rate" in overrides.get("optimizer", {}):
     raise ConfigError(f"study.arms.{label}: sets optimizer.learning_rate, which study.lr_grid "
                       "sets for every arm")
   c = apply_overrides(config, overrides, f"study.arms.{label}")
   try:
-    objectives.validate(c.objective)
+    return c, objectives.validate(c.objective)
   except ConfigError as e:
     raise ConfigError(f"study.arms.{label}: {e}") from None
-  return c
 
 
 def select_regimes(study_cfg):
@@ -242,7 +240,7 @@ def data_batches(config, tokenizer, seed):
   return [next(it) for _ in range(t.num_steps)]
 
 
-def compile_population_step(config, graphdef, base_params, members, mesh):
+def compile_population_step(config, setting, graphdef, base_params, members):
   """The arm's vmapped train step, traced and compiled for the population's shapes (run in a
   background thread while another arm trains)."""
   from dft_jax import models as models_lib  # pylint: disable=g-import-not-at-top
@@ -252,24 +250,23 @@ def compile_population_step(config, graphdef, base_params, members, mesh):
                                        models_lib.logical_specs(base_params))
   rates = jax.ShapeDtypeStruct((len(members),), jnp.float32)
   state = jax.eval_shape(lambda p, r: pop.population_state(p, base_tx, r), base_params, rates)
-  reference = base_params if step_lib.needs_reference(config.objective) else None
+  reference = base_params if setting.needs_reference else None
   frozen = jax.eval_shape(lambda r: step_lib.Frozen(reference=r), reference)
   batch = {k: jax.ShapeDtypeStruct((len(members), t.global_batch_size, t.seq_len),
                                    jnp.float32 if k == "loss_mask" else jnp.int32)
            for k in step_lib.BATCH_KEYS}
-  step = pop.make_population_step(graphdef, pop.population_tx(base_tx), config)
-  del mesh
+  step = pop.make_population_step(graphdef, pop.population_tx(base_tx), config, setting)
   return step.lower(state, batch, frozen).compile()
 
 
-def train_arm(regime, label, config, members, compiled, mesh, log):
+def train_arm(regime, label, config, setting, members, compiled, mesh, log):
   """Trains arm `label`'s population on the regime and scores it at the evaluation steps:
   the arm's results (its members, per-step history, per-evaluation results, seconds)."""
   t0 = time.time()
   step = compiled.result()
   compile_wait = time.time() - t0
   model = regime_model(regime)
-  population = pop.init_population(model, config, members, mesh)
+  population = pop.init_population(model, config, setting, members, mesh)
   t = config.train
   history = pop.History(population, HISTORY_KEYS, t.minibatches)
   steps = eval_steps(t.num_steps, config.study.eval_every)
@@ -302,13 +299,13 @@ def regime_model(regime):
   return nnx.merge(regime.graphdef, jax.tree.map(jnp.copy, regime.base_params))
 
 
-def one_run_seconds(regime, config, members, mesh):
+def one_run_seconds(regime, config, setting, members, mesh):
   """Training seconds of one member alone (the population program at R = 1), compiled first:
   the population's speed-up is R times this over its own training seconds."""
   member = members[:1]
   batches = list(pop.member_batches(regime.batches, member))
-  population = pop.init_population(regime_model(regime), config, member, mesh)
-  step = pop.make_population_step(population.graphdef, population.tx, config).lower(
+  population = pop.init_population(regime_model(regime), config, setting, member, mesh)
+  step = pop.make_population_step(population.graphdef, population.tx, config, setting).lower(
       population.state, batches[0][0], population.frozen).compile()
   history = pop.History(population, ("loss",), config.train.minibatches)
   started = time.time()
@@ -339,7 +336,7 @@ def run_study(config, out_dir, *, resume=False, log=print):
   grid = check_grid(config.study)
   members = pop.members(grid, range(config.study.seeds))
   configs = {n: regime_config(config, n) for n in names}
-  arm_configs = {(n, a): arm_config(c, a) for n, c in configs.items() for a in labels}
+  arm_configs = {(n, a): arm_config(c, a) for n, c in configs.items() for a in labels}  # (c, s)
   t = config.train
   for c in configs.values():
     step_lib.validate(c, 1)
@@ -349,7 +346,7 @@ def run_study(config, out_dir, *, resume=False, log=print):
   if found and not resume:
     raise ConfigError(f"{out_dir} holds the results of an earlier study ({len(found)} files); "
                       "--resume keeps them and adds what is missing, or set another study.out")
-  keys = {k: config_key(c) for k, c in arm_configs.items()}
+  keys = {k: config_key(c) for k, (c, _) in arm_configs.items()}
   todo = [(n, a) for n in names for a in labels
           if kept(arm_path(out_dir, n, a), keys[n, a]) is None]
   if not todo and all(os.path.exists(base_path(out_dir, n)) for n in names):
@@ -360,7 +357,8 @@ def run_study(config, out_dir, *, resume=False, log=print):
     enable_compilation_cache(config.study.compilation_cache)
   mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])  # the members: one device
   model, tokenizer = models.load_from_config(config.model)
-  graphdef, base_state, _, _, _ = step_lib.init_train_state(model, config, mesh)
+  graphdef, base_state, _, _, _ = step_lib.init_train_state(
+      model, config, mesh, setting=objectives.validate(config.objective))
   base_params = base_state.params
   del model, base_state
   log(f"model {config.model.name} on {environment()}; regimes {names}; arms {labels}; "
@@ -372,9 +370,9 @@ def run_study(config, out_dir, *, resume=False, log=print):
 
   def compile_ahead(index):
     if index < len(todo) and todo[index] not in compiled:
-      c = arm_configs[todo[index]]
-      compiled[todo[index]] = compiler.submit(compile_population_step, c, graphdef, base_params,
-                                              members, mesh)
+      c, setting = arm_configs[todo[index]]
+      compiled[todo[index]] = compiler.submit(compile_population_step, c, setting, graphdef,
+                                              base_params, members)
 
   compile_ahead(0)
   regimes, arm_seconds = {}, []
@@ -388,12 +386,12 @@ def run_study(config, out_dir, *, resume=False, log=print):
           f"(from {name} {label}); rerun with --resume to add them")
       break
     compile_ahead(i + 1)
-    results = train_arm(regimes[name], label, arm_configs[name, label], members,
+    results = train_arm(regimes[name], label, *arm_configs[name, label], members,
                         compiled.pop((name, label)), mesh, log)
     results.update(config=keys[name, label], environment=environment())
     if not os.path.exists(speedup_path(out_dir, name)):
-      measure_speedup(regimes[name], arm_configs[name, label], members, mesh, results, out_dir,
-                      log)
+      measure_speedup(regimes[name], *arm_configs[name, label], members, mesh, results,
+                      out_dir, log)
     os.makedirs(os.path.dirname(arm_path(out_dir, name, label)), exist_ok=True)
     files.write_json(arm_path(out_dir, name, label), results, indent=None)
     arm_seconds.append(results["seconds"]["total"])
@@ -406,9 +404,9 @@ def speedup_path(out_dir, regime):
   return os.path.join(out_dir, regime, "speedup.json")
 
 
-def measure_speedup(regime, config, members, mesh, results, out_dir, log):
+def measure_speedup(regime, config, setting, members, mesh, results, out_dir, log):
   """One member trained alone (once per regime) against the population's training seconds."""
-  alone = one_run_seconds(regime, config, members, mesh)
+  alone = one_run_seconds(regime, config, setting, members, mesh)
   together = results["seconds"]["train"]
   record = {"arm": results["arm"], "members": len(members), "population_train_s": together,
             "one_run_train_s": round(alone, 2),
