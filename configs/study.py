@@ -114,9 +114,15 @@ def get_config(arg=None):
   if scale == "gpu":
     # SmolLM2-135M in bf16 on one H200. Each run: 12 global batches of 32 x 512 tokens (~197k
     # tokens: ~0.6 epoch of arith_train) = 48 updates of 8 rows; an arm is 4 rates x 5 seeds = 20
-    # runs in one vmapped program, evaluated after 3, 6, 9 and 12 batches.
-    c.model.update(compute_dtype="bfloat16", remat="none", max_segments=8)
-    c.train.update(num_steps=12, global_batch_size=32, seq_len=512, minibatches=4)
+    # runs in one vmapped program, evaluated after 3, 6, 9 and 12 batches. Memory (XLA's analysis
+    # of the population step on CPU, xla attention): the 20 states 30 GiB, the step's temporaries
+    # 255 GiB with one microbatch and no remat, 94 GiB with 4 microbatches, 66 GiB with 2 and the
+    # projections' outputs kept (recomputing attention): 4 microbatches and that policy fit an
+    # H200 with room for the evaluation's KV caches.
+    c.model.update(compute_dtype="bfloat16", remat="dots_with_no_batch_dims_saveable",
+                   max_segments=16)
+    c.train.update(num_steps=12, global_batch_size=32, seq_len=512, minibatches=4,
+                   microbatches=4)
     c.optimizer.update(warmup_steps=5)
     c.eval.update(num_examples=200, batch_size=200, max_new_tokens=128, num_general=64,
                   num_factual=70, factual_max_new_tokens=48, num_hist=200, forced_batch_size=32)

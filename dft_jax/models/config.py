@@ -181,6 +181,10 @@ PRESETS = {
         "qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28,
         num_heads=28, num_kv_heads=4, head_dim=128, rope_theta=1e6, tie_word_embeddings=False,
         attention_bias=True, max_position_embeddings=32768),
+    "smollm2-135m": ModelConfig(  # the embedded default's shape (the study's timing probe)
+        "llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
+        num_heads=9, num_kv_heads=3, head_dim=64, rope_theta=100000.0, tie_word_embeddings=True,
+        max_position_embeddings=8192, bos_token_id=1, eos_token_ids=(2,), pad_token_id=2),
     # Tiny shapes for CPU tests (one per family switch set).
     "tiny-llama": ModelConfig(
         "llama", vocab_size=320, hidden_size=64, intermediate_size=128, num_layers=2,
