@@ -184,7 +184,8 @@ PRESETS = {
     "smollm2-135m": ModelConfig(  # the embedded default's shape (the study's timing probe)
         "llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
         num_heads=9, num_kv_heads=3, head_dim=64, rope_theta=100000.0, tie_word_embeddings=True,
-        max_position_embeddings=8192, bos_token_id=1, eos_token_ids=(2,), pad_token_id=2),
+        max_position_embeddings=8192, rms_norm_eps=1e-5, bos_token_id=1, eos_token_ids=(2,),
+        pad_token_id=2),
     # Tiny shapes for CPU tests (one per family switch set).
     "tiny-llama": ModelConfig(
         "llama", vocab_size=320, hidden_size=64, intermediate_size=128, num_layers=2,
