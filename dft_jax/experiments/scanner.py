@@ -225,9 +225,14 @@ class Regime:
 
   def base(self, num_members):
     """The base model's results, scored through the population programs the arms use (the base
-    replicated num_members times: the same compiled programs)."""
+    replicated num_members times: the same compiled programs). Its KL to itself is 0 by
+    definition: the vmapped and the plain forward differ by rounding (~1e-5 in bfloat16), which
+    is set to 0 here."""
     states = jax.tree.map(lambda p: jnp.repeat(p[None], num_members, axis=0), self.base_params)
-    return self.score(states, final=True)[0]
+    scored = self.score(states, final=True)[0]
+    scored.update(kl_to_base=0.0, kl_heldout=0.0,
+                  kl_sum_per_prompt=[0.0] * len(scored["kl_sum_per_prompt"]))
+    return scored
 
 
 def data_batches(config, tokenizer, seed):
