@@ -107,6 +107,8 @@ def get_config(arg=None):
       confidence=0.95,         # bootstrap intervals; Holm's family-wise level is 1 - this
       resamples=4000,          # bootstrap draws
       budget_s=0.0,            # stop starting arms that would end past this wall time (0: none)
+      report=True,             # write results.md and the figures at the end (False: only the
+                               # result files; --replot writes the report from them later)
       compilation_cache="~/.cache/dft_jax/xla",  # persistent XLA cache folder ("": none)
       out=os.path.join("results", "scanner", *(["cpu"] if scale == "cpu" else [])),
   ))

@@ -163,7 +163,7 @@ def config_key(config):
   study's bookkeeping fields (budget, cache, output folder, which arms and regimes run)."""
   c = json.loads(config.to_json())
   for field in ("budget_s", "compilation_cache", "out", "run_arms", "regimes", "resamples",
-                "confidence", "gain_levels"):
+                "confidence", "gain_levels", "report"):
     c["study"].pop(field, None)
   c["study"].pop("arms", None)  # an arm's own overrides are in its config below
   return c
@@ -356,7 +356,7 @@ def run_study(config, out_dir, *, resume=False, log=print):
           if kept(arm_path(out_dir, n, a), keys[n, a]) is None]
   if not todo and all(os.path.exists(base_path(out_dir, n)) for n in names):
     log(f"{out_dir}: every arm of {names} is there; nothing to train")
-    return finish(config, out_dir, names, labels, log)
+    return finish(config, out_dir, names, labels, log, config.study.report)
 
   if config.study.compilation_cache:
     enable_compilation_cache(config.study.compilation_cache)
@@ -402,7 +402,7 @@ def run_study(config, out_dir, *, resume=False, log=print):
     arm_seconds.append(results["seconds"]["total"])
   compiler.shutdown(wait=False, cancel_futures=True)
   log(f"trained in {time.time() - started:.0f} s")
-  return finish(config, out_dir, names, labels, log)
+  return finish(config, out_dir, names, labels, log, config.study.report)
 
 
 def speedup_path(out_dir, regime):
@@ -455,10 +455,11 @@ def collect(out_dir, names, labels=None):
   return regimes
 
 
-def finish(config, out_dir, names, labels, log):
+def finish(config, out_dir, names, labels, log, write=True):
   regimes = collect(out_dir, names, labels)
-  report.write_report(regimes, out_dir, config.study, log=log)
-  log(f"report: {os.path.abspath(os.path.join(out_dir, 'results.md'))}")
+  if write:
+    report.write_report(regimes, out_dir, config.study, log=log)
+    log(f"report: {os.path.abspath(os.path.join(out_dir, 'results.md'))}")
   return regimes
 
 

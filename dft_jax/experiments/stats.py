@@ -49,9 +49,10 @@ class Resamples:
     values = np.asarray(values, np.float64)
     s = self.seeds.shape[1]
     if item_set is None:
-      return np.einsum("bs,...s->b...", self.seeds, values) / s
+      return np.einsum("bs,...s->b...", self.seeds, values, optimize=True) / s
     items = self.items[item_set]
-    return np.einsum("bs,...sn,bn->b...", self.seeds, values, items) / (s * items.shape[1])
+    return np.einsum("bs,...sn,bn->b...", self.seeds, values, items, optimize=True) / (
+        s * items.shape[1])
 
   def ratio(self, numerators, denominators, item_set):
     """sum / sum over the drawn seeds and items: a token-weighted mean from per-item sums and
