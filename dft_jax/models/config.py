@@ -392,12 +392,13 @@ PRESETS = {
         "qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28,
         num_heads=28, num_kv_heads=4, head_dim=128, rope_theta=1e6, tie_word_embeddings=False,
         attention_bias=True, max_position_embeddings=32768),
-    # Qwen3-30B-A3B's layer (128 experts, top 8, 768 wide) in a 24-layer, 2048-wide trunk: 1.6B
-    # active parameters of 8.0B (the MoE benchmark's shape).
-    "qwen3-moe-a1.6b": ModelConfig(
-        "qwen3_moe", vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_layers=24,
+    # Qwen3-30B-A3B's attention and experts (2048 wide; top 8 of experts 768 wide) with 64
+    # experts in 12 layers: 1.30B active parameters of 4.47B, whose float32 weights and AdamW
+    # moments (72 GB) fit one H200 beside a 4 x 4096 step (the MoE benchmark's shape).
+    "qwen3-moe-a1.3b": ModelConfig(
+        "qwen3_moe", vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_layers=12,
         num_heads=32, num_kv_heads=4, head_dim=128, rope_theta=1e6, qk_norm=True,
-        max_position_embeddings=40960, num_experts=128, num_experts_per_tok=8,
+        max_position_embeddings=40960, num_experts=64, num_experts_per_tok=8,
         moe_intermediate_size=768, norm_topk_prob=True, router_aux_loss_coef=0.001),
     # Tiny shapes for CPU tests (one per family switch set).
     "tiny-llama": ModelConfig(
