@@ -7,7 +7,10 @@ the loss's value under uniform routing.
 """
 import dataclasses
 import json
+import os
 import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +24,8 @@ from dft_jax.errors import ConfigError
 from dft_jax.models import decoder, hf, quant
 from test_train import batches, mesh_of, tiny_config
 
-FOLDER = pathlib.Path(__file__).parent / "fixtures" / "tiny_qwen3_moe"
+REPO = pathlib.Path(__file__).parent.parent
+FOLDER = REPO / "tests" / "fixtures" / "tiny_qwen3_moe"
 
 
 @pytest.fixture(scope="module")
@@ -192,3 +196,34 @@ def test_lora_targets_of_a_moe_family():
   plain = models.from_state_dict(qlora.config, hf.params_to_hf(qlora.config,
                                                                qlora.merged_params()))
   np.testing.assert_allclose(np.asarray(qlora(tokens)), np.asarray(plain(tokens)), atol=1e-4)
+
+
+@pytest.mark.slow
+def test_moe_benchmark_plan_runs_at_tiny_shapes(tmp_path):
+  """benchmarks/train_step.py's h200_moe rows at the tiny MoE shape on the CPU (plan moe_smoke):
+  our step and transformers' peer (skipped, naming torch, where it is absent) with MFU's FLOPs per
+  token over the active parameters."""
+  from benchmarks import train_step as bench  # pylint: disable=g-import-not-at-top
+  from dft_jax import throughput  # pylint: disable=g-import-not-at-top
+  assert [v["name"] for v in bench.PLANS["moe_smoke"]] == [v["name"] for v in bench.PLANS[
+      "h200_moe"]]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+  done = subprocess.run([sys.executable, "benchmarks/train_step.py", "--sweep=moe_smoke",
+                         f"--out={tmp_path}"], cwd=REPO, env=env, capture_output=True, text=True,
+                        timeout=900, check=False)
+  assert done.returncode == 0, done.stderr[-3000:]
+  records = {r["name"]: r for r in json.loads((tmp_path / "train_step.json").read_text())[
+      "records"]}
+  c = models.PRESETS["tiny-qwen3-moe"]
+  model = nnx.eval_shape(lambda: models.Decoder(c, rngs=nnx.Rngs(0)))
+  active = (sum(a.size for a in jax.tree.leaves(nnx.state(model, nnx.Param)))
+            - models.inactive_param_count(c))
+  ours = records["jax/moe/dft/fused"]
+  assert ours["status"] == "ok" and ours["tokens_per_s"] > 0
+  assert ours["flops_per_token"] == throughput.flops_per_token(active, c, ours["seq_len"])
+  peer = records["torch/moe/dft"]
+  if peer["status"] == "skipped":
+    assert "torch" in peer["error"]
+  else:
+    assert peer["status"] == "ok" and peer["experts_implementation"]
+    assert peer["active_params"] == active and peer["flops_per_token"] == ours["flops_per_token"]
