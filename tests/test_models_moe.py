@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dft_jax import models, sharding
+from dft_jax import models, objectives, sharding
 from dft_jax import step as step_lib
 from dft_jax.errors import ConfigError
 from dft_jax.models import decoder, hf, quant
@@ -132,9 +132,10 @@ def test_train_step_adds_the_router_loss_with_its_coefficient(tmp_path, microbat
   batch = batches(config, 1)[0]
   mesh = mesh_of(1)
   model = models.load(str(FOLDER), compute_dtype="float32", router_aux_loss_coef=0.5)[0]
-  graphdef, state, frozen, tx, _ = step_lib.init_train_state(model, config, mesh)
+  setting = objectives.validate(config.objective)
+  graphdef, state, frozen, tx, _ = step_lib.init_train_state(model, config, mesh, setting=setting)
   step = step_lib.make_train_step(graphdef, tx, config, mesh, step_lib.shardings_of(state),
-                                  step_lib.shardings_of(frozen))
+                                  step_lib.shardings_of(frozen), setting=setting)
   _, metrics = jax.device_get(step(state, step_lib.global_batch(batch, mesh), frozen))
   model = models.load(str(FOLDER), compute_dtype="float32")[0]  # the step donated the first
   slices = [{k: step_lib.split_rows(jnp.asarray(v), microbatches)[i] for k, v in batch.items()}
