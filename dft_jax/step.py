@@ -63,6 +63,8 @@ def validate(config, num_devices, process_count=1):
     check_number(f"train.{name}", t[name], integer=True, minimum=1)
   check_number("train.seed", t.seed, integer=True, minimum=0)
   check_number("model.lm_head_chunk", config.model.lm_head_chunk, integer=True, minimum=1)
+  check_number("model.router_aux_loss_coef", config.model.get("router_aux_loss_coef"),
+               optional=True, minimum=0)
   if t.nonfinite not in ("skip", "stop"):
     raise ConfigError(f"train.nonfinite={t.nonfinite!r}: expected 'skip' or 'stop'")
   for axis in sharding.MESH_AXES:  # sizes, or -1 for the rest of the devices
