@@ -80,6 +80,8 @@ def get_config(arg=None):
       shuffle_seed=placeholder(int),  # data order (None: train.seed)
       error_on_dropped=False,        # make dropped rows (too long, empty) an error
       cache_dir=placeholder(str),    # datasets cache folder (None: the datasets default)
+      allow_changed=False,           # resume although a data file changed since the checkpoint
+                                     # (from its position in the changed data); False: refused
   ))
 
   # name, aggregation (token_mean | seq_mean | sum_norm), norm_constant, entropy_coef, kl_coef,

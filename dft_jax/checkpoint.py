@@ -52,7 +52,7 @@ REJECTED_DIR = "rejected_checkpoints"
 # checkpoints and evaluates. None of them changes what a step computes (up to float rounding).
 RESUMABLE = ("train.num_steps", "train.microbatches", "train.nonfinite", "mesh.",
              "model.attention", "model.remat", "model.lm_head_chunk",
-             "data.num_proc", "data.cache_dir", "data.error_on_dropped",
+             "data.num_proc", "data.cache_dir", "data.error_on_dropped", "data.allow_changed",
              "checkpoint.", "eval.", "log.")
 
 

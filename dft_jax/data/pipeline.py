@@ -52,13 +52,15 @@ def validate(data_cfg, *, seq_len, global_batch_size, process_count, max_segment
   check_number("data.shuffle_seed", data_cfg.shuffle_seed, integer=True, minimum=0, optional=True)
   holdout.check(data_cfg)
   packing.check_max_segments(max_segments)
+  if not isinstance(data_cfg.get("allow_changed", False), bool):
+    raise ConfigError(f"data.allow_changed={data_cfg.allow_changed!r}: must be True or False")
   if seq_len < 2:
-    raise ConfigError(f"seq_len={seq_len}: must be >= 2")
+    raise ConfigError(f"train.seq_len={seq_len}: must be >= 2")
   if data_cfg.max_length > seq_len:
     raise ConfigError(f"data.max_length={data_cfg.max_length} exceeds train.seq_len={seq_len}")
   if global_batch_size < 1 or global_batch_size % process_count:
-    raise ConfigError(f"global_batch_size={global_batch_size} must be a positive multiple of the "
-                      f"process count ({process_count})")
+    raise ConfigError(f"train.global_batch_size={global_batch_size} must be a positive multiple "
+                      f"of the process count ({process_count})")
 
 
 def make_train_iterator(data_cfg, tokenizer, *, seq_len, global_batch_size, seed, max_segments,
@@ -195,6 +197,7 @@ class PackedIterator(_Batches):
     self._plans = {}
     self._count(self._length, loss, self._plan(0))
     self.stats["batches_per_epoch"] = self.stats["packed_rows"] / self.global_batch_size
+    _warn_if_a_batch_repeats(self.global_batch_size, self.stats["packed_rows"], data_cfg)
     self._fingerprint = hashlib.sha256(b"".join(
         np.ascontiguousarray(a, np.int64).tobytes()
         for a in (self._index, self._start, self._length,
@@ -238,14 +241,22 @@ class PackedIterator(_Batches):
 
   def state(self):
     return {"kind": "map", "version": STATE_VERSION, "epoch": self.epoch, "row": self.row,
-            "seed": self.seed, "fingerprint": self._fingerprint}
+            "seed": self.seed, "fingerprint": self._fingerprint, "content": self.source.digests}
 
   def restore(self, state):
-    _check_state(state, {"kind": "map", "version": STATE_VERSION, "seed": self.seed,
-                         "fingerprint": self._fingerprint})
-    if not 0 <= state["row"] < len(self._plan(state["epoch"])):
-      raise DataError(f"iterator state row={state['row']} is outside epoch {state['epoch']}")
-    self.epoch, self.row = int(state["epoch"]), int(state["row"])
+    """Continues at `state`'s position; with data.allow_changed and changed data, at the same
+    (epoch, row) of the changed data's plan (the next epoch if the row is past its end)."""
+    changed = _content_change(state, self.source, self.cfg)
+    expected = {"kind": "map", "version": STATE_VERSION, "seed": self.seed}
+    if not changed:
+      expected["fingerprint"] = self._fingerprint
+    _check_state(state, expected)
+    epoch, row = int(state["epoch"]), int(state["row"])
+    if not 0 <= row < len(self._plan(epoch)):
+      if not changed:
+        raise DataError(f"iterator state row={row} is outside epoch {epoch}")
+      epoch, row = epoch + 1, 0
+    self.epoch, self.row = epoch, row
 
 
 class StreamingIterator(_Batches):
@@ -319,14 +330,45 @@ class StreamingIterator(_Batches):
     return {"kind": "streaming", "version": STATE_VERSION, "epoch": self.epoch,
             "consumed": self.consumed, "row": self.row, "seed": self.seed,
             "process_index": self.process_index, "process_count": self.process_count,
-            "settings": self._settings}
+            "settings": self._settings, "content": self.source.digests}
 
   def restore(self, state):
+    _content_change(state, self.source, self.cfg)
     _check_state(state, {"kind": "streaming", "version": STATE_VERSION, "seed": self.seed,
                          "process_index": self.process_index, "process_count": self.process_count,
                          "settings": self._settings})
     self._start_epoch(int(state["epoch"]), int(state["consumed"]))
     self.row = int(state["row"])
+
+
+def _warn_if_a_batch_repeats(global_batch_size, rows_per_epoch, data_cfg):
+  """A batch larger than an epoch holds some examples twice: said, with the epochs it spans."""
+  if global_batch_size > rows_per_epoch:
+    logging.warning(
+        "train.global_batch_size=%d is more than the %d %s rows of one epoch of %s: every batch "
+        "spans %.2f epochs, so examples repeat within a batch; lower train.global_batch_size to "
+        "%d or less to see each example at most once a step", global_batch_size,
+        rows_per_epoch, "packed" if data_cfg.packing else "padded", data_cfg.source,
+        global_batch_size / rows_per_epoch, rows_per_epoch)
+
+
+def _content_change(state, source, data_cfg):
+  """What changed in the source's files since `state` was saved (None: nothing, or a state saved
+  before states carried the content). Raises DataError naming the file and the ways on, unless
+  data.allow_changed (then a warning says what the resume does)."""
+  saved = state.get("content") if isinstance(state, dict) else None
+  change = None if saved is None else sources.content_change(saved, source.digests)
+  if change is None:
+    return None
+  if not data_cfg.get("allow_changed", False):
+    raise DataError(
+        f"{change} since the checkpoint was written: resuming would train on other rows than the "
+        "run was trained on. Restore the file to resume, or start a new --workdir, or pass "
+        "--config.data.allow_changed=True to resume on the data as it is now (from the "
+        "checkpoint's position in the changed data's order)")
+  logging.warning("data.allow_changed=True: %s since the checkpoint was written; resuming on the "
+                  "data as it is now, from the checkpoint's position in its order", change)
+  return change
 
 
 def _check_state(state, expected):
