@@ -102,11 +102,10 @@ def make_train_iterator(data_cfg, tokenizer, *, seq_len, global_batch_size, seed
   return it
 
 
-def _reader(source, data_cfg, tokenizer, stream_readers):
+def _reader(source, data_cfg, tokenizer, stream_readers, whose="this process's"):
   """(source, its Encoder) with the columns checked; a stream whose rows arrive reordered (shuffled,
-  or split over `stream_readers` processes) names rows by their place in the stream."""
+  or split over `stream_readers` processes) names rows by their place in `whose` stream."""
   if data_cfg.streaming and (data_cfg.shuffle_buffer or stream_readers > 1):
-    whose = "this process's" if stream_readers > 1 else "the"
     source = dataclasses.replace(source, locate=sources.RowLocator(
         f"{whose} shuffled stream of {source.locate.source}"))
   encoder = formats.Encoder(data_cfg, tokenizer, source.locate)
@@ -388,7 +387,8 @@ class StreamingIterator(_Batches):
 def _open_part(data_cfg, entry, tokenizer, index, kwargs):
   """Source `index` of data.sources, opened as a mixture part (its own reading fields)."""
   cfg = mixture.source_config(data_cfg, entry)
-  source, encoder = _reader(sources.load_source(cfg, streaming=cfg.streaming), cfg, tokenizer, 1)
+  source, encoder = _reader(sources.load_source(cfg, streaming=cfg.streaming), cfg, tokenizer, 1,
+                            "the")  # every process reads a mixture's whole stream
   limit = min(cfg.max_length, kwargs["seq_len"])
   if cfg.streaming:
     return _StreamPart(source, encoder, cfg, limit, kwargs["seed"])
