@@ -227,8 +227,8 @@ def init_train_state(model, config, mesh):
 def global_batch(local_batch, mesh):
   """Process-local numpy rows -> one global jax.Array per key, rows sharded over (data, fsdp)."""
   sh = sharding.batch_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(sh, np.asarray(local_batch[k]))
-          for k in BATCH_KEYS}
+  keys = BATCH_KEYS + (("source_ids",) if "source_ids" in local_batch else ())  # a mixture's
+  return {k: jax.make_array_from_process_local_data(sh, np.asarray(local_batch[k])) for k in keys}
 
 
 def count_params(params):
@@ -299,7 +299,7 @@ def model_token_stats(model, batch, chunk_size, stats, reference=None):
 
 def objective_loss_fused(hidden_BxTxD, w_DxV, batch, cfg, *, extra_BxT=None,
                          current_old_logp=False, denominators=None, chunk_size=1024,
-                         compute_dtype=None):
+                         compute_dtype=None, sources=()):
   """objectives.objective_loss of the LM head's statistics, through lm_head.fused_loss: the same
   (loss, metrics) with d loss / d (hidden, w) formed in the head's forward pass.
 
@@ -336,7 +336,7 @@ def objective_loss_fused(hidden_BxTxD, w_DxV, batch, cfg, *, extra_BxT=None,
       weights_BxT=weights_BxT, stats=objectives.required_stats(setting), extra_BxT=extra_BxT,
       chunk_size=chunk_size, compute_dtype=compute_dtype)
   _, metrics = objectives.objective_loss(with_old_logp({**stats_BxT, **extra_BxT}), batch,
-                                         setting, denominators=denominators)
+                                         setting, denominators=denominators, sources=sources)
   return loss, dict(metrics, loss=loss)
 
 
@@ -347,13 +347,15 @@ def fused_head_fits(objective_cfg):
           and not lm_head.needs_ref(objectives.required_stats(objective_cfg)))
 
 
-def make_train_step(graphdef, tx, config, mesh, state_shardings, frozen_shardings):
+def make_train_step(graphdef, tx, config, mesh, state_shardings, frozen_shardings, sources=()):
   """The jitted `train_step(state, batch, frozen) -> (state, metrics)`, state donated.
 
   `batch` holds the global batch [G, T] sharded over (data, fsdp); `frozen` (init_train_state's
   Frozen) is read, never updated: with LoRA the frozen base, whose adapters-off model is then the
   reference (KL anchor, reference statistics); else frozen.reference, a copy of the starting
-  parameters, when the objective needs one.
+  parameters, when the objective needs one. `sources`: a mixture's source names
+  (data.mixture.source_names): the batch then holds source_ids and the metrics each source's
+  tokens and mean loss (source/NAME/...).
   """
   setting = objectives.validate(config.objective)
   t, chunk = config.train, config.model.lm_head_chunk
@@ -393,13 +395,14 @@ def make_train_step(graphdef, tx, config, mesh, state_shardings, frozen_sharding
       current = is_first if snapshot_forward else "old_logp" in needs
       return objective_loss_fused(
           hidden_BxTxD, w_DxV, mb, setting, extra_BxT=inputs, current_old_logp=current,
-          denominators=denominators, chunk_size=chunk)
+          denominators=denominators, chunk_size=chunk, sources=sources)
     stats = model_token_stats(model, mb, chunk, stat_names, ref)
     if "old_logp" in needs:
       current = jax.lax.stop_gradient(stats["logp"])
       inputs["old_logp"] = (jnp.where(is_first, current, old_logp_BxT) if snapshot_forward
                             else current)
-    return objectives.objective_loss({**stats, **inputs}, mb, setting, denominators=denominators)
+    return objectives.objective_loss({**stats, **inputs}, mb, setting, denominators=denominators,
+                                     sources=sources)
 
   grad_fn = jax.value_and_grad(microbatch_loss, has_aux=True)
 

@@ -108,7 +108,8 @@ def run(config, workdir):
   first = next(batches)
   with cli.phase("compiling the train step"):
     train_step = step_lib.make_train_step(graphdef, tx, config, mesh, step_lib.shardings_of(state),
-                                          step_lib.shardings_of(frozen))
+                                          step_lib.shardings_of(frozen),
+                                          sources=data.mixture.source_names(config.data))
     train_step = train_step.lower(state, first[0], frozen).compile()
 
   evaluator = None

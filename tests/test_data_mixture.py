@@ -186,3 +186,35 @@ def test_each_source_reads_its_own_format_and_fields(tok, mixed, tmp_path):
   it = make_iter(mixed, tok, batch=8)
   seen = {source: text for source, text in examples_by_source(next(it), tok)}
   assert "alpha question" in seen[0] and "delta" in seen[1]
+
+
+@pytest.mark.parametrize("lm_head_impl", ["checkpointed", "fused"])
+def test_the_step_reports_each_sources_tokens_and_mean_loss(tmp_path, lm_head_impl):
+  """Against a float64 reference from the model's own per-token log-probabilities: DFT's per-token
+  loss -p log p averaged over each source's loss tokens, and each source's token counts."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from dft_jax import models, sharding  # pylint: disable=g-import-not-at-top
+  from dft_jax import step as step_lib  # pylint: disable=g-import-not-at-top
+  from test_train import TINY, tiny_config  # pylint: disable=g-import-not-at-top
+  config = tiny_config(tmp_path, model__lm_head_impl=lm_head_impl)
+  config.data.sources = tuple(
+      dict(source=write_source(tmp_path / f"{tag}.jsonl", tag, 12), weight=w, prompt_field="q",
+           response_field="a") for tag, w in zip(TAGS, (1, 1, 2)))
+  names = data.mixture.source_names(config.data)
+  model, tokenizer = models.load(TINY, compute_dtype="float32")
+  batch = next(data.make_train_iterator(config.data, tokenizer, seq_len=64, global_batch_size=8,
+                                        seed=0, max_segments=64, process_index=0, process_count=1))
+  mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+  graphdef, state, frozen, tx, _ = step_lib.init_train_state(model, config, mesh)
+  logp = np.asarray(step_lib.model_token_stats(model, batch, 96, ("logp",))["logp"], np.float64)
+  step = step_lib.make_train_step(graphdef, tx, config, mesh, step_lib.shardings_of(state),
+                                  step_lib.shardings_of(frozen), sources=names)
+  _, metrics = step(state, step_lib.global_batch(batch, mesh), frozen)
+  metrics = jax.device_get(metrics)
+  mask, per_token = batch["loss_mask"] > 0, -np.exp(logp) * logp
+  for s, name in enumerate(names):
+    mine = batch["source_ids"] == s
+    assert metrics[f"source/{name}/tokens"] == np.sum(mine & (batch["segment_ids"] > 0))
+    assert metrics[f"source/{name}/loss_tokens"] == np.sum(mine & mask) > 0
+    np.testing.assert_allclose(metrics[f"source/{name}/loss"], per_token[mine & mask].mean(),
+                               rtol=2e-5)
