@@ -218,3 +218,17 @@ def test_the_step_reports_each_sources_tokens_and_mean_loss(tmp_path, lm_head_im
     assert metrics[f"source/{name}/loss_tokens"] == np.sum(mine & mask) > 0
     np.testing.assert_allclose(metrics[f"source/{name}/loss"], per_token[mine & mask].mean(),
                                rtol=2e-5)
+
+
+def test_inspect_shows_each_sources_rows_weight_and_share(tok, mixed):
+  from dft_jax.data import inspect as data_inspect  # pylint: disable=g-import-not-at-top
+  from dft_jax.data import testing  # pylint: disable=g-import-not-at-top
+  config = testing.default_config()
+  config.data = mixed
+  config.train.seq_len = T
+  text = data_inspect.report(config, tok, num=1)
+  for i, (tag, weight) in enumerate(zip(TAGS, (5, 3, 2))):
+    assert f"data.sources[{i}] {tag}: {mixed.sources[i]['source']} format=prompt_response " \
+           f"weight={weight}" in text
+    assert f"[[{tag} answer 0.<|im_end|>]]" in text
+  assert f"alpha = {mixed.sources[0]['source']} (weight 5 (50% of examples)): 30 rows read" in text
