@@ -53,6 +53,9 @@ def get_config(arg=None):
 
   c.data = ml_collections.ConfigDict(dict(
       source="builtin:arith_train",  # builtin:NAME | hub name | file | glob | save_to_disk folder
+      sources=(),                    # a weighted mixture instead of source: (dict(source=...,
+                                     # weight=W, name=..., and any of format, *_field, split,
+                                     # subset, max_rows, loss_on, streaming), ...) (docs/data.md)
       split="train",                 # hub / save_to_disk split; files: train (or train[:1000])
       subset=placeholder(str),       # hub dataset config name
       format="prompt_response",      # prompt_response | messages | text
