@@ -32,6 +32,7 @@ import logging
 import os
 import re
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +40,8 @@ import orbax.checkpoint as ocp
 
 from dft_jax import files
 from dft_jax import run_control
-from dft_jax.errors import ConfigError, ModelError, UserInputError, check_number
+from dft_jax.errors import (ConfigError, ModelError, UserInputError, check_number,
+                            os_error_reason)
 
 CONFIG_FILE = "config.json"
 MANIFEST = "checksums.json"
@@ -47,6 +49,7 @@ MANIFEST = "checksums.json"
 COMMIT_RECORDS = ("_CHECKPOINT_METADATA", "commit_success.txt")
 TMP_SUFFIX = ocp.path.atomicity_types.TMP_DIR_SUFFIX
 REJECTED_DIR = "rejected_checkpoints"
+SAVE_WAIT_S = 600  # longest wait of a reader (evaluate, export, generate) for a save to commit
 # Fields a resumed run may change: how long it trains (a longer train.num_steps extends the run and
 # its learning-rate schedule), how a step is laid out on the devices, what the run logs, how it
 # checkpoints and evaluates. None of them changes what a step computes (up to float rounding).
@@ -166,13 +169,11 @@ def _last_complete(manager):
 
 
 def _reason(e):
-  """One line for an exception; tensorstore reports OS errors as "[os_error_code='28']"."""
-  if isinstance(e, OSError) and e.errno:
-    return f"[Errno {e.errno}] {e.strerror}" + (f": {e.filename}" if e.filename else "")
+  """One line for an exception (an OS error as errors.os_error_reason names it)."""
+  os_error = os_error_reason(e)
+  if os_error:
+    return os_error
   text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-  code = re.search(r"os_error_code='?(\d+)", text)
-  if code:
-    return f"[Errno {code[1]}] {os.strerror(int(code[1]))}"
   paths = re.findall(r"^(\S+):$", str(e), re.MULTILINE)  # orbax's tree diff: one path per entry
   if paths:
     return f"{text.rstrip(':')} at {len(paths)} entries, e.g. {', '.join(paths[:3])}"
@@ -340,11 +341,42 @@ def restore(manager, state):
   return state, restored["data"]
 
 
+def saves_in_progress(workdir):
+  """Steps whose checkpoint orbax is writing (its temporary folders) for a run that holds
+  `workdir` and may still run; [] otherwise (a killed run's temporary folders are no save)."""
+  directory = checkpoint_dir(workdir)
+  if not os.path.isdir(directory) or run_control.live_holder(workdir) is None:
+    return []
+  return sorted(int(name.split(".")[0]) for name in os.listdir(directory)
+                if TMP_SUFFIX in name and name.split(".")[0].isdigit())
+
+
+def wait_for_saves(workdir, timeout=SAVE_WAIT_S, poll=0.5):
+  """Waits while the run training in `workdir` commits a checkpoint, so that "the newest
+  checkpoint" is not one about to be superseded; ModelError after `timeout` seconds naming the step
+  being written and --step."""
+  writing = saves_in_progress(workdir)
+  if not writing:
+    return
+  logging.info("%s: checkpoint %d is being written by the run training there; waiting for it",
+               workdir, writing[-1])
+  deadline = time.monotonic() + timeout
+  while saves_in_progress(workdir):
+    if time.monotonic() > deadline:
+      raise ModelError(
+          f"{workdir}: checkpoint {writing[-1]} is still being written after {timeout:.0f} s; "
+          f"pass --step=N to use a complete one ({complete_steps(checkpoint_dir(workdir))})")
+    time.sleep(poll)
+
+
 def restore_params(workdir, abstract_params, step=None):
-  """The trained parameters of a workdir's checkpoint `step` (default: the newest usable one),
-  restored onto `abstract_params` (jax.ShapeDtypeStruct with shardings) without the optimizer
-  state; their files are checked against the checkpoint's checksums.json first."""
+  """(step, trained parameters) of a workdir's checkpoint `step` (default: the newest usable one,
+  once a save in progress has committed: wait_for_saves), restored onto `abstract_params`
+  (jax.ShapeDtypeStruct with shardings) without the optimizer state; their files are checked
+  against the checkpoint's checksums.json first."""
   manager = make_manager(workdir)
+  if step is None:
+    wait_for_saves(workdir)
   steps = complete_steps(manager.directory)
   if step is not None:
     if step not in steps:
@@ -354,7 +386,8 @@ def restore_params(workdir, abstract_params, step=None):
   if not steps:
     raise ModelError(f"{workdir}: no complete checkpoint in {checkpoint_dir(workdir)}")
   items = dict(params=ocp.args.StandardRestore(abstract_params))
-  return _newest_usable(manager, items, steps)[1]["params"]
+  step, restored = _newest_usable(manager, items, steps)
+  return step, restored["params"]
 
 
 # ----------------------------------------------------------------------------- config.json
@@ -450,9 +483,9 @@ def read_config(workdir):
 
 
 def restore_model(workdir, step=None):
-  """(model, tokenizer, config) of a workdir's checkpoint (default: the newest usable): the model
-  built abstractly from config.model (no base weights read) and its trained parameters restored
-  onto the first device, without the optimizer state."""
+  """(model, tokenizer, config, step) of a workdir's checkpoint `step` (default: the newest usable,
+  see restore_params): the model built abstractly from config.model (no base weights read) and its
+  trained parameters restored onto the first device, without the optimizer state."""
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from dft_jax import models  # pylint: disable=g-import-not-at-top
   config = read_config(workdir)
@@ -462,10 +495,10 @@ def restore_model(workdir, step=None):
   if models.lora_config(config.get("lora")) is None:
     abstract, tokenizer = models.load_from_config(config.model, abstract=True)
     graphdef, abstract_params = nnx.split(abstract)
-    return nnx.merge(graphdef, restore_params(workdir, on_device(abstract_params), step)), \
-        tokenizer, config
+    step, params = restore_params(workdir, on_device(abstract_params), step)
+    return nnx.merge(graphdef, params), tokenizer, config, step
   # LoRA: the checkpoint holds the adapters; the frozen base is the model's own weights
   model, tokenizer = models.load_from_config(config.model, config.lora)
   graphdef, adapters, frozen = nnx.split(model, nnx.LoRAParam, ...)
-  return (nnx.merge(graphdef, restore_params(workdir, on_device(adapters), step), frozen),
-          tokenizer, config)
+  step, params = restore_params(workdir, on_device(adapters), step)
+  return nnx.merge(graphdef, params, frozen), tokenizer, config, step

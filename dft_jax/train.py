@@ -151,10 +151,11 @@ def run(config, workdir):
   if config.checkpoint.export_hf and is_main:
     from dft_jax import export  # pylint: disable=g-import-not-at-top
     trained = step_lib.merge_model(graphdef, state.params, frozen.base)
-    export.export_hf(trained, tokenizer, os.path.join(workdir, "hf"))  # adapters merged
+    run = dict(source=os.path.abspath(workdir), step=int(state.step))
+    export.export_hf(trained, tokenizer, os.path.join(workdir, "hf"), **run)  # adapters merged
     if lora is not None:
       export.export_peft(trained, os.path.join(workdir, "peft"),
-                         base_model_name_or_path=config.model.name)
+                         base_model_name_or_path=config.model.name, **run)
   after = None
   if config.eval.after:
     with cli.phase("evaluating the trained model", timed=False):

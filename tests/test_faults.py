@@ -431,11 +431,11 @@ def test_restore_skips_a_checkpoint_orbax_cannot_read(reference, tmp_path, caplo
   (folder / "params" / "manifest.ocdbt").unlink()
   files.write_json(str(folder / ckpt.MANIFEST), {"sha256": ckpt.checksums(str(folder))})
   with caplog.at_level(logging.WARNING):
-    model, _, _ = ckpt.restore_model(str(workdir))
+    model, _, _, _ = ckpt.restore_model(str(workdir))
   assert re.search(rf"checkpoint {re.escape(str(workdir))}/checkpoints/3 cannot be used: orbax "
                    r"cannot read it: .*; using checkpoint 2, the newest usable one$", caplog.text,
                    re.MULTILINE), caplog.text
-  expected, _, _ = ckpt.restore_model(str(reference), step=2)
+  expected, _, _, _ = ckpt.restore_model(str(reference), step=2)
   for a, b in zip(jax.tree.leaves(nnx.state(model)), jax.tree.leaves(nnx.state(expected))):
     assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
   assert complete_steps(workdir) == [1, 2, 3] and not (workdir / "rejected_checkpoints").exists()

@@ -419,7 +419,7 @@ def test_lora_run_resumes_exports_merged_and_peft(tmp_path):
   a = read_jsonl(tmp_path / "straight" / "metrics.jsonl")
   b = read_jsonl(tmp_path / "resumed" / "metrics.jsonl")
   assert [r["loss"] for r in a] == [r["loss"] for r in b]
-  trained, _, _ = checkpoint.restore_model(str(tmp_path / "straight"))
+  trained, _, _, _ = checkpoint.restore_model(str(tmp_path / "straight"))
   merged, _ = models.load(str(tmp_path / "straight" / "hf"))
   tokens = np.arange(24, dtype=np.int32)[None] % 300
   np.testing.assert_allclose(merged(tokens), trained(tokens), rtol=1e-5, atol=1e-5)
