@@ -20,6 +20,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import warnings
 
@@ -33,7 +34,7 @@ from dft_jax import checkpoint as ckpt
 from dft_jax import files
 from dft_jax import run_control
 from dft_jax import step as step_lib
-from dft_jax.errors import ConfigError
+from dft_jax.errors import ConfigError, ModelError
 from conftest import FAST_COMPILE
 import test_train
 from test_train import REPO, TINY, cli_flags, read_jsonl, tiny_config
@@ -451,6 +452,58 @@ def test_no_usable_checkpoint_is_one_error(reference, tmp_path):
   )) as e:
     ckpt.restore_model(str(workdir))
   assert "\n" not in str(e.value)
+
+
+# ----------------------------------------------------------------------------- readers of a live run
+
+
+def as_if_training(workdir, pid=None):
+  """run.lock naming a live process (this one) of this host, as the run training in `workdir`
+  leaves it."""
+  files.write_json(str(workdir / run_control.LOCK_FILE),
+                   dict(pid=pid or os.getpid(), host=socket.gethostname(), command="train"))
+
+
+def test_a_reader_waits_while_the_live_run_commits_a_checkpoint(tmp_path):
+  workdir = tmp_path / "run"
+  (workdir / "checkpoints" / "3").mkdir(parents=True)
+  in_flight = workdir / "checkpoints" / f"4{ckpt.TMP_SUFFIX}"
+  in_flight.mkdir()
+  assert ckpt.saves_in_progress(str(workdir)) == []  # no live run: a killed run's leftover
+  gone = subprocess.Popen([sys.executable, "-c", "pass"])
+  gone.wait()
+  as_if_training(workdir, gone.pid)
+  assert ckpt.saves_in_progress(str(workdir)) == []
+  as_if_training(workdir)
+  assert ckpt.saves_in_progress(str(workdir)) == [4]
+  with pytest.raises(ModelError, match=(
+      rf"^{re.escape(str(workdir))}: checkpoint 4 is still being written after 0 s; pass "
+      r"--step=N to use a complete one \(\[3\]\)$")):
+    ckpt.wait_for_saves(str(workdir), timeout=0.2, poll=0.05)
+  committer = threading.Timer(0.3, os.rename, (in_flight, workdir / "checkpoints" / "4"))
+  committer.start()
+  ckpt.wait_for_saves(str(workdir), timeout=60, poll=0.05)
+  assert ckpt.complete_steps(str(workdir / "checkpoints")) == [3, 4]
+
+
+def test_evaluation_names_the_step_it_scored_after_waiting_for_a_save(reference, tmp_path,
+                                                                       capsys):
+  """Checkpoint 8 is being committed when the evaluation starts: it waits and scores step 8 (not
+  7), and says so on the console and in --out."""
+  from dft_jax.evaluate import cli as evaluate_cli  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / "run"
+  shutil.copytree(reference, workdir)
+  last = workdir / "checkpoints" / str(STEPS)
+  in_flight = last.with_name(f"{STEPS}{ckpt.TMP_SUFFIX}")
+  os.rename(last, in_flight)
+  as_if_training(workdir)
+  threading.Timer(1.0, os.rename, (in_flight, last)).start()
+  out = tmp_path / "eval.json"
+  evaluate_cli.cli_main(["dft_jax.evaluate", f"--model={workdir}",
+                         "--config.eval.suites=target_probs", "--config.eval.num_hist=2",
+                         f"--out={out}"])
+  assert f"{workdir} checkpoint step {STEPS} (base: " in capsys.readouterr().out
+  assert json.loads(out.read_text())["step"] == STEPS
 
 
 # ----------------------------------------------------------------------------- one run per workdir
