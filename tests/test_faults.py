@@ -487,9 +487,9 @@ def test_a_reader_waits_while_the_live_run_commits_a_checkpoint(tmp_path):
 
 
 def test_evaluation_names_the_step_it_scored_after_waiting_for_a_save(reference, tmp_path,
-                                                                       capsys):
-  """Checkpoint 8 is being committed when the evaluation starts: it waits and scores step 8 (not
-  7), and says so on the console and in --out."""
+                                                                       capsys, monkeypatch):
+  """Checkpoint 8 is being committed when the evaluation looks (its commit lands 0.5 s after the
+  first look): it waits and scores step 8, not 7, and says so on the console and in --out."""
   from dft_jax.evaluate import cli as evaluate_cli  # pylint: disable=g-import-not-at-top
   workdir = tmp_path / "run"
   shutil.copytree(reference, workdir)
@@ -497,7 +497,15 @@ def test_evaluation_names_the_step_it_scored_after_waiting_for_a_save(reference,
   in_flight = last.with_name(f"{STEPS}{ckpt.TMP_SUFFIX}")
   os.rename(last, in_flight)
   as_if_training(workdir)
-  threading.Timer(1.0, os.rename, (in_flight, last)).start()
+  commit = threading.Timer(0.5, os.rename, (in_flight, last))
+  looks = ckpt.saves_in_progress
+
+  def commit_soon_after_the_first_look(path):
+    if not commit.is_alive() and not last.exists():
+      commit.start()
+    return looks(path)
+
+  monkeypatch.setattr(ckpt, "saves_in_progress", commit_soon_after_the_first_look)
   out = tmp_path / "eval.json"
   evaluate_cli.cli_main(["dft_jax.evaluate", f"--model={workdir}",
                          "--config.eval.suites=target_probs", "--config.eval.num_hist=2",
