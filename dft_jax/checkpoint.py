@@ -3,9 +3,11 @@
 Layout of a workdir:
   config.json              the run's full config (written once, checked on resume)
   run.lock                 held while a run uses the workdir (dft_jax/run_control.py)
-  checkpoints/<step>/      orbax items: `params` and `optimizer` (sharded arrays) and `data` (the
-                           data iterator's JSON state); the step is the folder's name. Inference
-                           (evaluate, export, generate) restores `params` alone.
+  checkpoints/<step>/      orbax items: `params` and `optimizer` (sharded arrays), `data` (the
+                           data iterator's JSON state) and `progress` (the run's figures so far,
+                           loop.run_progress: its first and latest loss, steps, time, tokens); the
+                           step is the folder's name. Inference (evaluate, export, generate)
+                           restores `params` alone.
   checkpoints/<step>/checksums.json   the sha256 of every file of the items
   rejected_checkpoints/<step>/        checkpoints a resumed run found unusable, kept for a look
 Orbax writes each step into a temporary folder and renames it when complete, so a run killed
@@ -49,6 +51,7 @@ MANIFEST = "checksums.json"
 COMMIT_RECORDS = ("_CHECKPOINT_METADATA", "commit_success.txt")
 TMP_SUFFIX = ocp.path.atomicity_types.TMP_DIR_SUFFIX
 REJECTED_DIR = "rejected_checkpoints"
+OPTIONAL_ITEMS = ("progress",)  # restored when a checkpoint has them
 SAVE_WAIT_S = 600  # longest wait of a reader (evaluate, export, generate) for a save to commit
 # Fields a resumed run may change: how long it trains (a longer train.num_steps extends the run and
 # its learning-rate schedule), how a step is laid out on the devices, what the run logs, how it
@@ -180,9 +183,10 @@ def _reason(e):
   return text[:400]
 
 
-def save(manager, step, state, data_state, blocking=False):
-  """Starts saving TrainState `state` as checkpoint `step` (and waits for its commit when
-  `blocking`); returns whether a save was started.
+def save(manager, step, state, data_state, blocking=False, progress=None):
+  """Starts saving TrainState `state` as checkpoint `step` with the data iterator's state and the
+  run's `progress` (a JSON dict; None: none), and waits for its commit when `blocking`; returns
+  whether a save was started.
 
   Raises CheckpointError, with nothing written, when `state` holds NaN or inf, and when a write
   fails (an async write reports its failure at the next save or `wait`).
@@ -194,6 +198,8 @@ def save(manager, step, state, data_state, blocking=False):
   items = dict(params=ocp.args.StandardSave(state.params),
                optimizer=ocp.args.StandardSave(state.opt_state),
                data=ocp.args.JsonSave(data_state))
+  if progress is not None:
+    items["progress"] = ocp.args.JsonSave(progress)
   try:
     started = manager.save(step, args=ocp.args.Composite(**items))
     if blocking:
@@ -260,6 +266,8 @@ def _try_restore(manager, step, items):
   """(restored items, None) or (None, why checkpoint `step` cannot be used). Process 0 checks the
   files against checksums.json; every process must read it with orbax."""
   folder = os.path.join(manager.directory, str(step))
+  items = {name: item for name, item in items.items()  # older checkpoints have no progress
+           if name not in OPTIONAL_ITEMS or os.path.isdir(os.path.join(folder, name))}
   problem = damage(folder, items) if jax.process_index() == 0 else None
   if not run_control.process0_says(problem is None):
     return None, problem or "process 0 found it damaged"
@@ -324,21 +332,21 @@ def _abstract(tree):
 
 
 def restore(manager, state):
-  """(TrainState, data_state) of the newest usable checkpoint: `state`'s parameters and optimizer
-  state replaced by the checkpoint's, restored onto their shardings (its frozen LoRA base is not
-  in checkpoints and stays); None when there is no complete checkpoint. Unusable newer
-  checkpoints are moved to rejected_checkpoints/ (see `_newest_usable`); CheckpointError when none
-  is usable."""
+  """(TrainState, data_state, progress) of the newest usable checkpoint: `state`'s parameters and
+  optimizer state replaced by the checkpoint's, restored onto their shardings (its frozen LoRA base
+  is not in checkpoints and stays), progress None for a checkpoint written without one; None when
+  there is no complete checkpoint. Unusable newer checkpoints are moved to rejected_checkpoints/
+  (see `_newest_usable`); CheckpointError when none is usable."""
   steps = complete_steps(manager.directory)
   if not steps:
     return None
   step, restored = _newest_usable(manager, dict(
       params=ocp.args.StandardRestore(_abstract(state.params)),
       optimizer=ocp.args.StandardRestore(_abstract(state.opt_state)),
-      data=ocp.args.JsonRestore()), steps, set_aside=True)
+      data=ocp.args.JsonRestore(), progress=ocp.args.JsonRestore()), steps, set_aside=True)
   state = state.replace(step=jax.device_put(jnp.asarray(step, jnp.int32), state.step.sharding),
                         params=restored["params"], opt_state=restored["optimizer"])
-  return state, restored["data"]
+  return state, restored["data"], restored.get("progress")
 
 
 def saves_in_progress(workdir):

@@ -83,6 +83,27 @@ class Recorder:
     logging.warning("%s; the update was skipped (train.nonfinite='skip')", message)
 
 
+FIGURES = ("loss", "target_prob", "entropy")  # a run's first and last step in its summary
+
+
+def run_progress(earlier, history):
+  """The whole run's progress through the last step of `history` (this process's Recorder rows),
+  after `earlier` (the progress saved with the checkpoint this process resumed from; None for a
+  new run): {"first", "last": FIGURES of the run's first and latest step, "steps": the latest
+  step, "train_seconds", "tokens", "skipped": sums over every step so far}. Saved with each
+  checkpoint, it lets a resumed run's summary cover the whole run."""
+  earlier = earlier or dict(first=None, last=None, steps=0, train_seconds=0.0, tokens=0,
+                            skipped=0)
+  if not history:
+    return earlier
+  figures = lambda row: {key: row.get(key) for key in FIGURES}
+  return dict(first=earlier["first"] or figures(history[0]), last=figures(history[-1]),
+              steps=history[-1]["step"],
+              train_seconds=earlier["train_seconds"] + sum(h["step_seconds"] for h in history),
+              tokens=earlier["tokens"] + int(sum(h["tokens"] for h in history)),
+              skipped=earlier["skipped"] + int(sum(h["skipped"] for h in history)))
+
+
 def train_loop(state, train_step, batches, *, num_steps, record, frozen=None,
                save=None, checkpoint_every=0, stop=None):
   """Runs `train_step` from step state.step + 1 through num_steps; returns the last state.

@@ -461,3 +461,41 @@ def _with(opt_cfg, dtype):
   c = opt_cfg.copy_and_resolve_references()
   c.mu_dtype, c.nu_dtype = dtype, dtype
   return c
+
+
+def test_a_resumed_runs_summary_covers_the_whole_run(tmp_path):
+  """First loss from step 1 (not the resumed process's first step), tokens/s and time of every
+  step, and what this process did beside it."""
+  straight = train.train_and_evaluate(tiny_config(tmp_path, train__num_steps=4),
+                                      str(tmp_path / "straight"))
+  train.train_and_evaluate(tiny_config(tmp_path, train__num_steps=2), str(tmp_path / "resumed"))
+  resumed = train.train_and_evaluate(tiny_config(tmp_path, train__num_steps=4),
+                                     str(tmp_path / "resumed"))
+  rows = read_jsonl(tmp_path / "resumed" / "metrics.jsonl")
+  for key in ("loss", "target_prob", "entropy"):
+    assert resumed[f"train_{key}"] == straight[f"train_{key}"] == {
+        "first": rows[0][key], "last": rows[-1][key]}
+  seconds = sum(r["step_seconds"] for r in rows)
+  assert resumed["train_seconds"] == pytest.approx(seconds, abs=0.1)
+  assert resumed["tokens_per_s"] == pytest.approx(sum(r["tokens"] for r in rows) / seconds, rel=1e-3)
+  this = resumed["this_process"]
+  assert this["steps"] == [3, 4] and this["train_seconds"] == pytest.approx(
+      sum(r["step_seconds"] for r in rows[2:]), abs=0.1)
+  assert "this process: steps 3-4 in" in train.format_summary(resumed)
+
+
+def test_a_run_resumed_at_its_last_step_keeps_its_training_figures(tmp_path):
+  """Killed after its last checkpoint, before summary.json (say, in the final evaluation): the
+  same command trains no step and reports the run's figures, not 0 tokens/s."""
+  config = tiny_config(tmp_path, train__num_steps=2)
+  first = train.train_and_evaluate(config, str(tmp_path / "run"))
+  (tmp_path / "run" / "summary.json").unlink()
+  again = train.train_and_evaluate(config, str(tmp_path / "run"))
+  for key in ("train_loss", "train_target_prob", "train_entropy", "tokens_per_s", "steps",
+              "skipped_steps"):
+    assert again[key] == first[key], key
+  assert again["train_seconds"] == pytest.approx(first["train_seconds"], abs=0.1)
+  assert again["this_process"] == {"steps": [], "train_seconds": 0.0, "tokens_per_s": None}
+  table = train.format_summary(again)
+  assert "loss (first -> last step)" in table and " 0 tokens/s" not in table
+  assert "this process: no step left to train" in table
