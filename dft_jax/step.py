@@ -89,6 +89,14 @@ def validate(config, num_devices, process_count=1):
   check_number("optimizer.b2", o.b2, minimum=0, below=1)
   check_number("optimizer.eps", o.eps, above=0)
   check_number("optimizer.grad_clip_norm", o.grad_clip_norm, minimum=0)  # 0: no clipping
+  updates = t.num_steps * t.minibatches
+  if o.warmup_steps >= updates:  # the schedule counts updates
+    per_step = (f" x train.minibatches={t.minibatches} = {updates} updates"
+                if t.minibatches > 1 else "")
+    raise ConfigError(
+        f"optimizer.warmup_steps={o.warmup_steps} must be below train.num_steps={t.num_steps}"
+        f"{per_step}: the run would end before its learning rate reaches "
+        f"optimizer.learning_rate={o.learning_rate}; lower the warm-up or train longer")
 
 
 # ----------------------------------------------------------------------------- optimizer

@@ -237,6 +237,11 @@ def test_logs_tensorboard_and_jsonl(tmp_path):
     (dict(train__nonfinite="ignore"), "train.nonfinite='ignore'"),
     (dict(mesh__data=3), "mesh"),
     (dict(model__name="/no/such/model"), "model '/no/such/model' not found"),
+    (dict(optimizer__warmup_steps=4), "optimizer.warmup_steps=4 must be below train.num_steps=4: "
+                                      "the run would end before its learning rate reaches "
+                                      "optimizer.learning_rate=0.001"),
+    (dict(optimizer__warmup_steps=9, train__minibatches=2, train__global_batch_size=16),
+     "optimizer.warmup_steps=9 must be below train.num_steps=4 x train.minibatches=2 = 8 updates"),
 ])
 def test_config_errors_name_the_field(tmp_path, override, message):
   config = tiny_config(tmp_path, **override)
