@@ -101,6 +101,8 @@ def get_config(arg=None):
       b2=0.95,                       # AdamW second-moment decay
       eps=1e-8,                      # AdamW epsilon
       grad_clip_norm=1.0,            # clip the global gradient norm to this (0: no clipping)
+      max_update_ratio=1.0,          # skip an update moving the parameters by more than this
+                                     # times their norm (a learning rate far too large; 0: off)
       mu_dtype=placeholder(str),     # AdamW first moment: None (= params) | bfloat16
       nu_dtype=placeholder(str),     # second moment: None (optax.adamw) | bfloat16 (b2 <= 0.99)
   ))

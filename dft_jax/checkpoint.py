@@ -55,8 +55,10 @@ OPTIONAL_ITEMS = ("progress",)  # restored when a checkpoint has them
 SAVE_WAIT_S = 600  # longest wait of a reader (evaluate, export, generate) for a save to commit
 # Fields a resumed run may change: how long it trains (a longer train.num_steps extends the run and
 # its learning-rate schedule), how a step is laid out on the devices, what the run logs, how it
-# checkpoints and evaluates. None of them changes what a step computes (up to float rounding).
-RESUMABLE = ("train.num_steps", "train.microbatches", "train.nonfinite", "mesh.",
+# checkpoints and evaluates, the guards against bad updates. None of them changes what a step
+# computes (up to float rounding), but whether a bad update is skipped.
+RESUMABLE = ("train.num_steps", "train.microbatches", "train.nonfinite",
+             "optimizer.max_update_ratio", "mesh.",
              "model.attention", "model.remat", "model.lm_head_chunk",
              "data.num_proc", "data.cache_dir", "data.error_on_dropped", "data.allow_changed",
              "checkpoint.", "eval.", "log.")

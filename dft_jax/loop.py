@@ -34,17 +34,20 @@ def host_metrics(metrics):
 class Recorder:
   """Reads each step's device metrics: adds step_seconds, tokens_per_s, the learning rate and MFU
   (when the chip's peak is known), keeps them in `history`, writes every `log_every`-th step (and
-  the last) to `writer`, and applies train.nonfinite to a skipped update: 'skip' logs a warning,
-  'stop' raises NonFiniteError.
+  the last) to `writer`, and applies train.nonfinite to a skipped update (non-finite, or larger
+  than max_update_ratio allows: the step's guards): 'skip' logs a warning, 'stop' raises
+  NonFiniteError.
 
   schedule / minibatches: the optimizer's schedule and updates per step (the learning rate of a
-  step is that of its last update); flops_per_token: throughput.flops_per_token of the run.
+  step is that of its last update); flops_per_token: throughput.flops_per_token of the run;
+  max_update_ratio: optimizer.max_update_ratio, named when an update is skipped for its size.
   """
 
   def __init__(self, *, num_steps, schedule=None, minibatches=1, flops_per_token=None,
-               nonfinite="skip", writer=None, log_every=1):
+               nonfinite="skip", writer=None, log_every=1, max_update_ratio=None):
     self.num_steps, self.schedule, self.minibatches = num_steps, schedule, minibatches
     self.nonfinite, self.writer, self.log_every = nonfinite, writer, log_every
+    self.max_update_ratio = max_update_ratio
     self.flops_per_token = flops_per_token
     self.peak = throughput.peak_flops(jax.devices()[0])
     self.history = []
@@ -70,14 +73,21 @@ class Recorder:
     if self.writer is not None and (step % self.log_every == 0 or step == self.num_steps):
       self.writer.write(step, scalars, histograms)
     if scalars["skipped"] > 0:
-      self._nonfinite(step, scalars, batch_position)
+      self._skipped(step, scalars, batch_position)
     return scalars
 
-  def _nonfinite(self, step, scalars, batch_position):
+  def _skipped(self, step, scalars, batch_position):
+    position = {k: v for k, v in (batch_position or {}).items() if k != "content"}
     where = ("" if batch_position is None else
-             f" on the batch starting at data position {json.dumps(batch_position)}")
-    message = (f"step {step}: non-finite loss or gradient (loss={scalars['loss']}, "
-               f"grad_norm={scalars['grad_norm']}){where}")
+             f" on the batch starting at data position {json.dumps(position)}")
+    if scalars.get("oversized", 0) >= scalars["skipped"]:
+      message = (f"step {step}: the update would move the parameters by "
+                 f"{scalars['update_ratio']:.3g} times their norm, more than "
+                 f"optimizer.max_update_ratio={self.max_update_ratio} allows (a learning rate far "
+                 f"too large: optimizer.learning_rate, its schedule){where}")
+    else:
+      message = (f"step {step}: non-finite loss or gradient (loss={scalars['loss']}, "
+                 f"grad_norm={scalars['grad_norm']}){where}")
     if self.nonfinite == "stop":
       raise NonFiniteError(message + "; stopping (train.nonfinite='stop')")
     logging.warning("%s; the update was skipped (train.nonfinite='skip')", message)

@@ -7,7 +7,9 @@ Per global batch [G, T] (rows sharded over the mesh's (data, fsdp) axes), the st
   2. makes K optimizer updates, each on 1/K of the rows, each summing the gradients of
      train.microbatches accumulation slices (a lax.scan), all against the same old_logp;
   3. keeps parameters and optimizer state unchanged on an update whose loss or gradient norm is
-     not finite, and counts it (`skipped`).
+     not finite, or that would move the parameters by more than optimizer.max_update_ratio times
+     their norm (||update|| / ||params||, `update_ratio`: a learning rate far too large), and counts
+     it (`skipped`; `oversized` the updates skipped for their size).
 The loss normalisation uses the token / sequence counts of each update's whole minibatch, so
 slices and devices give the gradient of one big batch. The step also reads, never updates,
 `Frozen`: with LoRA the frozen base; without it a copy of the starting parameters when the
@@ -89,6 +91,7 @@ def validate(config, num_devices, process_count=1):
   check_number("optimizer.b2", o.b2, minimum=0, below=1)
   check_number("optimizer.eps", o.eps, above=0)
   check_number("optimizer.grad_clip_norm", o.grad_clip_norm, minimum=0)  # 0: no clipping
+  check_number("optimizer.max_update_ratio", o.get("max_update_ratio", 0.0), minimum=0)  # 0: off
   updates = t.num_steps * t.minibatches
   if o.warmup_steps >= updates:  # the schedule counts updates
     per_step = (f" x train.minibatches={t.minibatches} = {updates} updates"
@@ -376,6 +379,7 @@ def make_train_step(graphdef, tx, config, mesh, state_shardings, frozen_sharding
   # forward-only pass with the snapshot's parameters, before the updates (with LoRA the snapshot
   # is a copy of the adapters only).
   snapshot_forward = "old_logp" in needs and t.minibatches > 1
+  max_update_ratio = config.optimizer.get("max_update_ratio", 0.0)
 
   def reference(params, frozen, mb):
     """(hidden states, head weight) of the reference model, without gradient."""
@@ -441,17 +445,21 @@ def make_train_step(graphdef, tx, config, mesh, state_shardings, frozen_sharding
       finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
       updates, new_opt_state = tx.update(grads, opt_state, params)
       new_params = optax.apply_updates(params, updates)
-      keep_if_finite = lambda new, prev: jax.tree.map(lambda a, b: jnp.where(finite, a, b),
-                                                      new, prev)
-      carry = (keep_if_finite(new_params, params), keep_if_finite(new_opt_state, opt_state))
-      return carry, dict(mets, loss=loss, grad_norm=grad_norm,
-                         skipped=1.0 - finite.astype(jnp.float32))
+      update_ratio = optax.tree.norm(updates) / optax.tree.norm(params)  # ||dtheta|| / ||theta||
+      oversized = finite & (update_ratio > max_update_ratio if max_update_ratio else False)
+      keep = finite & ~oversized
+      keep_if_ok = lambda new, prev: jax.tree.map(lambda a, b: jnp.where(keep, a, b), new, prev)
+      carry = (keep_if_ok(new_params, params), keep_if_ok(new_opt_state, opt_state))
+      return carry, dict(mets, loss=loss, grad_norm=grad_norm, update_ratio=update_ratio,
+                         skipped=1.0 - keep.astype(jnp.float32),
+                         oversized=oversized.astype(jnp.float32))
 
     (params, opt_state), per_update = jax.lax.scan(
         minibatch_update, (state.params, state.opt_state), (split, old_logp, first_update))
     summed = jax.tree.map(lambda v: v.sum(0), per_update)
     out = objectives.finalize_metrics(summed)
     out.update(loss=summed["loss"] / t.minibatches, grad_norm=summed["grad_norm"] / t.minibatches,
+               update_ratio=summed["update_ratio"] / t.minibatches,
                skipped=summed["skipped"], tokens=(batch["segment_ids"] > 0).sum(),
                loss_tokens=batch["loss_mask"].sum())
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), out

@@ -126,7 +126,8 @@ def run(config, workdir):
   recorder = loop.Recorder(
       num_steps=t.num_steps, schedule=schedule, minibatches=t.minibatches,
       flops_per_token=step_lib.train_flops_per_token(state, frozen, model_config, t.seq_len),
-      nonfinite=t.nonfinite, writer=writer, log_every=config.log.every_steps)
+      nonfinite=t.nonfinite, writer=writer, log_every=config.log.every_steps,
+      max_update_ratio=config.optimizer.max_update_ratio)
   with run_control.StopSignals() as signals, ckpt.finishing_saves(manager):
     try:
       state = loop.train_loop(

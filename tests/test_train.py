@@ -504,3 +504,24 @@ def test_a_run_resumed_at_its_last_step_keeps_its_training_figures(tmp_path):
   table = train.format_summary(again)
   assert "loss (first -> last step)" in table and " 0 tokens/s" not in table
   assert "this process: no step left to train" in table
+
+
+def test_a_learning_rate_far_too_large_never_reaches_a_checkpoint(tmp_path, caplog):
+  """lr = 1e30 makes a finite update of parameters ~1e30: every update is skipped for its size
+  (optimizer.max_update_ratio), said on each step, and the checkpoint holds the starting
+  parameters; a sane learning rate skips nothing."""
+  import logging  # pylint: disable=g-import-not-at-top
+  config = tiny_config(tmp_path, train__num_steps=3, optimizer__learning_rate=1e30)
+  with caplog.at_level(logging.WARNING):
+    summary = train.train_and_evaluate(config, str(tmp_path / "huge"))
+  assert summary["skipped_steps"] == 3
+  warned = [r.getMessage() for r in caplog.records if "times their norm" in r.getMessage()]
+  assert len(warned) == 3 and "more than optimizer.max_update_ratio=1.0 allows" in warned[0]
+  rows = read_jsonl(tmp_path / "huge" / "metrics.jsonl")
+  assert all(r["update_ratio"] > 1e20 and r["oversized"] == 1 for r in rows)
+  trained = nnx.state(checkpoint.restore_model(str(tmp_path / "huge"))[0])
+  assert_trees_close(trained, nnx.state(models.load(TINY)[0]), rtol=0, atol=0)
+  sane = train.train_and_evaluate(tiny_config(tmp_path, train__num_steps=3),
+                                  str(tmp_path / "sane"))
+  assert sane["skipped_steps"] == 0
+  assert all(0 < r["update_ratio"] < 0.1 for r in read_jsonl(tmp_path / "sane" / "metrics.jsonl"))
