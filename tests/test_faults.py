@@ -645,6 +645,25 @@ def test_nan_batch_is_skipped_and_only_finite_states_are_saved(rows_dir, env, tm
   assert_same_state(states[2], states[1])
   assert states[3]["['params']['embed']['value']"].tobytes() != \
       states[2]["['params']['embed']['value']"].tobytes()
+  assert len(warning_lines(result.stderr, "step 2: non-finite loss or gradient")) == 1
+  assert "NaN or Inf" not in result.stderr  # TensorBoard's own warning, once per NaN metric
+
+
+def test_metric_writers_write_nan_without_a_warning_per_value(tmp_path, caplog):
+  """TensorBoard's writer warns for every NaN scalar it is given (a step whose loss is NaN has
+  dozens): the value is written, the warning is not shown."""
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  from dft_jax import metrics  # pylint: disable=g-import-not-at-top
+  writer = metrics.TensorBoardWriter(str(tmp_path))
+  with caplog.at_level(logging.WARNING):
+    for step in range(1, 4):
+      writer.write(step, {name: float("nan") for name in ("loss", "grad_norm", "entropy")})
+    writer.close()
+  assert "NaN" not in caplog.text
+  acc = event_accumulator.EventAccumulator(str(tmp_path))
+  acc.Reload()
+  assert [e.step for e in acc.Scalars("loss")] == [1, 2, 3]
+  assert all(np.isnan(e.value) for e in acc.Scalars("grad_norm"))
 
 
 def test_nan_batch_stops_the_run_with_one_line(rows_dir, env, tmp_path):
