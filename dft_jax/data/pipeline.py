@@ -304,6 +304,24 @@ class PackedIterator(_Batches):
     self.epoch, self.row = epoch, row
 
 
+class _RowStream:
+  """An IterableDataset read epoch by epoch: `open(epoch, skip)` positions it at row `skip` of
+  `epoch` (re-reading the rows before it; set_epoch reshuffles a shuffled stream), `read(n)` gives
+  its next n rows (library errors become one DataError naming the source's file)."""
+
+  def __init__(self, dataset, source):
+    self._dataset, self._source, self._rows = dataset, source, iter(())
+
+  def open(self, epoch, skip):
+    self._dataset.set_epoch(epoch)
+    self._rows = iter(self._dataset)
+    self.read(skip)
+
+  def read(self, n):
+    with self._source.reading():
+      return list(itertools.islice(self._rows, n))
+
+
 class StreamingIterator(_Batches):
   """Endless batches over an IterableDataset, packed window by window (see the module docstring)."""
 
@@ -316,7 +334,7 @@ class StreamingIterator(_Batches):
       ds = datasets.distributed.split_dataset_by_node(ds, self.process_index, self.process_count)
     if data_cfg.shuffle_buffer:
       ds = ds.shuffle(seed=self.seed, buffer_size=data_cfg.shuffle_buffer)
-    self._ds, self._encoder = ds, encoder
+    self._stream, self._encoder = _RowStream(ds, source), encoder
     settings = [data_cfg.source, self.seq_len, data_cfg.packing, self.max_segments, self.limit,
                 data_cfg.truncation, data_cfg.pack_window, data_cfg.shuffle_buffer]
     self._settings = hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:16]
@@ -327,18 +345,12 @@ class StreamingIterator(_Batches):
     window that starts there."""
     self.epoch, self.consumed, self.row = epoch, skip, 0
     self._usable = skip > 0  # any usable row this epoch? (an epoch entered mid-way is not judged)
-    self._ds.set_epoch(epoch)
-    self._rows_it = iter(self._ds)
-    self._read(skip)
+    self._stream.open(epoch, skip)
     self._next_window()
-
-  def _read(self, n):
-    with self.source.reading():
-      return list(itertools.islice(self._rows_it, n))
 
   def _next_window(self):
     """Reads, tokenises, crops and packs the next `data.pack_window` rows of this epoch."""
-    raw = self._read(self.cfg.pack_window)
+    raw = self._stream.read(self.cfg.pack_window)
     self._window, self._window_size = [], len(raw)
     if not raw:
       return
@@ -447,7 +459,7 @@ class _StreamPart:
     ds = source.dataset
     if data_cfg.shuffle_buffer:
       ds = ds.shuffle(seed=seed, buffer_size=data_cfg.shuffle_buffer)
-    self._ds, self._encoder = ds, encoder
+    self._stream, self._encoder = _RowStream(ds, source), encoder
     self._crop = functools.partial(crop_rows, limit=limit, data_cfg=data_cfg,
                                    locate=source.locate, stats=self.stats)
     self._open(0, 0)
@@ -464,17 +476,11 @@ class _StreamPart:
     """Positions the stream at row `skip` of `epoch` (re-reading the rows before it)."""
     self.epoch, self.consumed = epoch, skip
     self._usable = skip > 0  # an epoch entered mid-way is not judged
-    self._ds.set_epoch(epoch)
-    self._rows = iter(self._ds)
-    self._read(skip)
+    self._stream.open(epoch, skip)
     self._next_block()
 
-  def _read(self, n):
-    with self.source.reading():
-      return list(itertools.islice(self._rows, n))
-
   def _next_block(self):
-    raw = self._read(self.cfg.pack_window)
+    raw = self._stream.read(self.cfg.pack_window)
     self._block_size, self.taken = len(raw), 0
     self._block = encode_rows(self._encoder, raw, self.consumed, self._crop) if raw else []
     self.stats["kept"] += len(self._block)
