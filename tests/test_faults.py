@@ -364,7 +364,7 @@ def test_every_complete_checkpoint_carries_the_sha256_of_its_files(reference):
     for name in ("_CHECKPOINT_METADATA", "commit_success.txt", ckpt.MANIFEST):
       del on_disk[name]
     assert listed == on_disk
-    assert {path.split("/")[0] for path in listed} == {"params", "optimizer", "data"}
+    assert {path.split("/")[0] for path in listed} == {"params", "optimizer", "data", "progress"}
 
 
 def remove_a_file(folder):
