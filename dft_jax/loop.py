@@ -7,6 +7,7 @@ them and applies the non-finite policy. Checkpoints and stop requests are hooks 
 """
 import json
 import logging
+import math
 import time
 
 import jax
@@ -81,9 +82,11 @@ class Recorder:
     where = ("" if batch_position is None else
              f" on the batch starting at data position {json.dumps(position)}")
     if scalars.get("oversized", 0) >= scalars["skipped"]:
-      message = (f"step {step}: the update would move the parameters by "
-                 f"{scalars['update_ratio']:.3g} times their norm, more than "
-                 f"optimizer.max_update_ratio={self.max_update_ratio} allows (a learning rate far "
+      ratio = scalars["update_ratio"]
+      times = (f"{ratio:.3g} times" if math.isfinite(ratio)
+               else "more than 1e38 times (its norm overflows float32)")
+      message = (f"step {step}: the update would move the parameters by {times} their norm, "
+                 f"more than optimizer.max_update_ratio={self.max_update_ratio} allows (a learning rate far "
                  f"too large: optimizer.learning_rate, its schedule){where}")
     else:
       message = (f"step {step}: non-finite loss or gradient (loss={scalars['loss']}, "

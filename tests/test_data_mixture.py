@@ -15,8 +15,8 @@ TAGS = ("alpha", "beta", "gamma")
 
 def write_source(path, tag, n):
   """n rows {q, a} whose texts name `tag`."""
-  path.write_text("".join(json.dumps({"q": f"{tag} question {i}?", "a": f"{tag} answer {i}."}) + "\n"
-                          for i in range(n)))
+  path.write_text("".join(json.dumps({"q": f"{tag} question {i}?", "a": f"{tag} answer {i}."})
+                          + "\n" for i in range(n)))
   return str(path)
 
 

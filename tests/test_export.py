@@ -58,7 +58,8 @@ def rust_full_disk(tensors, path, metadata=None):
 
 
 @pytest.mark.parametrize("writer", [fill_the_disk(1 << 16), rust_full_disk])
-def test_a_full_disk_leaves_nothing_and_keeps_an_earlier_export(tiny, tmp_path, monkeypatch, writer):
+def test_a_full_disk_leaves_nothing_and_keeps_an_earlier_export(tiny, tmp_path, monkeypatch,
+                                                                 writer):
   model, tokenizer = tiny
   earlier = export.export_hf(model, tokenizer, tmp_path / "hf", source="runs/dft", step=2)
   before = {name: (earlier / name).read_bytes() for name in folder_files(earlier)}

@@ -454,7 +454,7 @@ def test_no_usable_checkpoint_is_one_error(reference, tmp_path):
   assert "\n" not in str(e.value)
 
 
-# ----------------------------------------------------------------------------- readers of a live run
+# ----------------------------------------------------------------------------- a live run's readers
 
 
 def as_if_training(workdir, pid=None):
@@ -652,7 +652,6 @@ def test_nan_batch_is_skipped_and_only_finite_states_are_saved(rows_dir, env, tm
 def test_metric_writers_write_nan_without_a_warning_per_value(tmp_path, caplog):
   """TensorBoard's writer warns for every NaN scalar it is given (a step whose loss is NaN has
   dozens): the value is written, the warning is not shown."""
-  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
   from dft_jax import metrics  # pylint: disable=g-import-not-at-top
   writer = metrics.TensorBoardWriter(str(tmp_path))
   with caplog.at_level(logging.WARNING):
@@ -660,7 +659,7 @@ def test_metric_writers_write_nan_without_a_warning_per_value(tmp_path, caplog):
       writer.write(step, {name: float("nan") for name in ("loss", "grad_norm", "entropy")})
     writer.close()
   assert "NaN" not in caplog.text
-  acc = event_accumulator.EventAccumulator(str(tmp_path))
+  acc = test_train.event_accumulator.EventAccumulator(str(tmp_path))
   acc.Reload()
   assert [e.step for e in acc.Scalars("loss")] == [1, 2, 3]
   assert all(np.isnan(e.value) for e in acc.Scalars("grad_norm"))

@@ -482,7 +482,8 @@ def test_a_resumed_runs_summary_covers_the_whole_run(tmp_path):
         "first": rows[0][key], "last": rows[-1][key]}
   seconds = sum(r["step_seconds"] for r in rows)
   assert resumed["train_seconds"] == pytest.approx(seconds, abs=0.1)
-  assert resumed["tokens_per_s"] == pytest.approx(sum(r["tokens"] for r in rows) / seconds, rel=1e-3)
+  tokens = sum(r["tokens"] for r in rows)
+  assert resumed["tokens_per_s"] == pytest.approx(tokens / seconds, rel=1e-3)
   this = resumed["this_process"]
   assert this["steps"] == [3, 4] and this["train_seconds"] == pytest.approx(
       sum(r["step_seconds"] for r in rows[2:]), abs=0.1)

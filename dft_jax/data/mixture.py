@@ -69,8 +69,8 @@ def validate(data_cfg):
     for key in entry:
       if key in RUN_FIELDS:
         raise ConfigError(
-            f"{where}.{key}: the {key.replace('_', ' ')} is the run's, shared by every source (every "
-            f"prompt is rendered one way, as evaluation renders it); set data.{key} instead")
+            f"{where}.{key}: the {key.replace('_', ' ')} is the run's, shared by every source "
+            f"(every prompt is rendered one way, as evaluation renders it); set data.{key} instead")
       if key not in allowed:
         raise ConfigError(f"{where} has no field {key!r}; a source takes {', '.join(allowed)}")
     if not isinstance(entry.get("source"), str) or not entry["source"].strip():

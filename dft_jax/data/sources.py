@@ -213,7 +213,8 @@ def _hub(name, subset, split, cache_dir, streaming):
                     f"{one_line(e)}; without a network, use a local file, a glob or a "
                     "save_to_disk folder") from None
   where = f"hub dataset {name}"
-  digests = {} if streaming else {where: {"sha256": ds._fingerprint, "bytes": None}}  # pylint: disable=protected-access
+  fingerprint = None if streaming else ds._fingerprint  # pylint: disable=protected-access
+  digests = {} if streaming else {where: {"sha256": fingerprint, "bytes": None}}  # its revision
   return Source(ds, RowLocator(where, f" (split {split!r})"), digests=digests)
 
 
