@@ -232,3 +232,13 @@ def test_inspect_shows_each_sources_rows_weight_and_share(tok, mixed):
            f"weight={weight}" in text
     assert f"[[{tag} answer 0.<|im_end|>]]" in text
   assert f"alpha = {mixed.sources[0]['source']} (weight 5 (50% of examples)): 30 rows read" in text
+
+
+def test_a_mixture_holds_no_rows_of_data_source_out(mixed, tmp_path):
+  """data.source is not a mixture's data: scoring 'its held-out rows' would score rows of a file
+  the run may have trained on whole (as one of its sources)."""
+  from dft_jax.data import holdout  # pylint: disable=g-import-not-at-top
+  mixed.source = mixed.sources[0]["source"]
+  assert holdout.holdout_size(mixed, 30) == 0
+  mixed.sources = ()
+  assert holdout.holdout_size(mixed, 30) == 1  # 5 % of a file's rows otherwise
