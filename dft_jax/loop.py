@@ -83,9 +83,9 @@ class Recorder:
              f" on the batch starting at data position {json.dumps(position)}")
     if scalars.get("oversized", 0) >= scalars["skipped"]:
       ratio = scalars["update_ratio"]
-      times = (f"{ratio:.3g} times" if math.isfinite(ratio)
-               else "more than 1e38 times (its norm overflows float32)")
-      message = (f"step {step}: the update would move the parameters by {times} their norm, "
+      times = (f"{ratio:.3g} times their norm" if math.isfinite(ratio)
+               else "more than 1e38 times their norm (the update's norm overflows float32)")
+      message = (f"step {step}: the update would move the parameters by {times}, "
                  f"more than optimizer.max_update_ratio={self.max_update_ratio} allows (a learning rate far "
                  f"too large: optimizer.learning_rate, its schedule){where}")
     else:

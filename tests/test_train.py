@@ -517,6 +517,7 @@ def test_a_learning_rate_far_too_large_never_reaches_a_checkpoint(tmp_path, capl
     summary = train.train_and_evaluate(config, str(tmp_path / "huge"))
   assert summary["skipped_steps"] == 3
   warned = [r.getMessage() for r in caplog.records if "times their norm" in r.getMessage()]
+  assert warned[0].startswith("step 1: the update would move the parameters by ")
   assert len(warned) == 3 and "more than optimizer.max_update_ratio=1.0 allows" in warned[0]
   rows = read_jsonl(tmp_path / "huge" / "metrics.jsonl")
   assert all(r["update_ratio"] > 1e20 and r["oversized"] == 1 for r in rows)
