@@ -193,7 +193,7 @@ def test_the_step_reports_each_sources_tokens_and_mean_loss(tmp_path, lm_head_im
   """Against a float64 reference from the model's own per-token log-probabilities: DFT's per-token
   loss -p log p averaged over each source's loss tokens, and each source's token counts."""
   import jax  # pylint: disable=g-import-not-at-top
-  from dft_jax import models, sharding  # pylint: disable=g-import-not-at-top
+  from dft_jax import models, objectives, sharding  # pylint: disable=g-import-not-at-top
   from dft_jax import step as step_lib  # pylint: disable=g-import-not-at-top
   from test_train import TINY, tiny_config  # pylint: disable=g-import-not-at-top
   config = tiny_config(tmp_path, model__lm_head_impl=lm_head_impl)
@@ -205,10 +205,12 @@ def test_the_step_reports_each_sources_tokens_and_mean_loss(tmp_path, lm_head_im
   batch = next(data.make_train_iterator(config.data, tokenizer, seq_len=64, global_batch_size=8,
                                         seed=0, max_segments=64, process_index=0, process_count=1))
   mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
-  graphdef, state, frozen, tx, _ = step_lib.init_train_state(model, config, mesh)
-  logp = np.asarray(step_lib.model_token_stats(model, batch, 96, ("logp",))["logp"], np.float64)
+  setting = objectives.validate(config.objective)
+  graphdef, state, frozen, tx, _ = step_lib.init_train_state(model, config, mesh, setting=setting)
+  logp = np.asarray(step_lib.model_token_stats(model, batch, 96, setting.stats)["logp"],
+                    np.float64)
   step = step_lib.make_train_step(graphdef, tx, config, mesh, step_lib.shardings_of(state),
-                                  step_lib.shardings_of(frozen), sources=names)
+                                  step_lib.shardings_of(frozen), setting=setting, sources=names)
   _, metrics = step(state, step_lib.global_batch(batch, mesh), frozen)
   metrics = jax.device_get(metrics)
   mask, per_token = batch["loss_mask"] > 0, -np.exp(logp) * logp
