@@ -142,6 +142,7 @@ def test_an_export_killed_while_writing_leaves_nothing_that_looks_like_a_model(t
   assert os.listdir(tmp_path) == ["hf"]
 
 
+@pytest.mark.slow
 def test_the_export_command_names_the_checkpoint_step(tmp_path, capsys):
   from dft_jax import train  # pylint: disable=g-import-not-at-top
   config = tiny_config(tmp_path, train__num_steps=2, checkpoint__every_steps=1)

@@ -486,6 +486,7 @@ def test_a_reader_waits_while_the_live_run_commits_a_checkpoint(tmp_path):
   assert ckpt.complete_steps(str(workdir / "checkpoints")) == [3, 4]
 
 
+@pytest.mark.slow
 def test_evaluation_names_the_step_it_scored_after_waiting_for_a_save(reference, tmp_path,
                                                                        capsys, monkeypatch):
   """Checkpoint 8 is being committed when the evaluation looks (its commit lands 0.5 s after the

@@ -473,6 +473,7 @@ def _with(opt_cfg, dtype):
   return c
 
 
+@pytest.mark.slow
 def test_a_resumed_runs_summary_covers_the_whole_run(tmp_path):
   """First loss from step 1 (not the resumed process's first step), tokens/s and time of every
   step, and what this process did beside it."""
@@ -495,6 +496,7 @@ def test_a_resumed_runs_summary_covers_the_whole_run(tmp_path):
   assert "this process: steps 3-4 in" in train.format_summary(resumed)
 
 
+@pytest.mark.slow
 def test_a_run_resumed_at_its_last_step_keeps_its_training_figures(tmp_path):
   """Killed after its last checkpoint, before summary.json (say, in the final evaluation): the
   same command trains no step and reports the run's figures, not 0 tokens/s."""
@@ -512,6 +514,7 @@ def test_a_run_resumed_at_its_last_step_keeps_its_training_figures(tmp_path):
   assert "this process: no step left to train" in table
 
 
+@pytest.mark.slow
 def test_a_learning_rate_far_too_large_never_reaches_a_checkpoint(tmp_path, caplog):
   """lr = 1e30 makes a finite update of parameters ~1e30: every update is skipped for its size
   (optimizer.max_update_ratio), said on each step, and the checkpoint holds the starting
