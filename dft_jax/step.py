@@ -65,6 +65,8 @@ def validate(config, num_devices, process_count=1):
     check_number(f"train.{name}", t[name], integer=True, minimum=1)
   check_number("train.seed", t.seed, integer=True, minimum=0)
   check_number("model.lm_head_chunk", config.model.lm_head_chunk, integer=True, minimum=1)
+  check_number("model.router_aux_loss_coef", config.model.get("router_aux_loss_coef"),
+               optional=True, minimum=0)
   if t.nonfinite not in ("skip", "stop"):
     raise ConfigError(f"train.nonfinite={t.nonfinite!r}: expected 'skip' or 'stop'")
   for axis in sharding.MESH_AXES:  # sizes, or -1 for the rest of the devices
@@ -256,14 +258,17 @@ def count_params(params):
 
 def train_flops_per_token(state, frozen, model_config, seq_len):
   """throughput.flops_per_token of this state: 6 N, or with LoRA 4 N_base + 6 N_adapters (N_base
-  from the shapes of the plain decoder: a quantised base packs two weights a byte)."""
+  from the shapes of the plain decoder: a quantised base packs two weights a byte); N counts the
+  parameters a token uses (a mixture of experts: its top k experts)."""
   from dft_jax import models  # pylint: disable=g-import-not-at-top
   from dft_jax import throughput  # pylint: disable=g-import-not-at-top
+  inactive = models.inactive_param_count(model_config)
   if frozen.base is None:
-    return throughput.flops_per_token(count_params(state.params), model_config, seq_len)
+    return throughput.flops_per_token(count_params(state.params) - inactive, model_config,
+                                      seq_len)
   base = nnx.eval_shape(lambda: models.Decoder(model_config, rngs=nnx.Rngs(0)))
-  return throughput.flops_per_token(count_params(nnx.state(base)), model_config, seq_len,
-                                    num_trainable=count_params(state.params))
+  return throughput.flops_per_token(count_params(nnx.state(base)) - inactive, model_config,
+                                    seq_len, num_trainable=count_params(state.params))
 
 
 # ----------------------------------------------------------------------------- the step
@@ -302,12 +307,26 @@ def model_token_stats(model, batch, chunk_size, stats, reference=None, extra_BxT
   """Per-token statistics (e.g. logp, entropy) of batch["targets"] through the chunked LM head;
   reference: the reference's (hidden states, head weight), for statistics that compare with it;
   extra_BxT: the statistics' per-token side inputs (lm_head.Statistic.side)."""
-  hidden_BxTxD, w_DxV = hidden_and_head(model, batch)
+  return head_token_stats(*hidden_and_head(model, batch), batch, chunk_size, stats, reference,
+                          extra_BxT)
+
+
+def head_token_stats(hidden_BxTxD, w_DxV, batch, chunk_size, stats, reference=None,
+                     extra_BxT=None):
+  """model_token_stats from the model's (hidden states, head weight)."""
   ref = {}
   if lm_head.needs_reference(stats):
     ref = dict(zip(("ref_hidden_BxTxD", "ref_w_DxV"), jax.lax.stop_gradient(reference)))
   return lm_head.token_stats(hidden_BxTxD, w_DxV, batch["targets"], chunk_size=chunk_size,
                              stats=stats, extra_BxT=extra_BxT, **ref)
+
+
+def with_router_loss(loss, metrics, router_loss, coef, share):
+  """A mixture-of-experts model's objective total: loss + coef * share * router_loss (the
+  load-balancing loss, models.decoder.load_balancing_loss), and the metric router_aux_loss;
+  share = 1 / the slices summed into one update, so the sums are means over them."""
+  total = loss + coef * share * router_loss
+  return total, dict(metrics, loss=total, router_aux_loss=share * router_loss)
 
 
 def token_keys(seed, step, shape):
@@ -405,9 +424,7 @@ def make_train_step(graphdef, tx, config, mesh, state_shardings, frozen_sharding
     return lm_head.token_stats(hidden_BxTxD, w_DxV, mb["targets"], chunk_size=chunk,
                                stats=(lm_head.LOGP,))["logp"]
 
-  def microbatch_loss(params, frozen, mb, old_logp_BxT, is_first, denominators):
-    model = merge_model(graphdef, params, frozen.base)
-    ref = reference(params, frozen, mb) if setting.needs_reference else None
+  def objective(mb, hidden_BxTxD, w_DxV, old_logp_BxT, is_first, ref, denominators):
     inputs = {}
     if snapshot_forward:
       inputs["old_logp"] = old_logp_BxT
@@ -416,18 +433,29 @@ def make_train_step(graphdef, tx, config, mesh, state_shardings, frozen_sharding
     if "token_key" in needs:
       inputs["token_key"] = mb["token_key"]
     if fused:
-      hidden_BxTxD, w_DxV = hidden_and_head(model, mb)
       current = is_first if snapshot_forward else "old_logp" in needs
       return objective_loss_fused(
           hidden_BxTxD, w_DxV, mb, setting, extra_BxT=inputs, current_old_logp=current,
           denominators=denominators, chunk_size=chunk, sources=sources)
-    stats = model_token_stats(model, mb, chunk, setting.stats, ref, inputs)
+    stats = head_token_stats(hidden_BxTxD, w_DxV, mb, chunk, setting.stats, ref, inputs)
     if "old_logp" in needs:
       current = jax.lax.stop_gradient(stats["logp"])
       inputs["old_logp"] = (jnp.where(is_first, current, old_logp_BxT) if snapshot_forward
                             else current)
     return objectives.objective_loss({**stats, **inputs}, mb, setting, denominators=denominators,
                                      sources=sources)
+
+  def microbatch_loss(params, frozen, mb, old_logp_BxT, is_first, denominators):
+    model = merge_model(graphdef, params, frozen.base)
+    ref = reference(params, frozen, mb) if setting.needs_reference else None
+    hidden_BxTxD, router_loss = model.hidden_states_and_router_loss(
+        mb["tokens"], positions_BxT=mb["positions"], segment_ids_BxT=mb["segment_ids"])
+    loss, metrics = objective(mb, hidden_BxTxD, model.head_weight(), old_logp_BxT, is_first, ref,
+                              denominators)
+    if not model.config.num_experts:
+      return loss, metrics
+    return with_router_loss(loss, metrics, router_loss, model.router_aux_loss_coef,
+                            1.0 / t.microbatches)
 
   grad_fn = jax.value_and_grad(microbatch_loss, has_aux=True)
 
@@ -473,6 +501,8 @@ def make_train_step(graphdef, tx, config, mesh, state_shardings, frozen_sharding
         minibatch_update, (state.params, state.opt_state), (split, old_logp, first_update))
     summed = jax.tree.map(lambda v: v.sum(0), per_update)
     out = objectives.finalize_metrics(summed)
+    if "router_aux_loss" in out:
+      out["router_aux_loss"] /= t.minibatches
     out.update(loss=summed["loss"] / t.minibatches, grad_norm=summed["grad_norm"] / t.minibatches,
                update_ratio=summed["update_ratio"] / t.minibatches,
                skipped=summed["skipped"], tokens=(batch["segment_ids"] > 0).sum(),
