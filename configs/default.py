@@ -57,6 +57,9 @@ def get_config(arg=None):
 
   c.data = ml_collections.ConfigDict(dict(
       source="builtin:arith_train",  # builtin:NAME | hub name | file | glob | save_to_disk folder
+      sources=(),                    # a weighted mixture instead of source: (dict(source=...,
+                                     # weight=W, name=..., and any of format, *_field, split,
+                                     # subset, max_rows, loss_on, streaming), ...) (docs/data.md)
       split="train",                 # hub / save_to_disk split; files: train (or train[:1000])
       subset=placeholder(str),       # hub dataset config name
       format="prompt_response",      # prompt_response | messages | text
@@ -84,6 +87,8 @@ def get_config(arg=None):
       shuffle_seed=placeholder(int),  # data order (None: train.seed)
       error_on_dropped=False,        # make dropped rows (too long, empty) an error
       cache_dir=placeholder(str),    # datasets cache folder (None: the datasets default)
+      allow_changed=False,           # resume although a data file changed since the checkpoint
+                                     # (from its position in the changed data); False: refused
   ))
 
   # name, aggregation (token_mean | seq_mean | sum_norm), norm_constant, entropy_coef, kl_coef,
@@ -100,6 +105,8 @@ def get_config(arg=None):
       b2=0.95,                       # AdamW second-moment decay
       eps=1e-8,                      # AdamW epsilon
       grad_clip_norm=1.0,            # clip the global gradient norm to this (0: no clipping)
+      max_update_ratio=1.0,          # skip an update moving the parameters by more than this
+                                     # times their norm (a learning rate far too large; 0: off)
       mu_dtype=placeholder(str),     # AdamW first moment: None (= params) | bfloat16
       nu_dtype=placeholder(str),     # second moment: None (optax.adamw) | bfloat16 (b2 <= 0.99)
   ))

@@ -13,7 +13,9 @@ the step reads its terms, statistics and needs, never config.objective. Per glob
   2. makes K optimizer updates, each on 1/K of the rows, each summing the gradients of
      train.microbatches accumulation slices (a lax.scan), all against the same old_logp;
   3. keeps parameters and optimizer state unchanged on an update whose loss or gradient norm is
-     not finite, and counts it (`skipped`).
+     not finite, or that would move the parameters by more than optimizer.max_update_ratio times
+     their norm (||update|| / ||params||, `update_ratio`: a learning rate far too large), and counts
+     it (`skipped`; `oversized` the updates skipped for their size).
 The loss normalisation uses the token / sequence counts of each update's whole minibatch, so
 slices and devices give the gradient of one big batch. The step also reads, never updates,
 `Frozen`: with LoRA the frozen base; without it a copy of the starting parameters when the
@@ -98,6 +100,15 @@ def validate(config, num_devices, process_count=1):
   check_number("optimizer.b2", o.b2, minimum=0, below=1)
   check_number("optimizer.eps", o.eps, above=0)
   check_number("optimizer.grad_clip_norm", o.grad_clip_norm, minimum=0)  # 0: no clipping
+  check_number("optimizer.max_update_ratio", o.get("max_update_ratio", 0.0), minimum=0)  # 0: off
+  updates = t.num_steps * t.minibatches
+  if o.warmup_steps >= updates:  # the schedule counts updates
+    per_step = (f" x train.minibatches={t.minibatches} = {updates} updates"
+                if t.minibatches > 1 else "")
+    raise ConfigError(
+        f"optimizer.warmup_steps={o.warmup_steps} must be below train.num_steps={t.num_steps}"
+        f"{per_step}: the run would end before its learning rate reaches "
+        f"optimizer.learning_rate={o.learning_rate}; lower the warm-up or train longer")
 
 
 # ----------------------------------------------------------------------------- optimizer
@@ -237,8 +248,8 @@ def init_train_state(model, config, mesh, *, setting):
 def global_batch(local_batch, mesh):
   """Process-local numpy rows -> one global jax.Array per key, rows sharded over (data, fsdp)."""
   sh = sharding.batch_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(sh, np.asarray(local_batch[k]))
-          for k in BATCH_KEYS}
+  keys = BATCH_KEYS + (("source_ids",) if "source_ids" in local_batch else ())  # a mixture's
+  return {k: jax.make_array_from_process_local_data(sh, np.asarray(local_batch[k])) for k in keys}
 
 
 def count_params(params):
@@ -330,7 +341,7 @@ def token_keys(seed, step, shape):
 
 def objective_loss_fused(hidden_BxTxD, w_DxV, batch, setting, *, extra_BxT=None,
                          current_old_logp=False, denominators=None, chunk_size=1024,
-                         compute_dtype=None):
+                         compute_dtype=None, sources=()):
   """objectives.objective_loss of the LM head's statistics, through lm_head.fused_loss: the same
   (loss, metrics) with d loss / d (hidden, w) formed in the head's forward pass.
 
@@ -367,7 +378,7 @@ def objective_loss_fused(hidden_BxTxD, w_DxV, batch, setting, *, extra_BxT=None,
       weights_BxT=weights_BxT, stats=setting.stats, extra_BxT=extra_BxT,
       chunk_size=chunk_size, compute_dtype=compute_dtype)
   _, metrics = objectives.objective_loss(with_old_logp({**stats_BxT, **extra_BxT}), batch,
-                                         setting, denominators=denominators)
+                                         setting, denominators=denominators, sources=sources)
   return loss, dict(metrics, loss=loss)
 
 
@@ -378,18 +389,19 @@ def fused_head_fits(setting):
           and all(lm_head.fused_capable(stat) for stat in setting.stats))
 
 
-def make_train_step(graphdef, tx, config, mesh, state_shardings, frozen_shardings, *, setting):
+def make_train_step(graphdef, tx, config, mesh, state_shardings, frozen_shardings, *, setting,
+                    sources=()):
   """The jitted `train_step(state, batch, frozen) -> (state, metrics)` of `step_function`, state
   donated, `batch` [G, T] sharded over the mesh's (data, fsdp) axes."""
   return jax.jit(
-      step_function(graphdef, tx, config, setting=setting,
+      step_function(graphdef, tx, config, setting=setting, sources=sources,
                     lora=frozen_shardings.base is not None),
       in_shardings=(state_shardings, sharding.batch_sharding(mesh), frozen_shardings),
       out_shardings=(state_shardings, sharding.replicated(mesh)),
       donate_argnums=(0,))
 
 
-def step_function(graphdef, tx, config, *, setting, lora):
+def step_function(graphdef, tx, config, *, setting, lora, sources=()):
   """`train_step(state, batch, frozen) -> (state, metrics)`, not jitted (make_train_step jits it
   over the mesh; the study vmaps it over a population of runs).
 
@@ -397,7 +409,9 @@ def step_function(graphdef, tx, config, *, setting, lora):
   `batch` holds the global batch [G, T]; `frozen` (init_train_state's Frozen) is read, never
   updated: with LoRA (lora=True) the frozen base, whose adapters-off model is then the reference
   (KL anchor, reference statistics); else frozen.reference, a copy of the starting parameters,
-  when the objective needs one.
+  when the objective needs one. `sources`: a mixture's source names (data.mixture.source_names):
+  the batch then holds source_ids and the metrics each source's tokens and mean loss
+  (source/NAME/...).
   """
   t, chunk = config.train, config.model.lm_head_chunk
   needs = setting.needs
@@ -407,6 +421,7 @@ def step_function(graphdef, tx, config, *, setting, lora):
   # forward-only pass with the snapshot's parameters, before the updates (with LoRA the snapshot
   # is a copy of the adapters only).
   snapshot_forward = "old_logp" in needs and t.minibatches > 1
+  max_update_ratio = config.optimizer.get("max_update_ratio", 0.0)
 
   def reference(params, frozen, mb):
     """(hidden states, head weight) of the reference model, without gradient."""
@@ -432,13 +447,14 @@ def step_function(graphdef, tx, config, *, setting, lora):
       current = is_first if snapshot_forward else "old_logp" in needs
       return objective_loss_fused(
           hidden_BxTxD, w_DxV, mb, setting, extra_BxT=inputs, current_old_logp=current,
-          denominators=denominators, chunk_size=chunk)
+          denominators=denominators, chunk_size=chunk, sources=sources)
     stats = head_token_stats(hidden_BxTxD, w_DxV, mb, chunk, setting.stats, ref, inputs)
     if "old_logp" in needs:
       current = jax.lax.stop_gradient(stats["logp"])
       inputs["old_logp"] = (jnp.where(is_first, current, old_logp_BxT) if snapshot_forward
                             else current)
-    return objectives.objective_loss({**stats, **inputs}, mb, setting, denominators=denominators)
+    return objectives.objective_loss({**stats, **inputs}, mb, setting, denominators=denominators,
+                                     sources=sources)
 
   def microbatch_loss(params, frozen, mb, old_logp_BxT, is_first, denominators):
     model = merge_model(graphdef, params, frozen.base)
@@ -482,14 +498,17 @@ def step_function(graphdef, tx, config, *, setting, lora):
       grad_norm = optax.tree.norm(grads)
       finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
       updates, new_opt_state = tx.update(grads, opt_state, params)
-      update_norm = optax.tree.norm(updates)  # the step's size: is an objective a smaller step?
       new_params = optax.apply_updates(params, updates)
-      keep_if_finite = lambda new, prev: jax.tree.map(lambda a, b: jnp.where(finite, a, b),
-                                                      new, prev)
-      carry = (keep_if_finite(new_params, params), keep_if_finite(new_opt_state, opt_state))
-      return carry, dict(mets, loss=loss, grad_norm=grad_norm,
-                         update_norm=jnp.where(finite, update_norm, 0.0),
-                         skipped=1.0 - finite.astype(jnp.float32))
+      update_norm = optax.tree.norm(updates)  # the step's size: is an objective a smaller step?
+      update_ratio = update_norm / optax.tree.norm(params)  # ||dtheta|| / ||theta||
+      oversized = finite & (update_ratio > max_update_ratio if max_update_ratio else False)
+      keep = finite & ~oversized
+      keep_if_ok = lambda new, prev: jax.tree.map(lambda a, b: jnp.where(keep, a, b), new, prev)
+      carry = (keep_if_ok(new_params, params), keep_if_ok(new_opt_state, opt_state))
+      return carry, dict(mets, loss=loss, grad_norm=grad_norm, update_ratio=update_ratio,
+                         update_norm=jnp.where(keep, update_norm, 0.0),
+                         skipped=1.0 - keep.astype(jnp.float32),
+                         oversized=oversized.astype(jnp.float32))
 
     (params, opt_state), per_update = jax.lax.scan(
         minibatch_update, (state.params, state.opt_state), (split, old_logp, first_update))
@@ -498,7 +517,9 @@ def step_function(graphdef, tx, config, *, setting, lora):
     if "router_aux_loss" in out:
       out["router_aux_loss"] /= t.minibatches
     out.update(loss=summed["loss"] / t.minibatches, grad_norm=summed["grad_norm"] / t.minibatches,
-               update_norm=summed["update_norm"] / t.minibatches, skipped=summed["skipped"], tokens=(batch["segment_ids"] > 0).sum(),
+               update_norm=summed["update_norm"] / t.minibatches,
+               update_ratio=summed["update_ratio"] / t.minibatches,
+               skipped=summed["skipped"], tokens=(batch["segment_ids"] > 0).sum(),
                loss_tokens=batch["loss_mask"].sum())
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), out
 

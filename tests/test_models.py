@@ -261,7 +261,7 @@ def test_export_cli_from_a_training_checkpoint(tmp_path, capsys):
   train.train_and_evaluate(config, str(tmp_path / "run"))
   export.cli_main(["dft_jax.export", f"--model={tmp_path / 'run'}", f"--out={tmp_path / 'out'}"])
   assert "exported llama" in capsys.readouterr().out
-  trained, _, _ = checkpoint.restore_model(str(tmp_path / "run"))
+  trained, _, _, _ = checkpoint.restore_model(str(tmp_path / "run"))
   back, _ = models.load(str(tmp_path / "out"))
   original, _ = models.load(str(FIXTURES / "tiny_llama"))
   moved = False
