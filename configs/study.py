@@ -90,7 +90,8 @@ def get_config(arg=None):
   c.optimizer.update(schedule="cosine", min_lr_ratio=0.1, weight_decay=0.0, grad_clip_norm=1.0)
   # max_new_tokens bounds the base model's replies to the general prompts (the KL set): one value
   # for both regimes keeps that set, and so the forgetting numbers, the same in both.
-  c.eval.update(in_domain=REGIME_SETS["model_weak"]["test"], samples=1,
+  c.eval.update(suites="in_domain,forgetting,target_probs",
+                in_domain=REGIME_SETS["model_weak"]["test"], samples=1,
                 factual_qa="builtin:factual_qa", heldout_text="builtin:heldout_text",
                 progress=False)
   c.study = ml_collections.ConfigDict(dict(
