@@ -15,5 +15,5 @@ export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.95}
   echo "XLA_FLAGS=${XLA_FLAGS:-}"
 } >> "$OUT/machine.txt"
 cat "$OUT/machine.txt"
-"$PY" benchmarks/train_step.py --sweep="${PLAN:-gpu}" --out="$OUT" --budget_s="${BUDGET_S:-420}" \
+"$PY" benchmarks/train_step.py --plan="${PLAN:-gpu}" --out="$OUT" --budget_s="${BUDGET_S:-420}" \
   2>&1 | tee "$OUT/sweep.txt"

@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from benchmarks import torch_peer
+from benchmarks import plans, torch_peer
 from benchmarks import train_step as bench
 from dft_jax.models import PRESETS
 
@@ -47,7 +47,7 @@ def test_peer_shapes_match_presets():
                 c.vocab_size, c.hidden_size, c.intermediate_size, c.num_layers, c.num_heads,
                 c.num_kv_heads, c.tie_word_embeddings)
     assert c.attention_bias and c.rope_theta == 1e6
-  assert {v["model"] for v in bench.PLANS["h200_7b"]} == {"qwen2.5-7b"}
+  assert {o["model.name"] for _, o in plans.PLANS["h200_7b"]} == {"preset:qwen2.5-7b"}
 
 
 def test_resolve_picks_fastest_policy_and_predicts_max_batch():
@@ -61,18 +61,22 @@ def test_resolve_picks_fastest_policy_and_predicts_max_batch():
            memory_analysis=dict(argument_bytes=3 * gib), peak_bytes=12 * gib, bytes_limit=40 * gib),
       dict(name="c", framework="jax", group="policy", status="oom", remat="dots_saveable"),
   ]
-  v = bench.resolve(dict(remat="best", batch="max"), records)
+  o = bench.resolve({"model.remat": "best", "train.global_batch_size": "max"}, records)
   # fixed = 3 GiB state + 1 GiB gradients; (12 - 4) / 4 = 2 GiB a row; (0.92 * 40 - 4) / 2 = 16.4
-  assert v == dict(remat="dots_saveable", batch=16)
+  assert o == {"model.remat": "dots_saveable", "train.global_batch_size": 16}
   assert bench.predicted_max_batch(records[0]) == 36  # (40 - 4) / ((8 - 4) / 4) GiB a row
   torch_record = dict(framework="torch", num_params=gib // 16, batch=2, peak_bytes=5 * gib,
                       bytes_limit=21 * gib)
   assert bench.predicted_max_batch(torch_record) == 10  # 1 GiB fixed, 2 GiB a row
 
 
+BASE_KNOBS = bench.knobs(bench.variant_config())
+
+
 def record(name, step_time_s, peak_gib=None, mfu=None, **fields):
-  """A finished sweep record: DEFAULTS' knobs, fields, and the timing of step_time_s."""
-  r = dict(bench.DEFAULTS, name=name, status="ok", step_time_s=step_time_s, mfu=mfu,
+  """A finished sweep record: the benchmark config's knobs, fields, and the timing of
+  step_time_s."""
+  r = dict(BASE_KNOBS, name=name, status="ok", step_time_s=step_time_s, mfu=mfu,
            peak_bytes=peak_gib * 2 ** 30 if peak_gib else None, **fields)
   r["tokens_per_step"] = r["batch"] * r["minibatches"] * r["seq_len"]
   r["tokens_per_s"] = r["tokens_per_step"] / step_time_s
@@ -138,10 +142,13 @@ def test_summary_reads_the_targets_off_the_records(tmp_path):
   assert json.loads((tmp_path / "h200.json").read_text())["summary"] == as_json(s)
 
 
+TINY_64 = {"model.name": "preset:tiny-qwen2", "train.global_batch_size": 2, "train.seq_len": 64,
+           "model.lm_head_chunk": 32, "model.compute_dtype": "float32"}
+
+
 def test_compiled_memory_counts_the_donated_state():
   """XLA's argument bytes = fp32 params + AdamW's two fp32 moments (+ counters and the batch)."""
-  v = dict(model="tiny-qwen2", batch=2, seq_len=64, lm_head_chunk=32, compute_dtype="float32")
-  mem = bench.compiled_memory(v)
+  mem = bench.compiled_memory(bench.variant_config(TINY_64))
   state = 3 * 4 * mem["num_params"]
   assert state <= mem["argument_bytes"] <= state + 4096 + 5 * 2 * 64 * 4
   assert mem["alias_bytes"] >= state  # donated: the new state reuses the old buffers
@@ -151,9 +158,8 @@ def test_compiled_memory_counts_the_donated_state():
 def test_compiled_memory_of_a_lora_step_holds_the_frozen_base():
   """With LoRA the step's arguments are the bf16 base (read, never donated) + the float32 adapters
   and their two AdamW moments (donated); nothing else of the model's size."""
-  v = dict(model="tiny-qwen2", batch=2, seq_len=64, lm_head_chunk=32, compute_dtype="float32",
-           lora_rank=4, param_dtype="bfloat16")
-  mem = bench.compiled_memory(v)
+  mem = bench.compiled_memory(bench.variant_config(
+      {**TINY_64, "lora.rank": 4, "model.param_dtype": "bfloat16"}))
   base = bench.base_param_count(PRESETS["tiny-qwen2"])
   adapters = mem["num_params"]  # what trains
   # 2 layers x rank 4 x (in + out) of q, o (64, 64), k, v (64, 32), gate, up, down (64, 128)
@@ -181,12 +187,12 @@ def assert_skipped_for(record, package):
 
 
 def test_smoke_sweep_writes_records_and_table(tmp_path):
-  proc = run_script(["benchmarks/train_step.py", "--sweep=smoke", f"--out={tmp_path}",
+  proc = run_script(["benchmarks/train_step.py", "--plan=smoke", f"--out={tmp_path}",
                      "--budget_s=600"], timeout=700)
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads((tmp_path / "train_step.json").read_text())
   records = {r["name"]: r for r in result["records"]}
-  assert list(records) == [v["name"] for v in bench.PLANS["smoke"]]
+  assert list(records) == [name for name, _ in plans.PLANS["smoke"]]
   psft = records["jax/psft/k2"]
   assert psft["status"] == "ok", psft.get("error")
   for key in RECORD_KEYS:
@@ -243,8 +249,8 @@ def check_lora_records(records, full):
 def test_head_benchmark_compares_the_heads():
   """benchmarks/head.py, the LM head alone (EAFT, tiny shapes): the fused head's record with its
   three matmuls a chunk, its gradients against the checkpointed head's, the top-k timings."""
-  variant = next(v for v in bench.PLANS["smoke"] if v["name"] == "head/eaft/fused")
-  proc = run_script(["benchmarks/head.py", "--variant", json.dumps(variant)])
+  overrides = dict(plans.SMOKE)["head/eaft/fused"]
+  proc = run_script(["benchmarks/head.py", *bench.override_flags(overrides)])
   assert proc.returncode == 0, proc.stderr[-3000:]
   record = json.loads(proc.stdout.splitlines()[-1][len("RESULT "):])
   assert record["status"] == "ok", record.get("error")
@@ -256,9 +262,10 @@ def test_head_benchmark_compares_the_heads():
 
 
 def test_breakdown_times_every_part(tmp_path):
-  """benchmarks/breakdown.py --smoke: each part and the whole step timed, one JSON record."""
+  """benchmarks/breakdown.py at configs/benchmark.py:smoke: each part and the whole step timed, one JSON record."""
   out = tmp_path / "breakdown.jsonl"
-  proc = subprocess.run([sys.executable, "-m", "benchmarks.breakdown", "--smoke", f"--out={out}"],
+  proc = subprocess.run([sys.executable, "-m", "benchmarks.breakdown",
+                         "--config=configs/benchmark.py:smoke", f"--out={out}"],
                         cwd=ROOT, capture_output=True, text=True, timeout=300,
                         env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert proc.returncode == 0, proc.stderr[-2000:]
@@ -288,16 +295,16 @@ def test_host_memory_puts_each_peak_after_the_line_of_its_phase(capsys):
 
 def test_segment_bound_holds_every_packed_row_and_reaches_the_config():
   """packed_rows never puts more documents in a row than segment_bound (so cuDNN's packed layout
-  keeps them apart), it is one run above the most a row can hold, and bench_config hands it to
+  keeps them apart), it is one run above the most a row can hold, and step_config hands it to
   model.max_segments."""
   from dft_jax.data import packing
-  v = dict(bench.DEFAULTS, seq_len=300, doc_len=(20, 90))
+  v = {"train.seq_len": 300, "bench.doc_len": (20, 90)}
   rows = bench.packed_rows(np.random.default_rng(0), 400, 300, 50, doc_len=(20, 90))
   runs = packing.segment_runs_per_row(rows["segment_ids"])
-  bound = bench.segment_bound(v)
+  bound = bench.segment_bound(bench.variant_config(v))
   assert bound == 16 and runs.max() <= bound
   fixed = bench.packed_rows(np.random.default_rng(0), 4, 300, 50, doc_len=(22, 22))
   assert packing.segment_runs_per_row(fixed["segment_ids"]).max() == 14  # 13 x 22 + a cut 14th
-  assert bench.segment_bound(dict(v, doc_len=(22, 22))) == 15
-  assert bench.bench_config(v).model.max_segments == bound
-  assert bench.segment_bound(dict(v, max_segments=40)) == 40
+  assert bench.segment_bound(bench.variant_config({**v, "bench.doc_len": (22, 22)})) == 15
+  assert bench.step_config(bench.variant_config(v)).model.max_segments == bound
+  assert bench.segment_bound(bench.variant_config({**v, "model.max_segments": 40})) == 40
