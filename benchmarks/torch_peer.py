@@ -26,7 +26,7 @@ Timing as in train_step.py: warm-up steps, then timed steps ended by torch.cuda.
 median. Peak memory: torch.cuda.max_memory_allocated. bench.probe_batches: afterwards, one step
 at each larger batch (peak reset before each) until one runs out of memory. MFU: tokens/s x
 dft_jax.throughput.flops_per_token (6 N + 12 L d T; with LoRA 4 N_base + 6 N_adapters + 12 L d T),
-as for our records. A missing package (torch, transformers, peft, liger_kernel) makes the record
+as for our records; mfu_segments: its rows' attention, causal over the whole row. A missing package (torch, transformers, peft, liger_kernel) makes the record
 `skipped`, naming it.
 """
 import importlib
@@ -198,6 +198,12 @@ def run_torch(config):
                 versions=bench.versions("torch", "transformers", "peft", "liger_kernel",
                                         "triton", "numpy"))
   record.update(bench.timing_fields(times[b.warmup:], rows * seq_len, flops, peak_flops))
+  record.update(bench.segment_fields(  # its rows are causal over all seq_len tokens
+      np.ones((rows, seq_len), np.int32), types.SimpleNamespace(
+          num_layers=s["num_hidden_layers"], num_heads=s["num_attention_heads"],
+          head_dim=s["hidden_size"] // s["num_attention_heads"]),
+      throughput.dense_flops_per_token(num_params, trainable if lora.rank else None),
+      record["tokens_per_s"], peak_flops))
   record["probes"] = probe(step, config, rng, vocab, device, cuda)
   fits = [p["batch"] for p in record["probes"] if p["status"] == "ok"]
   record["max_batch_fit"] = max([rows] + fits)

@@ -14,6 +14,7 @@ import pytest
 
 from benchmarks import plans, torch_peer
 from benchmarks import train_step as bench
+from dft_jax import throughput
 from dft_jax.models import PRESETS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -200,6 +201,12 @@ def test_smoke_sweep_writes_records_and_table(tmp_path):
   assert len(psft["step_times_s"]) == 3 and psft["tokens_per_step"] == 2 * 2 * 128
   assert psft["tokens_per_s"] == pytest.approx(512 / psft["step_time_s"])
   assert psft["flops_per_token"] == 6 * psft["num_params"] + 12 * 2 * 64 * 128
+  rng = np.random.default_rng(0)  # the step's two batches again: their documents' attention
+  seg = np.concatenate([bench.packed_rows(rng, 4, 128, 320, (16, 64))["segment_ids"]
+                        for _ in range(2)])
+  assert psft["flops_per_token_segments"] == pytest.approx(
+      6 * psft["num_params"] + throughput.segment_attention_flops(seg, 2, 64) / seg.size)
+  assert psft["flops_per_token_segments"] < psft["flops_per_token"]
   assert psft["docs_per_row"] > 1.5 and np.all(np.isfinite(psft["losses"]))
   assert psft["memory_analysis"]["argument_bytes"] > 0
   assert records["jax/dft/needs_hook"]["status"] == "skipped"
