@@ -7,13 +7,13 @@
   ref_logits_BxTxV = model(tokens_BxT, adapters=False)               # the frozen base
 """
 from dft_jax.models.config import ARCHITECTURES, PRESETS, Llama3RopeScaling, ModelConfig
-from dft_jax.models.decoder import Decoder, KVCache, logical_specs
+from dft_jax.models.decoder import Decoder, logical_specs
 from dft_jax.models.loader import (ALIASES, decoder_options, from_state_dict, load,
                                    load_from_config, lora_config, read)
 from dft_jax.models.lora import LoRAConfig
 
 __all__ = [
-    "ALIASES", "ARCHITECTURES", "PRESETS", "Decoder", "KVCache", "Llama3RopeScaling",
+    "ALIASES", "ARCHITECTURES", "PRESETS", "Decoder", "Llama3RopeScaling",
     "LoRAConfig", "ModelConfig", "decoder_options", "from_state_dict", "load", "load_from_config",
     "logical_specs", "lora_config", "read",
 ]

@@ -13,12 +13,12 @@ With `lora=LoRAConfig(...)` the targeted projections carry low-rank adapters bes
 runs the frozen base (the reference policy) from the same weights.
 """
 import functools
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from dft_jax.errors import ConfigError
 from dft_jax.models import attention as attn_lib
@@ -33,6 +33,9 @@ def _cudnn_attention_saveable(prim, *_, **__):
   return prim.name == "dot_product_attention_fwd_wrapper"
 
 
+MLP_SAVED = ("mlp_gate", "mlp_up")  # checkpoint names of the MLP's two input projections
+
+
 REMAT_POLICIES = {
     "none": None,
     "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
@@ -41,17 +44,13 @@ REMAT_POLICIES = {
     "attention_saveable": _cudnn_attention_saveable,
     "dots_attention_saveable": jax.checkpoint_policies.save_from_both_policies(
         jax.checkpoint_policies.dots_with_no_batch_dims_saveable, _cudnn_attention_saveable),
+    # Long rows: keep the MLP's gate and up projections (most of a layer's matmul FLOPs) and the
+    # attention's outputs, recompute the rest (2 x intermediate_size values a token a layer).
+    "mlp_attention_saveable": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.save_only_these_names(*MLP_SAVED), _cudnn_attention_saveable),
 }
 PARAM_DTYPES = ("float32", "bfloat16")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
-
-
-class KVCache(NamedTuple):
-  """Per-layer keys/values for incremental decoding; slot s holds the token written s-th."""
-  k_LxBxSxKxH: jax.Array
-  v_LxBxSxKxH: jax.Array
-  valid_BxS: jax.Array    # bool: slot holds a real (non-pad) token
-  index: jax.Array        # int32 scalar: next slot to write
 
 
 def rms_norm(x, w, eps):
@@ -145,7 +144,8 @@ def block(x_BxTxD, p, layer_cache, *, config, cos, sin, attention_fn, dtype, lor
   out_BxTxNxH, layer_cache = attention_fn(q, k, v, layer_cache)
   x_BxTxD = x_BxTxD + proj(out_BxTxNxH, name="wo")
   h = rms_norm(x_BxTxD, p["mlp_norm"], c.rms_norm_eps)
-  gate, up = proj(h, name="w_gate"), proj(h, name="w_up")
+  gate, up = (checkpoint_name(proj(h, name=n), saved) for n, saved in zip(("w_gate", "w_up"),
+                                                                          MLP_SAVED))
   x_BxTxD = x_BxTxD + proj(jax.nn.silu(gate) * up, name="w_down")
   return x_BxTxD, layer_cache
 
@@ -327,37 +327,26 @@ class Decoder(nnx.Module):
     hidden, _ = self._trunk(tokens_BxT, positions_BxT, attention_fn, None, adapters)
     return hidden
 
-  def init_cache(self, batch_size: int, max_len: int) -> KVCache:
-    """An empty KV cache of max_len slots in the compute dtype."""
-    c = self.config
-    shape = (c.num_layers, batch_size, max_len, c.num_kv_heads, c.head_dim)
-    return KVCache(jnp.zeros(shape, self.compute_dtype), jnp.zeros(shape, self.compute_dtype),
-                   jnp.zeros((batch_size, max_len), bool), jnp.zeros((), jnp.int32))
+  def decode_layers(self):
+    """The layers' parameters as one dict a layer, cast to the compute dtype as `block` casts
+    them (quantised weights as stored): what a sampler's decode step reads, each layer from arrays
+    of its own instead of a slice of the stacked ones every step."""
+    stacked = {name: v[...] for name, v in self.layers.items()}
+    cast = lambda name, a: a if quant.is_stored(name) else a.astype(self.compute_dtype)
+    return tuple({name: cast(name, a[i]) for name, a in stacked.items()}
+                 for i in range(self.config.num_layers))
 
-  def forward_cached(self, tokens_BxT, positions_BxT, valid_BxT, cache: KVCache):
-    """Appends T tokens to the cache (slots index..index+T) and returns (hidden_BxTxD, cache).
+  def run_layers(self, tokens_BxT, positions_BxT, attention_fn, caches, layers=None):
+    """(final-norm hidden_BxTxD, caches) of the trunk with attention_fn(q, k, v, cache) ->
+    (out, cache) in place of causal attention: a sampler's prefill and decode steps, with caches
+    of its own layout. caches: stacked on a leading layers axis (or None), scanned like the
+    parameters; with `layers` (decode_layers()), a tuple of one cache a layer, and the layers run
+    one after the other on their own arrays."""
+    return self._trunk(tokens_BxT, positions_BxT, attention_fn, caches, True, layers)
 
-    A token attends to earlier valid slots and itself; invalid (pad) slots are never attended."""
-    t, s = tokens_BxT.shape[1], cache.valid_BxS.shape[1]
-    valid_BxS = jax.lax.dynamic_update_slice_in_dim(cache.valid_BxS, valid_BxT, cache.index, 1)
-    q_slot_Tx1 = (cache.index + jnp.arange(t))[:, None]
-    kv_slot_S = jnp.arange(s)
-    mask_Bx1xTxS = (((kv_slot_S <= q_slot_Tx1) & valid_BxS[:, None, :])
-                    | (kv_slot_S == q_slot_Tx1))[:, None]
-
-    def attention_fn(q, k, v, layer_cache):
-      k_cache, v_cache = (jax.lax.dynamic_update_slice_in_dim(old, new.astype(old.dtype),
-                                                              cache.index, 1)
-                          for old, new in zip(layer_cache, (k, v)))
-      return attn_lib.attend_masked(q, k_cache, v_cache, mask_Bx1xTxS), (k_cache, v_cache)
-
-    hidden, (k_new, v_new) = self._trunk(tokens_BxT, positions_BxT, attention_fn,
-                                         (cache.k_LxBxSxKxH, cache.v_LxBxSxKxH), True)
-    return hidden, KVCache(k_new, v_new, valid_BxS, cache.index + t)
-
-  def _trunk(self, tokens_BxT, positions_BxT, attention_fn, cache_xs, adapters):
+  def _trunk(self, tokens_BxT, positions_BxT, attention_fn, cache_xs, adapters, layers=None):
     """embed -> layers (scanned or unrolled, rematerialised per policy) -> final norm; adapters
-    False leaves the LoRA adapters out."""
+    False leaves the LoRA adapters out; `layers`: per-layer parameters and caches (run_layers)."""
     x = self.embed[...][tokens_BxT].astype(self.compute_dtype)
     cos, sin = rope_angles(positions_BxT, rope_inv_freq(self.config))
     step = functools.partial(block, config=self.config, cos=cos, sin=sin,
@@ -367,7 +356,13 @@ class Decoder(nnx.Module):
                             prevent_cse=not self.scan_layers)
     params = {name: v[...] for name, v in self.layers.items()
               if adapters or not lora_lib.is_adapter(name)}
-    if self.scan_layers:
+    if layers is not None:
+      cache_ys = []
+      for layer_params, layer_cache in zip(layers, cache_xs):
+        x, layer_cache = step(x, layer_params, layer_cache)
+        cache_ys.append(layer_cache)
+      cache_ys = tuple(cache_ys)
+    elif self.scan_layers:
       x, cache_ys = jax.lax.scan(lambda x, xs: step(x, *xs), x, (params, cache_xs))
     else:
       ys = []
