@@ -194,6 +194,68 @@ SMOKE = [
     ("jax/asft", {**TINY, **objective("asft"), "model.lm_head_impl": "fused"}),
 ]
 
+# Long rows, one document a row (batch 1; the peers' rows are causal over the whole row too):
+# the 7B LoRA r16 and the 1.5B lean full fine-tune at 16k-128k tokens beside the peft /
+# transformers peers with gradient checkpointing. mlp_attention_saveable keeps each layer's MLP
+# gate and up projections and cuDNN attention's outputs (2.1 MB a token at 7B: ~35 GiB at 16k,
+# ~70 at 32k), so the backward recomputes only the attention projections; past 32k the rows fit
+# with nothing_saveable (the layer inputs: 0.2 MB a token). est_s from the 4 x 4096 rows of
+# results/h200_2026-12-01_lora.json scaled by the attention work.
+def long_row(tokens, steps=3, warmup=1):
+  return {"train.seq_len": tokens, "bench.doc_len": (tokens, tokens),
+          "train.global_batch_size": 1, "bench.steps": steps, "bench.warmup": warmup}
+
+
+MLP_ATTN = "mlp_attention_saveable"
+LEAN = {"model.remat": "nothing_saveable", "model.lm_head_impl": "fused",
+        "optimizer.mu_dtype": "bfloat16", "optimizer.nu_dtype": "bfloat16"}
+LONG = [
+    ("torch/7b/peft/16k", {**PEFT16, **long_row(16384), "bench.est_s": 30}),
+    ("jax/7b/lora16/16k", {**LORA16, **long_row(16384), "model.remat": MLP_ATTN,
+                           "bench.est_s": 45}),
+    ("torch/7b/peft/32k", {**PEFT16, **long_row(32768, steps=2),
+                           "bench.probe_seq_lens": (65536,), "bench.est_s": 45}),
+    ("jax/7b/lora16/32k", {**LORA16, **long_row(32768, steps=2), "model.remat": MLP_ATTN,
+                           "bench.est_s": 45}),
+    ("jax/7b/lora16/128k", {**LORA16, **long_row(131072, steps=1, warmup=0), **NOTHING,
+                            "bench.est_s": 80}),
+    ("jax/1.5b/lean/32k", {**LEAN, **long_row(32768), "bench.est_s": 25}),
+    ("torch/1.5b/32k", {**TORCH, **long_row(32768, steps=2),
+                        "bench.probe_seq_lens": (65536, 131072), "bench.est_s": 35}),
+    ("jax/1.5b/lean/128k", {**LEAN, **long_row(131072, steps=1, warmup=0), "bench.est_s": 45}),
+    ("jax/7b/lora16/64k", {**LORA16, **long_row(65536, steps=1), "model.remat":
+                           "attention_saveable", "bench.est_s": 60}),
+    ("jax/1.5b/lean/64k", {**LEAN, **long_row(65536, steps=2), "bench.est_s": 35}),
+    ("jax/7b/lora16/16k/nothing", {**LORA16, **long_row(16384), **NOTHING, "bench.est_s": 40}),
+    ("jax/7b/lora16/32k/attn", {**LORA16, **long_row(32768, steps=2),
+                                "model.remat": "attention_saveable", "bench.est_s": 45}),
+]
+
+# Sampling at the 1.5B shape in bf16: 256-token prompts, 1,024 new tokens, T = 1, no stop token,
+# our sampler beside transformers' generate (static cache: generate compiles it with CUDA graphs).
+# Ours: the first run compiles (warm-up), the next is timed; the peer: a 16-token warm-up compiles
+# its cache, one run is timed.
+SAMPLE = {"model.param_dtype": "bfloat16", "model.compute_dtype": "bfloat16",
+          "bench.prompt_len": 256, "eval.max_new_tokens": 1024, "eval.temperature": 1.0,
+          "eval.top_p": 1.0, "bench.warmup": 1, "bench.steps": 1}
+SAMPLER = {**SAMPLE, "bench.framework": "sampler"}
+GENERATE = {**SAMPLE, "bench.framework": "generate", "bench.static_cache": True}
+SAMPLING = [
+    ("sampler/b256", {**SAMPLER, "eval.batch_size": 256, "bench.est_s": 60}),
+    ("generate/b256/static", {**GENERATE, "eval.batch_size": 256, "bench.est_s": 100}),
+    ("sampler/b64", {**SAMPLER, "eval.batch_size": 64, "bench.est_s": 45}),
+    ("generate/b64/static", {**GENERATE, "eval.batch_size": 64, "bench.est_s": 70}),
+    ("generate/b256/dynamic", {**GENERATE, "eval.batch_size": 256, "bench.static_cache": False,
+                               "bench.est_s": 60}),
+]
+
+# One H200 call of ~6 minutes: the long-row and sampling targets first (the budget skips the
+# tail), then a second call for the rest of both plans.
+ROUND = [(name, dict(LONG + SAMPLING)[name]) for name in (
+    "sampler/b256", "generate/b256/static", "jax/7b/lora16/128k", "torch/7b/peft/16k",
+    "jax/7b/lora16/16k", "torch/7b/peft/32k", "jax/7b/lora16/32k")]
+ROUND_MORE = [v for v in LONG + SAMPLING if v[0] not in dict(ROUND)]
+
 PLANS = {
     "gpu": GPU,
     "gpu_extra": GPU_EXTRA,
@@ -204,6 +266,10 @@ PLANS = {
     "h200_7b": H200_7B,
     "h200_more": H200_MORE,
     "h200_lora": H200_LORA,
+    "h200_long": LONG,
+    "h200_sampling": SAMPLING,
+    "h200_round": ROUND,
+    "h200_round_more": ROUND_MORE,
     "smoke": SMOKE,
 }
 

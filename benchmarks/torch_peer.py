@@ -24,11 +24,13 @@ Plain: full bf16 logits from the model, log_softmax in float32 (what the referen
 bench.liger: hidden states -> LigerFusedLinearCrossEntropyLoss (use_token_scaling=True is DFT).
 Timing as in train_step.py: warm-up steps, then timed steps ended by torch.cuda.synchronize;
 median. Peak memory: torch.cuda.max_memory_allocated. bench.probe_batches: afterwards, one step
-at each larger batch (peak reset before each) until one runs out of memory. MFU: tokens/s x
+at each larger batch (peak reset before each) until one runs out of memory (max_batch_fit);
+bench.probe_seq_lens the same with one row of each length (longest_seq_fit). MFU: tokens/s x
 dft_jax.throughput.flops_per_token (6 N + 12 L d T; with LoRA 4 N_base + 6 N_adapters + 12 L d T),
 as for our records; mfu_segments: its rows' attention, causal over the whole row. A missing package (torch, transformers, peft, liger_kernel) makes the record
 `skipped`, naming it.
 """
+import functools
 import importlib
 import json
 import os
@@ -204,31 +206,36 @@ def run_torch(config):
           head_dim=s["hidden_size"] // s["num_attention_heads"]),
       throughput.dense_flops_per_token(num_params, trainable if lora.rank else None),
       record["tokens_per_s"], peak_flops))
-  record["probes"] = probe(step, config, rng, vocab, device, cuda)
-  fits = [p["batch"] for p in record["probes"] if p["status"] == "ok"]
-  record["max_batch_fit"] = max([rows] + fits)
+  probe_ = functools.partial(probe, step, rng, vocab, device, cuda, config.bench.doc_len)
+  record["probes"] = probe_([(r, seq_len) for r in sorted(b.probe_batches)])
+  record["seq_probes"] = probe_([(1, t) for t in sorted(b.probe_seq_lens)])
+  fit = lambda probes, i: [p[("batch", "seq_len")[i]] for p in probes if p["status"] == "ok"]
+  record["max_batch_fit"] = max([rows] + fit(record["probes"], 0))
+  record["longest_seq_fit"] = max([seq_len] + fit(record["seq_probes"], 1))
   return record
 
 
-def probe(step, config, rng, vocab, device, cuda):
-  """One step at each of bench.probe_batches (ascending) until one runs out of memory."""
+def probe(step, rng, vocab, device, cuda, doc_len, shapes):
+  """One step at each (rows, seq_len) of `shapes`, in order, until one runs out of memory
+  (documents as long as doc_len allows, at most the row)."""
   import torch
   out = []
-  for rows in sorted(config.bench.probe_batches):
+  for rows, seq_len in shapes:
     b = None
     try:
       if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-      b = device_batch(rng, rows, config.train.seq_len, vocab, config.bench.doc_len, device)
+      b = device_batch(rng, rows, seq_len, vocab, doc_len, device)
       t0 = time.perf_counter()
       step(b)
       if cuda:
         torch.cuda.synchronize()
-      out.append(dict(batch=rows, status="ok", step_time_s=time.perf_counter() - t0,
+      out.append(dict(batch=rows, seq_len=seq_len, status="ok",
+                      step_time_s=time.perf_counter() - t0,
                       peak_bytes=torch.cuda.max_memory_allocated() if cuda else None))
     except torch.OutOfMemoryError as e:
-      out.append(dict(batch=rows, status="oom", error=str(e)[:300]))
+      out.append(dict(batch=rows, seq_len=seq_len, status="oom", error=str(e)[:300]))
       break
     finally:
       del b

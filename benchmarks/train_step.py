@@ -618,14 +618,16 @@ def resolve(overrides, records):
 def tiny(overrides):
   """A GPU plan's variant at the shapes of plans.TINY (--tiny: the plan's plumbing on a CPU): the
   same fields, with the tiny model, lengths and steps; 2 rows a gradient slice (1 if the variant
-  has 1), one document a row if the variant has one."""
+  has 1), one document a row if the variant has one, longer rows probed at the same ratios."""
   o = {**overrides, **plans.TINY}
   slices = overrides.get("train.minibatches", 1) * overrides.get("train.microbatches", 1)
   one_row = overrides.get("train.global_batch_size") == 1
   o["train.global_batch_size"] = slices * (1 if one_row else 2)
-  lo = overrides.get("bench.doc_len", (0,))[0]
-  if lo >= overrides.get("train.seq_len", 4096):
-    o["bench.doc_len"] = (o["train.seq_len"],) * 2
+  seq_len, tiny_len = overrides.get("train.seq_len", 4096), o["train.seq_len"]
+  if overrides.get("bench.doc_len", (0,))[0] >= seq_len:
+    o["bench.doc_len"] = (tiny_len,) * 2
+  o["bench.probe_seq_lens"] = tuple(t * tiny_len // seq_len
+                                    for t in overrides.get("bench.probe_seq_lens", ()))
   return o
 
 
@@ -691,8 +693,25 @@ def run_sweep(plan, out_dir, budget_s, tiny_shapes=False):
                 wall_s=time.perf_counter() - started, records=records, summary=summarize(records))
   with open(os.path.join(out_dir, "train_step.json"), "w") as f:
     json.dump(result, f, indent=1)
+  write_sampling(result, os.path.join(out_dir, "sampling.json"))
   print(format_table(records, result["summary"]), flush=True)
   return result
+
+
+def write_sampling(result, path):
+  """The sampling records of a result and their summary (speedup_vs_transformers and
+  bandwidth_fraction of the largest batch, every batch's row) in a file of their own, if it has
+  any."""
+  records = [r for r in result["records"] if r.get("framework") in ("sampler", "generate")]
+  s = result["summary"]
+  if not records:
+    return
+  with open(path, "w") as f:
+    json.dump(dict(plan=result["plan"], created=result["created"], records=records,
+                   summary=dict(batch=s.get("sampling_batch"),
+                                speedup_vs_transformers=s.get("sampling_speedup_vs_transformers"),
+                                bandwidth_fraction=s.get("sampling_bandwidth_fraction"),
+                                rows=s.get("sampling", []))), f, indent=1)
 
 
 def merge_results(paths, out_path):
@@ -726,6 +745,7 @@ VS_SFT_KEYS = ("model", "batch", "seq_len", "remat", "lm_head", "lm_head_chunk",
                "mu_dtype", "nu_dtype", "xla_flags", "doc_len", "max_segments", "lora_rank",
                "base_quant")
 LORA_PEAK_GIB = 32.0  # a 40 GB card
+LONG_TOKENS = 16384  # rows this long or longer are the long-context table's
 # The issues' targets: (summary key, comparison, bound).
 TARGETS = (
     ("dft_mfu", ">=", 0.52),                       # 1.5B, 4 x 4096, DFT
@@ -739,6 +759,11 @@ TARGETS = (
     ("lora_peak_gib", "<=", LORA_PEAK_GIB),        # 7B LoRA rank 16, 4 x 4096
     ("lora_speedup_vs_peft", ">=", 1.5),
     ("qlora_peak_gib", "<=", 16.0),                # 7B QLoRA, 1 x 4096
+    ("long_speedup_vs_peft_16k", ">=", 1.5),       # 7B LoRA r16, one 16k / 32k document
+    ("long_speedup_vs_peft_32k", ">=", 1.5),
+    ("lora_longest_row", ">=", 131072),            # 7B LoRA trains 128k-token rows
+    ("sampling_speedup_vs_transformers", ">=", 3.0),  # 1.5B, bf16, 256 rows, 256 + 1024
+    ("sampling_bandwidth_fraction", ">=", 0.5),
 )
 
 
@@ -833,32 +858,119 @@ def summarize(records):
                               if r.get("max_batch_predicted")}
   s["max_batch_ran"] = {r["name"]: r["max_batch_fit"] for r in records if r.get("max_batch_fit")}
   s["max_batch_ran"].update({r["name"]: r["batch"] for r in _ok(records, name="jax/dft/max_batch")})
+  s.update(long_context_summary(records))
+  s.update(sampling_summary(records))
   s["targets"] = {key: dict(value=s[key], target=f"{op} {bound}",
                             met=s[key] >= bound if op == ">=" else s[key] <= bound)
                   for key, op, bound in TARGETS if s.get(key) is not None}
   return s
 
 
-def format_table(records, summary):
-  """The compact table printed last (the device reply keeps the end of the output)."""
-  head = (f"{'variant':26s} {'status':7s} {'remat':>9s} {'head':>5s} {'B':>3s} {'tok/s':>8s} "
-          f"{'step ms':>8s} {'MFU':>6s} {'MFUseg':>6s} {'peak GiB':>8s} {'maxB':>4s} "
-          f"{'compile':>7s}")
-  lines = [head, "-" * len(head)]
+def model_label(r):
+  """'qwen2.5-7b/lora16' or 'qwen2.5-1.5b/full': what a long-row table row trains."""
+  return f"{r['model']}/" + (f"lora{r['lora_rank']}" if r.get("lora_rank") else "full")
+
+
+def long_context_summary(records):
+  """Rows of one document of LONG_TOKENS or more: each of ours with the peer of the same model,
+  LoRA rank and length (tokens/s, peak, both MFUs, speedup); for each model the longest row ours
+  trained and the longest the peer fitted (its rows and its seq_len probes); the targets' values
+  (the fastest of ours over the peer at 16k and 32k, the 7B LoRA's longest row)."""
+  peers = [q for q in _ok(records, framework="torch") if q["seq_len"] >= LONG_TOKENS]
+  ours = [r for r in _ok(records, framework="jax") if r["seq_len"] >= LONG_TOKENS]
+  rows = []
+  for r in ours:
+    row = dict(_brief(r), label=model_label(r), seq_len=r["seq_len"], remat=r["remat"])
+    peer = next((q for q in peers if _same(r, q, ("model", "seq_len", "lora_rank", "batch"))),
+                None)
+    if peer:
+      row.update(peer=peer["name"], peer_tokens_per_s=peer["tokens_per_s"],
+                 peer_peak_gib=peer["peak_bytes"] / GIB if peer.get("peak_bytes") else None,
+                 peer_mfu=peer.get("mfu"), speedup=r["tokens_per_s"] / peer["tokens_per_s"])
+    rows.append(row)
+  s = {"long_context": rows, "longest_row": longest_by_label(ours, lambda r: r["seq_len"]),
+       "peer_longest_row": longest_by_label(
+           peers, lambda r: max(r["seq_len"], r.get("longest_seq_fit") or 0))}
+  for tokens, key in ((16384, "long_speedup_vs_peft_16k"), (32768, "long_speedup_vs_peft_32k")):
+    paired = [x["speedup"] for x in rows if x["seq_len"] == tokens and "speedup" in x
+              and x["label"].endswith("/lora16")]
+    if paired:
+      s[key] = max(paired)
+  lora = [label for label in s["longest_row"] if label.endswith("/lora16")]
+  if lora:
+    s["lora_longest_row"] = max(s["longest_row"][label] for label in lora)
+  return s
+
+
+def longest_by_label(records, length):
+  """{model_label: the largest length(r) of its records}."""
+  out = {}
   for r in records:
+    out[model_label(r)] = max(out.get(model_label(r), 0), length(r))
+  return out
+
+
+SAMPLING_KEYS = ("model", "batch", "prompt_len", "new_tokens", "temperature", "top_p")
+
+
+def sampling_summary(records):
+  """Each of our sampler's records with the fastest transformers generate of the same shapes:
+  tokens/s, the bandwidth bound's fraction, the 500 x 16 time, speedup_vs_transformers; the
+  largest batch's speedup and bound fraction (the targets, at 256 rows)."""
+  rows = []
+  for r in _ok(records, framework="sampler"):
+    row = {k: r.get(k) for k in ("name", "batch", "tokens_per_s", "run_s", "decode_s",
+                                 "bound_s", "bandwidth_fraction", "problems_500x16_s")}
+    peers = [q for q in _ok(records, framework="generate") if _same(r, q, SAMPLING_KEYS)]
+    if peers:
+      best = max(peers, key=lambda q: q["tokens_per_s"])
+      row.update(peer=best["name"], peer_tokens_per_s=best["tokens_per_s"],
+                 peer_problems_500x16_s=best["problems_500x16_s"],
+                 speedup_vs_transformers=r["tokens_per_s"] / best["tokens_per_s"])
+    rows.append(row)
+  if not rows:
+    return {}
+  top = max(rows, key=lambda x: x["batch"])
+  return dict(sampling=rows, sampling_batch=top["batch"],
+              sampling_speedup_vs_transformers=top.get("speedup_vs_transformers"),
+              sampling_bandwidth_fraction=top.get("bandwidth_fraction"))
+
+
+def format_table(records, summary):
+  """The compact tables printed last (the device reply keeps the end of the output): the train
+  steps, then the sampling runs."""
+  head = (f"{'variant':26s} {'status':7s} {'remat':>9s} {'head':>5s} {'B':>3s} {'T':>6s} "
+          f"{'tok/s':>8s} {'step ms':>8s} {'MFU':>6s} {'MFUseg':>6s} {'peak GiB':>8s} "
+          f"{'maxB':>4s} {'compile':>7s}")
+  lines = [head, "-" * len(head)]
+  pct = lambda x: f"{100 * x:5.1f}%" if x else "     -"
+  sampling = [r for r in records if r.get("framework") in ("sampler", "generate")]
+  for r in records:
+    if r in sampling:
+      continue
     if r["status"] != "ok":
       lines.append(f"{r['name']:26s} {r['status']:7s} {(r.get('error') or '')[-90:]}")
       continue
-    pct = lambda x: f"{100 * x:5.1f}%" if x else "     -"
     peak = f"{r['peak_bytes'] / GIB:8.1f}" if r.get("peak_bytes") else "       -"
     remat = "-" if r["framework"] == "head" else REMAT_SHORT.get(r["remat"], r["remat"])[:9]
     lm_head = {"fused": "fused", "checkpointed": "ckpt"}.get(r.get("lm_head"), "-")
     if r["framework"] == "torch":
       lm_head = "liger" if r.get("liger") else "full"
     lines.append(f"{r['name']:26s} {'ok':7s} {remat:>9s} {lm_head:>5s} {r['batch']:3d} "
-                 f"{r['tokens_per_s']:8,.0f} {1e3 * r['step_time_s']:8.1f} {pct(r.get('mfu'))} "
-                 f"{pct(r.get('mfu_segments'))} {peak} "
+                 f"{r['seq_len']:6d} {r['tokens_per_s']:8,.0f} {1e3 * r['step_time_s']:8.1f} "
+                 f"{pct(r.get('mfu'))} {pct(r.get('mfu_segments'))} {peak} "
                  f"{r.get('max_batch_predicted') or 0:4d} {r.get('compile_s', 0):7.1f}")
+  if sampling:
+    head = (f"{'sampling':26s} {'status':7s} {'B':>3s} {'tok/s':>8s} {'run s':>7s} "
+            f"{'ms/step':>7s} {'bound':>6s} {'500x16 s':>8s}")
+    lines += ["", head, "-" * len(head)]
+    for r in sampling:
+      if r["status"] != "ok":
+        lines.append(f"{r['name']:26s} {r['status']:7s} {(r.get('error') or '')[-90:]}")
+        continue
+      lines.append(f"{r['name']:26s} {'ok':7s} {r['batch']:3d} {r['tokens_per_s']:8,.0f} "
+                   f"{r['run_s']:7.2f} {1e3 * r['run_s'] / r['new_tokens']:7.2f} "
+                   f"{pct(r.get('bandwidth_fraction'))} {r['problems_500x16_s']:8.0f}")
   lines.append("summary: " + json.dumps(rounded(summary)))
   return "\n".join(lines)
 
@@ -868,6 +980,8 @@ def rounded(x, digits=4):
     return round(x, digits)
   if isinstance(x, dict):
     return {k: rounded(v, digits) for k, v in x.items()}
+  if isinstance(x, list):
+    return [rounded(v, digits) for v in x]
   return x
 
 

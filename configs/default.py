@@ -27,7 +27,10 @@ def get_config(arg=None):
       remat="dots_with_no_batch_dims_saveable",  # activation checkpointing: none |
                                      # nothing_saveable | dots_saveable |
                                      # dots_with_no_batch_dims_saveable (keeps the projections'
-                                     # outputs, recomputes attention: host memory on CPU)
+                                     # outputs, recomputes attention: host memory on CPU) |
+                                     # attention_saveable | dots_attention_saveable (+ cuDNN
+                                     # attention's outputs) | mlp_attention_saveable (long rows:
+                                     # the MLP's gate and up projections and attention's outputs)
       scan_layers=True,              # one scanned layer (fast compiles) instead of a Python loop
       attention="auto",              # auto (cudnn on GPU, xla elsewhere) | xla | cudnn
       lm_head_chunk=1024,            # tokens per chunk of the LM head

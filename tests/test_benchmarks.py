@@ -147,6 +147,79 @@ TINY_64 = {"model.name": "preset:tiny-qwen2", "train.global_batch_size": 2, "tra
            "model.lm_head_chunk": 32, "model.compute_dtype": "float32"}
 
 
+def sampling_record(name, framework, batch, run_s, **fields):
+  """A finished sampling record: 1.5B, 256-token prompts, 1,024 new tokens, T = 1."""
+  return dict(name=name, framework=framework, status="ok", model="qwen2.5-1.5b", batch=batch,
+              prompt_len=256, new_tokens=1024, temperature=1.0, top_p=1.0, run_s=run_s,
+              tokens_per_s=batch * 1024 / run_s, problems_500x16_s=-(-8000 // batch) * run_s,
+              **fields)
+
+
+def test_summary_pairs_long_rows_and_sampling_runs_with_their_peers(tmp_path):
+  lora = dict(model="qwen2.5-7b", lora_rank=16, param_dtype="bfloat16", batch=1)
+  one_doc = lambda tokens: dict(seq_len=tokens, doc_len=[tokens, tokens])
+  peft = lambda name, step_s, tokens, **kw: record(name, step_s, 40.0, framework="torch", **lora,
+                                                   **one_doc(tokens), **kw)
+  records = [
+      peft("torch/7b/peft/16k", 2.0, 16384),
+      record("jax/7b/lora16/16k", 1.0, 60.0, 0.5, remat="mlp_attention_saveable", **lora,
+             **one_doc(16384)),
+      record("jax/7b/lora16/16k/nothing", 1.5, 23.0, **lora, **one_doc(16384)),
+      peft("torch/7b/peft/32k", 5.0, 32768, longest_seq_fit=49152),
+      record("jax/7b/lora16/32k", 4.0, 100.0, **lora, **one_doc(32768)),
+      record("jax/7b/lora16/128k", 40.0, 80.0, **lora, **one_doc(131072)),
+      record("jax/1.5b/lean/32k", 1.0, 30.0, batch=1, **one_doc(32768)),
+      record("jax/dft/fused", 0.3, 50.0, 0.55),  # 4 x 4096: not a long row
+      sampling_record("sampler/b256", "sampler", 256, 4.0, bandwidth_fraction=0.45),
+      sampling_record("generate/b256/static", "generate", 256, 16.0),
+      sampling_record("generate/b256/dynamic", "generate", 256, 30.0),
+      sampling_record("sampler/b64", "sampler", 64, 2.0, bandwidth_fraction=0.3),
+      dict(name="generate/b64/static", framework="generate", status="error", error="x"),
+  ]
+  s = bench.summarize(records)
+  rows = {x["name"]: x for x in s["long_context"]}
+  assert list(rows) == ["jax/7b/lora16/16k", "jax/7b/lora16/16k/nothing", "jax/7b/lora16/32k",
+                        "jax/7b/lora16/128k", "jax/1.5b/lean/32k"]
+  assert rows["jax/7b/lora16/16k"]["speedup"] == pytest.approx(2.0)
+  assert rows["jax/7b/lora16/16k/nothing"]["speedup"] == pytest.approx(2.0 / 1.5)
+  assert rows["jax/7b/lora16/32k"]["peer"] == "torch/7b/peft/32k"
+  assert "peer" not in rows["jax/7b/lora16/128k"] and "peer" not in rows["jax/1.5b/lean/32k"]
+  assert s["long_speedup_vs_peft_16k"] == pytest.approx(2.0)
+  assert s["long_speedup_vs_peft_32k"] == pytest.approx(1.25)
+  assert s["longest_row"] == {"qwen2.5-7b/lora16": 131072, "qwen2.5-1.5b/full": 32768}
+  assert s["peer_longest_row"] == {"qwen2.5-7b/lora16": 49152}
+  by_batch = {x["batch"]: x for x in s["sampling"]}
+  assert by_batch[256]["peer"] == "generate/b256/static"
+  assert by_batch[256]["speedup_vs_transformers"] == pytest.approx(4.0)
+  assert by_batch[256]["problems_500x16_s"] == 32 * 4.0 and "peer" not in by_batch[64]
+  met = {k: t["met"] for k, t in s["targets"].items()}
+  assert {k: met[k] for k in ("long_speedup_vs_peft_16k", "long_speedup_vs_peft_32k",
+                              "lora_longest_row", "sampling_speedup_vs_transformers",
+                              "sampling_bandwidth_fraction")} == dict(
+      long_speedup_vs_peft_16k=True, long_speedup_vs_peft_32k=False, lora_longest_row=True,
+      sampling_speedup_vs_transformers=True, sampling_bandwidth_fraction=False)
+  table = bench.format_table(records, s)
+  assert "sampler/b256" in table.split("\nsampling")[1] and "generate/b64/static        error" in table
+  result = dict(plan="p", created="t", records=records, summary=s)
+  bench.write_sampling(result, str(tmp_path / "sampling.json"))
+  written = json.loads((tmp_path / "sampling.json").read_text())
+  assert written["summary"]["speedup_vs_transformers"] == pytest.approx(4.0)
+  assert written["summary"]["batch"] == 256 and len(written["records"]) == 5
+
+
+def test_sampling_bound_sums_the_bytes_each_decode_step_reads():
+  from benchmarks import sampling as sampling_bench
+  weights, per_token, batch, prompt, new, bandwidth = 3e9, 28672, 4, 7, 5, 4.8e12
+  steps = [weights + batch * (prompt + i + 1) * per_token for i in range(new)]
+  assert sampling_bench.bound_seconds(weights, per_token, batch, prompt, new, bandwidth) == (
+      pytest.approx(sum(steps) / bandwidth))
+  cfg = PRESETS["qwen2.5-1.5b"]
+  assert sampling_bench.cache_bytes_per_token(cfg, 2) == 28 * 2 * 2 * 128 * 2
+  tied = sampling_bench.weight_bytes(cfg, 1000, 2)
+  assert tied == 2000 and sampling_bench.weight_bytes(PRESETS["qwen2.5-7b"], 10 ** 10, 2) == (
+      2 * (10 ** 10 - 152064 * 3584))  # the untied input embedding: only its rows are read
+
+
 def test_compiled_memory_counts_the_donated_state():
   """XLA's argument bytes = fp32 params + AdamW's two fp32 moments (+ counters and the batch)."""
   mem = bench.compiled_memory(bench.variant_config(TINY_64))
@@ -168,6 +241,17 @@ def test_compiled_memory_of_a_lora_step_holds_the_frozen_base():
   state = 3 * 4 * adapters
   assert 2 * base + state <= mem["argument_bytes"] <= 2 * base + state + 4096 + 5 * 2 * 64 * 4
   assert state <= mem["alias_bytes"] <= state + 4096
+
+
+def test_mlp_policy_saves_the_gate_and_up_projections():
+  """mlp_attention_saveable keeps what nothing_saveable keeps plus each layer's two MLP input
+  projections, 2 x intermediate_size values a token (on CPU no cuDNN attention to keep)."""
+  saved = {remat: bench.saved_activation_bytes(bench.variant_config(
+      {**TINY_64, "model.remat": remat})) for remat in ("nothing_saveable",
+                                                        "mlp_attention_saveable")}
+  layers, rows, tokens, mlp = 2, 2, 64, PRESETS["tiny-qwen2"].intermediate_size
+  assert saved["mlp_attention_saveable"] - saved["nothing_saveable"] == (
+      layers * rows * tokens * 2 * mlp * 4)
 
 
 def run_script(args, timeout=120):
@@ -251,6 +335,39 @@ def check_lora_records(records, full):
   assert (peft["num_params"], peft["trainable_params"], peft["flops_per_token"]) == (
       lora["num_params"], lora["trainable_params"], lora["flops_per_token"])
   assert np.all(np.isfinite(peft["losses"]))
+
+
+@pytest.mark.slow
+def test_gpu_round_command_runs_end_to_end_at_tiny_shapes(tmp_path):
+  """`PLAN=h200_round TINY=1 bash benchmarks/run_gpu.sh`: the GPU round's one command, every row
+  at tiny shapes on the CPU: train_step.json (every row, in order), sampling.json (the sampling
+  summary with speedup_vs_transformers), the tables printed last."""
+  path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=path, OUT=str(tmp_path),
+             PLAN="h200_round", TINY="1", BUDGET_S="1500", PYTHON=sys.executable)
+  proc = subprocess.run(["bash", "benchmarks/run_gpu.sh"], cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=1600, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads((tmp_path / "train_step.json").read_text())
+  records = {r["name"]: r for r in result["records"]}
+  assert list(records) == [name for name, _ in plans.PLANS["h200_round"]] and result["tiny"]
+  missing = first_missing("torch", "transformers", "peft")
+  for name, r in records.items():
+    if r["framework"] in ("torch", "generate") and missing:
+      assert_skipped_for(r, first_missing("torch", "transformers") or missing)
+    else:
+      assert r["status"] == "ok", (name, r.get("error"))
+  lora = records["jax/7b/lora16/16k"]
+  assert (lora["model"], lora["seq_len"], lora["remat"]) == ("tiny-qwen2", 128,
+                                                             "mlp_attention_saveable")
+  assert lora["docs_per_row"] == 1 and lora["overrides"]["lora.rank"] == 16
+  assert records["sampler/b256"]["new_tokens"] == 8 and records["sampler/b256"]["batch"] == 4
+  if not missing:
+    assert records["torch/7b/peft/32k"]["seq_probes"][0]["seq_len"] == 256
+  sampling = json.loads((tmp_path / "sampling.json").read_text())
+  assert "speedup_vs_transformers" in sampling["summary"]
+  assert [r["name"] for r in sampling["records"]] == ["sampler/b256", "generate/b256/static"]
+  assert proc.stdout.splitlines()[-1].startswith("summary: ") and "sampling " in proc.stdout
 
 
 def test_head_benchmark_compares_the_heads():
