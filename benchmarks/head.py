@@ -24,7 +24,6 @@ objectives with a top-k gate (EAFT), top_k_s: one chunk's top-k through lax.top_
 through lm_head.top_k_values's two stages (block maxima, then the best blocks' entries), with
 their values checked equal.
 """
-import json
 import os
 import statistics
 import sys
@@ -37,7 +36,6 @@ if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
 from benchmarks import train_step as bench  # pylint: disable=wrong-import-position
-from dft_jax.errors import cli_entry  # pylint: disable=wrong-import-position
 
 
 def head_loss(head, chunk, cfg):
@@ -159,10 +157,5 @@ def run_variant(config):
                             lambda: measure(config))
 
 
-def main(argv=None):
-  config = bench.config_from_flags(sys.argv if argv is None else argv)
-  print("RESULT " + json.dumps(run_variant(config)), flush=True)
-
-
 if __name__ == "__main__":
-  cli_entry(main)()
+  bench.variant_main(run_variant)

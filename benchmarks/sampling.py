@@ -25,7 +25,6 @@ on the same cache, which compiles it), then the median of bench.steps runs:
   bandwidth_fraction  bound_s / decode_s
   problems_500x16_s   500 problems x 16 samples at this batch: ceil(8000 / B) runs
 """
-import json
 import os
 import statistics
 import sys
@@ -39,7 +38,6 @@ if ROOT not in sys.path:
 
 from benchmarks import train_step as bench  # pylint: disable=wrong-import-position
 from dft_jax import throughput  # pylint: disable=wrong-import-position
-from dft_jax.errors import cli_entry  # pylint: disable=wrong-import-position
 
 PROBLEMS, SAMPLES = 500, 16  # the DFT paper's evaluation protocol: 16 samples a problem
 PEER_WARMUP_TOKENS = 16
@@ -94,7 +92,7 @@ def run_sampler(config):
   """Our sampler: the record fields (module doc)."""
   import jax
   from flax import nnx
-  from dft_jax import models, sampling
+  from dft_jax import sampling
   from dft_jax import step as step_lib
   t0 = time.perf_counter()
   model = bench.load_model(bench.step_config(config))
@@ -187,10 +185,5 @@ def run_variant(config):
   return bench.run_recorded(record, lambda: measure(config), skipped=(ModuleNotFoundError,))
 
 
-def main(argv=None):
-  config = bench.config_from_flags(sys.argv if argv is None else argv)
-  print("RESULT " + json.dumps(run_variant(config)), flush=True)
-
-
 if __name__ == "__main__":
-  cli_entry(main)()
+  bench.variant_main(run_variant)

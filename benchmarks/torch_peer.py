@@ -32,7 +32,6 @@ as for our records; mfu_segments: its rows' attention, causal over the whole row
 """
 import functools
 import importlib
-import json
 import os
 import sys
 import time
@@ -46,7 +45,6 @@ if ROOT not in sys.path:
 
 from benchmarks import train_step as bench  # pylint: disable=wrong-import-position
 from dft_jax import throughput  # pylint: disable=wrong-import-position  (no jax at import)
-from dft_jax.errors import cli_entry  # pylint: disable=wrong-import-position
 
 # HF Qwen2Config fields of the dft_jax presets (tests check they match dft_jax.models.PRESETS).
 SHAPES = {
@@ -249,10 +247,5 @@ def run_variant(config):
   return bench.run_recorded(record, lambda: run_torch(config), skipped=(ModuleNotFoundError,))
 
 
-def main(argv=None):
-  config = bench.config_from_flags(sys.argv if argv is None else argv)
-  print("RESULT " + json.dumps(run_variant(config)), flush=True)
-
-
 if __name__ == "__main__":
-  cli_entry(main)()
+  bench.variant_main(run_variant)

@@ -995,13 +995,22 @@ REMAT_SHORT = {"nothing_saveable": "nothing", "dots_with_no_batch_dims_saveable"
 def config_from_flags(argv, define_more=None, default=BENCH_CONFIG):
   """The variant's config from argv: `--config=FILE[:variant]` (default configs/benchmark.py)
   and `--config.<field>=<value>` overrides, parsed by the main job's own flag code (a field that
-  does not exist is one line, exit 2); define_more() defines a script's other flags first."""
+  does not exist is one line, exit 2); define_more() defines a script's other flags first. The
+  process's settings first, as every command's (cli.prepare_process)."""
+  cli.prepare_process()
   cli.define_config(argv, default=default, help_text="config file[:variant]")
   if define_more:
     define_more()
   cli.parse_flags(argv)
   from absl import flags  # pylint: disable=g-import-not-at-top
   return flags.FLAGS.config
+
+
+def variant_main(run_variant, argv=None):
+  """A variant script's command line: its config from the flags, run_variant(config) in this
+  process, the record printed as the RESULT line the harness reads; errors one line (exit 2)."""
+  config = cli_entry(config_from_flags)(sys.argv if argv is None else argv)
+  print("RESULT " + json.dumps(run_variant(config)), flush=True)
 
 
 def define_harness_flags():

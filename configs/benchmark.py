@@ -24,7 +24,6 @@ def get_config(arg=None):
   c = config_files.load(config_files.DEFAULT, "gpu")
   c.model.update(name="preset:qwen2.5-1.5b", param_dtype="float32", compute_dtype="bfloat16",
                  remat="nothing_saveable", lm_head_chunk=4096, lm_head_impl="checkpointed")
-  c.model.max_segments = placeholder(int)  # None: the benchmark rows' bound (segment_bound)
   c.train.update(global_batch_size=4, seq_len=4096, microbatches=1, minibatches=1,
                  num_steps=1000)
   c.data.max_length = c.train.seq_len

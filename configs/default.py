@@ -36,11 +36,11 @@ def get_config(arg=None):
       lm_head_chunk=1024,            # tokens per chunk of the LM head
       lm_head_impl="checkpointed",   # checkpointed (any objective) | fused (gradient in the
                                      # forward pass: per-token objectives; others fall back)
-      max_segments=64,               # most runs of segment ids (documents + padding) in a row:
+      max_segments=placeholder(int),  # most runs of segment ids (documents + padding) in a row:
                                      # cuDNN attention's static bound; the packer keeps under it.
                                      # On GPU its backward holds B * this * T * heads * head_dim
-                                     # float32: set it just above the data summary's "most
-                                     # documents in a row" (docs/speed.md)
+                                     # float32. None: the data's own bound (the most of its
+                                     # shortest documents a row fits, + 1; at most 64; a stream: 64)
       tokenizer=placeholder(str),    # HF tokenizer folder, for presets
   ))
 

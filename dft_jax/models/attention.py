@@ -13,6 +13,8 @@ import numpy as np
 from dft_jax.errors import ModelError
 
 IMPLS = ("auto", "xla", "cudnn")
+DEFAULT_MAX_SEGMENTS = 64  # the bound of a model built with none given (config.model.max_segments
+                           # None: the train job then sets the data's, models.Decoder.max_segments)
 
 
 def resolve_impl(impl: str, dtype) -> str:
@@ -43,7 +45,7 @@ def attend_masked(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS):
 
 
 def attend(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, *, segment_ids_BxT=None, impl="auto",
-           max_segments=64):
+           max_segments=DEFAULT_MAX_SEGMENTS):
   """Causal self-attention; with segment_ids_BxT, only within each segment.
 
   impl: "xla" (explicit mask), "cudnn" (flash attention; packed rows through cuDNN's ragged

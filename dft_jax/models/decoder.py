@@ -229,8 +229,9 @@ class Decoder(nnx.Module):
   (nnx.LoRAParam, float32) and for QLoRA the quantised projections (see `layer_specs`)."""
 
   def __init__(self, config: ModelConfig, *, param_dtype="float32", compute_dtype=None,
-               remat="none", scan_layers=True, attention="auto", max_segments=64,
-               lora: lora_lib.LoRAConfig | None = None, rngs: nnx.Rngs):
+               remat="none", scan_layers=True, attention="auto",
+               max_segments=attn_lib.DEFAULT_MAX_SEGMENTS, lora: lora_lib.LoRAConfig | None = None,
+               rngs: nnx.Rngs):
     """compute_dtype None: bfloat16 on GPU/TPU, float32 on CPU. max_segments: static bound on
     documents per packed row for cuDNN attention (see attention.attend). param_dtype is the base
     weights' dtype; adapters are float32."""
