@@ -47,8 +47,7 @@ def head_loss(head, chunk, cfg):
   if head == "fused":
     return lambda hidden, w, batch, extra: step_lib.objective_loss_fused(
         hidden, w, batch, cfg, extra_BxT=extra, chunk_size=chunk)
-  stats = functools.partial(lm_head.token_stats, chunk_size=chunk,
-                            stats=objectives.required_stats(cfg))
+  stats = functools.partial(lm_head.token_stats, chunk_size=chunk, stats=cfg.stats)
   return lambda hidden, w, batch, extra: objectives.objective_loss(
       {**stats(hidden, w, batch["targets"]), **extra}, batch, cfg)
 
@@ -57,7 +56,6 @@ def inputs(config, cfg):
   """(hidden, w, batch, extra) on the default device."""
   import jax
   import jax.numpy as jnp
-  from dft_jax import objectives
   from dft_jax.models import PRESETS
   c = PRESETS[bench.preset(config)]
   rows_, seq_len = config.train.global_batch_size, config.train.seq_len
@@ -70,7 +68,7 @@ def inputs(config, cfg):
   w = 0.02 * jax.random.normal(key_w, (c.hidden_size, c.vocab_size), jnp.float32)
   logp = -5.0 + rng.normal(size=batch["targets"].shape).astype(np.float32)
   extra = {k: jnp.asarray(logp + rng.normal(scale=0.3, size=logp.shape).astype(np.float32))
-           for k in objectives.needs(cfg)}
+           for k in cfg.needs}
   return hidden, w.astype(config.bench.w_dtype), batch, extra
 
 
@@ -111,7 +109,7 @@ def measure(config):
   """The variant's record fields (module doc)."""
   import jax
   from dft_jax import objectives
-  cfg = config.objective
+  cfg = objectives.validate(config.objective)
   chunk = config.model.lm_head_chunk
   hidden, w, batch, extra = inputs(config, cfg)
   grad_fn = lambda head: jax.jit(jax.value_and_grad(
@@ -142,7 +140,7 @@ def measure(config):
         name: float(np.abs(np.asarray(g, np.float32) - np.asarray(r, np.float32)).max()
                     / np.abs(np.asarray(r, np.float32)).max())
         for name, g, r in zip(("hidden", "w"), grads, ref)}
-  topk = [s for s in objectives.required_stats(cfg) if s.startswith("topk_entropy:")]
+  topk = [s.name for s in cfg.stats if s.name.startswith("topk_entropy:")]
   if topk:
     k = int(topk[0].split(":")[1])
     record["top_k_s"], record["top_k_equal"] = top_k_times(config, hidden, w, k)

@@ -251,8 +251,10 @@ def sharded_model(config, mesh):
 def head_that_runs(config):
   """The LM head the step takes: model.lm_head_impl, unless the objective does not fit the fused
   head (a sequence-level or reference-distribution objective: the checkpointed one)."""
+  from dft_jax import objectives
   from dft_jax import step as step_lib
-  if config.model.lm_head_impl == "fused" and step_lib.fused_head_fits(config.objective):
+  if (config.model.lm_head_impl == "fused"
+      and step_lib.fused_head_fits(objectives.validate(config.objective))):
     return "fused"
   return "checkpointed"
 
@@ -278,17 +280,19 @@ def time_train_step(config, mesh, make_model, peak_flops):
   import itertools
   import jax
   from dft_jax import loop
+  from dft_jax import objectives
   from dft_jax import step as step_lib
   b, seq_len = config.bench, config.train.seq_len
   t0 = time.perf_counter()
   model = make_model()
   model_cfg = model.config
-  graphdef, state, frozen, tx, _ = step_lib.init_train_state(model, config, mesh)
+  setting = objectives.validate(config.objective)
+  graphdef, state, frozen, tx, _ = step_lib.init_train_state(model, config, mesh, setting=setting)
   del model
   jax.block_until_ready((state, frozen))  # frozen: a LoRA base, or ASFT / iw-SFT's reference
   init_s = time.perf_counter() - t0
   step = step_lib.make_train_step(graphdef, tx, config, mesh, step_lib.shardings_of(state),
-                                  step_lib.shardings_of(frozen))
+                                  step_lib.shardings_of(frozen), setting=setting)
   rng = np.random.default_rng(0)
   rows = config.train.global_batch_size
   batches = [step_lib.global_batch(packed_rows(rng, rows, seq_len, model_cfg.vocab_size,
@@ -410,7 +414,7 @@ def abstract_state(config, mesh):
   import jax
   import jax.numpy as jnp
   from flax import nnx
-  from dft_jax import models, sharding
+  from dft_jax import models, objectives, sharding
   from dft_jax import step as step_lib
   model = nnx.eval_shape(lambda: load_model(config))
   graphdef, params, base = step_lib.split_model(model)
@@ -421,7 +425,8 @@ def abstract_state(config, mesh):
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), tree)
   state = step_lib.TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
                               opt_state=jax.eval_shape(tx.init, params))
-  reference = params if base is None and step_lib.needs_reference(config.objective) else None
+  needs_reference = objectives.validate(config.objective).needs_reference
+  reference = params if base is None and needs_reference else None
   return graphdef, abstract(state), abstract(step_lib.Frozen(base=base, reference=reference)), tx
 
 
@@ -435,13 +440,14 @@ def compiled_memory(config):
   """XLA's memory analysis of one variant's step, compiled for this machine's default backend
   without running it (the 1.5B step compiles on a CPU with no device memory to spare)."""
   import jax
-  from dft_jax import sharding
+  from dft_jax import objectives, sharding
   from dft_jax import step as step_lib
   config = step_config(config)
   mesh = single_device_mesh()
   graphdef, state, frozen, tx = abstract_state(config, mesh)
   step = step_lib.make_train_step(graphdef, tx, config, mesh, step_lib.shardings_of(state),
-                                  step_lib.shardings_of(frozen))
+                                  step_lib.shardings_of(frozen),
+                                  setting=objectives.validate(config.objective))
   batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
                                                       sharding=sharding.batch_sharding(mesh)),
                        abstract_batch(config.train.global_batch_size, config.train.seq_len))
@@ -486,13 +492,13 @@ def objective_of(config):
   old_logp is the current logp (K=1: same shapes as any snapshot)."""
   import jax
   from dft_jax import objectives
-  needs_old = "old_logp" in objectives.needs(config.objective)
+  setting = objectives.validate(config.objective)
 
   def loss(stats, batch):
-    if needs_old:
+    if "old_logp" in setting.needs:
       stats = dict(stats, old_logp=jax.lax.stop_gradient(stats["logp"]))
-    return objectives.objective_loss(stats, batch, config.objective)[0]
-  return objectives.required_stats(config.objective), loss
+    return objectives.objective_loss(stats, batch, setting)[0]
+  return setting.stats, loss
 
 
 def saved_activation_bytes(config):

@@ -36,8 +36,9 @@ from dft_jax import step as step_lib
 
 
 def validate_config(config):
-  """Every section's own check, before anything is loaded or compiled (ConfigError, one line)."""
-  objectives.validate(config.objective)
+  """Every section's own check, before anything is loaded or compiled (ConfigError, one line);
+  returns the objective resolved (objectives.Setting), which the rest of the run receives."""
+  setting = objectives.validate(config.objective)
   step_lib.validate(config, jax.device_count(), jax.process_count())
   data.validate(config.data, seq_len=config.train.seq_len,
                 global_batch_size=config.train.global_batch_size,
@@ -46,6 +47,7 @@ def validate_config(config):
   metrics_lib.validate(config.log)
   evaluate.settings(config.eval)
   models.lora_config(config.lora)
+  return setting
 
 
 def batches_of(data_iter, mesh):
@@ -64,7 +66,7 @@ def train_and_evaluate(config, workdir, allow_config_change=False):
   A finished run (summary.json of as many steps) returns its summary and writes nothing.
   Raises run_control.Preempted when a stop signal ended the run early (after a checkpoint).
   """
-  validate_config(config)
+  setting = validate_config(config)
   run_control.check_workdir(workdir)
   with run_control.one_run_per_workdir(workdir):
     ckpt.check_config(workdir, config, allow_config_change)
@@ -73,11 +75,12 @@ def train_and_evaluate(config, workdir, allow_config_change=False):
       logging.info("%s: this run finished all its %d steps; nothing to do", workdir,
                    finished["steps"])
       return finished
-    return run(config, workdir)
+    return run(config, workdir, setting)
 
 
-def run(config, workdir):
-  """The run itself (train_and_evaluate's checks done, the workdir locked)."""
+def run(config, workdir, setting):
+  """The run itself (train_and_evaluate's checks done, the workdir locked; setting: the objective
+  resolved by validate_config)."""
   t, is_main = config.train, jax.process_index() == 0
   mesh = sharding.make_mesh(config.mesh)
 
@@ -88,7 +91,8 @@ def run(config, workdir):
                                        max_segments=config.model.max_segments)
   model.max_segments = data_iter.max_segments  # model.max_segments None: the data's bound
   model_config, lora = model.config, model.lora
-  graphdef, state, frozen, tx, schedule = step_lib.init_train_state(model, config, mesh)
+  graphdef, state, frozen, tx, schedule = step_lib.init_train_state(model, config, mesh,
+                                                                    setting=setting)
   del model
   # The starting parameters (with LoRA: its adapters, B = 0), for the base model's evaluation.
   initial = None
@@ -110,7 +114,7 @@ def run(config, workdir):
   first = next(batches)
   with cli.phase("compiling the train step"):
     train_step = step_lib.make_train_step(graphdef, tx, config, mesh, step_lib.shardings_of(state),
-                                          step_lib.shardings_of(frozen))
+                                          step_lib.shardings_of(frozen), setting=setting)
     train_step = train_step.lower(state, first[0], frozen).compile()
   device_memory.check_fits(train_step, jax.local_devices()[0])  # before a step runs out of it
 
