@@ -271,6 +271,7 @@ def assert_skipped_for(record, package):
   assert (record["status"], record["error"]) == ("skipped", f"No module named '{package}'")
 
 
+@pytest.mark.slow
 def test_smoke_sweep_writes_records_and_table(tmp_path):
   proc = run_script(["benchmarks/train_step.py", "--plan=smoke", f"--out={tmp_path}",
                      "--budget_s=600"], timeout=700)
@@ -370,6 +371,7 @@ def test_gpu_round_command_runs_end_to_end_at_tiny_shapes(tmp_path):
   assert proc.stdout.splitlines()[-1].startswith("summary: ") and "sampling " in proc.stdout
 
 
+@pytest.mark.slow
 def test_head_benchmark_compares_the_heads():
   """benchmarks/head.py, the LM head alone (EAFT, tiny shapes): the fused head's record with its
   three matmuls a chunk, its gradients against the checkpointed head's, the top-k timings."""
@@ -385,6 +387,7 @@ def test_head_benchmark_compares_the_heads():
   assert record["tokens_per_s"] == pytest.approx(2 * 128 / record["step_time_s"])
 
 
+@pytest.mark.slow
 def test_breakdown_times_every_part(tmp_path):
   """benchmarks/breakdown.py at configs/benchmark.py:smoke: each part and the whole step timed, one JSON record."""
   out = tmp_path / "breakdown.jsonl"
@@ -400,6 +403,7 @@ def test_breakdown_times_every_part(tmp_path):
   assert all(np.isfinite(t) and t > 0 for t in seconds.values())
 
 
+@pytest.mark.slow
 def test_host_memory_puts_each_peak_after_the_line_of_its_phase(capsys):
   """A child that prints "small", holds 64 MB, prints "large", holds 400 MB: the sampler's peak is
   the large phase's and each phase's peak reads after its own line."""

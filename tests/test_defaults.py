@@ -36,6 +36,7 @@ print("AT FIRST BACKEND", seen[0] if seen else "never")
 """
 
 
+@pytest.mark.slow
 def test_allocator_fraction_is_set_before_jax_starts_its_backend():
   env = {k: v for k, v in os.environ.items() if k != "XLA_PYTHON_CLIENT_MEM_FRACTION"}
   proc = subprocess.run([sys.executable, "-c", FIRST_BACKEND], cwd=ROOT, env=env,
