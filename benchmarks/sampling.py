@@ -151,7 +151,12 @@ def run_generate(config):
   cache = None
   if config.bench.static_cache:
     from transformers import StaticCache
-    cache = StaticCache(config=model.config, max_cache_len=tokens.shape[1] + e.max_new_tokens)
+    slots = tokens.shape[1] + e.max_new_tokens
+    try:  # transformers 5 shapes the cache at its first update
+      cache = StaticCache(config=model.config, max_cache_len=slots)
+    except TypeError:  # earlier releases take its shape up front
+      cache = StaticCache(config=model.config, max_batch_size=tokens.shape[0], max_cache_len=slots,
+                          device=device, dtype=getattr(torch, config.model.param_dtype))
 
   def run(new_tokens=e.max_new_tokens):
     if cache is not None:

@@ -8,8 +8,9 @@ sits in cache slot P + i.
             before its end), which fill the cache: one buffer a layer, [B, kv heads, slots, H],
             in the compute dtype, allocated once a phase
   decode    jitted blocks of `block` one-token steps (a loop of known length: no host sync inside);
-            a step runs the layers one after the other on their own weights (cast to the compute
-            dtype once a call, not sliced from the stacked arrays every step), writes its key and
+            a step runs the layers one after the other on their own weights (a copy of the layers
+            in the compute dtype, made once a call, instead of slices of the stacked arrays every
+            step: one more copy of the layer weights while a call runs), writes its key and
             value into each layer's buffer in place and reads each buffer once. The host queues
             the next block before it reads whether every row has stopped, so rows stop early
             without a sync per token and without recompiling.
