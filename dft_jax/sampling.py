@@ -19,7 +19,9 @@ sits in cache slot P + i.
 
 Attention over the cache takes the model's softmax scale (config.attention_scale) and, on a
 sliding-window layer (Mistral, Gemma 3's local layers), only the window's most recent slots; a
-mixture of experts routes each new token as in training.
+mixture of experts routes each new token as in training. `greedy_tokens` is the greedy decode as
+one pure program (prefill, then a lax.while_loop of the same steps): jit it, vmap it over stacked
+parameter sets.
 
 Deterministic for a seed: token i is drawn with fold_in(PRNGKey(seed), i) from the batch's
 [B, V] logits.
@@ -184,6 +186,26 @@ def _decode(graphdef, state, layers, caches, logits_BxV, done_B, out_BxN, i, sta
                            (caches, logits_BxV, done_B, out_BxN, i))
 
 
+def greedy_tokens(graphdef, state, tokens_BxP, valid_BxP, eos_E, pad_id, *, max_new_tokens):
+  """int32 [B, max_new_tokens]: the greedy new tokens of the model (graphdef, state) after the
+  left-padded prompts (prompt_arrays), pad_id after a row's EOS (eos_array) -- generate's greedy
+  tokens, from the same prefill and token_step, in one program: no host callback or sync inside
+  (a lax.while_loop of steps that ends when every row has stopped), so a caller may jit it and
+  vmap it over stacked parameter sets. The cache holds P + max_new_tokens slots; the decode reads
+  a copy of the layers in the compute dtype (decode_layers), one a parameter set under vmap."""
+  model = nnx.merge(graphdef, state)
+  rows, p = tokens_BxP.shape
+  start_B = p - jnp.sum(valid_BxP, axis=1, dtype=jnp.int32)
+  caches, logits_BxV = prefill(graphdef, state, tokens_BxP, start_B, p + max_new_tokens)
+  step = functools.partial(token_step, model, model.decode_layers(), start_B, p, eos_E, pad_id,
+                           lambda logits, _: sample_token(logits, None, temperature=1.0,
+                                                          top_p=None, greedy=True))
+  carry = (caches, logits_BxV, jnp.zeros((rows,), bool),
+           jnp.full((rows, max_new_tokens), pad_id, jnp.int32), jnp.zeros((), jnp.int32))
+  running = lambda carry: (carry[4] < max_new_tokens) & ~jnp.all(carry[2])
+  return jax.lax.while_loop(running, step, carry)[3]
+
+
 def prefill(graphdef, state, tokens_BxP, start_B, slots):
   """(per-layer (k, v) cache buffers of `slots` slots holding the prompts, the next-token logits
   [B, V]) of left-padded prompts (row b's starts at start_B[b]), in chunks of at most
@@ -209,6 +231,29 @@ def pad_id(tokenizer) -> int:
   return 0
 
 
+def prompt_arrays(prompt_ids, pad_id):
+  """(tokens, valid) [B, P] numpy: the prompts left-padded to one length, a multiple of
+  PROMPT_BUCKET (fewer compiled shapes)."""
+  p = -(-max(map(len, prompt_ids)) // PROMPT_BUCKET) * PROMPT_BUCKET
+  tokens = np.full((len(prompt_ids), p), pad_id, np.int32)
+  valid = np.zeros((len(prompt_ids), p), bool)
+  for row, ids in enumerate(prompt_ids):
+    tokens[row, p - len(ids):], valid[row, p - len(ids):] = ids, True
+  return tokens, valid
+
+
+def eos_array(eos_ids):
+  """The stop ids as an int32 array (one id -1, which no token has, when there are none)."""
+  return np.asarray(sorted(set(eos_ids)) or [-1], np.int32)
+
+
+def cut_at_eos(rows, eos_ids):
+  """Rows of new tokens (greedy_tokens', generate's) -> lists cut before the first EOS."""
+  eos = set(np.asarray(eos_ids).tolist())
+  return [row[:next((j for j, t in enumerate(row) if t in eos), len(row))]
+          for row in np.asarray(rows).tolist()]
+
+
 def cache_phases(prompt_len, blocks, block):
   """[(blocks decoded by the end of the phase, cache slots)]: one phase, or two when the decode
   runs GROW_AT_BLOCKS blocks or more (the first holds the prompt and half the new tokens)."""
@@ -232,12 +277,10 @@ def generate(model, prompt_ids: list[list[int]], *, max_new_tokens: int, tempera
     raise DataError(f"generate: need temperature >= 0 (got {temperature}), 0 < top_p <= 1 "
                     f"(got {top_p}), max_new_tokens >= 1 (got {max_new_tokens})")
   rows = len(prompt_ids)
-  p = -(-max(map(len, prompt_ids)) // PROMPT_BUCKET) * PROMPT_BUCKET
-  tokens = np.full((rows, p), pad_id, np.int32)
-  start = np.array([p - len(ids) for ids in prompt_ids], np.int32)
-  for row, ids in enumerate(prompt_ids):
-    tokens[row, start[row]:] = ids
-  eos = np.asarray(sorted(set(eos_ids)) or [-1], np.int32)
+  tokens, valid = prompt_arrays(prompt_ids, pad_id)
+  p = tokens.shape[1]
+  start = p - valid.sum(axis=1, dtype=np.int32)
+  eos = eos_array(eos_ids)
   block = DECODE_BLOCK
   blocks = -(-max_new_tokens // block)
   phases = cache_phases(p, blocks, block)
@@ -268,6 +311,4 @@ def generate(model, prompt_ids: list[list[int]], *, max_new_tokens: int, tempera
       stopped = previous is not None and all_stopped(previous)  # read while this block runs
       previous = carry[1]
   all_stopped(carry[1])
-  out = np.asarray(carry[2])[:, :max_new_tokens]
-  stops = set(eos.tolist())
-  return [next((row[:j] for j, t in enumerate(row) if t in stops), row) for row in out.tolist()]
+  return cut_at_eos(np.asarray(carry[2])[:, :max_new_tokens], eos)

@@ -5,12 +5,15 @@ well separated and sampling is far from deterministic). The reference path recom
 forward pass (model.__call__, the training attention) for every token and draws with the same
 key; with small blocks, chunks and phases the sampler's every path runs in a few tokens.
 """
+import dataclasses
+import functools
 import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from dft_jax import models, sampling
 from dft_jax.errors import DataError
@@ -141,3 +144,52 @@ def test_bad_requests(model):
     sampling.generate(model, [[1, 2], []], max_new_tokens=2)
   with pytest.raises(DataError, match="top_p"):
     sampling.generate(model, [[1, 2]], max_new_tokens=2, top_p=0.0)
+
+
+def _perturbed(state, seed):
+  """Another parameter set of the same model: every float array times (1 + 0.3 N(0, 1))."""
+  leaves, treedef = jax.tree.flatten(state)
+  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+  return jax.tree.unflatten(treedef, [
+      x * (1 + 0.3 * jax.random.normal(k, x.shape, x.dtype))
+      if jnp.issubdtype(x.dtype, jnp.floating) else x for x, k in zip(leaves, keys)])
+
+
+@pytest.mark.parametrize("folder, layer_types", [
+    ("tiny_llama", None), ("tiny_mistral", ("sliding_attention", "full_attention"))],
+                         ids=["llama", "mistral_windowed_and_global"])
+def test_greedy_tokens_equal_generate_alone_and_vmapped(prompts, folder, layer_types):
+  """greedy_tokens = generate's greedy tokens, then its EOS and pads, for two parameter sets of a
+  model (Llama; Mistral's with its first layer windowed and its second global, Gemma 3's pattern):
+  each run alone, and both in one jax.vmap over the stacked sets (each member its own run)."""
+  model = models.load(str(FIXTURES / folder))[0]
+  state = nnx.state(model)
+  if layer_types:
+    config = dataclasses.replace(model.config, layer_types=layer_types)
+    model = nnx.merge(nnx.graphdef(nnx.eval_shape(
+        lambda: models.Decoder(config, rngs=nnx.Rngs(0)))), state)
+  graphdef = nnx.graphdef(model)
+  states = [state, _perturbed(state, 1)]
+  free = sampling.generate(model, prompts, max_new_tokens=NEW)
+  eos = [free[0][2], free[1][5]]  # rows 0 and 1 stop early
+  pad = 7
+  tokens, valid = sampling.prompt_arrays(prompts, pad)
+  run = functools.partial(sampling.greedy_tokens, graphdef, tokens_BxP=tokens, valid_BxP=valid,
+                          eos_E=sampling.eos_array(eos), pad_id=jnp.int32(pad),
+                          max_new_tokens=NEW)
+  alone = [np.asarray(jax.jit(lambda s: run(state=s))(s)) for s in states]
+  stacked = jax.tree.map(lambda *x: jnp.stack(x), *states)
+  population = jax.vmap(lambda s: run(state=s))
+  assert "callback" not in str(jax.make_jaxpr(population)(stacked))  # no host round trip
+  together = np.asarray(jax.jit(population)(stacked))
+  for member, s in enumerate(states):
+    replies = sampling.generate(nnx.merge(graphdef, s), prompts, max_new_tokens=NEW,
+                                eos_ids=eos, pad_id=pad)
+    assert sampling.cut_at_eos(alone[member], eos) == replies
+    for row, reply in zip(alone[member], replies):
+      assert row.shape == (NEW,) and row[:len(reply)].tolist() == reply
+      if len(reply) < NEW:  # the EOS, then pads
+        assert row[len(reply)] in eos and set(row[len(reply) + 1:].tolist()) <= {pad}
+    np.testing.assert_array_equal(together[member], alone[member])
+  assert min(map(len, sampling.cut_at_eos(alone[0], eos))) < NEW  # an EOS met
+  assert not np.array_equal(alone[0], alone[1])
