@@ -22,6 +22,7 @@ import numpy as np
 from dft_jax import checkpoint as ckpt
 from dft_jax import cli
 from dft_jax import data
+from dft_jax import device_memory
 from dft_jax import evaluate
 from dft_jax import files
 from dft_jax import loop
@@ -84,6 +85,10 @@ def run(config, workdir, setting):
 
   with cli.phase(f"loading {config.model.name}"):
     model, tokenizer = models.load_from_config(config.model, config.lora)
+  data_iter = data.make_train_iterator(config.data, tokenizer, seq_len=t.seq_len,
+                                       global_batch_size=t.global_batch_size, seed=t.seed,
+                                       max_segments=config.model.max_segments)
+  model.max_segments = data_iter.max_segments  # model.max_segments None: the data's bound
   model_config, lora = model.config, model.lora
   graphdef, state, frozen, tx, schedule = step_lib.init_train_state(model, config, mesh,
                                                                     setting=setting)
@@ -93,9 +98,6 @@ def run(config, workdir, setting):
   if config.eval.before or config.eval.after:
     initial = frozen.reference or jax.tree.map(jax.numpy.copy, state.params)
 
-  data_iter = data.make_train_iterator(config.data, tokenizer, seq_len=t.seq_len,
-                                       global_batch_size=t.global_batch_size, seed=t.seed,
-                                       max_segments=config.model.max_segments)
   manager = ckpt.make_manager(workdir, config.checkpoint)
   restored, earlier = ckpt.restore(manager, state), None  # earlier: the run's progress so far
   if restored is not None:
@@ -114,6 +116,7 @@ def run(config, workdir, setting):
                                           step_lib.shardings_of(frozen), setting=setting,
                                           sources=data.mixture.source_names(config.data))
     train_step = train_step.lower(state, first[0], frozen).compile()
+  device_memory.check_fits(train_step, jax.local_devices()[0])  # before a step runs out of it
 
   evaluator = None
   if config.eval.before or config.eval.after:

@@ -5,7 +5,7 @@ runs differ only in their learning rate and their batches, so they are members o
 their TrainStates are stacked on a leading member axis [R, ...] and the train job's step
 (step.step_function) is vmapped over it. A 135M model leaves most of a GPU idle; R runs in one
 program cost far less than R runs one after the other (the study records both). Evaluation does
-the same: every member's greedy replies (sampling.decode) and teacher-forced statistics
+the same: every member's greedy replies (sampling.greedy_tokens) and teacher-forced statistics
 (teacher_forced.token_stats) come from one vmapped program per set.
 
 Member m trains at its own peak rate lr_m: the optimizer is the train job's (step.make_optimizer)
@@ -148,11 +148,9 @@ class History:
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens"))
 def _greedy_replies(graphdef, states, tokens_BxP, valid_BxP, eos_E, pad_id, *, max_new_tokens):
   """[R, B, max_new_tokens] greedy new tokens of every member."""
-  def member(state):
-    return sampling.decode(graphdef, state, tokens_BxP, valid_BxP, jax.random.PRNGKey(0),
-                           jnp.float32(1.0), jnp.float32(1.0), eos_E, pad_id,
-                           max_new_tokens=max_new_tokens, greedy=True)
-  return jax.vmap(member)(states)
+  return jax.vmap(lambda state: sampling.greedy_tokens(
+      graphdef, state, tokens_BxP, valid_BxP, eos_E, pad_id, max_new_tokens=max_new_tokens))(
+          states)
 
 
 @functools.partial(jax.jit, static_argnames="graphdef")
