@@ -88,7 +88,8 @@ def get_config(arg=None):
 
   c.optimizer = ml_collections.ConfigDict(dict(
       learning_rate=2e-5,            # peak learning rate (AdamW)
-      schedule="cosine",             # after warmup: cosine | linear | constant
+      schedule="cosine",             # after warmup: cosine | linear | constant | finch (the
+                                     # constant rate scaled by the batch's loss, optimizer.finch)
       warmup_steps=3,                # linear warmup from 0
       min_lr_ratio=0.1,              # final learning rate / peak (cosine, linear)
       weight_decay=0.0,              # AdamW decoupled weight decay
@@ -98,6 +99,12 @@ def get_config(arg=None):
       grad_clip_norm=1.0,            # clip the global gradient norm to this (0: no clipping)
       mu_dtype=placeholder(str),     # AdamW first moment: None (= params) | bfloat16
       nu_dtype=placeholder(str),     # second moment: None (optax.adamw) | bfloat16 (b2 <= 0.99)
+      # FINCH (arXiv 2605.20005): rate = min(learning_rate / sqrt(average loss), max_learning_rate)
+      finch=ml_collections.ConfigDict(dict(
+          ema=0.9,                   # moving-average coefficient of the batch losses
+          max_learning_rate=5e-5,    # cap of the rate
+          initial_loss=placeholder(float),  # the average's start (None: the first batch's loss)
+      )),
   ))
 
   c.train = ml_collections.ConfigDict(dict(

@@ -107,6 +107,40 @@ def kl_from_ref(logp_xV, ref_logp_xV):
   return jnp.sum(jnp.exp(ref_logp_xV) * (ref_logp_xV - logp_xV), axis=-1)
 
 
+def token_uniforms(token_key_x, num):
+  """[x, num] float32 uniforms in [0, 1) from per-token PRNG keys (token_key_x: [x, 2] uint32 key
+  data): each token's draws depend on its key alone."""
+  keys = jax.random.wrap_key_data(token_key_x.reshape(-1, token_key_x.shape[-1]))
+  draws = jax.vmap(lambda key: jax.random.uniform(key, (num,), jnp.float32))(keys)
+  return draws.reshape(*token_key_x.shape[:-1], num)
+
+
+def sample_tokens(logp_xV, uniforms_xK, temperature=1.0):
+  """[x, K] token ids drawn from softmax(logp / temperature) by inverse CDF, one per uniform.
+
+  Two levels, so that nothing longer than a block is summed in sequence: the probability mass of
+  each block of TOPK_BLOCK vocabulary entries (one pass over the distribution), the block where
+  u * total falls in the cumulative block masses, then the entry within that block. Exact up to
+  float32 rounding of the masses; a zero-probability entry is never drawn."""
+  vocab = logp_xV.shape[-1]
+  num_blocks = -(-vocab // TOPK_BLOCK)
+  q_xV = jax.nn.softmax(logp_xV.astype(jnp.float32) / temperature, axis=-1)
+  pad = [(0, 0)] * (q_xV.ndim - 1) + [(0, num_blocks * TOPK_BLOCK - vocab)]
+  blocks_xBxE = jnp.pad(q_xV, pad).reshape(*q_xV.shape[:-1], num_blocks, TOPK_BLOCK)
+  mass_xB = blocks_xBxE.sum(-1)
+  cum_xB = jnp.cumsum(mass_xB, axis=-1)
+  point_xK = uniforms_xK * cum_xB[..., -1:]
+  block_xK = jnp.minimum(jnp.sum(cum_xB[..., None, :] <= point_xK[..., None], axis=-1),
+                         num_blocks - 1)
+  before_xK = jnp.take_along_axis(cum_xB - mass_xB, block_xK, axis=-1)
+  entries_xKxE = jnp.take_along_axis(blocks_xBxE, block_xK[..., None], axis=-2)
+  inside_xKxE = jnp.cumsum(entries_xKxE, axis=-1)
+  last_xK = jnp.max(jnp.where(entries_xKxE > 0, jnp.arange(TOPK_BLOCK), 0), axis=-1)
+  entry_xK = jnp.minimum(
+      jnp.sum(inside_xKxE <= (point_xK - before_xK)[..., None], axis=-1), last_xK)
+  return block_xK * TOPK_BLOCK + entry_xK
+
+
 # d statistic / d logits of one token, [x, V] (fused_loss forms d loss / d logits from them).
 
 

@@ -93,8 +93,8 @@ def positive(default, doc="", fn_arg=True):
   return Hparam(default, "a finite number > 0", lambda v: _real(v) and v > 0, doc, fn_arg)
 
 
-def nonnegative(default, doc=""):
-  return Hparam(default, "a finite number >= 0", lambda v: _real(v) and v >= 0, doc)
+def nonnegative(default, doc="", fn_arg=True):
+  return Hparam(default, "a finite number >= 0", lambda v: _real(v) and v >= 0, doc, fn_arg)
 
 
 def unit_interval(default, doc=""):
@@ -124,7 +124,8 @@ class Objective:
   inputs: hparams -> {keyword of fn: lm_head.Statistic}: the generic ones (lm_head.LOGP,
     ENTROPY, KL_FROM_REF) or the record's own (gates with gradient=False, closed-form
     logits_grad for the fused head).
-  needs: a subset of NEEDS; each arrives as keyword(s) of fn and metrics.
+  needs: a subset of NEEDS that fn reads; each arrives as keyword(s) of fn and metrics (the side
+    inputs of its statistics, e.g. token_key, are needs of the Setting without being fn's).
   metrics: same arguments as fn -> {name: per-token value}, reported as "<objective>/<name>".
   doc: one line for --help and the README: formula and source.
   """
@@ -512,6 +513,127 @@ def iw_sft_metrics(logp, *, ref_logp, loss_mask, segment_ids, temp, w_max):
           "clipped": log_w >= math.log(w_max), **gate_metrics(jnp.exp(log_w))}
 
 
+# TALR: p_t is clamped below at this before the power, and the weight at TALR's floor (both from
+# the re-implementation in shankarp8/distillation-retains-capabilities, objectives.talr_loss).
+TALR_MIN_PROB = 1e-6
+
+
+def talr_weight(logp, tau, floor):
+  """TALR's token weight sg(max(p_t ** (1 / tau), floor)), p_t clamped at TALR_MIN_PROB."""
+  logp = jnp.maximum(jax.lax.stop_gradient(_f32(logp)), math.log(TALR_MIN_PROB))
+  return jnp.maximum(jnp.exp(logp / tau), floor)
+
+
+def talr(logp, *, tau, floor):
+  """TALR, Token-Adaptive Loss Reweighting (arXiv 2509.20758, "SFT Doesn't Always Hurt General
+  Capabilities"): cross-entropy with each token weighted by its own probability under a
+  temperature, so that hard (low-probability) tokens do not dominate the update,
+
+    -sg(w_t) * log p_t,   w_t = max(p_t ** (1 / tau), floor).
+
+  Gradient wrt logits: w_t (softmax - onehot). Where it comes from: the paper's abstract (arXiv
+  listing: TALR reweights tokens by their loss); the weight, its floor 0.01 and the clamp of p_t
+  at 1e-6 from the re-implementation in shankarp8/distillation-retains-capabilities
+  (src/disc/objectives.py talr_loss, normalize="mean": the token mean, aggregation token_mean
+  here). The paper body could not be read here; that re-implementation and a reader's note of the
+  paper's v3 both set tau per batch to the median over sequences of their mean token loss. A
+  batch statistic of the current policy would need the whole batch's forward before any
+  gradient (one more forward pass under microbatching), so tau is a fixed hyperparameter here:
+  set it near the run's per-token loss (metric nll). tau = 1 weights by p_t (DFT's weight with a
+  floor); smaller tau down-weights hard tokens more.
+  """
+  return -talr_weight(logp, tau, floor) * _f32(logp)
+
+
+def talr_metrics(logp, *, tau, floor):
+  """The weight, the share of tokens at the floor and the gate metrics (the weight is the gate)."""
+  weight = talr_weight(logp, tau, floor)
+  return {"weight": weight, "floored": weight <= floor, **gate_metrics(weight)}
+
+
+def otr_samples(logp_xV, token_key_x, num, temperature):
+  """OTR's K candidate tokens of each position, [x, K], from softmax(logits / temperature)."""
+  uniforms_xK = lm_head.token_uniforms(token_key_x, num)
+  return lm_head.sample_tokens(jax.lax.stop_gradient(logp_xV), uniforms_xK, temperature)
+
+
+def otr_return(logp_xV, targets_x, token_key, num, temperature, penalty):
+  """(1/K) sum_k r_k log p(a_k): the candidates a_k (otr_samples) rewarded r_k = 1 when a_k is
+  the target and -penalty otherwise; differentiable in logp."""
+  samples_xK = otr_samples(logp_xV, token_key, num, temperature)
+  targets_x = jnp.clip(targets_x, 0, logp_xV.shape[-1] - 1)
+  reward_xK = jnp.where(samples_xK == targets_x[..., None], 1.0, -penalty)
+  return jnp.mean(reward_xK * jnp.take_along_axis(logp_xV, samples_xK, axis=-1), axis=-1)
+
+
+def otr_return_grad(logp_xV, targets_x, token_key, num, temperature, penalty):
+  """d otr_return / d logits = (1/K) sum_k r_k (onehot(a_k) - softmax)."""
+  samples_xK = otr_samples(logp_xV, token_key, num, temperature)
+  targets_x = jnp.clip(targets_x, 0, logp_xV.shape[-1] - 1)
+  reward_xK = jnp.where(samples_xK == targets_x[..., None], 1.0, -penalty)
+  chosen_xV = jnp.sum(reward_xK[..., None] * (
+      samples_xK[..., None] == jnp.arange(logp_xV.shape[-1])), axis=-2)
+  return (chosen_xV - jnp.sum(reward_xK, axis=-1, keepdims=True) * jnp.exp(logp_xV)) / num
+
+
+def otr_hits(logp_xV, targets_x, token_key, num, temperature):
+  """The share of the K candidates equal to the target (no gradient)."""
+  samples_xK = otr_samples(logp_xV, token_key, num, temperature)
+  targets_x = jnp.clip(targets_x, 0, logp_xV.shape[-1] - 1)
+  return jnp.mean(samples_xK == targets_x[..., None], axis=-1).astype(jnp.float32)
+
+
+def otr_inputs(hparams):
+  """OTR's sampled return (with its closed-form gradient) and the candidates' hit rate (a gate),
+  both from the same per-token keys: the same candidates."""
+  num, temperature = int(hparams["samples"]), float(hparams["temperature"])
+  penalty = float(hparams["penalty"])
+  params = f"{num}:{temperature!r}"
+  return {
+      "sampled_return": lm_head.Statistic(
+          f"otr_return:{params}:{penalty!r}",
+          lambda logp_xV, targets_x, *, token_key: otr_return(
+              logp_xV, targets_x, token_key, num, temperature, penalty),
+          logits_grad=lambda logp_xV, targets_x, _, *, token_key: otr_return_grad(
+              logp_xV, targets_x, token_key, num, temperature, penalty),
+          side=("token_key",)),
+      "hit_rate": lm_head.Statistic(
+          f"otr_hits:{params}", lambda logp_xV, targets_x, *, token_key: otr_hits(
+              logp_xV, targets_x, token_key, num, temperature),
+          gradient=False, side=("token_key",))}
+
+
+def otr(logp, *, sampled_return, hit_rate):
+  """OTR, One-Token Rollout (arXiv 2509.26313): each position a one-step RL episode. K candidate
+  tokens a_k are sampled from the current policy at that position (softmax(z / temperature)),
+  the ground-truth token rewards the candidate that equals it and the others are penalised, and
+  the update is the policy gradient:
+
+    -(1/K) sum_k r_k log p(a_k),   r_k = 1 if a_k = y_t else -penalty.
+
+  Gradient wrt logits: -(1/K) sum_k r_k (onehot(a_k) - softmax), whose expectation over the
+  draws is -sum_v q_v r_v (onehot(v) - softmax), q = softmax(z / temperature); at temperature 1
+  that is (1 + penalty) p_t (softmax - onehot): DFT's gradient scaled, the samples adding the
+  on-policy noise. The draws come from per-token keys of the run's seed and step (need
+  token_key), sampled from the head's chunk by inverse CDF over vocabulary blocks
+  (lm_head.sample_tokens): never the [tokens, vocab] logits, the same draws however the batch
+  is split, and again on resume. Where it comes from: the paper's abstract (arXiv listing:
+  candidates sampled from the current policy, the ground-truth token gives the reward, policy
+  gradient) and published reviews of it (a second term penalising the sampled incorrect tokens,
+  a sampling temperature). The paper body and the authors' code could not be read here: the
+  reward of an incorrect candidate (-penalty), K and the temperature are this project's
+  defaults, not the paper's.
+  """
+  del logp, hit_rate
+  return -_f32(sampled_return)
+
+
+def otr_metrics(logp, *, sampled_return, hit_rate):
+  """The share of candidates that hit the target, and the sampled return."""
+  del logp
+  return {"hit_rate": hit_rate, "return": sampled_return}
+
+
 def k3(logp, ref_logp):
   """k3 estimator of KL(pi || ref) per token: exp(d) - d - 1, d = sg(ref_logp) - logp (>= 0).
 
@@ -589,6 +711,23 @@ OBJECTIVES = {
         hparams=dict(temp=positive(1.0, "temperature of the log-ratio (the authors' call: 1.0)"),
                      w_max=positive(16.0, "upper clip of the weight (authors' code: 16)")),
         needs=("ref_logp", "segments"), metrics=iw_sft_metrics),
+    "talr": Objective(
+        talr, "-sg(max(p_t^(1/tau), floor)) log p_t: tokens weighted by their probability "
+        "(TALR, arXiv 2509.20758)",
+        hparams=dict(tau=positive(1.0, "temperature of the weight p_t^(1/tau) (the paper: the "
+                                       "batch's median sequence loss; here fixed)"),
+                     floor=Hparam(0.01, "a number in [0, 1)", lambda v: _real(v) and 0 <= v < 1,
+                                  "lowest weight (re-implementation's default)")),
+        metrics=talr_metrics),
+    "otr": Objective(
+        otr, "-(1/K) sum_k r_k log p(a_k), a_k ~ softmax(z/T), r_k = 1 if a_k = y_t else "
+        "-penalty (OTR, arXiv 2509.26313)",
+        hparams=dict(
+            samples=integer(8, 1, "candidate tokens K sampled per position", fn_arg=False),
+            temperature=positive(1.0, "sampling temperature T", fn_arg=False),
+            penalty=nonnegative(1.0, "reward -penalty of a candidate that is not the target",
+                                fn_arg=False)),
+        inputs=otr_inputs, metrics=otr_metrics),
 }
 
 # Extra terms any objective can add: coefficient field -> (term name, record); on when > 0.
@@ -677,10 +816,12 @@ def _setting(name, hparams, generic):
   terms = [_term("objective", name, OBJECTIVES[name], hparams, 1.0)]
   terms += [_term(term, term, record, {}, generic[coef]) for coef, (term, record) in TERMS.items()
             if generic[coef] > 0]
-  stats = [lm_head.LOGP, lm_head.ENTROPY] + [s for _, term_stats in terms for s in term_stats]
+  stats = tuple(dict.fromkeys(
+      [lm_head.LOGP, lm_head.ENTROPY] + [s for _, term_stats in terms for s in term_stats]))
+  needs = {n for term, _ in terms for n in term.record.needs}
+  needs |= {n for stat in stats for n in stat.side if n != "reference"}  # e.g. token_key
   return Setting(name, generic["aggregation"], generic["norm_constant"],
-                 tuple(term for term, _ in terms), tuple(dict.fromkeys(stats)),
-                 frozenset(n for term, _ in terms for n in term.record.needs))
+                 tuple(term for term, _ in terms), stats, frozenset(needs))
 
 
 def _check(field, value, hparam):

@@ -19,7 +19,7 @@ slices and devices give the gradient of one big batch. The step also reads, neve
 `Frozen`: with LoRA the frozen base; without it a copy of the starting parameters when the
 objective compares with the starting model (KL anchor, statistics against the reference).
 """
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -96,6 +96,9 @@ def validate(config, num_devices, process_count=1):
   check_number("optimizer.b2", o.b2, minimum=0, below=1)
   check_number("optimizer.eps", o.eps, above=0)
   check_number("optimizer.grad_clip_norm", o.grad_clip_norm, minimum=0)  # 0: no clipping
+  check_number("optimizer.finch.ema", o.finch.ema, minimum=0, below=1)
+  check_number("optimizer.finch.max_learning_rate", o.finch.max_learning_rate, above=0)
+  check_number("optimizer.finch.initial_loss", o.finch.initial_loss, above=0, optional=True)
 
 
 # ----------------------------------------------------------------------------- optimizer
@@ -104,6 +107,8 @@ SCHEDULES = {
     "cosine": lambda lr, steps, floor: optax.cosine_decay_schedule(lr, max(steps, 1), alpha=floor),
     "linear": lambda lr, steps, floor: optax.linear_schedule(lr, lr * floor, max(steps, 1)),
     "constant": lambda lr, steps, floor: optax.constant_schedule(lr),
+    # FINCH: the constant rate is the base that the batch's loss scales (finch_rate)
+    "finch": lambda lr, steps, floor: optax.constant_schedule(lr),
 }
 
 
@@ -115,6 +120,62 @@ def make_schedule(opt_cfg, total_updates):
   if warmup == 0:
     return decay
   return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), decay], [warmup])
+
+
+class FinchState(NamedTuple):
+  """scale_by_loss_adaptive_rate's state (checkpointed with the optimizer: a resume continues the
+  average)."""
+  count: jax.Array          # updates applied
+  average_loss: jax.Array   # the moving average of the updates' losses
+  learning_rate: jax.Array  # the rate of the last update
+
+
+def finch_rate(base_rate, average_loss, max_rate):
+  """FINCH's rate min(base / sqrt(average loss), max_rate)."""
+  return jnp.minimum(base_rate / jnp.sqrt(jnp.maximum(average_loss, 1e-12)), max_rate)
+
+
+def scale_by_loss_adaptive_rate(base_schedule, *, ema, max_rate, initial_loss=None):
+  """FINCH, loss-adaptive learning rates (arXiv 2605.20005, "Fine-Tuning Without Forgetting via
+  Loss-Adaptive Learning Rates"): per-step forgetting is bounded by the learning rate times the
+  square root of the training loss, so the rate is lowered on high-loss batches and raised as the
+  loss falls, the objective unchanged. Each update u becomes -eta_t u,
+
+    L_avg,t = ema L_avg,t-1 + (1 - ema) L_t,   eta_t = min(base_t / sqrt(L_avg,t), max_rate),
+
+  L_t the update's batch loss (update's keyword `loss`), L_avg,0 = initial_loss, or the first
+  update's loss when None (L_avg,1 = L_1). Where it comes from: the paper's abstract (arXiv
+  listing: the bound and the direction of the schedule); the formula, ema = 0.9 and the default
+  base 2e-5 with cap 5e-5 from focusvector/finch train_finch.py (inverse_lr: base / sqrt(EMA of
+  the batch losses) capped at eta_max; a QLoRA port that "keeps the FINCH schedule intact"),
+  which starts the average at the model's mean loss over the training set before training
+  (initial_loss here; None starts it at the first batch's). The paper body could not be read
+  here. base_schedule: the base rate by update count (the warmup, then constant).
+  """
+
+  def init(params):
+    del params
+    zero = jnp.zeros((), jnp.float32)
+    return FinchState(count=jnp.zeros((), jnp.int32), average_loss=zero, learning_rate=zero)
+
+  def update(updates, state, params=None, *, loss, **extra_args):
+    del params, extra_args
+    loss = jnp.asarray(loss, jnp.float32)
+    start = loss if initial_loss is None else jnp.float32(initial_loss)
+    previous = jnp.where(state.count == 0, start, state.average_loss)
+    average = ema * previous + (1.0 - ema) * loss
+    rate = finch_rate(base_schedule(state.count), average, max_rate)
+    updates = jax.tree.map(lambda u: (-rate * u).astype(u.dtype), updates)
+    return updates, FinchState(count=state.count + 1, average_loss=average, learning_rate=rate)
+
+  return optax.GradientTransformationExtraArgs(init, update)
+
+
+def adaptive_rates(opt_state):
+  """The rates of the last update of every loss-adaptive schedule (FINCH) in the optimizer
+  state; empty without one."""
+  is_finch = lambda x: isinstance(x, FinchState)
+  return [s.learning_rate for s in jax.tree.leaves(opt_state, is_leaf=is_finch) if is_finch(s)]
 
 
 def decay_mask(logical_specs):
@@ -154,22 +215,28 @@ def scale_by_adam_stored_in(b1, b2, eps, mu_dtype, nu_dtype):
 def make_optimizer(opt_cfg, total_updates, logical_specs):
   """(tx, schedule): global-norm clipping, then AdamW with decoupled weight decay on the
   schedule; optimizer.mu_dtype / nu_dtype store the moments in another dtype (the lean mode:
-  bfloat16 moments save 4 bytes a parameter)."""
+  bfloat16 moments save 4 bytes a parameter). optimizer.schedule='finch' scales the base
+  schedule by the update's loss (scale_by_loss_adaptive_rate; tx.update then takes `loss`, the
+  step passes every update's mean -log p_t), and schedule is None: the rate is data-dependent
+  and the step reports it (metric learning_rate)."""
   schedule = make_schedule(opt_cfg, total_updates)
   clip = opt_cfg.grad_clip_norm
   mask = decay_mask(logical_specs)
-  if opt_cfg.get("nu_dtype") is None:
-    adamw = optax.adamw(schedule, b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps,
-                        weight_decay=opt_cfg.weight_decay, mask=mask,
-                        mu_dtype=opt_cfg.get("mu_dtype"))
+  if opt_cfg.schedule == "finch":
+    f = opt_cfg.finch
+    rate = scale_by_loss_adaptive_rate(schedule, ema=f.ema, max_rate=f.max_learning_rate,
+                                       initial_loss=f.initial_loss)
   else:
-    adamw = optax.chain(
-        scale_by_adam_stored_in(opt_cfg.b1, opt_cfg.b2, opt_cfg.eps, opt_cfg.get("mu_dtype"),
-                                opt_cfg.nu_dtype),
-        optax.add_decayed_weights(opt_cfg.weight_decay, mask),
-        optax.scale_by_learning_rate(schedule))
+    rate = optax.scale_by_learning_rate(schedule)
+  if opt_cfg.get("nu_dtype") is None:
+    scale = optax.scale_by_adam(b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps,
+                                mu_dtype=opt_cfg.get("mu_dtype"))
+  else:
+    scale = scale_by_adam_stored_in(opt_cfg.b1, opt_cfg.b2, opt_cfg.eps, opt_cfg.get("mu_dtype"),
+                                    opt_cfg.nu_dtype)
+  adamw = optax.chain(scale, optax.add_decayed_weights(opt_cfg.weight_decay, mask), rate)
   tx = optax.chain(optax.clip_by_global_norm(clip) if clip else optax.identity(), adamw)
-  return tx, schedule
+  return tx, None if opt_cfg.schedule == "finch" else schedule
 
 
 def shardings_of(tree):
@@ -442,7 +509,8 @@ def make_train_step(graphdef, tx, config, mesh, state_shardings, frozen_sharding
           lambda acc, x: (tree_add(acc, loss_and_grads(*x)), None), zeros, (micro, old))
       grad_norm = optax.tree.norm(grads)
       finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-      updates, new_opt_state = tx.update(grads, opt_state, params)
+      nll = mets["tok/nll"] / jnp.maximum(mets["num_tokens"], 1.0)  # FINCH's batch loss
+      updates, new_opt_state = tx.update(grads, opt_state, params, loss=nll)
       new_params = optax.apply_updates(params, updates)
       keep_if_finite = lambda new, prev: jax.tree.map(lambda a, b: jnp.where(finite, a, b),
                                                       new, prev)
@@ -457,6 +525,8 @@ def make_train_step(graphdef, tx, config, mesh, state_shardings, frozen_sharding
     out.update(loss=summed["loss"] / t.minibatches, grad_norm=summed["grad_norm"] / t.minibatches,
                skipped=summed["skipped"], tokens=(batch["segment_ids"] > 0).sum(),
                loss_tokens=batch["loss_mask"].sum())
+    for rate in adaptive_rates(opt_state):  # FINCH's: data-dependent, reported every step
+      out["learning_rate"] = rate
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), out
 
   return jax.jit(

@@ -40,7 +40,8 @@ def make_data(seed=0):
   loss_mask[:, 19] = 0.0
   logp = np.asarray(lm_head.token_stats_naive(hidden, w, targets)["logp"])
   extra = {"old_logp": logp + rng.normal(scale=0.3, size=(B, T)).astype(np.float32),
-           "ref_logp": logp + rng.normal(scale=0.3, size=(B, T)).astype(np.float32)}
+           "ref_logp": logp + rng.normal(scale=0.3, size=(B, T)).astype(np.float32),
+           "token_key": np.asarray(step_lib.token_keys(seed, 0, (B, T)))}
   return dict(hidden=hidden, w=w, targets=targets, loss_mask=loss_mask,
               segment_ids=segment_ids), extra
 
@@ -49,7 +50,7 @@ def naive_loss(hidden, w, batch, cfg, extra, compute_dtype=None):
   """(loss, metrics) through the full logits: the reference."""
   setting = objectives.validate(cfg)
   stats = lm_head.token_stats_naive(hidden, w, batch["targets"], compute_dtype=compute_dtype,
-                                    stats=setting.stats)
+                                    stats=setting.stats, extra_BxT=extra)
   return objectives.objective_loss({**stats, **extra}, batch, setting)
 
 
@@ -127,7 +128,8 @@ def test_psft_with_the_current_policy_as_snapshot():
 
   def naive_current(hidden, w, batch, cfg, extra):
     setting = objectives.validate(cfg)
-    stats = lm_head.token_stats_naive(hidden, w, batch["targets"], stats=setting.stats)
+    stats = lm_head.token_stats_naive(hidden, w, batch["targets"], stats=setting.stats,
+                                      extra_BxT=extra)
     stats = dict(stats, old_logp=jax.lax.stop_gradient(stats["logp"]), **extra)
     return objectives.objective_loss(stats, batch, setting)
 
@@ -317,7 +319,7 @@ def count_dots(loss_fn, cfg, chunk_size=32):
 def checkpointed_loss(hidden, w, batch, cfg, extra, chunk_size):
   setting = objectives.validate(cfg)
   stats = lm_head.token_stats(hidden, w, batch["targets"], chunk_size=chunk_size,
-                              stats=setting.stats)
+                              stats=setting.stats, extra_BxT=extra)
   return objectives.objective_loss({**stats, **extra}, batch, setting)
 
 
