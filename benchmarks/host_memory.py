@@ -5,7 +5,7 @@
 Runs the command, reads its VmRSS from /proc every `every_s` seconds and prints the peak, then the
 peak seen after each line the command printed (a progress bar's redraws count as lines), so a
 phase's memory reads next to the phase's own message. Linux only (/proc). --log keeps the
-command's output. The figures of README "Host memory" come from this and `/usr/bin/time -v`.
+command's output. The figures of docs/speed.md "Host memory" come from this and `/usr/bin/time -v`.
 """
 import argparse
 import subprocess

@@ -37,11 +37,11 @@ def get_config(arg=None):
                                      # cuDNN attention's static bound; the packer keeps under it.
                                      # On GPU its backward holds B * this * T * heads * head_dim
                                      # float32: set it just above the data summary's "most
-                                     # documents in a row" (README "Speed on a GPU")
+                                     # documents in a row" (docs/speed.md)
       tokenizer=placeholder(str),    # HF tokenizer folder, for presets
   ))
 
-  # LoRA / QLoRA (README "LoRA"): rank 0 trains every parameter; rank > 0 trains low-rank adapters
+  # LoRA / QLoRA (docs/models.md "LoRA and QLoRA"): rank 0 trains every parameter; rank > 0 trains low-rank adapters
   # on `targets` and keeps the base frozen (stored in model.param_dtype, or quantised).
   c.lora = ml_collections.ConfigDict(dict(
       rank=0,                        # adapter rank; 0: no LoRA, every parameter trains
@@ -83,7 +83,7 @@ def get_config(arg=None):
   ))
 
   # name, aggregation (token_mean | seq_mean | sum_norm), norm_constant, entropy_coef, kl_coef,
-  # and objective.<name>.<hyperparameter> for every objective that has some (README "Objectives").
+  # and objective.<name>.<hyperparameter> for every objective that has some (docs/objectives.md).
   c.objective = ml_collections.ConfigDict(objectives.config_block("dft"))
 
   c.optimizer = ml_collections.ConfigDict(dict(
@@ -133,7 +133,7 @@ def get_config(arg=None):
       export_hf=False,               # also write an HF folder (and a PEFT one for LoRA) at the end
   ))
 
-  # Before/after evaluation (dft_jax/evaluate, README "Evaluation").
+  # Before/after evaluation (dft_jax/evaluate, docs/evaluation.md).
   c.eval = ml_collections.ConfigDict(dict(
       before=True,                   # evaluate the starting model
       after=True,                    # evaluate the trained model

@@ -8,7 +8,7 @@ phases. Two more habits of glibc grow a run: each thread that allocates gets an 
 the size above which it maps blocks of their own (returned to the system when freed) up to 32 MB.
 XLA:CPU's worker threads and buffers grew the default run to 6.9 GB inside a train step whose
 buffers XLA puts at 3.0 GiB. `keep_heap_small()` caps the arenas at 2 and fixes that size at
-256 KiB (measured in README "Host memory"). Elsewhere than glibc both do nothing.
+256 KiB (measured in docs/speed.md "Host memory"). Elsewhere than glibc both do nothing.
 """
 import ctypes
 import ctypes.util
