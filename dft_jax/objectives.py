@@ -128,6 +128,10 @@ class Objective:
     inputs of its statistics, e.g. token_key, are needs of the Setting without being fn's).
   metrics: same arguments as fn -> {name: per-token value}, reported as "<objective>/<name>".
   doc: one line for --help and the README: formula and source.
+  sequence_gate: for an objective whose per-token loss scales by a factor of the whole sequence
+    (dft_seq, iw_sft): (logp, **what fn would take) -> that factor per token, computed without
+    gradient from whole rows; fn is then fn(logp, *, sequence_gate), elementwise (so the fused
+    head takes it: the step computes the gate from a forward-only pass of the head first).
   """
   fn: Callable
   doc: str
@@ -135,6 +139,7 @@ class Objective:
   inputs: Callable = _no_inputs
   needs: tuple = ()
   metrics: Callable | None = None
+  sequence_gate: Callable | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,17 +242,22 @@ def sequence_log_prob(logp_BxT, loss_mask_BxT=None, segment_ids_BxT=None):
   return segment_totals(logp, segment_ids_BxT)
 
 
-def dft_seq(logp, *, loss_mask, segment_ids):
-  """DFT, sequence level (arXiv 2508.05629): -sg(pi(y|x)) * log p_t, pi(y|x) = exp(sum of logp over
-  the loss tokens of t's segment). Rows are the sequences if segment_ids is None.
+def gated_nll(logp, *, sequence_gate):
+  """-sg(g_s) * log p_t: the per-token part of an objective with a sequence gate (its record's
+  sequence_gate gives g_s). Gradient wrt logits: g_s (softmax - onehot)."""
+  return -jax.lax.stop_gradient(_f32(sequence_gate)) * _f32(logp)
+
+
+def dft_seq_gate(logp, *, loss_mask, segment_ids):
+  """DFT, sequence level (arXiv 2508.05629): -sg(pi(y|x)) * log p_t (gated_nll with this gate),
+  pi(y|x) = exp(sum of logp over the loss tokens of t's segment). Rows are the sequences if
+  segment_ids is None.
 
   Unstable by design (kept to show it): pi(y|x) underflows in float32 once the response's summed
   logp is below about -87 (-104 counting subnormals), and such segments then get loss and
   gradient exactly 0 (finite): long responses stop training.
   """
-  logp = _f32(logp)
-  seq_logp = sequence_log_prob(logp, loss_mask, segment_ids)
-  return -jax.lax.stop_gradient(jnp.exp(seq_logp)) * logp
+  return jnp.exp(sequence_log_prob(logp, loss_mask, segment_ids))
 
 
 def dft_seq_metrics(logp, *, loss_mask, segment_ids):
@@ -491,19 +501,20 @@ def iw_weight_log(logp, ref_logp, loss_mask, segment_ids, temp, w_max):
   return jnp.minimum(temp * mean, math.log(w_max)), mean
 
 
-def iw_sft(logp, *, ref_logp, loss_mask, segment_ids, temp, w_max):
+def iw_sft_gate(logp, *, ref_logp, loss_mask, segment_ids, temp, w_max):
   """iw-SFT, importance-weighted SFT (arXiv 2507.12856; authors' code emmyqin/iw_sft,
   bounding_trainers.py IwSFTLoss with the call site's temp=1.0, sum_over_time=True):
 
     -sg(w_s) * log p_t,   w_s = min(exp(temp * mean_{t in s}(log p_t - log p_ref,t)), w_max),
 
-  a per-sequence weight: the length-normalised ratio of the current policy to the frozen initial
-  model (the reference, not a lagging snapshot) on the sequence's tokens, clipped at w_max = 16.
-  Gradient wrt logits: w_s (softmax - onehot). Sequences are segments of packed rows (rows without
-  segment ids); the authors' code has one sequence a row.
+  (gated_nll with this gate w_s) a per-sequence weight: the length-normalised ratio of the
+  current policy to the frozen initial model (the reference, not a lagging snapshot) on the
+  sequence's tokens, clipped at w_max = 16. Gradient wrt logits: w_s (softmax - onehot).
+  Sequences are segments of packed rows (rows without segment ids); the authors' code has one
+  sequence a row. ref_logp may be precomputed once (objective.ref_logp='precomputed').
   """
   log_w, _ = iw_weight_log(logp, ref_logp, loss_mask, segment_ids, temp, w_max)
-  return -jnp.exp(log_w) * _f32(logp)
+  return jnp.exp(log_w)
 
 
 def iw_sft_metrics(logp, *, ref_logp, loss_mask, segment_ids, temp, w_max):
@@ -653,8 +664,8 @@ OBJECTIVES = {
     "sft": Objective(sft, "-log p_t (cross-entropy)"),
     "dft": Objective(dft, "-sg(p_t) log p_t (DFT, arXiv 2508.05629, token level)"),
     "dft_seq": Objective(
-        dft_seq, "-sg(pi(y|x)) log p_t (DFT, arXiv 2508.05629, sequence level)",
-        needs=("segments",), metrics=dft_seq_metrics),
+        gated_nll, "-sg(pi(y|x)) log p_t (DFT, arXiv 2508.05629, sequence level)",
+        needs=("segments",), metrics=dft_seq_metrics, sequence_gate=dft_seq_gate),
     "power": Objective(
         power, "-(p_t^alpha - 1) / alpha: alpha -> 0 is SFT, alpha = 1 has DFT's gradient",
         hparams=dict(alpha=positive(0.5, "q-log exponent (this project's default: halfway)"))),
@@ -706,11 +717,11 @@ OBJECTIVES = {
                                    "authors' code has none)")),
         metrics=prob_threshold_metrics),
     "iw_sft": Objective(
-        iw_sft, "-sg(w_s) log p_t, w_s = min(exp(temp mean_s(log p - log p_ref)), w_max) per "
+        gated_nll, "-sg(w_s) log p_t, w_s = min(exp(temp mean_s(log p - log p_ref)), w_max) per "
         "sequence (iw-SFT, arXiv 2507.12856)",
         hparams=dict(temp=positive(1.0, "temperature of the log-ratio (the authors' call: 1.0)"),
                      w_max=positive(16.0, "upper clip of the weight (authors' code: 16)")),
-        needs=("ref_logp", "segments"), metrics=iw_sft_metrics),
+        needs=("ref_logp", "segments"), metrics=iw_sft_metrics, sequence_gate=iw_sft_gate),
     "talr": Objective(
         talr, "-sg(max(p_t^(1/tau), floor)) log p_t: tokens weighted by their probability "
         "(TALR, arXiv 2509.20758)",
@@ -741,12 +752,16 @@ TERMS = {
         metrics=lambda logp, *, ref_logp: {"k3": k3(logp, ref_logp)})),
 }
 AGGREGATIONS = ("token_mean", "seq_mean", "sum_norm")
+REF_LOGP = ("forward", "precomputed")
 # Fields of config.objective shared by every objective (besides `name`).
 GENERIC = dict(
     aggregation=choice("token_mean", AGGREGATIONS, "how per-token losses become one number"),
     norm_constant=positive(1.0, "sum_norm's divisor"),
     entropy_coef=nonnegative(0.0, "entropy bonus coefficient (-entropy_coef * H_t)"),
     kl_coef=nonnegative(0.0, "KL anchor coefficient (kl_coef * k3 to the starting model)"),
+    ref_logp=choice("forward", REF_LOGP, "the reference's log-probability of the targets (iw_sft, "
+                    "the KL anchor): a forward pass of the starting model every step, or "
+                    "precomputed once over the data (no reference model in memory)"),
 )
 
 
@@ -788,6 +803,7 @@ class Setting:
   terms: tuple
   stats: tuple       # lm_head.Statistic
   needs: frozenset
+  ref_logp: str = "forward"  # REF_LOGP: how the need ref_logp is met
 
   @property
   def objective(self):
@@ -799,9 +815,16 @@ class Setting:
 
   @property
   def needs_reference(self):
-    """Whether a term compares with the frozen reference (starting) model: its target logp
-    (need ref_logp) or its whole distribution (a statistic with side input "reference")."""
-    return "ref_logp" in self.needs or lm_head.needs_reference(self.stats)
+    """Whether the step runs the frozen reference (starting) model: for its target logp (need
+    ref_logp, unless precomputed) or its whole distribution (a statistic with side input
+    "reference")."""
+    return (("ref_logp" in self.needs and self.ref_logp == "forward")
+            or lm_head.needs_reference(self.stats))
+
+  @property
+  def sequence_gated(self):
+    """Whether a term scales its per-token loss by a factor of its whole sequence."""
+    return any(term.record.sequence_gate is not None for term in self.terms)
 
 
 def _term(key, prefix, record, hparams, coef):
@@ -820,8 +843,17 @@ def _setting(name, hparams, generic):
       [lm_head.LOGP, lm_head.ENTROPY] + [s for _, term_stats in terms for s in term_stats]))
   needs = {n for term, _ in terms for n in term.record.needs}
   needs |= {n for stat in stats for n in stat.side if n != "reference"}  # e.g. token_key
-  return Setting(name, generic["aggregation"], generic["norm_constant"],
-                 tuple(term for term, _ in terms), stats, frozenset(needs))
+  setting = Setting(name, generic["aggregation"], generic["norm_constant"],
+                    tuple(term for term, _ in terms), stats, frozenset(needs), generic["ref_logp"])
+  if setting.ref_logp == "precomputed":
+    if lm_head.needs_reference(stats):
+      raise ConfigError(f"objective.ref_logp='precomputed': objective.name={name!r} compares "
+                        "whole distributions with the reference model every step; allowed: "
+                        "'forward'")
+    if "ref_logp" not in setting.needs:
+      raise ConfigError(f"objective.ref_logp='precomputed': objective.name={name!r} reads no "
+                        "reference log-probability (iw_sft and the KL anchor, kl_coef > 0, do)")
+  return setting
 
 
 def _check(field, value, hparam):
@@ -965,14 +997,39 @@ def aggregate(per_token_loss, loss_mask, mode="token_mean", **denominators):
 # The composite loss of the train step and its metrics.
 
 
+def gate_key(term):
+  """The values' key of a term's sequence gate."""
+  return f"sequence_gate/{term.key}"
+
+
+def with_sequence_gates(values, batch, setting):
+  """values with the sequence gate of every gated term that they lack ("sequence_gate/<key>",
+  [B, T]), computed without gradient from whole rows (values: logp and the needs of the batch
+  `batch`, loss_mask and segment_ids)."""
+  missing = [term for term in setting.terms
+             if term.record.sequence_gate is not None and gate_key(term) not in values]
+  if not missing:
+    return values
+  fixed = {k: jax.lax.stop_gradient(v) for k, v in values.items()}
+  gates = {gate_key(term): term.record.sequence_gate(fixed["logp"],
+                                                     **term.arguments(fixed, batch))
+           for term in missing}
+  return {**values, **gates}
+
+
 def per_token_terms(values, batch, setting):
   """{term key: coefficient * per-token loss} of every active term ("objective" first).
 
-  values: {name: [B, T]} of the setting's statistics and needs; batch: loss_mask and segment_ids.
+  values: {name: [B, T]} of the setting's statistics and needs (the sequence gates they lack are
+  computed: with_sequence_gates); batch: loss_mask and segment_ids.
   """
+  values = with_sequence_gates(values, batch, setting)
   terms = {}
   for term in setting.terms:
-    value = term.record.fn(values["logp"], **term.arguments(values, batch))
+    if term.record.sequence_gate is not None:
+      value = term.record.fn(values["logp"], sequence_gate=values[gate_key(term)])
+    else:
+      value = term.record.fn(values["logp"], **term.arguments(values, batch))
     terms[term.key] = value if term.coef == 1.0 else term.coef * value
   return terms
 

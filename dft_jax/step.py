@@ -279,14 +279,15 @@ def init_train_state(model, config, mesh, *, setting):
   with LoRA the adapters; the frozen base in Frozen.base) sharded over the mesh by the
   logical-axis rules, the optimizer moments placed like the parameters they follow, and a copy
   of the starting parameters in Frozen.reference when the objective (setting, an
-  objectives.Setting) compares with the starting model."""
+  objectives.Setting) runs the starting model, in the compute dtype (the forward casts to it
+  anyway; a bfloat16 copy is half the memory)."""
   from dft_jax import models  # pylint: disable=g-import-not-at-top
   graphdef, params, base = split_model(model)
   logical = models.logical_specs(params)
   params, base = _placed(params, mesh), _placed(base, mesh)
   reference = None
   if base is None and setting.needs_reference:
-    reference = jax.tree.map(jnp.copy, params)
+    reference = jax.tree.map(lambda p: jnp.copy(p).astype(model.compute_dtype), params)
   t = config.train
   tx, schedule = make_optimizer(config.optimizer, t.num_steps * t.minibatches, logical)
   replicated = sharding.replicated(mesh)
@@ -300,10 +301,11 @@ def init_train_state(model, config, mesh, *, setting):
 
 
 def global_batch(local_batch, mesh):
-  """Process-local numpy rows -> one global jax.Array per key, rows sharded over (data, fsdp)."""
+  """Process-local numpy rows -> one global jax.Array per key (BATCH_KEYS, and ref_logp when
+  precomputed: reference_logp.py), rows sharded over (data, fsdp)."""
   sh = sharding.batch_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(sh, np.asarray(local_batch[k]))
-          for k in BATCH_KEYS}
+  return {k: jax.make_array_from_process_local_data(sh, np.asarray(v))
+          for k, v in local_batch.items()}
 
 
 def count_params(params):
@@ -366,6 +368,35 @@ def model_token_stats(model, batch, chunk_size, stats, reference=None, extra_BxT
                              stats=stats, extra_BxT=extra_BxT, **ref)
 
 
+def forward_logp(hidden_and_w, targets_BxT, chunk_size):
+  """log p(targets) [B, T] of (hidden states, head weight), forward only (no gradient)."""
+  hidden_BxTxD, w_DxV = jax.lax.stop_gradient(hidden_and_w)
+  return lm_head.token_stats(hidden_BxTxD, w_DxV, targets_BxT, chunk_size=chunk_size,
+                             stats=(lm_head.LOGP,))["logp"]
+
+
+def reference_hidden_and_head(graphdef, params, frozen, batch):
+  """(hidden states, head weight) of the frozen reference (starting) model, without gradient:
+  with LoRA the base with its adapters off (params: the adapters), else frozen.reference."""
+  if frozen.base is not None:
+    model = merge_model(graphdef, params, frozen.base)
+    return jax.lax.stop_gradient(hidden_and_head(model, batch, adapters=False))
+  return jax.lax.stop_gradient(hidden_and_head(merge_model(graphdef, frozen.reference), batch))
+
+
+def make_reference_logp(graphdef, config, mesh):
+  """The jitted `reference_logp(params, frozen, batch) -> [G, T]`: the reference model's
+  log-probability of batch["targets"], forward only, rows sharded like the batch
+  (reference_hidden_and_head; objective.ref_logp='precomputed' runs it once over the data with
+  frozen.reference the starting parameters)."""
+  chunk = config.model.lm_head_chunk
+
+  def reference_logp(params, frozen, batch):
+    hidden_and_w = reference_hidden_and_head(graphdef, params, frozen, batch)
+    return forward_logp(hidden_and_w, batch["targets"], chunk)
+  return jax.jit(reference_logp, out_shardings=sharding.batch_sharding(mesh))
+
+
 def token_keys(seed, step, shape):
   """[*shape, 2] uint32: a PRNG key per token (the key data of fold_in(fold_in(fold_in(key(seed),
   SAMPLING_STREAM), step), the token's index in the global batch)): the same draws however the
@@ -377,23 +408,29 @@ def token_keys(seed, step, shape):
 
 
 def objective_loss_fused(hidden_BxTxD, w_DxV, batch, setting, *, extra_BxT=None,
-                         current_old_logp=False, denominators=None, chunk_size=1024,
-                         compute_dtype=None):
+                         ref_hidden_BxTxD=None, ref_w_DxV=None, current_old_logp=False,
+                         denominators=None, chunk_size=1024, compute_dtype=None):
   """objectives.objective_loss of the LM head's statistics, through lm_head.fused_loss: the same
   (loss, metrics) with d loss / d (hidden, w) formed in the head's forward pass.
 
   batch: targets, loss_mask and optionally segment_ids [B, T]; setting: an objectives.Setting;
   extra_BxT: what setting.needs names besides "segments" (old_logp, ref_logp, token_key);
+  ref_hidden_BxTxD, ref_w_DxV: the reference model's, when a statistic compares whole
+  distributions with it (asft): its chunk logits are formed in the head's loop;
   current_old_logp: the policy snapshot is the current parameters (True: one update per batch;
   a traced boolean: the first of K updates), old_logp = sg(logp) of this forward;
-  denominators: as in objectives.objective_loss. Only for objectives the fused head fits
-  (fused_head_fits): a sequence-level one (dft_seq) or one comparing full distributions with a
-  reference model (asft) takes lm_head.token_stats.
+  denominators: as in objectives.objective_loss. A sequence-gated objective (dft_seq, iw_sft)
+  first takes logp from a forward-only pass of the head (one more matmul a chunk) for its gates.
+  Only for objectives the fused head fits (fused_head_fits).
   """
   if not fused_head_fits(setting):
-    raise ConfigError(f"objective.name={setting.name!r}: the fused LM head takes per-token "
-                      "objectives without a reference distribution; lm_head.token_stats takes it")
+    raise ConfigError(f"objective.name={setting.name!r}: the fused LM head takes statistics "
+                      "with a closed-form gradient; lm_head.token_stats takes it")
   extra_BxT = dict(extra_BxT or {})
+  if setting.sequence_gated:
+    current = forward_logp((hidden_BxTxD, w_DxV), batch["targets"], chunk_size)
+    gated = objectives.with_sequence_gates({**extra_BxT, "logp": current}, batch, setting)
+    extra_BxT = {k: v for k, v in gated.items() if k != "logp"}
 
   def with_old_logp(values):
     if current_old_logp is False:
@@ -413,17 +450,18 @@ def objective_loss_fused(hidden_BxTxD, w_DxV, batch, setting, *, extra_BxT=None,
       per_token_loss=lambda values: sum(
           objectives.per_token_terms(with_old_logp(values), {}, setting).values()),
       weights_BxT=weights_BxT, stats=setting.stats, extra_BxT=extra_BxT,
-      chunk_size=chunk_size, compute_dtype=compute_dtype)
+      ref_hidden_BxTxD=ref_hidden_BxTxD, ref_w_DxV=ref_w_DxV, chunk_size=chunk_size,
+      compute_dtype=compute_dtype)
   _, metrics = objectives.objective_loss(with_old_logp({**stats_BxT, **extra_BxT}), batch,
                                          setting, denominators=denominators)
   return loss, dict(metrics, loss=loss)
 
 
 def fused_head_fits(setting):
-  """Whether the objective's loss is per token and the fused head takes all its statistics: then
-  model.lm_head_impl='fused' runs it; otherwise the checkpointed head does."""
-  return ("segments" not in setting.needs
-          and all(lm_head.fused_capable(stat) for stat in setting.stats))
+  """Whether the fused head takes all the objective's statistics (each a gate or with a
+  closed-form gradient): then model.lm_head_impl='fused' runs it; otherwise the checkpointed head
+  does."""
+  return all(lm_head.fused_capable(stat) for stat in setting.stats)
 
 
 def make_train_step(graphdef, tx, config, mesh, state_shardings, frozen_shardings, *, setting):
@@ -437,7 +475,6 @@ def make_train_step(graphdef, tx, config, mesh, state_shardings, frozen_sharding
   """
   t, chunk = config.train, config.model.lm_head_chunk
   needs = setting.needs
-  lora = frozen_shardings.base is not None
   fused = config.model.lm_head_impl == "fused" and fused_head_fits(setting)
   # The snapshot pi_old is the policy before the first of the K = train.minibatches updates: for
   # that update (K = 1: every update) old_logp = sg(logp) of its own forward; for the others one
@@ -445,34 +482,29 @@ def make_train_step(graphdef, tx, config, mesh, state_shardings, frozen_sharding
   # is a copy of the adapters only).
   snapshot_forward = "old_logp" in needs and t.minibatches > 1
 
-  def reference(params, frozen, mb):
-    """(hidden states, head weight) of the reference model, without gradient."""
-    if lora:
-      return jax.lax.stop_gradient(hidden_and_head(merge_model(graphdef, params, frozen.base), mb,
-                                                   adapters=False))
-    return jax.lax.stop_gradient(hidden_and_head(merge_model(graphdef, frozen.reference), mb))
-
-  def target_logp(hidden_and_w, mb):  # forward only: the snapshot's or the reference's logp
-    hidden_BxTxD, w_DxV = jax.lax.stop_gradient(hidden_and_w)
-    return lm_head.token_stats(hidden_BxTxD, w_DxV, mb["targets"], chunk_size=chunk,
-                               stats=(lm_head.LOGP,))["logp"]
+  target_logp = lambda hidden_and_w, mb: forward_logp(hidden_and_w, mb["targets"], chunk)
 
   def microbatch_loss(params, frozen, mb, old_logp_BxT, is_first, denominators):
     model = merge_model(graphdef, params, frozen.base)
-    ref = reference(params, frozen, mb) if setting.needs_reference else None
+    ref = (reference_hidden_and_head(graphdef, params, frozen, mb) if setting.needs_reference
+           else None)
     inputs = {}
     if snapshot_forward:
       inputs["old_logp"] = old_logp_BxT
-    if "ref_logp" in needs:
-      inputs["ref_logp"] = target_logp(ref, mb)
+    if "ref_logp" in needs:  # the reference's forward, or precomputed with the data
+      inputs["ref_logp"] = (mb["ref_logp"] if setting.ref_logp == "precomputed"
+                            else target_logp(ref, mb))
     if "token_key" in needs:
       inputs["token_key"] = mb["token_key"]
     if fused:
       hidden_BxTxD, w_DxV = hidden_and_head(model, mb)
       current = is_first if snapshot_forward else "old_logp" in needs
+      distributions = {}
+      if lm_head.needs_reference(setting.stats):
+        distributions = dict(zip(("ref_hidden_BxTxD", "ref_w_DxV"), ref))
       return objective_loss_fused(
           hidden_BxTxD, w_DxV, mb, setting, extra_BxT=inputs, current_old_logp=current,
-          denominators=denominators, chunk_size=chunk)
+          denominators=denominators, chunk_size=chunk, **distributions)
     stats = model_token_stats(model, mb, chunk, setting.stats, ref, inputs)
     if "old_logp" in needs:
       current = jax.lax.stop_gradient(stats["logp"])

@@ -29,6 +29,7 @@ from dft_jax import loop
 from dft_jax import metrics as metrics_lib
 from dft_jax import models
 from dft_jax import objectives
+from dft_jax import reference_logp
 from dft_jax import run_control
 from dft_jax import sharding
 from dft_jax import step as step_lib
@@ -97,6 +98,10 @@ def run(config, workdir, setting):
   data_iter = data.make_train_iterator(config.data, tokenizer, seq_len=t.seq_len,
                                        global_batch_size=t.global_batch_size, seed=t.seed,
                                        max_segments=config.model.max_segments)
+  if setting.ref_logp == "precomputed":  # once, from the starting parameters, before a restore
+    with cli.phase("precomputing the reference's log-probabilities"):
+      data_iter = reference_logp.attach(data_iter, config, workdir, tokenizer, graphdef, state,
+                                        frozen, mesh)
   manager = ckpt.make_manager(workdir, config.checkpoint)
   restored = ckpt.restore(manager, state)
   if restored is not None:

@@ -4,8 +4,6 @@ the inverse-CDF sampler's distribution, FINCH's rates on a known loss sequence; 
 train step: exact under microbatching and data parallelism, the same draws on a resumed step,
 FINCH's rate reported every step."""
 import functools
-import importlib.util
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -13,18 +11,14 @@ import ml_collections
 import numpy as np
 import pytest
 
-from dft_jax import lm_head, models, objectives, sharding
+from dft_jax import lm_head, objectives
 from dft_jax import step as step_lib
 from dft_jax.errors import ConfigError
-from objectives_testlib import objective_cfg, ref_logsoftmax
+from objectives_testlib import objective_cfg, ref_logsoftmax, run_train_steps
 
 B, T, D, V = 3, 12, 8, 300  # V spans three blocks of the sampler (lm_head.TOPK_BLOCK = 128)
 CHUNK = 12                   # 3 rows x 4 positions a chunk
 SEGMENTS = np.array([[1] * 5 + [2] * 7, [1] * 12, [1] * 8 + [0] * 4], np.int32)
-FIXTURES = pathlib.Path(__file__).parent / "fixtures"
-_spec = importlib.util.spec_from_file_location("make_step_golden", FIXTURES / "make_step_golden.py")
-golden_lib = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(golden_lib)
 
 
 def make_data(seed=0, scale=3.0):
@@ -266,41 +260,6 @@ def test_finch_rates_on_a_known_loss_sequence(initial_loss, max_rate, warmup, em
 # ----------------------------------------------------------------------------- in the train step
 
 
-def run_steps(objective, *, microbatches=1, devices=1, schedule="cosine", steps=2,
-              start_after=0):
-  """The step of tests/fixtures/make_step_golden.py (tiny Llama, 8 packed rows of 32 tokens) for
-  `objective` (config.objective overrides): (per-step metrics, params on the host). start_after:
-  steps run, then the state taken to the host and put back (what a restore does) before the
-  rest."""
-  from dft_jax.data.testing import default_config  # pylint: disable=g-import-not-at-top
-  config = default_config()
-  config.train.update(num_steps=steps, global_batch_size=8, seq_len=32, microbatches=microbatches,
-                      seed=3)
-  for key, value in objective.items():
-    if isinstance(value, dict):
-      config.objective[key].update(value)
-    else:
-      config.objective[key] = value
-  config.model.update(name=golden_lib.TINY, lm_head_chunk=96, remat="none",
-                      lm_head_impl="fused")
-  config.optimizer.update(learning_rate=1e-3, warmup_steps=1, schedule=schedule)
-  config.optimizer.finch.max_learning_rate = 1.0  # no cap: the rates follow the losses
-  mesh = sharding.make_mesh(dict(data=devices, fsdp=1, tensor=1), jax.devices()[:devices])
-  setting = objectives.validate(config.objective)
-  model, _ = models.load(golden_lib.TINY, compute_dtype="float32")
-  graphdef, state, frozen, tx, _ = step_lib.init_train_state(model, config, mesh,
-                                                             setting=setting)
-  step = step_lib.make_train_step(graphdef, tx, config, mesh, step_lib.shardings_of(state),
-                                  step_lib.shardings_of(frozen), setting=setting)
-  metrics = []
-  for i, b in enumerate(golden_lib.host_batches(model.config.vocab_size, num=steps)):
-    if i == start_after and i:
-      state = jax.device_put(jax.device_get(state), step_lib.shardings_of(state))
-    state, m = step(state, step_lib.global_batch(b, mesh), frozen)
-    metrics.append(jax.device_get(m))
-  return metrics, jax.device_get(state.params)
-
-
 def assert_same_run(a, b, rtol=1e-5):
   (metrics_a, params_a), (metrics_b, params_b) = a, b
   for m_a, m_b in zip(metrics_a, metrics_b):
@@ -314,16 +273,16 @@ def assert_same_run(a, b, rtol=1e-5):
 @pytest.mark.parametrize("objective", [dict(name="otr"), dict(name="talr", talr=dict(tau=0.5))],
                          ids=["otr", "talr"])
 def test_step_is_exact_under_microbatching_and_data_parallelism(objective):
-  one = run_steps(objective)
-  assert_same_run(one, run_steps(objective, microbatches=4))
-  assert_same_run(one, run_steps(objective, devices=4))
+  one = run_train_steps(objective)
+  assert_same_run(one, run_train_steps(objective, microbatches=4))
+  assert_same_run(one, run_train_steps(objective, devices=4))
 
 
 def test_otr_step_draws_again_the_same_on_a_resumed_step():
   """The keys follow train.seed and the state's step: a state put back (as a restore does)
   draws what the uninterrupted run drew; another step draws otherwise."""
-  run = run_steps(dict(name="otr"), steps=3)
-  assert_same_run(run, run_steps(dict(name="otr"), steps=3, start_after=2), rtol=1e-6)
+  run = run_train_steps(dict(name="otr"), steps=3)
+  assert_same_run(run, run_train_steps(dict(name="otr"), steps=3, start_after=2), rtol=1e-6)
   hits = [float(m["otr/hit_rate"]) for m in run[0]]
   assert len(set(hits)) == 3
 
@@ -331,7 +290,7 @@ def test_otr_step_draws_again_the_same_on_a_resumed_step():
 def test_finch_step_reports_the_rate_it_applied_every_step():
   """schedule=finch: the step reports each step's rate, which equals FINCH's recursion on the
   step's reported mean -log p_t (the batch loss FINCH reads, whatever the objective)."""
-  metrics, _ = run_steps(dict(name="dft"), schedule="finch", steps=3)
+  metrics, _ = run_train_steps(dict(name="dft"), schedule="finch", steps=3)
   nll = [float(m["nll"]) for m in metrics]
   rates = [float(m["learning_rate"]) for m in metrics]
   base = [0.0, 1e-3, 1e-3]  # warmup_steps=1 from 0, then the constant learning rate
