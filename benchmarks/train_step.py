@@ -164,6 +164,17 @@ H200_LORA = [next(v for v in H200_7B if v["name"] == name) for name in (
     "torch/7b/peft/b4", "jax/7b/lora16/b4", "jax/7b/qlora_nf4/b1", "torch/7b/peft/b1",
     "jax/7b/lora16/b4/attn", "jax/7b/dft/attn_mu_bf16")]
 
+# Qwen3-MoE on one H200: the qwen3-moe-a1.3b preset (Qwen3-30B-A3B's attention and top-8-of-
+# 768-wide experts, 64 experts, 12 layers: 1.30B of 4.47B parameters active), 4 x 4096 packed,
+# DFT, beside transformers' Qwen3MoeForCausalLM (its grouped_mm experts) in the same run; MFU on
+# the active parameters. est_s: process start + init (72 GB of float32 weights and AdamW state) +
+# compile (torch: the first steps) + 2 + 5 steps; both rows ~85 s (docs/models.md).
+MOE = dict(model="qwen3-moe-a1.3b", steps=5, warmup=2)
+H200_MOE = [
+    dict(MOE, name="torch/moe/dft", framework="torch", est_s=40),
+    dict(MOE, name="jax/moe/dft/fused", remat=DOTS_ATTN, lm_head="fused", est_s=45),
+]
+
 PLANS = {
     # The H100 plan, in priority order: when the budget runs short the tail is skipped.
     # est_s: process start + init + compile + steps, H100 (1.5B compile ~30-45 s).
@@ -226,6 +237,9 @@ PLANS = {
     "h200_7b": H200_7B,
     "h200_more": H200_MORE,
     "h200_lora": H200_LORA,
+    "h200_moe": H200_MOE,
+    # h200_moe at tiny shapes on the CPU (tests): the same rows through the same paths.
+    "moe_smoke": [dict(v, **dict(TINY, model="tiny-qwen3-moe")) for v in H200_MOE],
     # Tiny shapes on CPU: the plumbing of every path above in seconds.
     "smoke": [
         dict(name="torch/dft", framework="torch", model="tiny-qwen2", seq_len=128,

@@ -1059,7 +1059,21 @@ def token_metrics(values, batch, setting):
   return metrics
 
 
-def objective_loss(values, batch, setting, *, denominators=None):
+def source_sums(per_token_loss, batch, names):
+  """A mixture's per-source sums over a (micro)batch, by each token's source (batch["source_ids"],
+  a segment sum over the `names` of data.sources): source/NAME/loss = sum over NAME's tokens of
+  mask * loss, source/NAME/loss_tokens = sum of its mask, source/NAME/tokens = its real tokens
+  (segment_ids > 0). finalize_metrics turns the loss into a mean per loss token."""
+  mask = _f32(batch["loss_mask"]).reshape(-1)
+  loss = jnp.where(mask > 0, _f32(per_token_loss).reshape(-1), 0.0) * mask
+  real = (jnp.asarray(batch["segment_ids"]) > 0).astype(jnp.float32).reshape(-1)
+  ids = jnp.asarray(batch["source_ids"]).reshape(-1)
+  sums = [jax.ops.segment_sum(v, ids, num_segments=len(names)) for v in (loss, mask, real)]
+  return {f"source/{name}/{what}": total[s] for s, name in enumerate(names)
+          for what, total in zip(("loss", "loss_tokens", "tokens"), sums)}
+
+
+def objective_loss(values, batch, setting, *, denominators=None, sources=()):
   """The train step's loss: per-token objective (+ active extra terms), aggregated.
 
   values: dict of [B, T] arrays (any float dtype, computed in float32): the statistics of
@@ -1069,6 +1083,7 @@ def objective_loss(values, batch, setting, *, denominators=None):
   setting: validate(config.objective), resolved at the config edge.
   denominators: global_denominators() of the whole global batch when `batch` is a microbatch or
     a device's shard; None means `batch` is the global batch.
+  sources: a mixture's source names (batch then holds source_ids [B, T]): adds source_sums.
   Returns (loss, metrics): metrics as sums (module docstring), combine with + then
   finalize_metrics.
   """
@@ -1077,22 +1092,27 @@ def objective_loss(values, batch, setting, *, denominators=None):
     denominators = global_denominators(mask, segment_ids)
   weights = token_weights(mask, setting.aggregation, segment_ids=segment_ids,
                           norm_constant=setting.norm_constant, **denominators)
-  term_losses = {k: _weighted_sum(v, weights)
-                 for k, v in per_token_terms(values, batch, setting).items()}
+  per_token = per_token_terms(values, batch, setting)
+  term_losses = {k: _weighted_sum(v, weights) for k, v in per_token.items()}
   loss = sum(term_losses.values())
   metrics = {"loss": loss, **{f"loss/{k}": v for k, v in term_losses.items()}}
   metrics.update(token_metrics(values, batch, setting))
+  if sources:
+    metrics.update(source_sums(sum(per_token.values()), batch, sources))
   return loss, metrics
 
 
 def finalize_metrics(summed):
   """Summed metrics -> reportable values: "tok/x" -> "x" = sum / num_tokens (0 if no tokens);
-  "hist/..." stay bin counts; the rest (losses, num_tokens) stay as they are."""
+  "source/NAME/loss" -> its mean per loss token of NAME; "hist/..." stay bin counts; the rest
+  (losses, num_tokens, token counts) stay as they are."""
   num_tokens = _nonzero(jnp.asarray(summed["num_tokens"], jnp.float32))
   final = {}
   for key, value in summed.items():
     if key.startswith("tok/"):
       final[key[len("tok/"):]] = value / num_tokens
+    elif key.startswith("source/") and key.endswith("/loss"):
+      final[key] = value / _nonzero(summed[f"{key}_tokens"])
     else:
       final[key] = value
   return final

@@ -13,7 +13,9 @@ the step reads its terms, statistics and needs, never config.objective. Per glob
   2. makes K optimizer updates, each on 1/K of the rows, each summing the gradients of
      train.microbatches accumulation slices (a lax.scan), all against the same old_logp;
   3. keeps parameters and optimizer state unchanged on an update whose loss or gradient norm is
-     not finite, and counts it (`skipped`).
+     not finite, or that would move the parameters by more than optimizer.max_update_ratio times
+     their norm (||update|| / ||params||, `update_ratio`: a learning rate far too large), and counts
+     it (`skipped`; `oversized` the updates skipped for their size).
 The loss normalisation uses the token / sequence counts of each update's whole minibatch, so
 slices and devices give the gradient of one big batch. The step also reads, never updates,
 `Frozen`: with LoRA the frozen base; without it a copy of the starting parameters when the
@@ -63,6 +65,8 @@ def validate(config, num_devices, process_count=1):
     check_number(f"train.{name}", t[name], integer=True, minimum=1)
   check_number("train.seed", t.seed, integer=True, minimum=0)
   check_number("model.lm_head_chunk", config.model.lm_head_chunk, integer=True, minimum=1)
+  check_number("model.router_aux_loss_coef", config.model.get("router_aux_loss_coef"),
+               optional=True, minimum=0)
   if t.nonfinite not in ("skip", "stop"):
     raise ConfigError(f"train.nonfinite={t.nonfinite!r}: expected 'skip' or 'stop'")
   for axis in sharding.MESH_AXES:  # sizes, or -1 for the rest of the devices
@@ -99,6 +103,15 @@ def validate(config, num_devices, process_count=1):
   check_number("optimizer.finch.ema", o.finch.ema, minimum=0, below=1)
   check_number("optimizer.finch.max_learning_rate", o.finch.max_learning_rate, above=0)
   check_number("optimizer.finch.initial_loss", o.finch.initial_loss, above=0, optional=True)
+  check_number("optimizer.max_update_ratio", o.get("max_update_ratio", 0.0), minimum=0)  # 0: off
+  updates = t.num_steps * t.minibatches
+  if o.warmup_steps >= updates:  # the schedule counts updates
+    per_step = (f" x train.minibatches={t.minibatches} = {updates} updates"
+                if t.minibatches > 1 else "")
+    raise ConfigError(
+        f"optimizer.warmup_steps={o.warmup_steps} must be below train.num_steps={t.num_steps}"
+        f"{per_step}: the run would end before its learning rate reaches "
+        f"optimizer.learning_rate={o.learning_rate}; lower the warm-up or train longer")
 
 
 # ----------------------------------------------------------------------------- optimizer
@@ -314,14 +327,17 @@ def count_params(params):
 
 def train_flops_per_token(state, frozen, model_config, seq_len):
   """throughput.flops_per_token of this state: 6 N, or with LoRA 4 N_base + 6 N_adapters (N_base
-  from the shapes of the plain decoder: a quantised base packs two weights a byte)."""
+  from the shapes of the plain decoder: a quantised base packs two weights a byte); N counts the
+  parameters a token uses (a mixture of experts: its top k experts)."""
   from dft_jax import models  # pylint: disable=g-import-not-at-top
   from dft_jax import throughput  # pylint: disable=g-import-not-at-top
+  inactive = models.inactive_param_count(model_config)
   if frozen.base is None:
-    return throughput.flops_per_token(count_params(state.params), model_config, seq_len)
+    return throughput.flops_per_token(count_params(state.params) - inactive, model_config,
+                                      seq_len)
   base = nnx.eval_shape(lambda: models.Decoder(model_config, rngs=nnx.Rngs(0)))
-  return throughput.flops_per_token(count_params(nnx.state(base)), model_config, seq_len,
-                                    num_trainable=count_params(state.params))
+  return throughput.flops_per_token(count_params(nnx.state(base)) - inactive, model_config,
+                                    seq_len, num_trainable=count_params(state.params))
 
 
 # ----------------------------------------------------------------------------- the step
@@ -360,7 +376,13 @@ def model_token_stats(model, batch, chunk_size, stats, reference=None, extra_BxT
   """Per-token statistics (e.g. logp, entropy) of batch["targets"] through the chunked LM head;
   reference: the reference's (hidden states, head weight), for statistics that compare with it;
   extra_BxT: the statistics' per-token side inputs (lm_head.Statistic.side)."""
-  hidden_BxTxD, w_DxV = hidden_and_head(model, batch)
+  return head_token_stats(*hidden_and_head(model, batch), batch, chunk_size, stats, reference,
+                          extra_BxT)
+
+
+def head_token_stats(hidden_BxTxD, w_DxV, batch, chunk_size, stats, reference=None,
+                     extra_BxT=None):
+  """model_token_stats from the model's (hidden states, head weight)."""
   ref = {}
   if lm_head.needs_reference(stats):
     ref = dict(zip(("ref_hidden_BxTxD", "ref_w_DxV"), jax.lax.stop_gradient(reference)))
@@ -397,6 +419,14 @@ def make_reference_logp(graphdef, config, mesh):
   return jax.jit(reference_logp, out_shardings=sharding.batch_sharding(mesh))
 
 
+def with_router_loss(loss, metrics, router_loss, coef, share):
+  """A mixture-of-experts model's objective total: loss + coef * share * router_loss (the
+  load-balancing loss, models.decoder.load_balancing_loss), and the metric router_aux_loss;
+  share = 1 / the slices summed into one update, so the sums are means over them."""
+  total = loss + coef * share * router_loss
+  return total, dict(metrics, loss=total, router_aux_loss=share * router_loss)
+
+
 def token_keys(seed, step, shape):
   """[*shape, 2] uint32: a PRNG key per token (the key data of fold_in(fold_in(fold_in(key(seed),
   SAMPLING_STREAM), step), the token's index in the global batch)): the same draws however the
@@ -409,7 +439,7 @@ def token_keys(seed, step, shape):
 
 def objective_loss_fused(hidden_BxTxD, w_DxV, batch, setting, *, extra_BxT=None,
                          ref_hidden_BxTxD=None, ref_w_DxV=None, current_old_logp=False,
-                         denominators=None, chunk_size=1024, compute_dtype=None):
+                         denominators=None, chunk_size=1024, compute_dtype=None, sources=()):
   """objectives.objective_loss of the LM head's statistics, through lm_head.fused_loss: the same
   (loss, metrics) with d loss / d (hidden, w) formed in the head's forward pass.
 
@@ -453,7 +483,7 @@ def objective_loss_fused(hidden_BxTxD, w_DxV, batch, setting, *, extra_BxT=None,
       ref_hidden_BxTxD=ref_hidden_BxTxD, ref_w_DxV=ref_w_DxV, chunk_size=chunk_size,
       compute_dtype=compute_dtype)
   _, metrics = objectives.objective_loss(with_old_logp({**stats_BxT, **extra_BxT}), batch,
-                                         setting, denominators=denominators)
+                                         setting, denominators=denominators, sources=sources)
   return loss, dict(metrics, loss=loss)
 
 
@@ -464,14 +494,17 @@ def fused_head_fits(setting):
   return all(lm_head.fused_capable(stat) for stat in setting.stats)
 
 
-def make_train_step(graphdef, tx, config, mesh, state_shardings, frozen_shardings, *, setting):
+def make_train_step(graphdef, tx, config, mesh, state_shardings, frozen_shardings, *, setting,
+                    sources=()):
   """The jitted `train_step(state, batch, frozen) -> (state, metrics)`, state donated.
 
   `setting`: the objective, resolved (objectives.validate(config.objective) at the config edge).
   `batch` holds the global batch [G, T] sharded over (data, fsdp); `frozen` (init_train_state's
   Frozen) is read, never updated: with LoRA the frozen base, whose adapters-off model is then the
   reference (KL anchor, reference statistics); else frozen.reference, a copy of the starting
-  parameters, when the objective needs one.
+  parameters, when the objective needs one. `sources`: a mixture's source names
+  (data.mixture.source_names): the batch then holds source_ids and the metrics each source's
+  tokens and mean loss (source/NAME/...).
   """
   t, chunk = config.train, config.model.lm_head_chunk
   needs = setting.needs
@@ -481,13 +514,11 @@ def make_train_step(graphdef, tx, config, mesh, state_shardings, frozen_sharding
   # forward-only pass with the snapshot's parameters, before the updates (with LoRA the snapshot
   # is a copy of the adapters only).
   snapshot_forward = "old_logp" in needs and t.minibatches > 1
+  max_update_ratio = config.optimizer.get("max_update_ratio", 0.0)
 
   target_logp = lambda hidden_and_w, mb: forward_logp(hidden_and_w, mb["targets"], chunk)
 
-  def microbatch_loss(params, frozen, mb, old_logp_BxT, is_first, denominators):
-    model = merge_model(graphdef, params, frozen.base)
-    ref = (reference_hidden_and_head(graphdef, params, frozen, mb) if setting.needs_reference
-           else None)
+  def objective(mb, hidden_BxTxD, w_DxV, old_logp_BxT, is_first, ref, denominators):
     inputs = {}
     if snapshot_forward:
       inputs["old_logp"] = old_logp_BxT
@@ -497,20 +528,33 @@ def make_train_step(graphdef, tx, config, mesh, state_shardings, frozen_sharding
     if "token_key" in needs:
       inputs["token_key"] = mb["token_key"]
     if fused:
-      hidden_BxTxD, w_DxV = hidden_and_head(model, mb)
       current = is_first if snapshot_forward else "old_logp" in needs
       distributions = {}
       if lm_head.needs_reference(setting.stats):
         distributions = dict(zip(("ref_hidden_BxTxD", "ref_w_DxV"), ref))
       return objective_loss_fused(
           hidden_BxTxD, w_DxV, mb, setting, extra_BxT=inputs, current_old_logp=current,
-          denominators=denominators, chunk_size=chunk, **distributions)
-    stats = model_token_stats(model, mb, chunk, setting.stats, ref, inputs)
+          denominators=denominators, chunk_size=chunk, sources=sources, **distributions)
+    stats = head_token_stats(hidden_BxTxD, w_DxV, mb, chunk, setting.stats, ref, inputs)
     if "old_logp" in needs:
       current = jax.lax.stop_gradient(stats["logp"])
       inputs["old_logp"] = (jnp.where(is_first, current, old_logp_BxT) if snapshot_forward
                             else current)
-    return objectives.objective_loss({**stats, **inputs}, mb, setting, denominators=denominators)
+    return objectives.objective_loss({**stats, **inputs}, mb, setting, denominators=denominators,
+                                     sources=sources)
+
+  def microbatch_loss(params, frozen, mb, old_logp_BxT, is_first, denominators):
+    model = merge_model(graphdef, params, frozen.base)
+    ref = (reference_hidden_and_head(graphdef, params, frozen, mb) if setting.needs_reference
+           else None)
+    hidden_BxTxD, router_loss = model.hidden_states_and_router_loss(
+        mb["tokens"], positions_BxT=mb["positions"], segment_ids_BxT=mb["segment_ids"])
+    loss, metrics = objective(mb, hidden_BxTxD, model.head_weight(), old_logp_BxT, is_first, ref,
+                              denominators)
+    if not model.config.num_experts:
+      return loss, metrics
+    return with_router_loss(loss, metrics, router_loss, model.router_aux_loss_coef,
+                            1.0 / t.microbatches)
 
   grad_fn = jax.value_and_grad(microbatch_loss, has_aux=True)
 
@@ -544,17 +588,23 @@ def make_train_step(graphdef, tx, config, mesh, state_shardings, frozen_sharding
       nll = mets["tok/nll"] / jnp.maximum(mets["num_tokens"], 1.0)  # FINCH's batch loss
       updates, new_opt_state = tx.update(grads, opt_state, params, loss=nll)
       new_params = optax.apply_updates(params, updates)
-      keep_if_finite = lambda new, prev: jax.tree.map(lambda a, b: jnp.where(finite, a, b),
-                                                      new, prev)
-      carry = (keep_if_finite(new_params, params), keep_if_finite(new_opt_state, opt_state))
-      return carry, dict(mets, loss=loss, grad_norm=grad_norm,
-                         skipped=1.0 - finite.astype(jnp.float32))
+      update_ratio = optax.tree.norm(updates) / optax.tree.norm(params)  # ||dtheta|| / ||theta||
+      oversized = finite & (update_ratio > max_update_ratio if max_update_ratio else False)
+      keep = finite & ~oversized
+      keep_if_ok = lambda new, prev: jax.tree.map(lambda a, b: jnp.where(keep, a, b), new, prev)
+      carry = (keep_if_ok(new_params, params), keep_if_ok(new_opt_state, opt_state))
+      return carry, dict(mets, loss=loss, grad_norm=grad_norm, update_ratio=update_ratio,
+                         skipped=1.0 - keep.astype(jnp.float32),
+                         oversized=oversized.astype(jnp.float32))
 
     (params, opt_state), per_update = jax.lax.scan(
         minibatch_update, (state.params, state.opt_state), (split, old_logp, first_update))
     summed = jax.tree.map(lambda v: v.sum(0), per_update)
     out = objectives.finalize_metrics(summed)
+    if "router_aux_loss" in out:
+      out["router_aux_loss"] /= t.minibatches
     out.update(loss=summed["loss"] / t.minibatches, grad_norm=summed["grad_norm"] / t.minibatches,
+               update_ratio=summed["update_ratio"] / t.minibatches,
                skipped=summed["skipped"], tokens=(batch["segment_ids"] > 0).sum(),
                loss_tokens=batch["loss_mask"].sum())
     for rate in adaptive_rates(opt_state):  # FINCH's: data-dependent, reported every step
