@@ -47,6 +47,9 @@ DEFAULTS = dict(
     framework="jax",            # jax | torch | head (the LM head alone: benchmarks/head.py)
     model="qwen2.5-1.5b",       # a dft_jax.models.PRESETS name
     objective="dft",            # sft | dft | psft (any objectives.OBJECTIVES name)
+    kl_coef=0.0,                # config.objective.kl_coef: the k3 anchor to the starting model
+    ref_logp="forward",         # config.objective.ref_logp: forward | precomputed (the batches
+                                # then carry random ref_logp, as the data iterator would)
     batch=4,                    # rows per optimizer update
     seq_len=4096,
     minibatches=1,              # PSFT's K: the global batch is batch * minibatches rows
@@ -94,9 +97,8 @@ FAST = dict(remat=DOTS_ATTN, lm_head="fused", steps=8, warmup=2, est_s=25)
 # The 1.5B shape on one H200 (issues 15 and 16), in priority order (the budget skips the tail).
 # est_s: process start + init + compile + 2 + 8 steps (H100 at 2 + 10 steps: 20-25 s a 1.5B
 # variant, 30-45 s the first compile and a torch peer, Liger 45 s). Every JAX row runs
-# dots_attention_saveable and the fused head unless named otherwise; asft and iw_sft ask for the
-# fused head and run the checkpointed one (their lm_head says so): jax/sft/checkpointed is their
-# SFT.
+# dots_attention_saveable and the fused head unless named otherwise (asft and iw_sft, once on
+# the checkpointed head, take the fused one too: h200_objectives compares them with SFT).
 H200 = [
     dict(name="torch/dft", framework="torch", objective="dft", steps=8, est_s=35),
     dict(FAST, name="jax/dft/fused", est_s=45),  # the first compile fills the autotune cache
@@ -117,6 +119,19 @@ H200 = [
     dict(FAST, name="jax/sft/checkpointed", objective="sft", lm_head="checkpointed"),
     dict(FAST, name="jax/asft", objective="asft", est_s=35),
     dict(FAST, name="jax/iw_sft", objective="iw_sft", est_s=35),
+]
+
+# The objectives' step time per token against SFT's (OBJECTIVE_TARGETS), ~4 min on one H200.
+H200_OBJECTIVES = [
+    dict(FAST, name="jax/sft/fused", objective="sft", est_s=45),
+    dict(FAST, name="jax/talr/fused", objective="talr"),
+    dict(FAST, name="jax/otr/fused", objective="otr"),
+    dict(FAST, name="jax/asft/fused", objective="asft", est_s=35),
+    dict(FAST, name="jax/iw_sft/fused", objective="iw_sft", est_s=35),
+    dict(FAST, name="jax/iw_sft/precomputed", objective="iw_sft", ref_logp="precomputed"),
+    dict(FAST, name="jax/dft_kl/fused", objective="dft", kl_coef=0.1, est_s=35),
+    dict(FAST, name="jax/dft_kl/precomputed", objective="dft", kl_coef=0.1,
+         ref_logp="precomputed"),
 ]
 
 # The Qwen2.5-7B shape on one H200 (issues 16 and 17), DFT, 4 x 4096 unless named otherwise.
@@ -240,6 +255,10 @@ PLANS = {
     "h200_moe": H200_MOE,
     # h200_moe at tiny shapes on the CPU (tests): the same rows through the same paths.
     "moe_smoke": [dict(v, **dict(TINY, model="tiny-qwen3-moe")) for v in H200_MOE],
+    # Per token against SFT in one run (1.5B, 4 x 4096, fused head, dots_attention_saveable):
+    # TALR, OTR at its default 8 samples, the reference objectives on the fused head, and iw-SFT
+    # and the KL anchor with the reference's log-probabilities precomputed (OBJECTIVE_TARGETS).
+    "h200_objectives": H200_OBJECTIVES,
     # Tiny shapes on CPU: the plumbing of every path above in seconds.
     "smoke": [
         dict(name="torch/dft", framework="torch", model="tiny-qwen2", seq_len=128,
@@ -263,6 +282,7 @@ PLANS = {
         dict(TINY, name="torch/peft", framework="torch", lora_rank=4, lora_alpha=8.0,
              xla_flags=""),
         dict(TINY, name="jax/asft", objective="asft", lm_head="fused"),
+        *(dict(v, **TINY) for v in H200_OBJECTIVES if v["objective"] in ("otr", "iw_sft")),
     ],
 }
 
@@ -378,7 +398,7 @@ def bench_config(v):
       raise NeedsHook(f"lm_head={v['lm_head']!r} needs config.model.lm_head_impl "
                       "(checkpointed | fused): the step's choice of LM head")
     c.model.lm_head_impl = v["lm_head"]
-  c.objective.name = v["objective"]
+  c.objective.update(name=v["objective"], kl_coef=v["kl_coef"], ref_logp=v["ref_logp"])
   if v["lora_rank"]:
     if "lora" not in c:
       raise NeedsHook("lora_rank needs config.lora (rank, alpha, targets, base_quant)")
@@ -515,8 +535,12 @@ def time_train_step(v, config, mesh, make_model, peak_flops):
                                   step_lib.shardings_of(frozen), setting=setting)
   rng = np.random.default_rng(0)
   rows = config.train.global_batch_size
-  batches = [step_lib.global_batch(packed_rows(rng, rows, v["seq_len"], model_cfg.vocab_size,
-                                               v["doc_len"]), mesh) for _ in range(2)]
+  host = [packed_rows(rng, rows, v["seq_len"], model_cfg.vocab_size, v["doc_len"])
+          for _ in range(2)]
+  if setting.ref_logp == "precomputed":  # what reference_logp.py puts beside the tokens
+    host = [dict(b, ref_logp=-5.0 + rng.normal(size=b["targets"].shape).astype(np.float32))
+            for b in host]
+  batches = [step_lib.global_batch(b, mesh) for b in host]
   t0 = time.perf_counter()
   compiled = step.lower(state, batches[0], frozen).compile()
   compile_s = time.perf_counter() - t0
@@ -572,7 +596,7 @@ def run_variant(v):
 
   def measure():
     fields = run_jax(v)
-    # lm_head: the head that ran (asft, iw_sft, dft_seq keep the checkpointed one)
+    # lm_head: the head that ran (the checkpointed one for a statistic without a closed form)
     fields.update(lm_head=head_that_runs(bench_config(v)), lm_head_requested=v["lm_head"],
                   max_segments=segment_bound(v))
     return fields
@@ -917,6 +941,16 @@ VS_SFT_KEYS = ("model", "batch", "seq_len", "remat", "lm_head", "lm_head_chunk",
                "mu_dtype", "nu_dtype", "xla_flags", "doc_len", "max_segments", "lora_rank",
                "base_quant")
 LORA_PEAK_GIB = 32.0  # a 40 GB card
+# Objectives with a bound of their own on the step time per token over SFT's: summary key ->
+# (what the record matches: objective and the reference's source, bound).
+OBJECTIVE_TARGETS = {
+    "talr": (dict(objective="talr"), 1.05),
+    "otr": (dict(objective="otr"), 1.15),               # at its default 8 samples
+    "asft": (dict(objective="asft"), 1.38),             # the floor of a reference forward: 1.33
+    "iw_sft": (dict(objective="iw_sft", ref_logp="forward"), 1.36),
+    "iw_sft_precomputed": (dict(objective="iw_sft", ref_logp="precomputed"), 1.05),
+    "kl_anchor_precomputed": (dict(kl_coef=0.1, ref_logp="precomputed"), 1.05),
+}
 # The issues' targets: (summary key, comparison, bound).
 TARGETS = (
     ("dft_mfu", ">=", 0.52),                       # 1.5B, 4 x 4096, DFT
@@ -930,6 +964,7 @@ TARGETS = (
     ("lora_peak_gib", "<=", LORA_PEAK_GIB),        # 7B LoRA rank 16, 4 x 4096
     ("lora_speedup_vs_peft", ">=", 1.5),
     ("qlora_peak_gib", "<=", 16.0),                # 7B QLoRA, 1 x 4096
+    *((f"{key}_per_token_vs_sft", "<=", bound) for key, (_, bound) in OBJECTIVE_TARGETS.items()),
 )
 
 
@@ -982,8 +1017,15 @@ def summarize(records):
       vs_sft[r["name"]] = dict(sft=sft[0]["name"], lm_head=r["lm_head"],
                                ratio=per_token(r) / per_token(sft[0]))
   s["step_time_per_token_vs_sft"] = vs_sft
+  for key, (match, _) in OBJECTIVE_TARGETS.items():  # a bound of their own: the slowest record
+    ratios = [x["ratio"] for n, x in vs_sft.items() if first(name=n, **match)]
+    if ratios:
+      s[f"{key}_per_token_vs_sft"] = max(ratios)
+  with_own = {n for n in vs_sft for match, _ in OBJECTIVE_TARGETS.values()
+              if first(name=n, **match)}
   psft_k4 = [x["ratio"] for n, x in vs_sft.items() if first(name=n)["minibatches"] > 1]
-  others = [x["ratio"] for n, x in vs_sft.items() if first(name=n)["minibatches"] == 1]
+  others = [x["ratio"] for n, x in vs_sft.items()
+            if first(name=n)["minibatches"] == 1 and n not in with_own]
   if others:
     s["objective_per_token_vs_sft_max"] = max(others)
   if psft_k4:
