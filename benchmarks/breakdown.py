@@ -2,16 +2,17 @@
 lm_head.token_stats and step_lib.objective_loss_fused), and the optimizer, each timed alone
 (forward + backward where there is one) against the whole step.
 
-  python benchmarks/breakdown.py [--model=qwen2.5-1.5b] [--remat=dots_attention_saveable] [--out=F]
-  python benchmarks/breakdown.py --smoke          # tiny shapes on a CPU
+  python benchmarks/breakdown.py --config.model.remat=dots_attention_saveable [--out=F]
+  python benchmarks/breakdown.py --config=configs/benchmark.py:smoke    # tiny shapes on a CPU
 
-Each part is jitted on its own, warmed up, and timed as the median of --steps runs; the sum of the
-parts against the whole step shows what fusion across parts saves or costs.
+The fields are configs/benchmark.py's (the main job's names), as for train_step.py. Each part is
+jitted on its own, warmed up, and timed as the median of bench.steps runs; the sum of the parts
+against the whole step shows what fusion across parts saves or costs.
 """
-import argparse
 import functools
 import json
 import statistics
+import sys
 import time
 
 import jax
@@ -21,8 +22,9 @@ import optax
 from flax import nnx
 
 from benchmarks import train_step as bench
-from dft_jax import lm_head, objectives
+from dft_jax import cli, lm_head, objectives
 from dft_jax import step as step_lib
+from dft_jax.errors import cli_entry
 
 
 def median_time(fn, *args, steps):
@@ -76,8 +78,8 @@ def parts(config, graphdef, state, tx, batch):
   }
 
 
-def run(v, steps):
-  config = bench.bench_config(v)
+def run(config):
+  config = bench.step_config(config)
   mesh = bench.single_device_mesh()
   model = bench.load_model(config)
   model_cfg = model.config
@@ -85,9 +87,9 @@ def run(v, steps):
   graphdef, state, frozen, tx, _ = step_lib.init_train_state(model, config, mesh, setting=setting)
   del model
   rng = np.random.default_rng(0)
-  rows = config.train.global_batch_size
+  rows, seq_len, steps = config.train.global_batch_size, config.train.seq_len, config.bench.steps
   batch = step_lib.global_batch(
-      bench.packed_rows(rng, rows, v["seq_len"], model_cfg.vocab_size, v["doc_len"]), mesh)
+      bench.packed_rows(rng, rows, seq_len, model_cfg.vocab_size, config.bench.doc_len), mesh)
   timings = {name: median_time(fn, *args, steps=steps)
              for name, (fn, args) in parts(config, graphdef, state, tx, batch).items()}
   step = step_lib.make_train_step(graphdef, tx, config, mesh, step_lib.shardings_of(state),
@@ -100,35 +102,25 @@ def run(v, steps):
     if i >= 2:
       times.append(time.perf_counter() - t0)
   timings["whole train step"] = statistics.median(times)
-  return dict(model=v["model"], remat=v["remat"], objective=v["objective"], batch=rows,
-              seq_len=v["seq_len"], lm_head_chunk=v["lm_head_chunk"],
+  return dict(model=bench.preset(config), remat=config.model.remat,
+              objective=config.objective.name, batch=rows, seq_len=seq_len,
+              lm_head_chunk=config.model.lm_head_chunk,
               seconds={k: round(t, 5) for k, t in timings.items()}, **bench.device_info(),
               versions=bench.versions("jax", "jaxlib", "flax", "optax"))
 
 
-def main():
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--model", default="qwen2.5-1.5b")
-  p.add_argument("--remat", default="dots_attention_saveable")
-  p.add_argument("--objective", default="dft")
-  p.add_argument("--lm_head_chunk", type=int, default=4096)
-  p.add_argument("--steps", type=int, default=10)
-  p.add_argument("--smoke", action="store_true", help="tiny model and shapes, float32 (CPU)")
-  p.add_argument("--out", default=None, help="append the JSON record to this file")
-  args = p.parse_args()
-  v = dict(bench.DEFAULTS, model=args.model, remat=args.remat, objective=args.objective,
-           lm_head_chunk=args.lm_head_chunk)
-  if args.smoke:
-    v.update(model="tiny-qwen2", seq_len=128, batch=2, lm_head_chunk=64, doc_len=(16, 64),
-             compute_dtype="float32", remat="nothing_saveable")
-  record = run(v, 2 if args.smoke else args.steps)
+def main(argv=None):
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  config = bench.config_from_flags(sys.argv if argv is None else argv, lambda: cli.define(
+      "string", "out", None, "append the JSON record to this file"))
+  record = run(config)
   width = max(map(len, record["seconds"]))
   for name, t in record["seconds"].items():
     print(f"{name:{width}s} {1e3 * t:9.1f} ms")
-  if args.out:
-    with open(args.out, "a") as f:
+  if flags.FLAGS.out:
+    with open(flags.FLAGS.out, "a") as f:
       f.write(json.dumps(record) + "\n")
 
 
 if __name__ == "__main__":
-  main()
+  cli_entry(main)()

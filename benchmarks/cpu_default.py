@@ -1,14 +1,15 @@
 """Tokens/s of the embedded default on this machine's CPU (benchmark issue #8).
 
   JAX_PLATFORMS=cpu python benchmarks/cpu_default.py [--steps=8] [--out=benchmarks/results/cpu_default.json]
+  JAX_PLATFORMS=cpu python benchmarks/cpu_default.py --config.train.seq_len=512   # a changed default
 
-configs/default.py run by `python -m dft_jax.train` itself (DFT on the embedded
+configs/default.py (with the --config.<field>=<value> overrides given, passed on as they are) run
+by `python -m dft_jax.train` itself (DFT on the embedded
 SmolLM2-135M-Instruct, built-in arithmetic set, packed rows, float32) with evaluation off; the
 step times are those of its metrics.jsonl (compilation is apart, before step 1), and the peak host
 memory is the run's maximum resident set. Run it alone: another process on the same cores changes
 the number.
 """
-import argparse
 import json
 import os
 import resource
@@ -25,6 +26,8 @@ if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
 from benchmarks import train_step as bench  # pylint: disable=wrong-import-position
+from dft_jax import cli, config_files  # pylint: disable=wrong-import-position
+from dft_jax.errors import cli_entry  # pylint: disable=wrong-import-position
 
 
 def cpu_name():
@@ -35,18 +38,17 @@ def cpu_name():
     return None
 
 
-def measure(steps):
-  """Runs `python -m dft_jax.train` (the main job itself, evaluation off) for 1 + `steps` steps
-  in a fresh workdir and reads its metrics.jsonl: step times after the first, peak host memory."""
-  from dft_jax.data.testing import default_config
-  config = default_config()
+def measure(config, overrides, steps):
+  """Runs `python -m dft_jax.train` (the main job itself with `overrides`, evaluation off) for
+  1 + `steps` steps in a fresh workdir and reads its metrics.jsonl: step times after the first,
+  peak host memory."""
   t = config.train
   num_steps = steps + 1
   with tempfile.TemporaryDirectory() as workdir:
     cmd = [sys.executable, "-m", "dft_jax.train", f"--workdir={workdir}",
-           f"--config.train.num_steps={num_steps}", "--config.eval.before=False",
-           "--config.eval.after=False", "--config.log.progress=False",
-           f"--config.checkpoint.every_steps={num_steps}"]
+           *bench.override_flags(dict(overrides)), f"--config.train.num_steps={num_steps}",
+           "--config.eval.before=False", "--config.eval.after=False",
+           "--config.log.progress=False", f"--config.checkpoint.every_steps={num_steps}"]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
     wall_s = time.perf_counter() - t0
@@ -72,17 +74,22 @@ def measure(steps):
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--steps", type=int, default=8, help="timed steps after the first")
-  p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "cpu_default.json"))
-  args = p.parse_args(argv)
-  record = measure(args.steps)
-  with open(args.out, "w") as f:
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  argv = sys.argv if argv is None else argv
+
+  def define_more():
+    cli.define("integer", "steps", 8, "timed steps after the first")
+    cli.define("string", "out", os.path.join(ROOT, "benchmarks", "results", "cpu_default.json"),
+               "the JSON record")
+  config = bench.config_from_flags(argv, define_more, default=config_files.DEFAULT)
+  steps = flags.FLAGS.steps
+  record = measure(config, bench.overridden(config), steps)
+  with open(flags.FLAGS.out, "w") as f:
     json.dump(record, f, indent=1)
   print(f"{record['tokens_per_s']:.1f} tokens/s ({record['real_tokens_per_s']:.1f} non-padding, "
         f"{record['loss_tokens_per_s']:.1f} loss tokens), {record['step_time_s']:.2f} s/step "
-        f"median of {args.steps}, on {record['cpu_count']} x {record['cpu']}")
+        f"median of {steps}, on {record['cpu_count']} x {record['cpu']}")
 
 
 if __name__ == "__main__":
-  main()
+  cli_entry(main)()

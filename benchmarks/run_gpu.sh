@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU benchmark sweep on one machine with a GPU (benchmarks/README.md):
 #   bash benchmarks/run_gpu.sh            # results under $OUT, table printed last
-# Env: BUDGET_S (the sweep's wall-time budget, default 420 s: variants that would not fit are
-# skipped, lowest priority first), PLAN (default gpu; smoke: the CPU dry run), PYTHON (python3).
+# Env: BUDGET_S (the plan's wall-time budget, default 420 s: variants that would not fit are
+# skipped, lowest priority first), PLAN (a plan of benchmarks/plans.py, default gpu; smoke: the
+# CPU dry run), TINY=1 (the plan at tiny shapes: its whole path on a CPU), PYTHON (python3).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/dft_jax_bench}
@@ -15,5 +16,6 @@ export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.95}
   echo "XLA_FLAGS=${XLA_FLAGS:-}"
 } >> "$OUT/machine.txt"
 cat "$OUT/machine.txt"
-"$PY" benchmarks/train_step.py --sweep="${PLAN:-gpu}" --out="$OUT" --budget_s="${BUDGET_S:-420}" \
+"$PY" benchmarks/train_step.py --plan="${PLAN:-gpu}" ${TINY:+--tiny} --out="$OUT" \
+  --budget_s="${BUDGET_S:-420}" \
   2>&1 | tee "$OUT/sweep.txt"

@@ -2,9 +2,12 @@
 
   python benchmarks/scaling.py --out=DIR [--budget_s=480] [--ns=1,2,4,8]   # this machine's plan
   python benchmarks/scaling.py --smoke --out=DIR      # tiny shapes, 8 fake CPU devices (tests)
-  python benchmarks/scaling.py --case=JSON            # one case, in this process
+  python benchmarks/scaling.py --case --config.mesh.fsdp=2 --config.bench.devices=2 \
+      --config.bench.layout=fsdp --config.train.global_batch_size=8   # one case, in this process
 
-Every case is dft_jax.step.make_train_step (DFT, Qwen2.5-1.5B shape, 4096 tokens a row, random
+A case's fields are configs/benchmark.py's (the main job's names: mesh.data, mesh.fsdp,
+train.global_batch_size, ...; bench.devices and bench.layout name the devices it takes), set as
+`--config.<field>=<value>` in its process. Every case is dft_jax.step.make_train_step (DFT, Qwen2.5-1.5B shape, 4096 tokens a row, random
 packed rows from benchmarks/train_step.py) on the first n devices, `jax.devices()[:n]`, in a mesh
 
   data       n x 1 x 1   parameters and AdamW state replicated, gradients all-reduced
@@ -25,7 +28,6 @@ compiled (AOT) and timed like train_step.py (median of `steps` after `warmup`).
 MFU over the 1-GPU MFU equals weak_efficiency (same FLOPs per token). The large case (Qwen2.5-7B
 shape, fsdp over every GPU) shows that the sharding rules hold a state one GPU cannot.
 """
-import argparse
 import json
 import math
 import os
@@ -38,7 +40,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
+from benchmarks import plans  # pylint: disable=g-import-not-at-top
 from benchmarks import train_step as bench  # pylint: disable=g-import-not-at-top
+from dft_jax import cli  # pylint: disable=g-import-not-at-top
+from dft_jax.errors import cli_entry  # pylint: disable=g-import-not-at-top
 
 GIB = 2 ** 30
 GPU_COUNTS = (1, 2, 4, 8)
@@ -52,23 +57,23 @@ LAYOUTS = {  # layout -> mesh over n devices (None: not defined for n)
 OVERLAP_FLAGS = ("--xla_gpu_enable_latency_hiding_scheduler=true "
                  "--xla_gpu_enable_while_loop_double_buffering=true")
 SMOKE_DEVICES = 8
-PLAN_ONLY = ("est_s", "group", "probe_batches", "liger", "framework")  # not in the records
-SMOKE_XLA_FLAGS = bench.SMOKE_XLA_FLAGS
+SMOKE_XLA_FLAGS = plans.SMOKE_XLA_FLAGS
 
-# The shapes of each plan; unset variant fields take train_step.DEFAULTS. est_s: process start
-# + init + compile + steps on an H200 (train_step.py's 1.5B cases took 20-37 s on one H100).
+# The shapes of each plan: overrides of configs/benchmark.py. est_s: process start + init +
+# compile + steps on an H200 (train_step.py's 1.5B cases took 20-37 s on one H100).
 SETTINGS = {
     "gpu": dict(
-        base=dict(model="qwen2.5-1.5b", objective="dft", seq_len=4096,
-                  remat="dots_attention_saveable", est_s=50),
+        base={"model.name": "preset:qwen2.5-1.5b", "objective.name": "dft",
+              "train.seq_len": 4096, "model.remat": "dots_attention_saveable",
+              "bench.est_s": 50},
         rows_per_gpu=4, strong_batch=8,
-        large=dict(model="qwen2.5-7b", remat="nothing_saveable", steps=5, warmup=1, est_s=150),
+        large={"model.name": "preset:qwen2.5-7b", "model.remat": "nothing_saveable",
+               "bench.steps": 5, "bench.warmup": 1, "bench.est_s": 150},
         large_rows_per_gpu=4, overlap_flags=OVERLAP_FLAGS),
     "smoke": dict(
-        base=dict(model="tiny-qwen2", seq_len=128, doc_len=(16, 64), lm_head_chunk=64,
-                  compute_dtype="float32", steps=3, warmup=1, est_s=10),
+        base={**plans.TINY, "bench.xla_flags": "", "bench.est_s": 10},
         rows_per_gpu=1, strong_batch=8,
-        large=dict(model="tiny-llama"), large_rows_per_gpu=1, overlap_flags=""),
+        large={"model.name": "preset:tiny-llama"}, large_rows_per_gpu=1, overlap_flags=""),
 }
 
 
@@ -76,15 +81,13 @@ SETTINGS = {
 
 
 def case(setting, layout, n, batch, large=False, xla_flags=""):
-  """One case: a train_step variant plus its layout, GPU count and mesh."""
+  """One case: (name, overrides of configs/benchmark.py) with its layout, GPU count and mesh."""
   s = SETTINGS[setting]
-  v = dict(bench.DEFAULTS, **s["base"])
-  if large:
-    v.update(s["large"])
-  v.update(layout=layout, n_gpus=n, mesh=LAYOUTS[layout](n), batch=batch, xla_flags=xla_flags)
-  v["name"] = (f"{v['model'].removeprefix('qwen2.5-')}/{layout}/{n}x/b{batch}"
-               + ("/overlap" if xla_flags else ""))
-  return v
+  overrides = {**s["base"], **(s["large"] if large else {}), "bench.layout": layout,
+               "bench.devices": n, "train.global_batch_size": batch, "bench.xla_flags": xla_flags,
+               **{f"mesh.{axis}": size for axis, size in LAYOUTS[layout](n).items()}}
+  model = overrides["model.name"].removeprefix("preset:").removeprefix("qwen2.5-")
+  return (f"{model}/{layout}/{n}x/b{batch}" + ("/overlap" if xla_flags else ""), overrides)
 
 
 def plan(setting, ns):
@@ -113,18 +116,23 @@ def plan(setting, ns):
     cases += [case(setting, "fsdp", n, strong) for n in middle]
   cases.append(large(1, "single"))
   seen, unique = set(), []
-  for c in cases:
-    key = (c["model"], c["layout"], c["n_gpus"], c["batch"], c["xla_flags"])
-    if key not in seen and (c["n_gpus"] == 1 or c["batch"] % c["n_gpus"] == 0):
-      seen.add(key)
-      unique.append(c)
+  for name, o in cases:
+    n, rows = o["bench.devices"], o["train.global_batch_size"]
+    if name not in seen and (n == 1 or rows % n == 0):
+      seen.add(name)
+      unique.append((name, o))
   return unique
 
 
-def skip_reason(c, device_count):
-  if c["n_gpus"] > device_count:
-    return f"needs {c['n_gpus']} devices, this machine has {device_count}"
-  return None
+def skip_reason(overrides, device_count):
+  n = overrides["bench.devices"]
+  return f"needs {n} devices, this machine has {device_count}" if n > device_count else None
+
+
+def case_fields(config):
+  """The record fields of a case (train_step.knobs plus its layout, GPU count and mesh)."""
+  return dict(bench.knobs(config), layout=config.bench.layout, n_gpus=config.bench.devices,
+              mesh={axis: config.mesh[axis] for axis in ("data", "fsdp", "tensor")})
 
 
 # ----------------------------------------------------------------------------- one case
@@ -156,21 +164,20 @@ def memory_fields(state, devices):
   return out
 
 
-def run_case(v):
+def run_case(config):
   """Builds, compiles and times one case on jax.devices()[:n] in this process -> record fields."""
   import jax
   from dft_jax import sharding, throughput
   from dft_jax import step as step_lib
-  n = v["n_gpus"]
+  n = config.bench.devices
   devices = jax.devices()[:n]
   if len(devices) < n:
     raise RuntimeError(f"needs {n} devices, jax sees {len(jax.devices())}")
-  config = bench.bench_config(v)
-  config.mesh.update(v["mesh"])
+  config = bench.step_config(config)
   step_lib.validate(config, n)
   mesh = sharding.make_mesh(config.mesh, devices)
   peak = throughput.peak_flops(devices[0])
-  state, _, record = bench.time_train_step(v, config, mesh,
+  state, _, record = bench.time_train_step(config, mesh,
                                            lambda: bench.sharded_model(config, mesh),
                                            peak * n if peak else None)
   record.update(rows_per_gpu=config.train.global_batch_size // n,
@@ -179,9 +186,9 @@ def run_case(v):
   return record
 
 
-def run_one(v):
+def run_one(config):
   """One case in this process -> its record (status ok / oom / error)."""
-  return bench.run_recorded(dict(v, status="ok"), lambda: run_case(v))
+  return bench.run_recorded(dict(case_fields(config), status="ok"), lambda: run_case(config))
 
 
 # ----------------------------------------------------------------------------- the run
@@ -236,20 +243,24 @@ def run_plan(setting, out_dir, budget_s, ns=None):
     count = machine["device_count"]
     ns = ns or [n for n in GPU_COUNTS if n <= count]
     records = []
-    for c in plan(setting, ns):
+    for name, overrides in plan(setting, ns):
+      config = bench.variant_config({"bench.name": name, **overrides})
       left = budget_s - (time.perf_counter() - started)
-      skip = skip_reason(c, count)
-      if skip is None and left < c["est_s"]:
-        skip = f"budget: {left:.0f} s left, needs ~{c['est_s']} s"
+      skip = skip_reason(overrides, count)
+      if skip is None and left < config.bench.est_s:
+        skip = f"budget: {left:.0f} s left, needs ~{config.bench.est_s} s"
       if skip:
-        record = dict(c, status="skipped", error=skip)
+        record = dict(case_fields(config), status="skipped", error=skip)
       else:  # a hung case may not eat the rest of the budget
-        timeout = min(left, max(90.0, 2.5 * c["est_s"]))
-        record, why = child(["--case", json.dumps(c)], child_env(smoke, c["xla_flags"]),
-                            timeout, log, "RESULT")
+        timeout = min(left, max(90.0, 2.5 * config.bench.est_s))
+        flags = ["--case", f"--config={bench.BENCH_CONFIG}",
+                 *bench.override_flags({"bench.name": name, **overrides})]
+        record, why = child(flags, child_env(smoke, config.bench.xla_flags), timeout, log,
+                            "RESULT")
         if record is None:
-          record = dict(c, status="timeout" if why.startswith("timeout") else "error", error=why)
-      records.append({k: x for k, x in record.items() if k not in PLAN_ONLY})
+          record = dict(case_fields(config), error=why,
+                        status="timeout" if why.startswith("timeout") else "error")
+      records.append(record)
       print(f"[{time.perf_counter() - started:6.0f} s] {record['name']}: {record['status']}"
             + (f"  {record['tokens_per_s_per_gpu']:,.0f} tok/s/GPU" if record["status"] == "ok"
                else f"  {record.get('error', '')[:160]}"), flush=True)
@@ -337,30 +348,28 @@ def format_table(records, summary):
 # ----------------------------------------------------------------------------- command line
 
 
-def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--out", default="benchmarks/results/scaling_latest", help="output folder")
-  p.add_argument("--budget_s", type=float, default=480.0, help="wall-time budget of the plan")
-  p.add_argument("--ns", default="", help="GPU counts to run, e.g. 1,2 (default: 1,2,4,8 "
-                 "up to the device count; 1 always runs, as the base)")
-  p.add_argument("--smoke", action="store_true", help=f"tiny shapes on {SMOKE_DEVICES} fake "
-                 "CPU devices")
-  p.add_argument("--case", help="one case as JSON (what the plan passes to a subprocess)")
-  p.add_argument("--probe", action="store_true", help="print this machine's devices as JSON")
-  return p.parse_args(argv)
-
-
 def main(argv=None):
-  args = parse_args(argv)
-  if args.probe:
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  argv = sys.argv if argv is None else argv
+
+  def define_more():
+    cli.define("string", "out", "benchmarks/results/scaling_latest", "output folder")
+    cli.define("float", "budget_s", 480.0, "wall-time budget of the plan (s)")
+    cli.define("list", "ns", [], "GPU counts to run, e.g. 1,2 (default: 1,2,4,8 up to the device "
+               "count; 1 always runs, as the base)")
+    cli.define("bool", "smoke", False, f"tiny shapes on {SMOKE_DEVICES} fake CPU devices")
+    cli.define("bool", "case", False, "run the one case --config describes, in this process")
+    cli.define("bool", "probe", False, "print this machine's devices as JSON")
+  config = bench.config_from_flags(argv, define_more)
+  f = flags.FLAGS
+  if f.probe:
     print("DEVICES " + json.dumps(probe()), flush=True)
-  elif args.case:
-    v = {k: tuple(x) if isinstance(x, list) else x for k, x in json.loads(args.case).items()}
-    print("RESULT " + json.dumps(run_one(v)), flush=True)
+  elif f.case:
+    print("RESULT " + json.dumps(run_one(config)), flush=True)
   else:
-    ns = [int(x) for x in args.ns.split(",") if x] or None
-    run_plan("smoke" if args.smoke else "gpu", args.out, args.budget_s, ns)
+    ns = [int(x) for x in f.ns] or None
+    run_plan("smoke" if f.smoke else "gpu", f.out, f.budget_s, ns)
 
 
 if __name__ == "__main__":
-  main()
+  cli_entry(main)()

@@ -1,25 +1,31 @@
-"""Train-step throughput, MFU and peak memory of dft_jax's full step (benchmark issue #8).
+"""Train-step throughput, MFU and peak memory of dft_jax's full step, and the benchmark harness
+that runs the plans of benchmarks/plans.py.
 
-  python benchmarks/train_step.py --sweep=gpu --out=DIR     # the GPU plan: every variant, JAX and
-                                                            # PyTorch peers, each in a fresh process
-  python benchmarks/train_step.py --model=qwen2.5-1.5b --objective=dft --batch=4 \
-      --remat=nothing_saveable --lm_head_chunk=4096        # one variant, in this process
-  python benchmarks/train_step.py --memory --model=qwen2.5-1.5b   # compile only (no execution):
-                                                            # XLA's buffer sizes, CPU is fine
-  python benchmarks/train_step.py --sweep=smoke --out=DIR   # tiny shapes on CPU (tests)
+  python benchmarks/train_step.py --plan=h200 --out=DIR     # a plan: every variant in a fresh
+                                                            # process, JAX and the PyTorch peers
+  python benchmarks/train_step.py --config.model.remat=nothing_saveable \
+      --config.train.global_batch_size=8                    # one variant, in this process
+  python benchmarks/train_step.py --memory --config.model.name=preset:qwen2.5-7b   # compile only
+                                                            # (XLA's buffer sizes; CPU is fine)
+  python benchmarks/train_step.py --plan=smoke --out=DIR    # tiny shapes on CPU (tests)
+  python benchmarks/train_step.py --plan=h200 --tiny --out=DIR   # a GPU plan at tiny shapes
+
+Fields: configs/benchmark.py (the main job's, configs/default.py, plus `bench`), set as
+`--config.<field>=<value>`; a plan's variant is a name and a dict of those overrides, and the
+harness starts each variant's process with exactly those flags.
 
 The step is dft_jax.step.make_train_step itself (forward, fused LM head, objective, backward,
 clip + AdamW, donated state) run by the train job's loop (dft_jax.loop.train_loop) on a
 random-init preset, fed random packed rows built on the host: several documents per row
 (segment_ids 1..n, positions restarting), loss on ~75% of each document. Timing: compile (AOT),
-`warmup` steps, then `steps` timed steps; a step's time is the interval between reading its
-metrics and the previous step's (the loop dispatches the next step first, as in training); the
-median is the step time. tokens/s = B*T / median (padding included: rows are full).
+`bench.warmup` steps, then `bench.steps` timed steps; a step's time is the interval between
+reading its metrics and the previous step's (the loop dispatches the next step first, as in
+training); the median is the step time. tokens/s = B*T / median (padding included: rows are full).
 MFU = tokens/s * (6 N + 12 L d T) / 989e12, N = all parameters including the (tied) embedding,
-T = seq_len (dft_jax.throughput). Peak memory is the device allocator's peak_bytes_in_use, which
+T = seq_len (dft_jax.throughput); mfu_segments counts the attention the rows' documents do instead
+(causal within each document: 12 L d sum n (n + 1) / 2 over the documents). Peak memory is the device allocator's peak_bytes_in_use, which
 only grows within a process: hence one process per variant.
 """
-import argparse
 import json
 import os
 import platform
@@ -35,324 +41,104 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
-from dft_jax import throughput  # noqa: E402  (no jax at import)
+from benchmarks import plans  # noqa: E402  (data only)
+from dft_jax import cli  # noqa: E402  (no jax at import)
+from dft_jax import config_files  # noqa: E402
+from dft_jax import throughput  # noqa: E402
+from dft_jax.errors import cli_entry  # noqa: E402
 
-PEER_SCRIPT = os.path.join(ROOT, "benchmarks", "torch_peer.py")
-HEAD_SCRIPT = os.path.join(ROOT, "benchmarks", "head.py")
+BENCH_CONFIG = os.path.join(ROOT, "configs", "benchmark.py")
+SCRIPTS = {"jax": "train_step.py", "torch": "torch_peer.py", "head": "head.py",
+           "sampler": "sampling.py", "generate": "sampling.py"}  # bench.framework -> script
 GIB = 2 ** 30
 
-# One variant = one dict; unset fields take these values. "best" (remat) and "max" (batch) are
-# resolved by the sweep from the records before it (see `resolve`).
-DEFAULTS = dict(
-    framework="jax",            # jax | torch | head (the LM head alone: benchmarks/head.py)
-    model="qwen2.5-1.5b",       # a dft_jax.models.PRESETS name
-    objective="dft",            # sft | dft | psft (any objectives.OBJECTIVES name)
-    kl_coef=0.0,                # config.objective.kl_coef: the k3 anchor to the starting model
-    ref_logp="forward",         # config.objective.ref_logp: forward | precomputed (the batches
-                                # then carry random ref_logp, as the data iterator would)
-    batch=4,                    # rows per optimizer update
-    seq_len=4096,
-    minibatches=1,              # PSFT's K: the global batch is batch * minibatches rows
-    microbatches=1,             # gradient accumulation slices per update
-    remat="nothing_saveable",   # a decoder.REMAT_POLICIES name, or "best"
-    lm_head_chunk=4096,         # tokens per chunk of the fused LM head
-    lm_head="checkpointed",     # checkpointed | fused (lm_head.fused_loss); the step: needs
-                                # config.model.lm_head_impl
-    w_dtype="bfloat16",         # head: the head weight's dtype (the step passes the compute dtype)
-    compare=False,              # head: also the checkpointed head's gradients, their difference
-    param_dtype="float32",
-    compute_dtype="bfloat16",
-    attention="auto",           # cudnn on GPU
-    mu_dtype=None,              # AdamW first moment dtype (needs config.optimizer.mu_dtype)
-    nu_dtype=None,              # AdamW second moment dtype (config.optimizer.nu_dtype)
-    lora_rank=0,                # config.lora.rank: 0 trains every parameter; > 0 LoRA adapters
-                                # (torch: the peft peer); param_dtype is the frozen base's dtype
-    lora_alpha=16.0,            # config.lora.alpha (scale alpha / rank)
-    lora_targets="q,k,v,o,gate,up,down",  # config.lora.targets (peft: <name>_proj)
-    base_quant="none",          # config.lora.base_quant: none | int8 | nf4 (QLoRA)
-    quant_block_size=64,        # config.lora.block_size: nf4 blocks (input elements)
-    doc_len=(256, 2048),        # document lengths drawn uniformly in [lo, hi]; (T, T): 1 per row
-    max_segments=None,          # config.model.max_segments; None: the most documents packed_rows
-                                # puts in a row, ceil(T / lo) + 1 (cuDNN's packed backward keeps
-                                # a float32 [B * max_segments, T, N, H] buffer: 14 GiB at 64 for
-                                # the 7B shape at 4 x 4096, benchmarks/README.md)
-    steps=10,
-    warmup=2,
-    xla_flags="",               # appended to XLA_FLAGS for this variant's process
-    liger=False,                # torch: Liger's fused linear cross entropy
-    probe_batches=(),           # torch: extra batch sizes tried for one step each, until OOM
-    est_s=60,                   # sweep: expected wall time (skip if the budget is short)
-    group="",                   # sweep: "policy" records compete for remat="best"
-    topk_method="blocks",       # lm_head.top_k_values' method: blocks (its default) | lax
-)
-
-# CPU smoke runs only: XLA:CPU compiles the tiny step faster, the numbers are not measurements.
-SMOKE_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-# Tiny CPU shapes of the smoke plan's JAX variants.
-TINY = dict(model="tiny-qwen2", seq_len=128, batch=2, lm_head_chunk=64, doc_len=(16, 64),
-            compute_dtype="float32", steps=3, warmup=1, xla_flags=SMOKE_XLA_FLAGS, est_s=20)
-DOTS_ATTN = "dots_attention_saveable"  # the fastest remat policy on the H100
-FAST = dict(remat=DOTS_ATTN, lm_head="fused", steps=8, warmup=2, est_s=25)
-
-# The 1.5B shape on one H200 (issues 15 and 16), in priority order (the budget skips the tail).
-# est_s: process start + init + compile + 2 + 8 steps (H100 at 2 + 10 steps: 20-25 s a 1.5B
-# variant, 30-45 s the first compile and a torch peer, Liger 45 s). Every JAX row runs
-# dots_attention_saveable and the fused head unless named otherwise (asft and iw_sft, once on
-# the checkpointed head, take the fused one too: h200_objectives compares them with SFT).
-H200 = [
-    dict(name="torch/dft", framework="torch", objective="dft", steps=8, est_s=35),
-    dict(FAST, name="jax/dft/fused", est_s=45),  # the first compile fills the autotune cache
-    dict(FAST, name="jax/dft/checkpointed", lm_head="checkpointed"),
-    dict(FAST, name="jax/sft/fused", objective="sft"),
-    dict(FAST, name="jax/dft/lean", remat="nothing_saveable", mu_dtype="bfloat16",
-         nu_dtype="bfloat16"),
-    dict(name="torch/dft/liger", framework="torch", objective="dft", liger=True, steps=8,
-         est_s=45),
-    dict(FAST, name="jax/eaft/fused", objective="eaft"),
-    dict(FAST, name="jax/psft/k4/fused", objective="psft", minibatches=4, est_s=45),
-    dict(FAST, name="jax/psft/k1/fused", objective="psft"),
-    dict(FAST, name="jax/gem/fused", objective="gem"),
-    dict(FAST, name="jax/deft/fused", objective="deft"),
-    dict(FAST, name="jax/power/fused", objective="power"),
-    dict(FAST, name="jax/chord_phi/fused", objective="chord_phi"),
-    dict(FAST, name="jax/prob_threshold/fused", objective="prob_threshold"),
-    dict(FAST, name="jax/sft/checkpointed", objective="sft", lm_head="checkpointed"),
-    dict(FAST, name="jax/asft", objective="asft", est_s=35),
-    dict(FAST, name="jax/iw_sft", objective="iw_sft", est_s=35),
-]
-
-# The objectives' step time per token against SFT's (OBJECTIVE_TARGETS), ~4 min on one H200.
-H200_OBJECTIVES = [
-    dict(FAST, name="jax/sft/fused", objective="sft", est_s=45),
-    dict(FAST, name="jax/talr/fused", objective="talr"),
-    dict(FAST, name="jax/otr/fused", objective="otr"),
-    dict(FAST, name="jax/asft/fused", objective="asft", est_s=35),
-    dict(FAST, name="jax/iw_sft/fused", objective="iw_sft", est_s=35),
-    dict(FAST, name="jax/iw_sft/precomputed", objective="iw_sft", ref_logp="precomputed"),
-    dict(FAST, name="jax/dft_kl/fused", objective="dft", kl_coef=0.1, est_s=35),
-    dict(FAST, name="jax/dft_kl/precomputed", objective="dft", kl_coef=0.1,
-         ref_logp="precomputed"),
-]
-
-# The Qwen2.5-7B shape on one H200 (issues 16 and 17), DFT, 4 x 4096 unless named otherwise.
-# LoRA: rank 16 on all seven projections, alpha 16, bf16 base (PEFT's peer the same).
-SEVEN_B = dict(model="qwen2.5-7b", lm_head="fused", steps=8, warmup=2)
-LORA16 = dict(SEVEN_B, lora_rank=16, lora_alpha=16.0, param_dtype="bfloat16")
-PEFT16 = dict(LORA16, framework="torch", lm_head="checkpointed")
-H200_7B = [
-    dict(PEFT16, name="torch/7b/peft/b4", est_s=60),
-    dict(LORA16, name="jax/7b/lora16/b4", remat="nothing_saveable", est_s=65),
-    dict(LORA16, name="jax/7b/qlora_nf4/b1", remat="nothing_saveable", base_quant="nf4",
-         batch=1, est_s=55),
-    dict(SEVEN_B, name="jax/7b/dft/nothing", remat="nothing_saveable", est_s=75),
-    dict(LORA16, name="jax/7b/lora16/b4/attn", remat="attention_saveable", est_s=60),
-    dict(SEVEN_B, name="jax/7b/dft/attn_mu_bf16", remat="attention_saveable",
-         mu_dtype="bfloat16", est_s=75),
-    dict(PEFT16, name="torch/7b/peft/b2", batch=2, est_s=45),
-    dict(PEFT16, name="torch/7b/peft/b1", batch=1, est_s=40),
-    dict(SEVEN_B, name="torch/7b/dft/b1", framework="torch", lm_head="checkpointed", batch=1,
-         est_s=55),
-]
-
-# After the first H200 run (EAFT at 3.4x SFT with top-k in rounds of 16): EAFT's two-stage block
-# top-k against one lax.top_k (step, and head alone where the record times the ways), and LoRA /
-# QLoRA at 7B with smaller head chunks (the head's [chunk, 152,064] float32 buffers are ~2.3 GiB
-# each at 4,096 tokens).
-H200_MORE = [
-    dict(name="head/eaft/fused", framework="head", objective="eaft", lm_head="fused",
-         compare=True, est_s=35),
-    dict(FAST, name="jax/eaft/fused", objective="eaft"),
-    dict(FAST, name="jax/eaft/fused/lax_top_k", objective="eaft", topk_method="lax"),
-    dict(FAST, name="jax/sft/fused", objective="sft"),
-    dict(FAST, name="jax/psft/k4/fused", objective="psft", minibatches=4, est_s=45),
-    dict(LORA16, name="jax/7b/lora16/b4/chunk1024", remat="nothing_saveable", lm_head_chunk=1024,
-         est_s=65),
-    dict(LORA16, name="jax/7b/qlora_nf4/b1/chunk1024", remat="nothing_saveable",
-         base_quant="nf4", batch=1, lm_head_chunk=1024, est_s=55),
-]
-
-# After the buffer assignment showed cuDNN's packed attention backward holding 14.1 of the LoRA
-# step's 20 GiB of temporaries (a float32 [B * max_segments, T, N, H] buffer, max_segments 64):
-# the LoRA / QLoRA rows with max_segments at the most documents a row holds (17), with their peers
-# in the same run, and the 7B full fine-tune's peak at that bound.
-H200_LORA = [next(v for v in H200_7B if v["name"] == name) for name in (
-    "torch/7b/peft/b4", "jax/7b/lora16/b4", "jax/7b/qlora_nf4/b1", "torch/7b/peft/b1",
-    "jax/7b/lora16/b4/attn", "jax/7b/dft/attn_mu_bf16")]
-
-# Qwen3-MoE on one H200: the qwen3-moe-a1.3b preset (Qwen3-30B-A3B's attention and top-8-of-
-# 768-wide experts, 64 experts, 12 layers: 1.30B of 4.47B parameters active), 4 x 4096 packed,
-# DFT, beside transformers' Qwen3MoeForCausalLM (its grouped_mm experts) in the same run; MFU on
-# the active parameters. est_s: process start + init (72 GB of float32 weights and AdamW state) +
-# compile (torch: the first steps) + 2 + 5 steps; both rows ~85 s (docs/models.md).
-MOE = dict(model="qwen3-moe-a1.3b", steps=5, warmup=2)
-H200_MOE = [
-    dict(MOE, name="torch/moe/dft", framework="torch", est_s=40),
-    dict(MOE, name="jax/moe/dft/fused", remat=DOTS_ATTN, lm_head="fused", est_s=45),
-]
-
-PLANS = {
-    # The H100 plan, in priority order: when the budget runs short the tail is skipped.
-    # est_s: process start + init + compile + steps, H100 (1.5B compile ~30-45 s).
-    "gpu": [
-        dict(name="torch/dft", framework="torch", objective="dft", est_s=30),
-        dict(name="jax/dft/nothing", remat="nothing_saveable", group="policy"),
-        dict(name="jax/dft/dots", remat="dots_with_no_batch_dims_saveable", group="policy"),
-        dict(name="jax/dft/dots_attn", remat="dots_attention_saveable", group="policy"),
-        dict(name="head/dft/checkpointed", framework="head", est_s=30),
-        dict(name="head/dft/fused", framework="head", lm_head="fused", compare=True, est_s=40),
-        dict(name="jax/dft/fused_head", lm_head="fused", remat="best", est_s=50),
-        dict(name="jax/sft", objective="sft", remat="best", est_s=50),
-        dict(name="jax/psft/k1", objective="psft", remat="best", est_s=55),
-        dict(name="jax/dft/lean", remat="nothing_saveable", mu_dtype="bfloat16", est_s=50),
-        dict(name="jax/eaft", objective="eaft", remat="best", est_s=50),
-        dict(name="jax/deft", objective="deft", remat="best", est_s=50),
-        dict(name="jax/gem", objective="gem", remat="best", est_s=50),
-        dict(name="torch/sft", framework="torch", objective="sft", probe_batches=(6, 8),
-             est_s=35),
-        dict(name="jax/dft/lean_attn", remat="attention_saveable", mu_dtype="bfloat16",
-             est_s=50),
-        dict(name="torch/dft/liger", framework="torch", objective="dft", liger=True,
-             probe_batches=(16, 32), est_s=45),
-        dict(name="jax/dft/one_doc", remat="best", doc_len=(4096, 4096)),
-        dict(name="jax/0.5b/dft", model="qwen2.5-0.5b", remat="best", est_s=40),
-        dict(name="jax/dft/max_batch", remat="best", batch="max", est_s=90),
-        dict(name="jax/psft/k4", objective="psft", minibatches=4, remat="best", est_s=80),
-        dict(name="jax/dft/no_triton_gemm", remat="best",
-             xla_flags="--xla_gpu_enable_triton_gemm=false"),
-    ],
-    # The second H100 call: what the first one's budget left out (explicit remat, no "best").
-    "gpu_extra": [
-        dict(name="torch/dft/liger", framework="torch", objective="dft", liger=True,
-             probe_batches=(8, 16, 32), est_s=45),
-        dict(name="jax/dft/lean_chunk1024", remat="nothing_saveable", mu_dtype="bfloat16",
-             lm_head_chunk=1024, est_s=50),
-        dict(name="jax/psft/k4", objective="psft", minibatches=4,
-             remat="dots_attention_saveable", est_s=60),
-        dict(name="jax/dft/nothing_b16", remat="nothing_saveable", batch=16, est_s=70),
-        dict(name="jax/0.5b/dft", model="qwen2.5-0.5b", remat="dots_attention_saveable",
-             est_s=40),
-    ],
-    # The LM head alone at the 1.5B shape (4 x 4096 tokens, D 1,536, V 151,936, chunks of 4,096):
-    # every per-token objective through both heads (EAFT's records hold the top-k timings).
-    "head": [dict(name=f"head/{objective}/{head}", framework="head", objective=objective,
-                  lm_head=head, compare=head == "fused" and objective in ("dft", "eaft"),
-                  est_s=35 if head == "fused" and objective in ("dft", "eaft") else 25)
-             for objective in ("dft", "eaft", "sft", "gem", "deft", "psft", "power")
-             for head in ("checkpointed", "fused")],
-    # The full step with the fused head next to the checkpointed one, per objective (needs
-    # config.model.lm_head_impl; dots_attention_saveable: the fastest policy on the H100).
-    "fused_step": [dict(name=f"jax/{objective}/{head}" + ("/k4" if k == 4 else ""),
-                        objective=objective, lm_head=head, minibatches=k,
-                        remat="dots_attention_saveable", est_s=50 + 20 * (k > 1))
-                   for objective, k in (("dft", 1), ("eaft", 1), ("sft", 1), ("psft", 4),
-                                        ("gem", 1), ("deft", 1), ("psft", 1))
-                   for head in ("fused", "checkpointed")],
-    # One H200, one call each (~540 s): the issues' targets side by side with the peers.
-    "h200": H200,
-    "h200_7b": H200_7B,
-    "h200_more": H200_MORE,
-    "h200_lora": H200_LORA,
-    "h200_moe": H200_MOE,
-    # h200_moe at tiny shapes on the CPU (tests): the same rows through the same paths.
-    "moe_smoke": [dict(v, **dict(TINY, model="tiny-qwen3-moe")) for v in H200_MOE],
-    # Per token against SFT in one run (1.5B, 4 x 4096, fused head, dots_attention_saveable):
-    # TALR, OTR at its default 8 samples, the reference objectives on the fused head, and iw-SFT
-    # and the KL anchor with the reference's log-probabilities precomputed (OBJECTIVE_TARGETS).
-    "h200_objectives": H200_OBJECTIVES,
-    # Tiny shapes on CPU: the plumbing of every path above in seconds.
-    "smoke": [
-        dict(name="torch/dft", framework="torch", model="tiny-qwen2", seq_len=128,
-             doc_len=(16, 64), compute_dtype="float32", steps=3, warmup=1, probe_batches=(8,),
-             est_s=5),
-        dict(TINY, name="jax/psft/k2", objective="psft", minibatches=2, group="policy"),
-        dict(name="jax/dft/needs_hook", model="tiny-qwen2", remat="no_such_policy", est_s=5),
-        dict(name="head/eaft/checkpointed", framework="head", model="tiny-qwen2", seq_len=128,
-             batch=2, lm_head_chunk=64, doc_len=(16, 64), objective="eaft",
-             compute_dtype="float32", w_dtype="float32", steps=3, warmup=1, est_s=5),
-        dict(name="head/eaft/fused", framework="head", model="tiny-qwen2", seq_len=128, batch=2,
-             lm_head_chunk=64, doc_len=(16, 64), objective="eaft", lm_head="fused",
-             compute_dtype="float32", w_dtype="float32", compare=True, steps=3, warmup=1,
-             est_s=5),
-        dict(name="jax/dft/over_budget", model="tiny-qwen2", remat="best", est_s=10 ** 6),
-        # LoRA rank 4 on a bf16 base, QLoRA nf4, the peft peer, ASFT (the checkpointed head runs)
-        dict(TINY, name="jax/lora4", lora_rank=4, lora_alpha=8.0, param_dtype="bfloat16",
-             lm_head="fused"),
-        dict(TINY, name="jax/qlora_nf4", lora_rank=4, lora_alpha=8.0, param_dtype="bfloat16",
-             base_quant="nf4", quant_block_size=16, batch=1, lm_head="fused"),
-        dict(TINY, name="torch/peft", framework="torch", lora_rank=4, lora_alpha=8.0,
-             xla_flags=""),
-        dict(TINY, name="jax/asft", objective="asft", lm_head="fused"),
-        *(dict(v, **TINY) for v in H200_OBJECTIVES if v["objective"] in ("otr", "iw_sft")),
-    ],
+# A record's flat fields (its knobs, what the summary matches records on) and the config field
+# each comes from; `batch` (rows per optimizer update: train.global_batch_size /
+# train.minibatches) and `model` (the preset's name) are derived.
+KNOBS = {
+    "framework": "bench.framework", "objective": "objective.name", "seq_len": "train.seq_len",
+    "kl_coef": "objective.kl_coef", "ref_logp": "objective.ref_logp",
+    "minibatches": "train.minibatches", "microbatches": "train.microbatches",
+    "remat": "model.remat", "lm_head_chunk": "model.lm_head_chunk", "lm_head": "model.lm_head_impl",
+    "w_dtype": "bench.w_dtype", "compare": "bench.compare", "param_dtype": "model.param_dtype",
+    "compute_dtype": "model.compute_dtype", "attention": "model.attention",
+    "mu_dtype": "optimizer.mu_dtype", "nu_dtype": "optimizer.nu_dtype", "lora_rank": "lora.rank",
+    "lora_alpha": "lora.alpha", "lora_targets": "lora.targets", "base_quant": "lora.base_quant",
+    "quant_block_size": "lora.block_size", "doc_len": "bench.doc_len",
+    "max_segments": "model.max_segments", "steps": "bench.steps", "warmup": "bench.warmup",
+    "xla_flags": "bench.xla_flags", "topk_method": "bench.topk_method", "group": "bench.group",
+    "liger": "bench.liger",
 }
-
-
-# Compile-only memory analysis (--memory_sweep, --memory_plan): XLA's buffer sizes per option.
-MEMORY_PLANS = {
-    "1.5b": [
-        dict(name="nothing/chunk4096", remat="nothing_saveable", lm_head_chunk=4096),
-        dict(name="nothing/chunk1024", remat="nothing_saveable", lm_head_chunk=1024),
-        dict(name="dots/chunk4096", remat="dots_with_no_batch_dims_saveable",
-             lm_head_chunk=4096),
-        dict(name="nothing/chunk1024/micro2", remat="nothing_saveable", lm_head_chunk=1024,
-             microbatches=2),
-        dict(name="nothing/chunk1024/b8", remat="nothing_saveable", lm_head_chunk=1024,
-             batch=8),
-        dict(name="nothing/chunk1024/psft", remat="nothing_saveable", lm_head_chunk=1024,
-             objective="psft"),
-        dict(name="nothing/chunk1024/bf16_params", remat="nothing_saveable", lm_head_chunk=1024,
-             param_dtype="bfloat16"),
-    ],
-    # What model.max_segments costs on a GPU (cuDNN's packed backward keeps a float32 dQ buffer
-    # per segment slot): the 7B LoRA step at the old default 64, the rows' bound 17 and 8.
-    "7b_segments": [
-        dict(LORA16, name="lora16/b4/segments64", max_segments=64),
-        dict(LORA16, name="lora16/b4/segments17", max_segments=17),
-        dict(LORA16, name="lora16/b4/segments8", max_segments=8),
-        dict(LORA16, name="lora16/b1/segments64", batch=1, max_segments=64),
-        dict(LORA16, name="qlora_nf4/b1/segments64", base_quant="nf4", batch=1, max_segments=64),
-        dict(LORA16, name="qlora_nf4/b1/segments17", base_quant="nf4", batch=1, max_segments=17),
-    ],
-    # The 7B rows of the h200_7b plan (and what does not fit), before the GPU run. On CPU the
-    # cuDNN-attention policies (attention_saveable) save what nothing_saveable saves.
-    "7b": [
-        dict(LORA16, name="lora16/nothing/b4", remat="nothing_saveable"),
-        dict(LORA16, name="qlora_nf4/nothing/b1", remat="nothing_saveable", base_quant="nf4",
-             batch=1),
-        dict(SEVEN_B, name="full/nothing/b4", remat="nothing_saveable"),
-        dict(SEVEN_B, name="full/nothing/mu_bf16/b4", remat="nothing_saveable",
-             mu_dtype="bfloat16"),
-        dict(LORA16, name="lora16/dots_attn/micro4/b4", remat=DOTS_ATTN, microbatches=4),
-    ],
-}
-
-
-MEMORY_NOTE = (
-    "Compile-only. argument_bytes (the donated state) is exact on any backend and "
-    "saved_activation_bytes (print_saved_residuals) is backend-independent; on CPU, temp_bytes "
-    "holds XLA's explicit [B, N, T, T] attention (attention_temp_bytes; cuDNN flash attention "
-    "has none) and bf16 activations widened to f32, so GPU temporaries are smaller. "
-    "head_temp_bytes: the LM head's forward + backward alone.")
 
 
 class NeedsHook(Exception):
-  """The variant needs a config knob or registry entry that dft_jax does not have (yet)."""
+  """The variant needs a config field or registry entry that dft_jax does not have (yet)."""
 
   def __str__(self):
     return f"needs a dft_jax hook: {self.args[0]}"
 
 
+# ----------------------------------------------------------------------------- configs
+
+
+def field(config, path):
+  """config's value at a dotted path ("model.remat")."""
+  for key in path.split("."):
+    config = config[key]
+  return config
+
+
+def variant_config(overrides=None, arg=None):
+  """configs/benchmark.py[:arg] with `overrides` ({dotted field: value}) set, as the command line
+  `--config.<field>=<value>` sets them. NeedsHook for a field the config does not have or a remat
+  policy the decoder does not know (a plan written ahead of its hook)."""
+  from dft_jax.models import decoder
+  config = config_files.load(BENCH_CONFIG, arg)
+  for path, value in (overrides or {}).items():
+    try:
+      config.update_from_flattened_dict({path: value})
+    except KeyError:
+      raise NeedsHook(f"configs/benchmark.py has no field {path}") from None
+  if config.model.remat not in decoder.REMAT_POLICIES:
+    raise NeedsHook(f"model.remat={config.model.remat!r} is not in dft_jax.models.decoder."
+                    f"REMAT_POLICIES ({', '.join(decoder.REMAT_POLICIES)})")
+  return config
+
+
+def override_flags(overrides):
+  """The command-line flags that set `overrides`: ["--config.model.remat=...", ...] (None values
+  are the config's own and left out)."""
+  return [f"--config.{path}={value}" for path, value in overrides.items() if value is not None]
+
+
+def preset(config):
+  """The model preset's name ("qwen2.5-1.5b" of model.name "preset:qwen2.5-1.5b")."""
+  return config.model.name.removeprefix("preset:")
+
+
+def knobs(config):
+  """The record's flat knob fields (KNOBS) of a variant's config, its name and its rows."""
+  out = {name: field(config, path) for name, path in KNOBS.items()}
+  out["doc_len"] = list(out["doc_len"])
+  out.update(name=config.bench.name or f"{config.bench.framework}/{preset(config)}/"
+             f"{config.objective.name}", model=preset(config),
+             batch=config.train.global_batch_size // config.train.minibatches,
+             max_segments=segment_bound(config))
+  return out
+
+
 # ----------------------------------------------------------------------------- inputs
 
 
-def segment_bound(v):
+def segment_bound(config):
   """The variant's model.max_segments: its own, else ceil(T / lo) + 1: `packed_rows` puts at most
   ceil(T / lo) documents in a row (every one but the last has at least lo tokens), and one run
   more is the slot the train packer leaves for padding (these rows have none)."""
-  if v["max_segments"]:
-    return int(v["max_segments"])
-  lo = min(int(v["doc_len"][0]), v["seq_len"])
-  return max(2, -(-v["seq_len"] // lo) + 1)
+  if config.model.max_segments:
+    return int(config.model.max_segments)
+  seq_len = config.train.seq_len
+  lo = min(int(config.bench.doc_len[0]), seq_len)
+  return max(2, -(-seq_len // lo) + 1)
 
 
 def packed_rows(rng, rows, seq_len, vocab, doc_len=(256, 2048)):
@@ -382,37 +168,11 @@ def packed_rows(rng, rows, seq_len, vocab, doc_len=(256, 2048)):
               positions=positions)
 
 
-def bench_config(v):
-  """configs/default.py with the variant's model, dtypes, remat, head chunk, objective, shapes."""
-  from dft_jax.data.testing import default_config
-  from dft_jax.models import decoder
-  c = default_config()
-  if v["remat"] not in decoder.REMAT_POLICIES:
-    raise NeedsHook(f"remat={v['remat']!r} is not in dft_jax.models.decoder.REMAT_POLICIES "
-                    f"({', '.join(decoder.REMAT_POLICIES)})")
-  c.model.update(name=f"preset:{v['model']}", param_dtype=v["param_dtype"],
-                 compute_dtype=v["compute_dtype"], remat=v["remat"], attention=v["attention"],
-                 lm_head_chunk=v["lm_head_chunk"], max_segments=segment_bound(v))
-  if v["lm_head"] != "checkpointed":
-    if "lm_head_impl" not in c.model:
-      raise NeedsHook(f"lm_head={v['lm_head']!r} needs config.model.lm_head_impl "
-                      "(checkpointed | fused): the step's choice of LM head")
-    c.model.lm_head_impl = v["lm_head"]
-  c.objective.update(name=v["objective"], kl_coef=v["kl_coef"], ref_logp=v["ref_logp"])
-  if v["lora_rank"]:
-    if "lora" not in c:
-      raise NeedsHook("lora_rank needs config.lora (rank, alpha, targets, base_quant)")
-    c.lora.update(rank=v["lora_rank"], alpha=float(v["lora_alpha"]), targets=v["lora_targets"],
-                  base_quant=v["base_quant"], block_size=v["quant_block_size"])
-  c.train.update(global_batch_size=v["batch"] * v["minibatches"], seq_len=v["seq_len"],
-                 minibatches=v["minibatches"], microbatches=v["microbatches"], num_steps=1000)
-  c.data.max_length = min(c.data.max_length, v["seq_len"])
-  for moment in ("mu_dtype", "nu_dtype"):  # AdamW's moments stored in another dtype
-    if v[moment]:
-      if moment not in c.optimizer:
-        raise NeedsHook(f"{moment} needs config.optimizer.{moment}")
-      c.optimizer[moment] = v[moment]
-  return c
+def step_config(config):
+  """The variant's config as the train step reads it: model.max_segments at segment_bound."""
+  config = config.copy_and_resolve_references()
+  config.model.max_segments = segment_bound(config)
+  return config
 
 
 def single_device_mesh():
@@ -510,9 +270,9 @@ def base_param_count(model_cfg):
       lambda: models.Decoder(model_cfg, rngs=nnx.Rngs(0)))))
 
 
-def time_train_step(v, config, mesh, make_model, peak_flops):
-  """make_model() -> its TrainState -> the compiled train step, timed over v["warmup"] +
-  v["steps"] steps on two alternating batches of packed random rows.
+def time_train_step(config, mesh, make_model, peak_flops):
+  """make_model() -> its TrainState -> the compiled train step, timed over bench.warmup +
+  bench.steps steps on two alternating batches of packed random rows.
 
   Returns (state, first batch, record fields every benchmark reports): sizes, init and compile
   seconds, losses, XLA's memory analysis, versions, device, and timing_fields over the steps after
@@ -520,9 +280,9 @@ def time_train_step(v, config, mesh, make_model, peak_flops):
   """
   import itertools
   import jax
-  from dft_jax import loop
-  from dft_jax import objectives
+  from dft_jax import loop, models, objectives
   from dft_jax import step as step_lib
+  b, seq_len = config.bench, config.train.seq_len
   t0 = time.perf_counter()
   model = make_model()
   model_cfg = model.config
@@ -535,72 +295,89 @@ def time_train_step(v, config, mesh, make_model, peak_flops):
                                   step_lib.shardings_of(frozen), setting=setting)
   rng = np.random.default_rng(0)
   rows = config.train.global_batch_size
-  host = [packed_rows(rng, rows, v["seq_len"], model_cfg.vocab_size, v["doc_len"])
-          for _ in range(2)]
+  host = [packed_rows(rng, rows, seq_len, model_cfg.vocab_size, b.doc_len) for _ in range(2)]
   if setting.ref_logp == "precomputed":  # what reference_logp.py puts beside the tokens
-    host = [dict(b, ref_logp=-5.0 + rng.normal(size=b["targets"].shape).astype(np.float32))
-            for b in host]
-  batches = [step_lib.global_batch(b, mesh) for b in host]
+    host = [dict(x, ref_logp=-5.0 + rng.normal(size=x["targets"].shape).astype(np.float32))
+            for x in host]
+  batches = [step_lib.global_batch(x, mesh) for x in host]
   t0 = time.perf_counter()
   compiled = step.lower(state, batches[0], frozen).compile()
   compile_s = time.perf_counter() - t0
   # The train job's loop: each step's time is the interval between reading its metrics and the
   # previous step's (the next step is dispatched first, as in training).
-  recorder = loop.Recorder(num_steps=v["warmup"] + v["steps"])
-  state = loop.train_loop(state, compiled, ((b, None) for b in itertools.cycle(batches)),
-                          num_steps=v["warmup"] + v["steps"], record=recorder, frozen=frozen)
+  recorder = loop.Recorder(num_steps=b.warmup + b.steps)
+  state = loop.train_loop(state, compiled, ((x, None) for x in itertools.cycle(batches)),
+                          num_steps=b.warmup + b.steps, record=recorder, frozen=frozen)
   times = [h["step_seconds"] for h in recorder.history]
   losses = [h["loss"] for h in recorder.history]
   lora = frozen.base is not None
-  tokens = rows * v["seq_len"]
+  tokens = rows * seq_len
+  num_params = base_param_count(model_cfg) if lora else step_lib.count_params(state.params)
   record = dict(
-      num_params=base_param_count(model_cfg) if lora else step_lib.count_params(state.params),
+      num_params=num_params, active_params=num_params - models.inactive_param_count(model_cfg),
       trainable_params=step_lib.count_params(state.params), num_layers=model_cfg.num_layers,
       hidden_size=model_cfg.hidden_size, vocab_size=model_cfg.vocab_size, tokens_per_step=tokens,
       init_s=init_s, compile_s=compile_s, losses=losses, memory_analysis=memory_stats(compiled),
       versions=versions("jax", "jaxlib", "flax", "optax", "numpy"), **device_info())
-  record.update(timing_fields(times[v["warmup"]:], tokens,
-                              step_lib.train_flops_per_token(state, frozen, model_cfg,
-                                                             v["seq_len"]),
+  record.update(timing_fields(times[b.warmup:], tokens,
+                              step_lib.train_flops_per_token(state, frozen, model_cfg, seq_len),
                               peak_flops))
+  record.update(segment_fields(
+      np.concatenate([np.asarray(x["segment_ids"]) for x in batches]), model_cfg,
+      throughput.dense_flops_per_token(record["active_params"],
+                                       record["trainable_params"] if lora else None),
+      record["tokens_per_s"], peak_flops))
   return state, batches[0], record
 
 
-def run_jax(v):
+def segment_fields(segment_ids_BxT, model_cfg, dense_flops, tokens_per_s, peak_flops):
+  """The second count: flops_per_token_segments = the dense FLOPs (6 N; with LoRA 4 N + 6 N_a)
+  + the causal attention of the rows' actual documents (throughput.segment_attention_flops) a
+  token, and mfu_segments with it."""
+  seg = np.asarray(segment_ids_BxT)
+  attention = throughput.segment_attention_flops(seg, model_cfg.num_layers,
+                                                 model_cfg.num_heads * model_cfg.head_dim)
+  flops = dense_flops + attention / seg.size
+  return dict(flops_per_token_segments=flops,
+              mfu_segments=tokens_per_s * flops / peak_flops if peak_flops else None)
+
+
+def run_jax(config):
   """Builds, compiles and times one variant in this process; returns its record fields."""
   import functools
   import jax
   from dft_jax import lm_head
   from dft_jax import step as step_lib
-  if v["topk_method"] != "blocks":  # this process's top-k: one lax.top_k over the vocabulary
-    lm_head.top_k_values = functools.partial(lm_head.top_k_values, method=v["topk_method"])
-  config = bench_config(v)
+  if config.bench.topk_method != "blocks":  # this process's top-k: one lax.top_k over the vocab
+    lm_head.top_k_values = functools.partial(lm_head.top_k_values,
+                                             method=config.bench.topk_method)
+  config = step_config(config)
   step_lib.validate(config, 1)
   mesh = single_device_mesh()
-  _, batch, record = time_train_step(v, config, mesh, lambda: sharded_model(config, mesh),
+  _, batch, record = time_train_step(config, mesh, lambda: sharded_model(config, mesh),
                                      throughput.peak_flops(jax.devices()[0]))
   stats = jax.devices()[0].memory_stats() or {}
   seg = np.asarray(batch["segment_ids"])
   record.update(docs_per_row=float(np.mean(seg.max(axis=1))),
                 loss_token_frac=float(np.asarray(batch["loss_mask"]).mean()),
-                peak_bytes=stats.get("peak_bytes_in_use"), bytes_limit=stats.get("bytes_limit"))
+                peak_bytes=stats.get("peak_bytes_in_use"), bytes_limit=stats.get("bytes_limit"),
+                lm_head=head_that_runs(config), lm_head_requested=config.model.lm_head_impl)
   return record
 
 
-def run_variant(v):
-  """One variant in this process -> its record (status ok / oom / skipped / error)."""
-  v = dict(DEFAULTS, **v)
-  record = {k: v[k] for k in DEFAULTS if k not in ("est_s", "group", "probe_batches", "liger")}
-  record.update(name=v.get("name") or f"{v['framework']}/{v['model']}/{v['objective']}",
-                group=v["group"], status="ok")
+def new_record(config):
+  """A variant's record before it runs: its knobs, the overrides it ran with, status ok."""
+  return dict(knobs(config), overrides=dict(overridden(config)), status="ok")
 
-  def measure():
-    fields = run_jax(v)
-    # lm_head: the head that ran (the checkpointed one for a statistic without a closed form)
-    fields.update(lm_head=head_that_runs(bench_config(v)), lm_head_requested=v["lm_head"],
-                  max_segments=segment_bound(v))
-    return fields
-  return run_recorded(record, measure, skipped=(NeedsHook,))
+
+def overridden(config):
+  """(field, value) of the config fields the command line set."""
+  return [(path, field(config, path)) for path in cli.overridden()]
+
+
+def run_variant(config):
+  """One variant in this process -> its record (status ok / oom / skipped / error)."""
+  return run_recorded(new_record(config), lambda: run_jax(config), skipped=(NeedsHook,))
 
 
 def run_recorded(record, measure, skipped=()):
@@ -623,6 +400,14 @@ def run_recorded(record, measure, skipped=()):
 
 
 # ----------------------------------------------------------------------------- compile-only memory
+
+
+MEMORY_NOTE = (
+    "Compile-only. argument_bytes (the donated state) is exact on any backend and "
+    "saved_activation_bytes (print_saved_residuals) is backend-independent; on CPU, temp_bytes "
+    "holds XLA's explicit [B, N, T, T] attention (attention_temp_bytes; cuDNN flash attention "
+    "has none) and bf16 activations widened to f32, so GPU temporaries are smaller. "
+    "head_temp_bytes: the LM head's forward + backward alone.")
 
 
 def abstract_state(config, mesh):
@@ -649,23 +434,27 @@ def abstract_state(config, mesh):
   return graphdef, abstract(state), abstract(step_lib.Frozen(base=base, reference=reference)), tx
 
 
-def compiled_memory(v):
+def microbatch_rows(config):
+  """Rows of one gradient-accumulation slice."""
+  t = config.train
+  return t.global_batch_size // (t.minibatches * t.microbatches)
+
+
+def compiled_memory(config):
   """XLA's memory analysis of one variant's step, compiled for this machine's default backend
   without running it (the 1.5B step compiles on a CPU with no device memory to spare)."""
   import jax
   from dft_jax import objectives, sharding
   from dft_jax import step as step_lib
-  v = dict(DEFAULTS, **v)
-  config = bench_config(v)
+  config = step_config(config)
   mesh = single_device_mesh()
   graphdef, state, frozen, tx = abstract_state(config, mesh)
   step = step_lib.make_train_step(graphdef, tx, config, mesh, step_lib.shardings_of(state),
                                   step_lib.shardings_of(frozen),
                                   setting=objectives.validate(config.objective))
-  rows = config.train.global_batch_size
-  batch = {k: jax.ShapeDtypeStruct((rows, v["seq_len"]), x.dtype,
-                                   sharding=sharding.batch_sharding(mesh))
-           for k, x in packed_rows(np.random.default_rng(0), 1, 8, 8).items()}
+  batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                      sharding=sharding.batch_sharding(mesh)),
+                       abstract_batch(config.train.global_batch_size, config.train.seq_len))
   t0 = time.perf_counter()
   compiled = step.lower(state, batch, frozen).compile()
   out = memory_stats(compiled)
@@ -675,15 +464,15 @@ def compiled_memory(v):
 
 
 def run_memory_sweep(out_path, plan):
-  """compiled_memory for every MEMORY_PLANS[plan] option (plus the attention-only temporaries at
-  each option's shape); writes a JSON list and prints a table in GiB."""
+  """compiled_memory for every plans.MEMORY_PLANS[plan] option (plus the attention-only
+  temporaries at each option's shape); writes a JSON list and prints a table in GiB."""
   rows = []
-  for option in MEMORY_PLANS[plan]:
-    v = dict(option, model=option.get("model", "qwen2.5-1.5b"))
-    mem = compiled_memory(v)
-    mem.update(name=option["name"], option=option, attention_temp_bytes=attention_memory(v),
-               saved_activation_bytes=saved_activation_bytes(v),
-               head_temp_bytes=head_temp_bytes(v))
+  for name, overrides in plans.MEMORY_PLANS[plan]:
+    config = variant_config(overrides)
+    mem = compiled_memory(config)
+    mem.update(name=name, overrides=overrides, attention_temp_bytes=attention_memory(config),
+               saved_activation_bytes=saved_activation_bytes(config),
+               head_temp_bytes=head_temp_bytes(config))
     rows.append(mem)
     print(f"{mem['name']:32s} " + " ".join(
         f"{k[:-6]}={mem[k] / GIB:6.2f}" for k in (
@@ -716,7 +505,7 @@ def objective_of(config):
   return setting.stats, loss
 
 
-def saved_activation_bytes(v):
+def saved_activation_bytes(config):
   """Bytes the forward leaves for the backward (jax.ad_checkpoint.saved_residuals of one
   microbatch's loss, the step's inputs excluded): the remat policy's saved set over all layers.
   Traced only, so backend-independent except for the attention kernel's own residuals."""
@@ -726,16 +515,16 @@ def saved_activation_bytes(v):
   import jax
   from jax.ad_checkpoint import print_saved_residuals
   from dft_jax import step as step_lib
-  v = dict(DEFAULTS, **v)
-  config = bench_config(v)
+  config = step_config(config)
   graphdef, state, frozen, _ = abstract_state(config, single_device_mesh())
   stats, objective = objective_of(config)
+  chunk = config.model.lm_head_chunk
 
   def loss(params, base, batch):  # a LoRA run's frozen base an argument: its arrays are no
     model = step_lib.merge_model(graphdef, params, base)  # residuals (the policy saves the same)
-    return objective(step_lib.model_token_stats(model, batch, v["lm_head_chunk"], stats), batch)
+    return objective(step_lib.model_token_stats(model, batch, chunk, stats), batch)
 
-  batch = abstract_batch(v["batch"] // v["microbatches"], v["seq_len"])
+  batch = abstract_batch(microbatch_rows(config), config.train.seq_len)
   params, base = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                               (state.params, frozen.base))
   text = io.StringIO()
@@ -752,49 +541,45 @@ RESIDUAL_BYTES = {"bf16": 2, "f16": 2, "f32": 4, "f64": 8, "i32": 4, "u32": 4, "
                   "u8": 1, "bool": 1}
 
 
-def head_temp_bytes(v):
+def head_temp_bytes(config):
   """Temporary bytes of the fused LM head's forward + backward alone (token_stats, the variant's
   objective, gradients to hidden and head weight), compiled for this backend."""
   import jax
   import jax.numpy as jnp
   from dft_jax import lm_head
   from dft_jax.models import PRESETS
-  v = dict(DEFAULTS, **v)
-  config = bench_config(v)
-  c, dtype = PRESETS[v["model"]], jnp.dtype(v["compute_dtype"])
-  rows = v["batch"] // v["microbatches"]
+  c, dtype = PRESETS[preset(config)], jnp.dtype(config.model.compute_dtype)
+  rows, seq_len, chunk = microbatch_rows(config), config.train.seq_len, config.model.lm_head_chunk
   stats, objective = objective_of(config)
 
   def loss(hidden, w, batch):
-    return objective(lm_head.token_stats(hidden, w, batch["targets"],
-                                         chunk_size=v["lm_head_chunk"], stats=stats), batch)
+    return objective(lm_head.token_stats(hidden, w, batch["targets"], chunk_size=chunk,
+                                         stats=stats), batch)
 
-  hidden = jax.ShapeDtypeStruct((rows, v["seq_len"], c.hidden_size), dtype)
+  hidden = jax.ShapeDtypeStruct((rows, seq_len, c.hidden_size), dtype)
   w = jax.ShapeDtypeStruct((c.hidden_size, c.vocab_size), dtype)
   compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(
-      hidden, w, abstract_batch(rows, v["seq_len"])).compile()
+      hidden, w, abstract_batch(rows, seq_len)).compile()
   return memory_stats(compiled)["temp_bytes"]
 
 
-def attention_memory(v):
+def attention_memory(config):
   """Temporary bytes of one attention forward + backward at the variant's shape through the same
   `attend` path (on CPU: XLA's explicit [B, N, T, T] scores), to subtract from a CPU analysis."""
   import jax
   import jax.numpy as jnp
   from dft_jax.models import PRESETS, attention
-  v = variant = dict(DEFAULTS, **v)
-  c = PRESETS[v["model"]]
-  b, t = v["batch"] // v["microbatches"], v["seq_len"]
-  q = jax.ShapeDtypeStruct((b, t, c.num_heads, c.head_dim), jnp.dtype(v["compute_dtype"]))
-  kv = jax.ShapeDtypeStruct((b, t, c.num_kv_heads, c.head_dim), jnp.dtype(v["compute_dtype"]))
+  c, dtype = PRESETS[preset(config)], jnp.dtype(config.model.compute_dtype)
+  b, t = microbatch_rows(config), config.train.seq_len
+  q = jax.ShapeDtypeStruct((b, t, c.num_heads, c.head_dim), dtype)
+  kv = jax.ShapeDtypeStruct((b, t, c.num_kv_heads, c.head_dim), dtype)
   seg = jax.ShapeDtypeStruct((b, t), jnp.int32)
 
   def loss(q, k, v, seg):
-    out = attention.attend(q, k, v, segment_ids_BxT=seg, impl=v_impl,
-                           max_segments=segment_bound(variant))
+    out = attention.attend(q, k, v, segment_ids_BxT=seg, impl=config.model.attention,
+                           max_segments=segment_bound(config))
     return jnp.sum(out.astype(jnp.float32))
 
-  v_impl = v["attention"]
   compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, kv, kv, seg).compile()
   return memory_stats(compiled)["temp_bytes"]
 
@@ -824,42 +609,49 @@ def predicted_max_batch(r, margin=1.0):
   return int((margin * r["bytes_limit"] - fixed) // per_row)
 
 
-def resolve(v, records):
-  """Fills remat="best" (the fastest ok "policy" record's) and batch="max" (that record's
-  predicted_max_batch at 92% of the limit, at least its own batch, at most 64)."""
-  v = dict(v)
+def resolve(overrides, records):
+  """Fills model.remat="best" (the fastest ok "policy" record's) and
+  train.global_batch_size="max" (that record's predicted_max_batch at 92% of the limit, at least
+  its own batch, at most 64)."""
+  o = dict(overrides)
   policy = [r for r in records if r.get("group") == "policy" and r["status"] == "ok"]
   best = max(policy, key=lambda r: r["tokens_per_s"]) if policy else None
-  if v.get("remat") == "best":
-    v["remat"] = best["remat"] if best else "nothing_saveable"
-  if v.get("batch") == "max":
-    same = [r for r in policy if r["remat"] == v["remat"]]
+  if o.get("model.remat") == "best":
+    o["model.remat"] = best["remat"] if best else "nothing_saveable"
+  if o.get("train.global_batch_size") == "max":
+    same = [r for r in policy if r["remat"] == o["model.remat"]]
     predicted = predicted_max_batch(same[0], margin=0.92) if same else None
-    v["batch"] = max(same[0]["batch"], min(64, predicted)) if predicted else 8
-  return v
+    o["train.global_batch_size"] = max(same[0]["batch"], min(64, predicted)) if predicted else 8
+  return o
 
 
-def precheck(v):
-  """The NeedsHook reason for a JAX variant this dft_jax cannot build, else None (no process
-  needs starting to find out)."""
-  if v["framework"] != "jax":
-    return None
-  try:
-    bench_config(v)
-  except NeedsHook as e:
-    return str(e)
-  return None
+def tiny(overrides):
+  """A GPU plan's variant at the shapes of plans.TINY (--tiny: the plan's plumbing on a CPU): the
+  same fields, with the tiny model (of the variant's family, plans.TINY_MODELS), lengths and
+  steps; 2 rows a gradient slice (1 if the variant has 1), one document a row if the variant has
+  one, longer rows probed at the same ratios."""
+  o = {**overrides, **plans.TINY}
+  o["model.name"] = plans.TINY_MODELS.get(overrides.get("model.name"), o["model.name"])
+  slices = overrides.get("train.minibatches", 1) * overrides.get("train.microbatches", 1)
+  one_row = overrides.get("train.global_batch_size") == 1
+  o["train.global_batch_size"] = slices * (1 if one_row else 2)
+  seq_len, tiny_len = overrides.get("train.seq_len", 4096), o["train.seq_len"]
+  if overrides.get("bench.doc_len", (0,))[0] >= seq_len:
+    o["bench.doc_len"] = (tiny_len,) * 2
+  o["bench.probe_seq_lens"] = tuple(t * tiny_len // seq_len
+                                    for t in overrides.get("bench.probe_seq_lens", ()))
+  return o
 
 
-def subprocess_record(v, timeout_s, log):
-  """Runs one variant in a fresh process (fresh peak memory) and parses its RESULT line."""
-  v = dict(DEFAULTS, **v)
-  script = {"torch": PEER_SCRIPT, "head": HEAD_SCRIPT}.get(v["framework"],
-                                                           os.path.abspath(__file__))
+def subprocess_record(name, overrides, config, timeout_s, log):
+  """Runs one variant in a fresh process (fresh peak memory) with its overrides as
+  `--config.<field>=<value>` flags, and parses its RESULT line."""
+  script = os.path.join(ROOT, "benchmarks", SCRIPTS[config.bench.framework])
   env = dict(os.environ)
-  if v["xla_flags"]:
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + v["xla_flags"]).strip()
-  cmd = [sys.executable, script, "--variant", json.dumps(v)]
+  if config.bench.xla_flags:
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + config.bench.xla_flags).strip()
+  cmd = [sys.executable, script, f"--config={BENCH_CONFIG}",
+         *override_flags({"bench.name": name, **overrides})]
   t0 = time.perf_counter()
   try:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env,
@@ -868,46 +660,70 @@ def subprocess_record(v, timeout_s, log):
   except subprocess.TimeoutExpired as e:
     text = lambda x: x.decode(errors="replace") if isinstance(x, bytes) else (x or "")
     out, err, rc = text(e.stdout), text(e.stderr), None
-  log.write(f"===== {v['name']} rc={rc}\n{out}\n{err}\n")
+  log.write(f"===== {name} rc={rc}\n{' '.join(cmd[1:])}\n{out}\n{err}\n")
   log.flush()
   lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
   if lines:
     return json.loads(lines[-1][len("RESULT "):])
   status = "timeout" if rc is None else "error"
-  return dict(name=v["name"], framework=v["framework"], group=v["group"], status=status,
-              error=(err or out)[-2000:], wall_s=time.perf_counter() - t0)
+  return dict(name=name, framework=config.bench.framework, group=config.bench.group,
+              status=status, error=(err or out)[-2000:], wall_s=time.perf_counter() - t0)
 
 
-def run_sweep(plan, out_dir, budget_s):
-  """Runs the plan's variants one process each, within budget_s; writes train_step.json and
-  logs.txt under out_dir; returns the result dict."""
+def run_sweep(plan, out_dir, budget_s, tiny_shapes=False):
+  """Runs the plan's variants one process each, within budget_s (at plans.TINY's shapes with
+  tiny_shapes); writes train_step.json and logs.txt under out_dir; returns the result dict."""
   os.makedirs(out_dir, exist_ok=True)
   records, started = [], time.perf_counter()
   with open(os.path.join(out_dir, "logs.txt"), "w") as log:
-    for v in PLANS[plan]:
-      v = resolve(dict(DEFAULTS, **v), records)
+    for name, overrides in plans.PLANS[plan]:
+      overrides = resolve(overrides, records)
+      if tiny_shapes:
+        overrides = tiny(overrides)
       left = budget_s - (time.perf_counter() - started)
-      skip = precheck(v)
-      if skip is None and left < v["est_s"]:
-        skip = f"budget: {left:.0f} s left, needs ~{v['est_s']} s"
+      try:
+        config = variant_config(overrides)
+      except NeedsHook as e:  # no process needs starting to find out
+        config, skip = variant_config({"bench.name": name}), str(e)
+      else:
+        est_s = config.bench.est_s
+        skip = f"budget: {left:.0f} s left, needs ~{est_s} s" if left < est_s else None
       if skip:
-        records.append(dict(name=v["name"], framework=v["framework"], group=v["group"],
-                            status="skipped", error=skip))
+        records.append(dict(name=name, framework=config.bench.framework,
+                            group=config.bench.group, status="skipped", error=skip))
       else:  # a hung variant may not eat the rest of the budget
-        records.append(subprocess_record(v, min(left, max(60.0, 2.5 * v["est_s"])), log))
+        records.append(subprocess_record(name, overrides, config,
+                                         min(left, max(60.0, 2.5 * est_s)), log))
       r = records[-1]
       print(f"[{time.perf_counter() - started:6.0f} s] {r['name']}: {r['status']}"
             + (f"  {r['tokens_per_s']:,.0f} tok/s" if r["status"] == "ok" else
                f"  {r.get('error', '')[:160]}"), flush=True)
   for r in records:
-    if r["status"] == "ok" and r["framework"] != "head":
+    if r["status"] == "ok" and r["framework"] in ("jax", "torch"):
       r["max_batch_predicted"] = predicted_max_batch(r)
-  result = dict(plan=plan, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+  result = dict(plan=plan, tiny=tiny_shapes, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 wall_s=time.perf_counter() - started, records=records, summary=summarize(records))
   with open(os.path.join(out_dir, "train_step.json"), "w") as f:
     json.dump(result, f, indent=1)
+  write_sampling(result, os.path.join(out_dir, "sampling.json"))
   print(format_table(records, result["summary"]), flush=True)
   return result
+
+
+def write_sampling(result, path):
+  """The sampling records of a result and their summary (speedup_vs_transformers and
+  bandwidth_fraction of the largest batch, every batch's row) in a file of their own, if it has
+  any."""
+  records = [r for r in result["records"] if r.get("framework") in ("sampler", "generate")]
+  s = result["summary"]
+  if not records:
+    return
+  with open(path, "w") as f:
+    json.dump(dict(plan=result["plan"], created=result["created"], records=records,
+                   summary=dict(batch=s.get("sampling_batch"),
+                                speedup_vs_transformers=s.get("sampling_speedup_vs_transformers"),
+                                bandwidth_fraction=s.get("sampling_bandwidth_fraction"),
+                                rows=s.get("sampling", []))), f, indent=1)
 
 
 def merge_results(paths, out_path):
@@ -941,6 +757,7 @@ VS_SFT_KEYS = ("model", "batch", "seq_len", "remat", "lm_head", "lm_head_chunk",
                "mu_dtype", "nu_dtype", "xla_flags", "doc_len", "max_segments", "lora_rank",
                "base_quant")
 LORA_PEAK_GIB = 32.0  # a 40 GB card
+LONG_TOKENS = 16384  # rows this long or longer are the long-context table's
 # Objectives with a bound of their own on the step time per token over SFT's: summary key ->
 # (what the record matches: objective and the reference's source, bound).
 OBJECTIVE_TARGETS = {
@@ -964,6 +781,11 @@ TARGETS = (
     ("lora_peak_gib", "<=", LORA_PEAK_GIB),        # 7B LoRA rank 16, 4 x 4096
     ("lora_speedup_vs_peft", ">=", 1.5),
     ("qlora_peak_gib", "<=", 16.0),                # 7B QLoRA, 1 x 4096
+    ("long_speedup_vs_peft_16k", ">=", 1.5),       # 7B LoRA r16, one 16k / 32k document
+    ("long_speedup_vs_peft_32k", ">=", 1.5),
+    ("lora_longest_row", ">=", 131072),            # 7B LoRA trains 128k-token rows
+    ("sampling_speedup_vs_transformers", ">=", 3.0),  # 1.5B, bf16, 256 rows, 256 + 1024
+    ("sampling_bandwidth_fraction", ">=", 0.5),
     *((f"{key}_per_token_vs_sft", "<=", bound) for key, (_, bound) in OBJECTIVE_TARGETS.items()),
 )
 
@@ -973,8 +795,9 @@ def _same(r, q, keys):
 
 
 def _brief(r):
-  """name, tokens/s, MFU and peak GiB of a record (the summary's rows)."""
+  """name, tokens/s, both MFUs and peak GiB of a record (the summary's rows)."""
   return dict(name=r["name"], tokens_per_s=r["tokens_per_s"], mfu=r.get("mfu"),
+              mfu_segments=r.get("mfu_segments"),
               peak_gib=r["peak_bytes"] / GIB if r.get("peak_bytes") else None)
 
 
@@ -985,7 +808,7 @@ def summarize(records):
   the peft peer at the same batch, QLoRA's peak, and `targets` (value, bound, met)."""
   s = {}
   first = lambda **match: next(iter(_ok(records, **match)), None)
-  base = dict(model=DEFAULTS["model"], objective="dft", batch=4, seq_len=DEFAULTS["seq_len"],
+  base = dict(model="qwen2.5-1.5b", objective="dft", batch=4, seq_len=4096,
               lora_rank=0)
   peer = first(framework="torch", liger=False, **base)
   liger = first(framework="torch", liger=True, **base)
@@ -993,7 +816,7 @@ def summarize(records):
   if ours:
     fastest = max(ours, key=lambda r: r["tokens_per_s"])
     s.update(dft_fastest=fastest["name"], dft_tokens_per_s=fastest["tokens_per_s"],
-             dft_mfu=fastest["mfu"])
+             dft_mfu=fastest["mfu"], dft_mfu_segments=fastest.get("mfu_segments"))
     if peer:
       s["dft_speedup_vs_transformers"] = fastest["tokens_per_s"] / peer["tokens_per_s"]
     lean = [r for r in ours if r.get("peak_bytes")]
@@ -1065,30 +888,119 @@ def summarize(records):
                               if r.get("max_batch_predicted")}
   s["max_batch_ran"] = {r["name"]: r["max_batch_fit"] for r in records if r.get("max_batch_fit")}
   s["max_batch_ran"].update({r["name"]: r["batch"] for r in _ok(records, name="jax/dft/max_batch")})
+  s.update(long_context_summary(records))
+  s.update(sampling_summary(records))
   s["targets"] = {key: dict(value=s[key], target=f"{op} {bound}",
                             met=s[key] >= bound if op == ">=" else s[key] <= bound)
                   for key, op, bound in TARGETS if s.get(key) is not None}
   return s
 
 
-def format_table(records, summary):
-  """The compact table printed last (the device reply keeps the end of the output)."""
-  head = (f"{'variant':26s} {'status':7s} {'remat':>9s} {'head':>5s} {'B':>3s} {'tok/s':>8s} "
-          f"{'step ms':>8s} {'MFU':>6s} {'peak GiB':>8s} {'maxB':>4s} {'compile':>7s}")
-  lines = [head, "-" * len(head)]
+def model_label(r):
+  """'qwen2.5-7b/lora16' or 'qwen2.5-1.5b/full': what a long-row table row trains."""
+  return f"{r['model']}/" + (f"lora{r['lora_rank']}" if r.get("lora_rank") else "full")
+
+
+def long_context_summary(records):
+  """Rows of one document of LONG_TOKENS or more: each of ours with the peer of the same model,
+  LoRA rank and length (tokens/s, peak, both MFUs, speedup); for each model the longest row ours
+  trained and the longest the peer fitted (its rows and its seq_len probes); the targets' values
+  (the fastest of ours over the peer at 16k and 32k, the 7B LoRA's longest row)."""
+  peers = [q for q in _ok(records, framework="torch") if q["seq_len"] >= LONG_TOKENS]
+  ours = [r for r in _ok(records, framework="jax") if r["seq_len"] >= LONG_TOKENS]
+  rows = []
+  for r in ours:
+    row = dict(_brief(r), label=model_label(r), seq_len=r["seq_len"], remat=r["remat"])
+    peer = next((q for q in peers if _same(r, q, ("model", "seq_len", "lora_rank", "batch"))),
+                None)
+    if peer:
+      row.update(peer=peer["name"], peer_tokens_per_s=peer["tokens_per_s"],
+                 peer_peak_gib=peer["peak_bytes"] / GIB if peer.get("peak_bytes") else None,
+                 peer_mfu=peer.get("mfu"), speedup=r["tokens_per_s"] / peer["tokens_per_s"])
+    rows.append(row)
+  s = {"long_context": rows, "longest_row": longest_by_label(ours, lambda r: r["seq_len"]),
+       "peer_longest_row": longest_by_label(
+           peers, lambda r: max(r["seq_len"], r.get("longest_seq_fit") or 0))}
+  for tokens, key in ((16384, "long_speedup_vs_peft_16k"), (32768, "long_speedup_vs_peft_32k")):
+    paired = [x["speedup"] for x in rows if x["seq_len"] == tokens and "speedup" in x
+              and x["label"].endswith("/lora16")]
+    if paired:
+      s[key] = max(paired)
+  lora = [label for label in s["longest_row"] if label.endswith("/lora16")]
+  if lora:
+    s["lora_longest_row"] = max(s["longest_row"][label] for label in lora)
+  return s
+
+
+def longest_by_label(records, length):
+  """{model_label: the largest length(r) of its records}."""
+  out = {}
   for r in records:
+    out[model_label(r)] = max(out.get(model_label(r), 0), length(r))
+  return out
+
+
+SAMPLING_KEYS = ("model", "batch", "prompt_len", "new_tokens", "temperature", "top_p")
+
+
+def sampling_summary(records):
+  """Each of our sampler's records with the fastest transformers generate of the same shapes:
+  tokens/s, the bandwidth bound's fraction, the 500 x 16 time, speedup_vs_transformers; the
+  largest batch's speedup and bound fraction (the targets, at 256 rows)."""
+  rows = []
+  for r in _ok(records, framework="sampler"):
+    row = {k: r.get(k) for k in ("name", "batch", "tokens_per_s", "run_s", "decode_s",
+                                 "bound_s", "bandwidth_fraction", "problems_500x16_s")}
+    peers = [q for q in _ok(records, framework="generate") if _same(r, q, SAMPLING_KEYS)]
+    if peers:
+      best = max(peers, key=lambda q: q["tokens_per_s"])
+      row.update(peer=best["name"], peer_tokens_per_s=best["tokens_per_s"],
+                 peer_problems_500x16_s=best["problems_500x16_s"],
+                 speedup_vs_transformers=r["tokens_per_s"] / best["tokens_per_s"])
+    rows.append(row)
+  if not rows:
+    return {}
+  top = max(rows, key=lambda x: x["batch"])
+  return dict(sampling=rows, sampling_batch=top["batch"],
+              sampling_speedup_vs_transformers=top.get("speedup_vs_transformers"),
+              sampling_bandwidth_fraction=top.get("bandwidth_fraction"))
+
+
+def format_table(records, summary):
+  """The compact tables printed last (the device reply keeps the end of the output): the train
+  steps, then the sampling runs."""
+  head = (f"{'variant':26s} {'status':7s} {'remat':>9s} {'head':>5s} {'B':>3s} {'T':>6s} "
+          f"{'tok/s':>8s} {'step ms':>8s} {'MFU':>6s} {'MFUseg':>6s} {'peak GiB':>8s} "
+          f"{'maxB':>4s} {'compile':>7s}")
+  lines = [head, "-" * len(head)]
+  pct = lambda x: f"{100 * x:5.1f}%" if x else "     -"
+  sampling = [r for r in records if r.get("framework") in ("sampler", "generate")]
+  for r in records:
+    if r in sampling:
+      continue
     if r["status"] != "ok":
       lines.append(f"{r['name']:26s} {r['status']:7s} {(r.get('error') or '')[-90:]}")
       continue
-    mfu = f"{100 * r['mfu']:5.1f}%" if r.get("mfu") else "     -"
     peak = f"{r['peak_bytes'] / GIB:8.1f}" if r.get("peak_bytes") else "       -"
     remat = "-" if r["framework"] == "head" else REMAT_SHORT.get(r["remat"], r["remat"])[:9]
     lm_head = {"fused": "fused", "checkpointed": "ckpt"}.get(r.get("lm_head"), "-")
     if r["framework"] == "torch":
       lm_head = "liger" if r.get("liger") else "full"
     lines.append(f"{r['name']:26s} {'ok':7s} {remat:>9s} {lm_head:>5s} {r['batch']:3d} "
-                 f"{r['tokens_per_s']:8,.0f} {1e3 * r['step_time_s']:8.1f} {mfu} {peak} "
+                 f"{r['seq_len']:6d} {r['tokens_per_s']:8,.0f} {1e3 * r['step_time_s']:8.1f} "
+                 f"{pct(r.get('mfu'))} {pct(r.get('mfu_segments'))} {peak} "
                  f"{r.get('max_batch_predicted') or 0:4d} {r.get('compile_s', 0):7.1f}")
+  if sampling:
+    head = (f"{'sampling':26s} {'status':7s} {'B':>3s} {'tok/s':>8s} {'run s':>7s} "
+            f"{'ms/step':>7s} {'bound':>6s} {'500x16 s':>8s}")
+    lines += ["", head, "-" * len(head)]
+    for r in sampling:
+      if r["status"] != "ok":
+        lines.append(f"{r['name']:26s} {r['status']:7s} {(r.get('error') or '')[-90:]}")
+        continue
+      lines.append(f"{r['name']:26s} {'ok':7s} {r['batch']:3d} {r['tokens_per_s']:8,.0f} "
+                   f"{r['run_s']:7.2f} {1e3 * r['run_s'] / r['new_tokens']:7.2f} "
+                   f"{pct(r.get('bandwidth_fraction'))} {r['problems_500x16_s']:8.0f}")
   lines.append("summary: " + json.dumps(rounded(summary)))
   return "\n".join(lines)
 
@@ -1098,6 +1010,8 @@ def rounded(x, digits=4):
     return round(x, digits)
   if isinstance(x, dict):
     return {k: rounded(v, digits) for k, v in x.items()}
+  if isinstance(x, list):
+    return [rounded(v, digits) for v in x]
   return x
 
 
@@ -1108,51 +1022,58 @@ REMAT_SHORT = {"nothing_saveable": "nothing", "dots_with_no_batch_dims_saveable"
 # ----------------------------------------------------------------------------- command line
 
 
-def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--sweep", choices=sorted(PLANS), help="run a plan, one process per variant")
-  p.add_argument("--out", default="benchmarks/results/latest", help="sweep output folder")
-  p.add_argument("--budget_s", type=float, default=450.0, help="sweep wall-time budget")
-  p.add_argument("--variant", help="one variant as JSON (what the sweep passes to a subprocess)")
-  p.add_argument("--merge", nargs="+", metavar="JSON",
-                 help="merge these sweeps' train_step.json into --out (a file), summary redone")
-  p.add_argument("--memory", action="store_true",
-                 help="compile only and print XLA's memory analysis (no execution)")
-  p.add_argument("--memory_plan", choices=sorted(MEMORY_PLANS), default="1.5b",
-                 help="the options --memory_sweep compiles")
-  p.add_argument("--memory_sweep", metavar="OUT_JSON",
-                 help="compile-only memory analysis of every --memory_plan option")
-  for key, value in DEFAULTS.items():
-    if key in ("framework", "group", "est_s", "liger", "probe_batches", "doc_len"):
-      continue
-    kind = type(value) if value is not None else str
-    p.add_argument(f"--{key}", type=kind, default=value)
-  p.add_argument("--name", default=None)
-  return p.parse_args(argv)
+def config_from_flags(argv, define_more=None, default=BENCH_CONFIG):
+  """The variant's config from argv: `--config=FILE[:variant]` (default configs/benchmark.py)
+  and `--config.<field>=<value>` overrides, parsed by the main job's own flag code (a field that
+  does not exist is one line, exit 2); define_more() defines a script's other flags first. The
+  process's settings first, as every command's (cli.prepare_process)."""
+  cli.prepare_process()
+  cli.define_config(argv, default=default, help_text="config file[:variant]")
+  if define_more:
+    define_more()
+  cli.parse_flags(argv)
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  return flags.FLAGS.config
+
+
+def variant_main(run_variant, argv=None):
+  """A variant script's command line: its config from the flags, run_variant(config) in this
+  process, the record printed as the RESULT line the harness reads; errors one line (exit 2)."""
+  config = cli_entry(config_from_flags)(sys.argv if argv is None else argv)
+  print("RESULT " + json.dumps(run_variant(config)), flush=True)
+
+
+def define_harness_flags():
+  cli.define("enum", "plan", None, "run a plan of benchmarks/plans.py, one process per variant",
+             enum_values=sorted(plans.PLANS))
+  cli.define("bool", "tiny", False, "the plan at plans.TINY's shapes (a CPU dry run)")
+  cli.define("string", "out", "benchmarks/results/latest",
+             "the plan's output folder (--merge: the merged file)")
+  cli.define("float", "budget_s", 450.0, "the plan's wall-time budget (s)")
+  cli.define("list", "merge", None, "merge these plans' train_step.json files into --out")
+  cli.define("bool", "memory", False, "compile only and print XLA's memory analysis")
+  cli.define("enum", "memory_plan", "1.5b", "the options --memory_sweep compiles",
+             enum_values=sorted(plans.MEMORY_PLANS))
+  cli.define("string", "memory_sweep", None,
+             "compile-only memory analysis of every --memory_plan option, written to this JSON")
 
 
 def main(argv=None):
-  args = parse_args(argv)
-  if args.sweep:
-    run_sweep(args.sweep, args.out, args.budget_s)
-    return
-  if args.merge:
-    merge_results(args.merge, args.out)
-    return
-  if args.memory_sweep:
-    run_memory_sweep(args.memory_sweep, args.memory_plan)
-    return
-  if args.variant:
-    v = json.loads(args.variant)
-    v = {k: tuple(x) if isinstance(x, list) else x for k, x in v.items()}
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  argv = sys.argv if argv is None else argv
+  config = config_from_flags(argv, define_harness_flags)
+  f = flags.FLAGS
+  if f.plan:
+    run_sweep(f.plan, f.out, f.budget_s, f.tiny)
+  elif f.merge:
+    merge_results(f.merge, f.out)
+  elif f.memory_sweep:
+    run_memory_sweep(f.memory_sweep, f.memory_plan)
+  elif f.memory:
+    print("MEMORY " + json.dumps(dict(knobs(config), **compiled_memory(config))), flush=True)
   else:
-    v = {k: getattr(args, k) for k in DEFAULTS if hasattr(args, k)}
-    v["name"] = args.name
-  if args.memory:
-    print("MEMORY " + json.dumps(dict(v, **compiled_memory(v))), flush=True)
-    return
-  print("RESULT " + json.dumps(run_variant(v)), flush=True)
+    print("RESULT " + json.dumps(run_variant(config)), flush=True)
 
 
 if __name__ == "__main__":
-  main()
+  cli_entry(main)()

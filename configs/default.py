@@ -27,17 +27,20 @@ def get_config(arg=None):
       remat="dots_with_no_batch_dims_saveable",  # activation checkpointing: none |
                                      # nothing_saveable | dots_saveable |
                                      # dots_with_no_batch_dims_saveable (keeps the projections'
-                                     # outputs, recomputes attention: host memory on CPU)
+                                     # outputs, recomputes attention: host memory on CPU) |
+                                     # attention_saveable | dots_attention_saveable (+ cuDNN
+                                     # attention's outputs) | mlp_attention_saveable (long rows:
+                                     # the MLP's gate and up projections and attention's outputs)
       scan_layers=True,              # one scanned layer (fast compiles) instead of a Python loop
       attention="auto",              # auto (cudnn on GPU, xla elsewhere) | xla | cudnn
       lm_head_chunk=1024,            # tokens per chunk of the LM head
       lm_head_impl="checkpointed",   # checkpointed (any objective) | fused (gradient in the
                                      # forward pass: per-token objectives; others fall back)
-      max_segments=64,               # most runs of segment ids (documents + padding) in a row:
+      max_segments=placeholder(int),  # most runs of segment ids (documents + padding) in a row:
                                      # cuDNN attention's static bound; the packer keeps under it.
                                      # On GPU its backward holds B * this * T * heads * head_dim
-                                     # float32: set it just above the data summary's "most
-                                     # documents in a row" (docs/speed.md)
+                                     # float32. None: the data's own bound (the most of its
+                                     # shortest documents a row fits, + 1; at most 64; a stream: 64)
       tokenizer=placeholder(str),    # HF tokenizer folder, for presets
       router_aux_loss_coef=placeholder(float),  # mixture-of-experts models: weight of the
                                      # router's load-balancing loss in the total (None: as

@@ -23,6 +23,7 @@ import threading
 import time
 
 from dft_jax import config_files
+from dft_jax import device_memory
 from dft_jax import host
 from dft_jax.errors import ConfigError, cli_entry
 
@@ -37,10 +38,12 @@ WIDTH = 100
 def prepare_process():
   """The process-wide settings of a command, called first by its `cli_main` (before anything
   imports transformers or starts jax's threads): transformers' advice about a missing PyTorch stays
-  off the console (dft_jax never uses torch models), and glibc's malloc hands freed memory back
-  (host.keep_heap_small: a command's host memory)."""
+  off the console (dft_jax never uses torch models), glibc's malloc hands freed memory back
+  (host.keep_heap_small: a command's host memory), and JAX's allocator takes the share of a GPU a
+  7B full fine-tune needs (device_memory.choose_allocator_fraction, before the backend starts)."""
   os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")  # "PyTorch was not found ..."
   host.keep_heap_small()
+  device_memory.choose_allocator_fraction()
 
 
 # ----------------------------------------------------------------------------- config flags

@@ -22,6 +22,7 @@ import numpy as np
 from dft_jax import checkpoint as ckpt
 from dft_jax import cli
 from dft_jax import data
+from dft_jax import device_memory
 from dft_jax import evaluate
 from dft_jax import files
 from dft_jax import loop
@@ -85,6 +86,10 @@ def run(config, workdir, setting):
 
   with cli.phase(f"loading {config.model.name}"):
     model, tokenizer = models.load_from_config(config.model, config.lora)
+  data_iter = data.make_train_iterator(config.data, tokenizer, seq_len=t.seq_len,
+                                       global_batch_size=t.global_batch_size, seed=t.seed,
+                                       max_segments=config.model.max_segments)
+  model.max_segments = data_iter.max_segments  # model.max_segments None: the data's bound
   model_config, lora = model.config, model.lora
   graphdef, state, frozen, tx, schedule = step_lib.init_train_state(model, config, mesh,
                                                                     setting=setting)
@@ -94,9 +99,6 @@ def run(config, workdir, setting):
   if config.eval.before or config.eval.after:
     initial = frozen.reference or jax.tree.map(jax.numpy.copy, state.params)
 
-  data_iter = data.make_train_iterator(config.data, tokenizer, seq_len=t.seq_len,
-                                       global_batch_size=t.global_batch_size, seed=t.seed,
-                                       max_segments=config.model.max_segments)
   if setting.ref_logp == "precomputed":  # once, from the starting parameters, before a restore
     with cli.phase("precomputing the reference's log-probabilities"):
       data_iter = reference_logp.attach(data_iter, config, workdir, tokenizer, graphdef, state,
@@ -119,6 +121,7 @@ def run(config, workdir, setting):
                                           step_lib.shardings_of(frozen), setting=setting,
                                           sources=data.mixture.source_names(config.data))
     train_step = train_step.lower(state, first[0], frozen).compile()
+  device_memory.check_fits(train_step, jax.local_devices()[0])  # before a step runs out of it
 
   evaluator = None
   if config.eval.before or config.eval.after:

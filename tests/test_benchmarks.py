@@ -12,8 +12,9 @@ import sys
 import numpy as np
 import pytest
 
-from benchmarks import torch_peer
+from benchmarks import plans, torch_peer
 from benchmarks import train_step as bench
+from dft_jax import throughput
 from dft_jax.models import PRESETS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,7 +48,7 @@ def test_peer_shapes_match_presets():
                 c.vocab_size, c.hidden_size, c.intermediate_size, c.num_layers, c.num_heads,
                 c.num_kv_heads, c.tie_word_embeddings)
     assert c.attention_bias and c.rope_theta == 1e6
-  assert {v["model"] for v in bench.PLANS["h200_7b"]} == {"qwen2.5-7b"}
+  assert {o["model.name"] for _, o in plans.PLANS["h200_7b"]} == {"preset:qwen2.5-7b"}
 
 
 def test_resolve_picks_fastest_policy_and_predicts_max_batch():
@@ -61,18 +62,22 @@ def test_resolve_picks_fastest_policy_and_predicts_max_batch():
            memory_analysis=dict(argument_bytes=3 * gib), peak_bytes=12 * gib, bytes_limit=40 * gib),
       dict(name="c", framework="jax", group="policy", status="oom", remat="dots_saveable"),
   ]
-  v = bench.resolve(dict(remat="best", batch="max"), records)
+  o = bench.resolve({"model.remat": "best", "train.global_batch_size": "max"}, records)
   # fixed = 3 GiB state + 1 GiB gradients; (12 - 4) / 4 = 2 GiB a row; (0.92 * 40 - 4) / 2 = 16.4
-  assert v == dict(remat="dots_saveable", batch=16)
+  assert o == {"model.remat": "dots_saveable", "train.global_batch_size": 16}
   assert bench.predicted_max_batch(records[0]) == 36  # (40 - 4) / ((8 - 4) / 4) GiB a row
   torch_record = dict(framework="torch", num_params=gib // 16, batch=2, peak_bytes=5 * gib,
                       bytes_limit=21 * gib)
   assert bench.predicted_max_batch(torch_record) == 10  # 1 GiB fixed, 2 GiB a row
 
 
+BASE_KNOBS = bench.knobs(bench.variant_config())
+
+
 def record(name, step_time_s, peak_gib=None, mfu=None, **fields):
-  """A finished sweep record: DEFAULTS' knobs, fields, and the timing of step_time_s."""
-  r = dict(bench.DEFAULTS, name=name, status="ok", step_time_s=step_time_s, mfu=mfu,
+  """A finished sweep record: the benchmark config's knobs, fields, and the timing of
+  step_time_s."""
+  r = dict(BASE_KNOBS, name=name, status="ok", step_time_s=step_time_s, mfu=mfu,
            peak_bytes=peak_gib * 2 ** 30 if peak_gib else None, **fields)
   r["tokens_per_step"] = r["batch"] * r["minibatches"] * r["seq_len"]
   r["tokens_per_s"] = r["tokens_per_step"] / step_time_s
@@ -138,10 +143,86 @@ def test_summary_reads_the_targets_off_the_records(tmp_path):
   assert json.loads((tmp_path / "h200.json").read_text())["summary"] == as_json(s)
 
 
+TINY_64 = {"model.name": "preset:tiny-qwen2", "train.global_batch_size": 2, "train.seq_len": 64,
+           "model.lm_head_chunk": 32, "model.compute_dtype": "float32"}
+
+
+def sampling_record(name, framework, batch, run_s, **fields):
+  """A finished sampling record: 1.5B, 256-token prompts, 1,024 new tokens, T = 1."""
+  return dict(name=name, framework=framework, status="ok", model="qwen2.5-1.5b", batch=batch,
+              prompt_len=256, new_tokens=1024, temperature=1.0, top_p=1.0, run_s=run_s,
+              tokens_per_s=batch * 1024 / run_s, problems_500x16_s=-(-8000 // batch) * run_s,
+              **fields)
+
+
+def test_summary_pairs_long_rows_and_sampling_runs_with_their_peers(tmp_path):
+  lora = dict(model="qwen2.5-7b", lora_rank=16, param_dtype="bfloat16", batch=1)
+  one_doc = lambda tokens: dict(seq_len=tokens, doc_len=[tokens, tokens])
+  peft = lambda name, step_s, tokens, **kw: record(name, step_s, 40.0, framework="torch", **lora,
+                                                   **one_doc(tokens), **kw)
+  records = [
+      peft("torch/7b/peft/16k", 2.0, 16384),
+      record("jax/7b/lora16/16k", 1.0, 60.0, 0.5, remat="mlp_attention_saveable", **lora,
+             **one_doc(16384)),
+      record("jax/7b/lora16/16k/nothing", 1.5, 23.0, **lora, **one_doc(16384)),
+      peft("torch/7b/peft/32k", 5.0, 32768, longest_seq_fit=49152),
+      record("jax/7b/lora16/32k", 4.0, 100.0, **lora, **one_doc(32768)),
+      record("jax/7b/lora16/128k", 40.0, 80.0, **lora, **one_doc(131072)),
+      record("jax/1.5b/lean/32k", 1.0, 30.0, batch=1, **one_doc(32768)),
+      record("jax/dft/fused", 0.3, 50.0, 0.55),  # 4 x 4096: not a long row
+      sampling_record("sampler/b256", "sampler", 256, 4.0, bandwidth_fraction=0.45),
+      sampling_record("generate/b256/static", "generate", 256, 16.0),
+      sampling_record("generate/b256/dynamic", "generate", 256, 30.0),
+      sampling_record("sampler/b64", "sampler", 64, 2.0, bandwidth_fraction=0.3),
+      dict(name="generate/b64/static", framework="generate", status="error", error="x"),
+  ]
+  s = bench.summarize(records)
+  rows = {x["name"]: x for x in s["long_context"]}
+  assert list(rows) == ["jax/7b/lora16/16k", "jax/7b/lora16/16k/nothing", "jax/7b/lora16/32k",
+                        "jax/7b/lora16/128k", "jax/1.5b/lean/32k"]
+  assert rows["jax/7b/lora16/16k"]["speedup"] == pytest.approx(2.0)
+  assert rows["jax/7b/lora16/16k/nothing"]["speedup"] == pytest.approx(2.0 / 1.5)
+  assert rows["jax/7b/lora16/32k"]["peer"] == "torch/7b/peft/32k"
+  assert "peer" not in rows["jax/7b/lora16/128k"] and "peer" not in rows["jax/1.5b/lean/32k"]
+  assert s["long_speedup_vs_peft_16k"] == pytest.approx(2.0)
+  assert s["long_speedup_vs_peft_32k"] == pytest.approx(1.25)
+  assert s["longest_row"] == {"qwen2.5-7b/lora16": 131072, "qwen2.5-1.5b/full": 32768}
+  assert s["peer_longest_row"] == {"qwen2.5-7b/lora16": 49152}
+  by_batch = {x["batch"]: x for x in s["sampling"]}
+  assert by_batch[256]["peer"] == "generate/b256/static"
+  assert by_batch[256]["speedup_vs_transformers"] == pytest.approx(4.0)
+  assert by_batch[256]["problems_500x16_s"] == 32 * 4.0 and "peer" not in by_batch[64]
+  met = {k: t["met"] for k, t in s["targets"].items()}
+  assert {k: met[k] for k in ("long_speedup_vs_peft_16k", "long_speedup_vs_peft_32k",
+                              "lora_longest_row", "sampling_speedup_vs_transformers",
+                              "sampling_bandwidth_fraction")} == dict(
+      long_speedup_vs_peft_16k=True, long_speedup_vs_peft_32k=False, lora_longest_row=True,
+      sampling_speedup_vs_transformers=True, sampling_bandwidth_fraction=False)
+  table = bench.format_table(records, s)
+  assert "sampler/b256" in table.split("\nsampling")[1] and "generate/b64/static        error" in table
+  result = dict(plan="p", created="t", records=records, summary=s)
+  bench.write_sampling(result, str(tmp_path / "sampling.json"))
+  written = json.loads((tmp_path / "sampling.json").read_text())
+  assert written["summary"]["speedup_vs_transformers"] == pytest.approx(4.0)
+  assert written["summary"]["batch"] == 256 and len(written["records"]) == 5
+
+
+def test_sampling_bound_sums_the_bytes_each_decode_step_reads():
+  from benchmarks import sampling as sampling_bench
+  weights, per_token, batch, prompt, new, bandwidth = 3e9, 28672, 4, 7, 5, 4.8e12
+  steps = [weights + batch * (prompt + i + 1) * per_token for i in range(new)]
+  assert sampling_bench.bound_seconds(weights, per_token, batch, prompt, new, bandwidth) == (
+      pytest.approx(sum(steps) / bandwidth))
+  cfg = PRESETS["qwen2.5-1.5b"]
+  assert sampling_bench.cache_bytes_per_token(cfg, 2) == 28 * 2 * 2 * 128 * 2
+  tied = sampling_bench.weight_bytes(cfg, 1000, 2)
+  assert tied == 2000 and sampling_bench.weight_bytes(PRESETS["qwen2.5-7b"], 10 ** 10, 2) == (
+      2 * (10 ** 10 - 152064 * 3584))  # the untied input embedding: only its rows are read
+
+
 def test_compiled_memory_counts_the_donated_state():
   """XLA's argument bytes = fp32 params + AdamW's two fp32 moments (+ counters and the batch)."""
-  v = dict(model="tiny-qwen2", batch=2, seq_len=64, lm_head_chunk=32, compute_dtype="float32")
-  mem = bench.compiled_memory(v)
+  mem = bench.compiled_memory(bench.variant_config(TINY_64))
   state = 3 * 4 * mem["num_params"]
   assert state <= mem["argument_bytes"] <= state + 4096 + 5 * 2 * 64 * 4
   assert mem["alias_bytes"] >= state  # donated: the new state reuses the old buffers
@@ -151,9 +232,8 @@ def test_compiled_memory_counts_the_donated_state():
 def test_compiled_memory_of_a_lora_step_holds_the_frozen_base():
   """With LoRA the step's arguments are the bf16 base (read, never donated) + the float32 adapters
   and their two AdamW moments (donated); nothing else of the model's size."""
-  v = dict(model="tiny-qwen2", batch=2, seq_len=64, lm_head_chunk=32, compute_dtype="float32",
-           lora_rank=4, param_dtype="bfloat16")
-  mem = bench.compiled_memory(v)
+  mem = bench.compiled_memory(bench.variant_config(
+      {**TINY_64, "lora.rank": 4, "model.param_dtype": "bfloat16"}))
   base = bench.base_param_count(PRESETS["tiny-qwen2"])
   adapters = mem["num_params"]  # what trains
   # 2 layers x rank 4 x (in + out) of q, o (64, 64), k, v (64, 32), gate, up, down (64, 128)
@@ -161,6 +241,17 @@ def test_compiled_memory_of_a_lora_step_holds_the_frozen_base():
   state = 3 * 4 * adapters
   assert 2 * base + state <= mem["argument_bytes"] <= 2 * base + state + 4096 + 5 * 2 * 64 * 4
   assert state <= mem["alias_bytes"] <= state + 4096
+
+
+def test_mlp_policy_saves_the_gate_and_up_projections():
+  """mlp_attention_saveable keeps what nothing_saveable keeps plus each layer's two MLP input
+  projections, 2 x intermediate_size values a token (on CPU no cuDNN attention to keep)."""
+  saved = {remat: bench.saved_activation_bytes(bench.variant_config(
+      {**TINY_64, "model.remat": remat})) for remat in ("nothing_saveable",
+                                                        "mlp_attention_saveable")}
+  layers, rows, tokens, mlp = 2, 2, 64, PRESETS["tiny-qwen2"].intermediate_size
+  assert saved["mlp_attention_saveable"] - saved["nothing_saveable"] == (
+      layers * rows * tokens * 2 * mlp * 4)
 
 
 def run_script(args, timeout=120):
@@ -180,13 +271,14 @@ def assert_skipped_for(record, package):
   assert (record["status"], record["error"]) == ("skipped", f"No module named '{package}'")
 
 
+@pytest.mark.slow
 def test_smoke_sweep_writes_records_and_table(tmp_path):
-  proc = run_script(["benchmarks/train_step.py", "--sweep=smoke", f"--out={tmp_path}",
+  proc = run_script(["benchmarks/train_step.py", "--plan=smoke", f"--out={tmp_path}",
                      "--budget_s=600"], timeout=700)
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads((tmp_path / "train_step.json").read_text())
   records = {r["name"]: r for r in result["records"]}
-  assert list(records) == [v["name"] for v in bench.PLANS["smoke"]]
+  assert list(records) == [name for name, _ in plans.PLANS["smoke"]]
   psft = records["jax/psft/k2"]
   assert psft["status"] == "ok", psft.get("error")
   for key in RECORD_KEYS:
@@ -194,6 +286,12 @@ def test_smoke_sweep_writes_records_and_table(tmp_path):
   assert len(psft["step_times_s"]) == 3 and psft["tokens_per_step"] == 2 * 2 * 128
   assert psft["tokens_per_s"] == pytest.approx(512 / psft["step_time_s"])
   assert psft["flops_per_token"] == 6 * psft["num_params"] + 12 * 2 * 64 * 128
+  rng = np.random.default_rng(0)  # the step's two batches again: their documents' attention
+  seg = np.concatenate([bench.packed_rows(rng, 4, 128, 320, (16, 64))["segment_ids"]
+                        for _ in range(2)])
+  assert psft["flops_per_token_segments"] == pytest.approx(
+      6 * psft["num_params"] + throughput.segment_attention_flops(seg, 2, 64) / seg.size)
+  assert psft["flops_per_token_segments"] < psft["flops_per_token"]
   assert psft["docs_per_row"] > 1.5 and np.all(np.isfinite(psft["losses"]))
   assert psft["memory_analysis"]["argument_bytes"] > 0
   assert records["jax/dft/needs_hook"]["status"] == "skipped"
@@ -240,11 +338,45 @@ def check_lora_records(records, full):
   assert np.all(np.isfinite(peft["losses"]))
 
 
+@pytest.mark.slow
+def test_gpu_round_command_runs_end_to_end_at_tiny_shapes(tmp_path):
+  """`PLAN=h200_round TINY=1 bash benchmarks/run_gpu.sh`: the GPU round's one command, every row
+  at tiny shapes on the CPU: train_step.json (every row, in order), sampling.json (the sampling
+  summary with speedup_vs_transformers), the tables printed last."""
+  path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=path, OUT=str(tmp_path),
+             PLAN="h200_round", TINY="1", BUDGET_S="1500", PYTHON=sys.executable)
+  proc = subprocess.run(["bash", "benchmarks/run_gpu.sh"], cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=1600, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads((tmp_path / "train_step.json").read_text())
+  records = {r["name"]: r for r in result["records"]}
+  assert list(records) == [name for name, _ in plans.PLANS["h200_round"]] and result["tiny"]
+  missing = first_missing("torch", "transformers", "peft")
+  for name, r in records.items():
+    if r["framework"] in ("torch", "generate") and missing:
+      assert_skipped_for(r, first_missing("torch", "transformers") or missing)
+    else:
+      assert r["status"] == "ok", (name, r.get("error"))
+  lora = records["jax/7b/lora16/16k"]
+  assert (lora["model"], lora["seq_len"], lora["remat"]) == ("tiny-qwen2", 128,
+                                                             "mlp_attention_saveable")
+  assert lora["docs_per_row"] == 1 and lora["overrides"]["lora.rank"] == 16
+  assert records["sampler/b256"]["new_tokens"] == 8 and records["sampler/b256"]["batch"] == 4
+  if not missing:
+    assert records["torch/7b/peft/32k"]["seq_probes"][0]["seq_len"] == 256
+  sampling = json.loads((tmp_path / "sampling.json").read_text())
+  assert "speedup_vs_transformers" in sampling["summary"]
+  assert [r["name"] for r in sampling["records"]] == ["sampler/b256", "generate/b256/static"]
+  assert proc.stdout.splitlines()[-1].startswith("summary: ") and "sampling " in proc.stdout
+
+
+@pytest.mark.slow
 def test_head_benchmark_compares_the_heads():
   """benchmarks/head.py, the LM head alone (EAFT, tiny shapes): the fused head's record with its
   three matmuls a chunk, its gradients against the checkpointed head's, the top-k timings."""
-  variant = next(v for v in bench.PLANS["smoke"] if v["name"] == "head/eaft/fused")
-  proc = run_script(["benchmarks/head.py", "--variant", json.dumps(variant)])
+  overrides = dict(plans.SMOKE)["head/eaft/fused"]
+  proc = run_script(["benchmarks/head.py", *bench.override_flags(overrides)])
   assert proc.returncode == 0, proc.stderr[-3000:]
   record = json.loads(proc.stdout.splitlines()[-1][len("RESULT "):])
   assert record["status"] == "ok", record.get("error")
@@ -255,10 +387,12 @@ def test_head_benchmark_compares_the_heads():
   assert record["tokens_per_s"] == pytest.approx(2 * 128 / record["step_time_s"])
 
 
+@pytest.mark.slow
 def test_breakdown_times_every_part(tmp_path):
-  """benchmarks/breakdown.py --smoke: each part and the whole step timed, one JSON record."""
+  """benchmarks/breakdown.py at configs/benchmark.py:smoke: each part and the whole step timed, one JSON record."""
   out = tmp_path / "breakdown.jsonl"
-  proc = subprocess.run([sys.executable, "-m", "benchmarks.breakdown", "--smoke", f"--out={out}"],
+  proc = subprocess.run([sys.executable, "-m", "benchmarks.breakdown",
+                         "--config=configs/benchmark.py:smoke", f"--out={out}"],
                         cwd=ROOT, capture_output=True, text=True, timeout=300,
                         env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert proc.returncode == 0, proc.stderr[-2000:]
@@ -269,6 +403,7 @@ def test_breakdown_times_every_part(tmp_path):
   assert all(np.isfinite(t) and t > 0 for t in seconds.values())
 
 
+@pytest.mark.slow
 def test_host_memory_puts_each_peak_after_the_line_of_its_phase(capsys):
   """A child that prints "small", holds 64 MB, prints "large", holds 400 MB: the sampler's peak is
   the large phase's and each phase's peak reads after its own line."""
@@ -288,16 +423,16 @@ def test_host_memory_puts_each_peak_after_the_line_of_its_phase(capsys):
 
 def test_segment_bound_holds_every_packed_row_and_reaches_the_config():
   """packed_rows never puts more documents in a row than segment_bound (so cuDNN's packed layout
-  keeps them apart), it is one run above the most a row can hold, and bench_config hands it to
+  keeps them apart), it is one run above the most a row can hold, and step_config hands it to
   model.max_segments."""
   from dft_jax.data import packing
-  v = dict(bench.DEFAULTS, seq_len=300, doc_len=(20, 90))
+  v = {"train.seq_len": 300, "bench.doc_len": (20, 90)}
   rows = bench.packed_rows(np.random.default_rng(0), 400, 300, 50, doc_len=(20, 90))
   runs = packing.segment_runs_per_row(rows["segment_ids"])
-  bound = bench.segment_bound(v)
+  bound = bench.segment_bound(bench.variant_config(v))
   assert bound == 16 and runs.max() <= bound
   fixed = bench.packed_rows(np.random.default_rng(0), 4, 300, 50, doc_len=(22, 22))
   assert packing.segment_runs_per_row(fixed["segment_ids"]).max() == 14  # 13 x 22 + a cut 14th
-  assert bench.segment_bound(dict(v, doc_len=(22, 22))) == 15
-  assert bench.bench_config(v).model.max_segments == bound
-  assert bench.segment_bound(dict(v, max_segments=40)) == 40
+  assert bench.segment_bound(bench.variant_config({**v, "bench.doc_len": (22, 22)})) == 15
+  assert bench.step_config(bench.variant_config(v)).model.max_segments == bound
+  assert bench.segment_bound(bench.variant_config({**v, "model.max_segments": 40})) == 40

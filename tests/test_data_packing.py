@@ -198,7 +198,7 @@ def test_rows_hold_fewer_documents_than_max_segments(tok, cfg, streaming):
 
 
 def test_max_segments_must_leave_room_for_a_document(tok, cfg):
-  with pytest.raises(ConfigError, match="model.max_segments=1: must be an integer >= 2"):
+  with pytest.raises(ConfigError, match="model.max_segments=1: must be None .the data.s bound. or an integer >= 2"):
     make_iter(cfg, tok, max_segments=1)
 
 

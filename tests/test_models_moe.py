@@ -201,27 +201,37 @@ def test_lora_targets_of_a_moe_family():
 
 @pytest.mark.slow
 def test_moe_benchmark_plan_runs_at_tiny_shapes(tmp_path):
-  """benchmarks/train_step.py's h200_moe rows at the tiny MoE shape on the CPU (plan moe_smoke):
-  our step and transformers' peer (skipped, naming torch, where it is absent) with MFU's FLOPs per
-  token over the active parameters."""
+  """`PLAN=h200_moe TINY=1 bash benchmarks/run_gpu.sh`: the plan's rows at the tiny MoE shape on
+  the CPU (--tiny takes the tiny preset of the plan's family): our step and transformers' peer
+  (skipped, naming torch, where it is absent) with MFU's FLOPs per token over the active
+  parameters."""
+  from benchmarks import plans  # pylint: disable=g-import-not-at-top
   from benchmarks import train_step as bench  # pylint: disable=g-import-not-at-top
   from dft_jax import throughput  # pylint: disable=g-import-not-at-top
-  assert [v["name"] for v in bench.PLANS["moe_smoke"]] == [v["name"] for v in bench.PLANS[
-      "h200_moe"]]
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
-  done = subprocess.run([sys.executable, "benchmarks/train_step.py", "--sweep=moe_smoke",
-                         f"--out={tmp_path}"], cwd=REPO, env=env, capture_output=True, text=True,
-                        timeout=900, check=False)
+  path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=path, OUT=str(tmp_path),
+             PLAN="h200_moe", TINY="1", BUDGET_S="600", PYTHON=sys.executable)
+  done = subprocess.run(["bash", "benchmarks/run_gpu.sh"], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=900, check=False)
   assert done.returncode == 0, done.stderr[-3000:]
-  records = {r["name"]: r for r in json.loads((tmp_path / "train_step.json").read_text())[
-      "records"]}
+  result = json.loads((tmp_path / "train_step.json").read_text())
+  assert result["tiny"] and [r["name"] for r in result["records"]] == [
+      name for name, _ in plans.PLANS["h200_moe"]]
+  records = {r["name"]: r for r in result["records"]}
   c = models.PRESETS["tiny-qwen3-moe"]
   model = nnx.eval_shape(lambda: models.Decoder(c, rngs=nnx.Rngs(0)))
   active = (sum(a.size for a in jax.tree.leaves(nnx.state(model, nnx.Param)))
             - models.inactive_param_count(c))
   ours = records["jax/moe/dft/fused"]
-  assert ours["status"] == "ok" and ours["tokens_per_s"] > 0
+  assert ours["status"] == "ok" and ours["tokens_per_s"] > 0 and ours["model"] == "tiny-qwen3-moe"
   assert ours["flops_per_token"] == throughput.flops_per_token(active, c, ours["seq_len"])
+  assert ours["active_params"] == active
+  rng = np.random.default_rng(0)  # the step's two batches again: their documents' attention
+  seg = np.concatenate([bench.packed_rows(rng, ours["batch"], ours["seq_len"], c.vocab_size,
+                                          ours["doc_len"])["segment_ids"] for _ in range(2)])
+  assert ours["flops_per_token_segments"] == pytest.approx(
+      6 * active + throughput.segment_attention_flops(seg, c.num_layers, c.num_heads * c.head_dim)
+      / seg.size)
   peer = records["torch/moe/dft"]
   if peer["status"] == "skipped":
     assert "torch" in peer["error"]

@@ -31,11 +31,16 @@ RECORD_KEYS = (
 
 
 def names(ns):
-  return [c["name"] for c in scaling.plan("gpu", ns)]
+  return [name for name, _ in scaling.plan("gpu", ns)]
+
+
+def fields(name, overrides):
+  """A case's record fields, as its process sees them."""
+  return scaling.case_fields(scaling.bench.variant_config({"bench.name": name, **overrides}))
 
 
 def test_plan_on_8_gpus_covers_every_layout_and_count():
-  cases = scaling.plan("gpu", (1, 2, 4, 8))
+  cases = [fields(*c) for c in scaling.plan("gpu", (1, 2, 4, 8))]
   assert len(names((1, 2, 4, 8))) == len(set(names((1, 2, 4, 8))))
   by_name = {c["name"]: c for c in cases}
   for n in (2, 4, 8):
@@ -52,11 +57,10 @@ def test_plan_on_8_gpus_covers_every_layout_and_count():
   assert order[-1] == "7b/single/1x/b4"
   assert by_name["1.5b/data_fsdp/8x/b32/overlap"]["xla_flags"] == scaling.OVERLAP_FLAGS
   assert by_name["7b/fsdp/8x/b32"]["remat"] == "nothing_saveable"
-  for c in cases:  # every mesh is what dft_jax's own config checks accept for n devices
-    assert math.prod(c["mesh"].values()) == c["n_gpus"]
-    config = scaling.bench.bench_config(c)
-    config.mesh.update(c["mesh"])
-    step_lib.validate(config, c["n_gpus"])
+  for name, overrides in scaling.plan("gpu", (1, 2, 4, 8)):  # every mesh is what dft_jax's own
+    config = scaling.bench.variant_config(overrides)        # config checks accept for n devices
+    assert math.prod(config.mesh.values()) == config.bench.devices
+    step_lib.validate(config, config.bench.devices)
 
 
 def test_plan_on_fewer_gpus():
@@ -65,9 +69,9 @@ def test_plan_on_fewer_gpus():
                            "7b/single/1x/b4"]
   assert names((1,)) == ["1.5b/single/1x/b4", "7b/single/1x/b4"]
   assert names((2,)) == names((1, 2))  # the 1-GPU base always runs
-  assert scaling.skip_reason(scaling.case("gpu", "fsdp", 4, 16), 2) == (
+  assert scaling.skip_reason(scaling.case("gpu", "fsdp", 4, 16)[1], 2) == (
       "needs 4 devices, this machine has 2")
-  assert scaling.skip_reason(scaling.case("gpu", "fsdp", 2, 8), 2) is None
+  assert scaling.skip_reason(scaling.case("gpu", "fsdp", 2, 8)[1], 2) is None
 
 
 def record(name, layout, n, batch, tps_per_gpu, model="qwen2.5-1.5b", xla_flags="", status="ok"):
@@ -126,9 +130,10 @@ def smoke(tmp_path_factory):
   return result, {r["name"]: r for r in result["records"]}, proc.stdout
 
 
+@pytest.mark.slow
 def test_smoke_runs_every_case_on_its_own_devices(smoke):
   result, records, stdout = smoke
-  assert list(records) == [c["name"] for c in scaling.plan("smoke", SMOKE_NS)]
+  assert list(records) == [name for name, _ in scaling.plan("smoke", SMOKE_NS)]
   assert result["machine"]["device_count"] == scaling.SMOKE_DEVICES
   for name, r in records.items():
     assert r["status"] == "ok", (name, r.get("error"))
@@ -152,6 +157,7 @@ def test_smoke_runs_every_case_on_its_own_devices(smoke):
   assert "tok/s/GPU" in stdout
 
 
+@pytest.mark.slow
 def test_smoke_losses_agree_for_the_same_global_batch(smoke):
   _, records, _ = smoke
   by_batch = {}
@@ -164,6 +170,7 @@ def test_smoke_losses_agree_for_the_same_global_batch(smoke):
     np.testing.assert_allclose(r["losses"], same_data[-1]["losses"], rtol=2e-5)
 
 
+@pytest.mark.slow
 def test_smoke_efficiency_and_summary(smoke):
   result, records, _ = smoke
   base1, base8 = records["tiny-qwen2/single/1x/b1"], records["tiny-qwen2/single/1x/b8"]
@@ -179,6 +186,7 @@ def test_smoke_efficiency_and_summary(smoke):
   assert large["tiny-llama/fsdp/8x/b8"]["status"] == "ok"
 
 
+@pytest.mark.slow
 def test_smoke_fsdp_shards_the_parameters(smoke):
   _, records, _ = smoke
   param_bytes = lambda r: r["train_bytes_per_device"] - r["state_bytes_per_device"]
@@ -190,6 +198,7 @@ def test_smoke_fsdp_shards_the_parameters(smoke):
   assert param_bytes(fsdp) == 4 * ((fsdp["num_params"] - 576) // 8 + 576)
 
 
+@pytest.mark.slow
 def test_smoke_fsdp_shards_the_optimizer_state(smoke):
   _, records, _ = smoke
   fsdp, data_fsdp = records["tiny-qwen2/fsdp/8x/b8"], records["tiny-qwen2/data_fsdp/8x/b8"]

@@ -13,7 +13,9 @@ cuDNN attention describes a row by its runs of equal segment ids (documents, the
 with a static bound, model.max_segments; past it, runs would merge and documents see each other.
 The packer therefore puts at most max_segments - 1 documents in a row, and `check_segment_runs`
 refuses any batch (evaluation's, a user's) with more runs than the bound before it reaches the
-model.
+model. On a GPU the bound costs memory (cuDNN's packed backward keeps a float32 buffer of
+B x max_segments x T x heads x head_dim): model.max_segments None takes the data's own bound
+(`data_bound`), at most DEFAULT_MAX_SEGMENTS.
 """
 import heapq
 
@@ -22,6 +24,8 @@ import numpy as np
 from dft_jax.errors import ConfigError, DataError
 
 TRUNCATION = ("drop", "truncate_response", "truncate_prompt")
+DEFAULT_MAX_SEGMENTS = 64  # the bound of a stream (lengths unknown ahead), and the most None takes:
+                           # the decoder's own default (models.Decoder)
 KEPT, EMPTY, NO_TRAINED, TOO_LONG, PROMPT_TOO_LONG, RESPONSE_TOO_LONG = range(6)
 REASONS = {EMPTY: "empty", NO_TRAINED: "with no trained token",
            TOO_LONG: "longer than the limit", PROMPT_TOO_LONG: "whose prompt fills the limit",
@@ -153,9 +157,23 @@ def assemble(rows, seq_len, pad_id, max_segments, sources=None):
 
 
 def check_max_segments(max_segments):
-  """ConfigError unless model.max_segments is an integer >= 2 (a document and its padding)."""
+  """ConfigError unless model.max_segments is None (the data's bound) or an integer >= 2 (a
+  document and its padding)."""
+  if max_segments is None:
+    return
   if not isinstance(max_segments, int) or isinstance(max_segments, bool) or max_segments < 2:
-    raise ConfigError(f"model.max_segments={max_segments!r}: must be an integer >= 2")
+    raise ConfigError(f"model.max_segments={max_segments!r}: must be None (the data's bound) or "
+                      "an integer >= 2")
+
+
+def data_bound(lengths_N, seq_len, packing):
+  """The runs of segment ids a row of these documents can need, at most DEFAULT_MAX_SEGMENTS:
+  k + 1, k the most documents that fit in seq_len together, which are the k shortest (any row of
+  k documents holds at least their total), and one run of padding; 2 without packing."""
+  if not packing:
+    return 2
+  k = int(np.searchsorted(np.cumsum(np.sort(np.asarray(lengths_N))), seq_len, side="right"))
+  return min(DEFAULT_MAX_SEGMENTS, max(2, k + 1))
 
 
 def segment_runs_per_row(segment_ids_BxT):

@@ -71,7 +71,8 @@ def make_train_iterator(data_cfg, tokenizer, *, seq_len, global_batch_size, seed
   """The endless iterator of this process's batches (see the module docstring).
 
   `next(it)` -> {tokens, targets, loss_mask, segment_ids, positions}, numpy [G / P, seq_len], at
-  most max_segments - 1 documents a row (config.model.max_segments: the attention's bound);
+  most max_segments - 1 documents a row (config.model.max_segments: the attention's bound; None:
+  the data's, packing.data_bound, or a stream's DEFAULT_MAX_SEGMENTS; `it.max_segments` says it);
   `it.state()` -> a small JSON-serialisable dict; `it.restore(state)`; `it.stats`; `it.summary()`.
   The shuffle seed is `data.shuffle_seed`, or `seed` when that is None.
   """
@@ -252,6 +253,8 @@ class PackedIterator(_Batches):
     self._index, self._start, self._length = self._all.index, self._all.start, self._all.length
     if not len(self._index):
       raise DataError(f"no usable rows in {data_cfg.source}: {self.summary()}")
+    if self.max_segments is None:  # model.max_segments None: the data's bound
+      self.max_segments = packing.data_bound(self._length, self.seq_len, data_cfg.packing)
     self._plans = {}
     self._count(self._length, self._all.loss_tokens(), self._plan(0))
     self.stats["batches_per_epoch"] = self.stats["packed_rows"] / self.global_batch_size
@@ -329,6 +332,8 @@ class StreamingIterator(_Batches):
 
   def __init__(self, source, encoder, data_cfg, **kwargs):
     super().__init__(source, data_cfg, **kwargs)
+    if self.max_segments is None:  # a stream's lengths are not known before it is read
+      self.max_segments = packing.DEFAULT_MAX_SEGMENTS
     ds = source.dataset
     if self.process_count > 1:
       ds = datasets.distributed.split_dataset_by_node(ds, self.process_index, self.process_count)
@@ -519,6 +524,8 @@ class MixtureIterator(_Batches):
     super().__init__(None, data_cfg, **kwargs)
     self.parts, self.names = parts, mixture.source_names(data_cfg)
     self.probabilities = mixture.weights_of(data_cfg)
+    if self.max_segments is None:  # windows are read as they come, like a stream
+      self.max_segments = packing.DEFAULT_MAX_SEGMENTS
     self.stats["sources"] = {name: {"examples": 0, "tokens": 0} for name in self.names}
     settings = [self.names, self.probabilities.tolist(), list(data_cfg.sources), self.seq_len,
                 data_cfg.packing, self.max_segments, self.limit, data_cfg.truncation,

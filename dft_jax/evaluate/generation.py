@@ -8,8 +8,8 @@ from dft_jax import sampling
 
 
 def _advance(bar, start, n, done):
-  """Moves the bar to `done` of the n rows of the batch starting at `start` (called per decode
-  step); with no new row done it only redraws the elapsed time, and only on a terminal."""
+  """Moves the bar to `done` of the n rows of the batch starting at `start` (called between
+  decode blocks); with no new row done it only redraws the elapsed time, and only on a terminal."""
   moved = start + min(done, n) - bar.n
   if moved > 0 or (moved == 0 and bar.fp.isatty()):
     bar.update(max(0, moved))

@@ -9,13 +9,13 @@ weights import, loading.
 """
 from dft_jax.models.config import (ARCHITECTURES, PRESETS, LinearRopeScaling, Llama3RopeScaling,
                                    ModelConfig, YarnRopeScaling)
-from dft_jax.models.decoder import Decoder, KVCache, inactive_param_count, logical_specs
+from dft_jax.models.decoder import Decoder, inactive_param_count, logical_specs
 from dft_jax.models.loader import (ALIASES, decoder_options, from_state_dict, load,
                                    load_from_config, lora_config, read)
 from dft_jax.models.lora import LoRAConfig
 
 __all__ = [
-    "ALIASES", "ARCHITECTURES", "PRESETS", "Decoder", "KVCache", "LinearRopeScaling",
+    "ALIASES", "ARCHITECTURES", "PRESETS", "Decoder", "LinearRopeScaling",
     "Llama3RopeScaling", "LoRAConfig", "ModelConfig", "YarnRopeScaling", "decoder_options",
     "from_state_dict", "inactive_param_count", "load", "load_from_config", "logical_specs",
     "lora_config", "read",

@@ -15,6 +15,8 @@ import numpy as np
 from dft_jax.errors import ModelError
 
 IMPLS = ("auto", "xla", "cudnn")
+DEFAULT_MAX_SEGMENTS = 64  # the bound of a model built with none given (config.model.max_segments
+                           # None: the train job then sets the data's, models.Decoder.max_segments)
 
 
 def resolve_impl(impl: str, dtype) -> str:
@@ -51,7 +53,7 @@ def attend_masked(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS, scale=None):
 
 
 def attend(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, *, segment_ids_BxT=None, impl="auto",
-           max_segments=64, scale=None, window=None):
+           max_segments=DEFAULT_MAX_SEGMENTS, scale=None, window=None):
   """Causal self-attention; with segment_ids_BxT, only within each segment; with window (a
   static int), only over the `window` most recent keys.
 

@@ -20,12 +20,12 @@ runs the frozen base (the reference policy) from the same weights.
 """
 import functools
 import math
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from dft_jax.errors import ConfigError
 from dft_jax.models import attention as attn_lib
@@ -41,6 +41,9 @@ def _cudnn_attention_saveable(prim, *_, **__):
   return prim.name == "dot_product_attention_fwd_wrapper"
 
 
+MLP_SAVED = ("mlp_gate", "mlp_up")  # checkpoint names of the MLP's two input projections
+
+
 REMAT_POLICIES = {
     "none": None,
     "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
@@ -49,17 +52,13 @@ REMAT_POLICIES = {
     "attention_saveable": _cudnn_attention_saveable,
     "dots_attention_saveable": jax.checkpoint_policies.save_from_both_policies(
         jax.checkpoint_policies.dots_with_no_batch_dims_saveable, _cudnn_attention_saveable),
+    # Long rows: keep the MLP's gate and up projections (most of a layer's matmul FLOPs) and the
+    # attention's outputs, recompute the rest (2 x intermediate_size values a token a layer).
+    "mlp_attention_saveable": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.save_only_these_names(*MLP_SAVED), _cudnn_attention_saveable),
 }
 PARAM_DTYPES = ("float32", "bfloat16")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
-
-
-class KVCache(NamedTuple):
-  """Per-layer keys/values for incremental decoding; slot s holds the token written s-th."""
-  k_LxBxSxKxH: jax.Array
-  v_LxBxSxKxH: jax.Array
-  valid_BxS: jax.Array    # bool: slot holds a real (non-pad) token
-  index: jax.Array        # int32 scalar: next slot to write
 
 
 ACTIVATIONS = {"silu": jax.nn.silu,
@@ -224,8 +223,8 @@ def moe_mlp(h_BxTxD, p, *, config, valid_BxT):
   order_A = jnp.argsort(expert_A, stable=True)         # assignments grouped by expert
   group_sizes_E = jnp.bincount(expert_A, length=c.num_experts).astype(jnp.int32)
   x_AxD = x_NxD[order_A // k]
-  gate_AxF = jax.lax.ragged_dot(x_AxD, p["experts_gate"], group_sizes_E)
-  up_AxF = jax.lax.ragged_dot(x_AxD, p["experts_up"], group_sizes_E)
+  gate_AxF, up_AxF = (checkpoint_name(jax.lax.ragged_dot(x_AxD, p[n], group_sizes_E), saved)
+                      for n, saved in zip(("experts_gate", "experts_up"), MLP_SAVED))
   y_AxD = jax.lax.ragged_dot(ACTIVATIONS[c.hidden_act](gate_AxF) * up_AxF, p["experts_down"],
                              group_sizes_E)
   y_NxKxD = jnp.zeros_like(y_AxD).at[order_A].set(y_AxD).reshape(b * t, k, d)
@@ -246,33 +245,44 @@ def load_balancing_loss(router_stats_Lx2xE, num_valid_tokens, num_experts):
   return num_experts * jnp.sum((stats_2xE[0] / rows) * (stats_2xE[1] / rows))
 
 
+def known_sliding(is_sliding, config: ModelConfig):
+  """Whether this layer attends through the sliding window, as a Python bool where that is known
+  before tracing (is_sliding a bool: a layer run on its own; or every layer alike), else None
+  (scanned layers that differ)."""
+  if isinstance(is_sliding, bool):
+    return is_sliding
+  if len(set(config.sliding_layers)) == 1:
+    return config.sliding_layers[0]
+  return None
+
+
 def layer_rope(ropes, is_sliding, config: ModelConfig):
   """This layer's (cos, sin): the sliding tables on a sliding layer (where they differ)."""
-  if config.local_rope_theta is None or not any(config.sliding_layers):
+  if config.local_rope_theta is None:
     return ropes["full"]
-  if all(config.sliding_layers):
-    return ropes["sliding"]
-  return jax.tree.map(lambda s, f: jnp.where(is_sliding, s, f), ropes["sliding"], ropes["full"])
+  known = known_sliding(is_sliding, config)
+  if known is None:
+    return jax.tree.map(lambda s, f: jnp.where(is_sliding, s, f), ropes["sliding"], ropes["full"])
+  return ropes["sliding" if known else "full"]
 
 
 def layer_attention(attention_fn, q, k, v, layer_cache, is_sliding, config: ModelConfig):
   """attention_fn with this layer's window: config.sliding_window on sliding layers, None on full
-  ones; a lax.cond when the layers differ (the window is static for cuDNN)."""
-  sliding = config.sliding_layers
-  if not any(sliding):
-    return attention_fn(q, k, v, layer_cache, None)
-  if all(sliding):
-    return attention_fn(q, k, v, layer_cache, config.sliding_window)
-  return jax.lax.cond(is_sliding,
-                      lambda *a: attention_fn(*a, config.sliding_window),
-                      lambda *a: attention_fn(*a, None), q, k, v, layer_cache)
+  ones; a lax.cond where that is not known before tracing (the window is static for cuDNN)."""
+  known = known_sliding(is_sliding, config)
+  if known is None:
+    return jax.lax.cond(is_sliding,
+                        lambda *a: attention_fn(*a, config.sliding_window),
+                        lambda *a: attention_fn(*a, None), q, k, v, layer_cache)
+  return attention_fn(q, k, v, layer_cache, config.sliding_window if known else None)
 
 
 def block(x_BxTxD, p, layer_cache, is_sliding, *, config, ropes, attention_fn, dtype, lora,
           valid_BxT):
   """One decoder layer. p: this layer's params (any dtype, cast here; quantised weights are
   dequantised by `project`); attention_fn(q, k, v, layer_cache, window) -> (out,
-  new_layer_cache); is_sliding: whether this layer attends through the sliding window.
+  new_layer_cache); is_sliding: whether this layer attends through the sliding window (a Python
+  bool, or traced from the scanned flags).
   Returns (x, (layer_cache, router statistics or None))."""
   c = config
   p = {name: a if quant.is_stored(name) else a.astype(dtype) for name, a in p.items()}
@@ -296,7 +306,8 @@ def block(x_BxTxD, p, layer_cache, is_sliding, *, config, ropes, attention_fn, d
   if c.num_experts:
     mlp_BxTxD, router_stats = moe_mlp(h, p, config=c, valid_BxT=valid_BxT)
   else:
-    gate, up = proj(h, name="w_gate"), proj(h, name="w_up")
+    gate, up = (checkpoint_name(proj(h, name=n), saved) for n, saved in zip(("w_gate", "w_up"),
+                                                                            MLP_SAVED))
     mlp_BxTxD = proj(ACTIVATIONS[c.hidden_act](gate) * up, name="w_down")
   if c.sandwich_norms:
     mlp_BxTxD = norm(mlp_BxTxD, p["post_mlp_norm"])
@@ -390,8 +401,9 @@ class Decoder(nnx.Module):
   (nnx.LoRAParam, float32) and for QLoRA the quantised projections (see `layer_specs`)."""
 
   def __init__(self, config: ModelConfig, *, param_dtype="float32", compute_dtype=None,
-               remat="none", scan_layers=True, attention="auto", max_segments=64,
-               lora: lora_lib.LoRAConfig | None = None, router_aux_loss_coef=None,
+               remat="none", scan_layers=True, attention="auto",
+               max_segments=attn_lib.DEFAULT_MAX_SEGMENTS, lora: lora_lib.LoRAConfig | None = None,
+               router_aux_loss_coef=None,
                rngs: nnx.Rngs):
     """compute_dtype None: bfloat16 on GPU/TPU, float32 on CPU. max_segments: static bound on
     documents per packed row for cuDNN attention (see attention.attend). param_dtype is the base
@@ -511,64 +523,62 @@ class Decoder(nnx.Module):
       return hidden, jnp.zeros((), jnp.float32)
     return hidden, load_balancing_loss(router_stats, jnp.sum(valid_BxT), self.config.num_experts)
 
-  def init_cache(self, batch_size: int, max_len: int) -> KVCache:
-    """An empty KV cache of max_len slots in the compute dtype."""
-    c = self.config
-    shape = (c.num_layers, batch_size, max_len, c.num_kv_heads, c.head_dim)
-    return KVCache(jnp.zeros(shape, self.compute_dtype), jnp.zeros(shape, self.compute_dtype),
-                   jnp.zeros((batch_size, max_len), bool), jnp.zeros((), jnp.int32))
+  def decode_layers(self):
+    """The layers' parameters as one dict a layer, cast to the compute dtype as `block` casts
+    them (quantised weights as stored): what a sampler's decode step reads, each layer from arrays
+    of its own instead of a slice of the stacked ones every step."""
+    stacked = {name: v[...] for name, v in self.layers.items()}
+    cast = lambda name, a: a if quant.is_stored(name) else a.astype(self.compute_dtype)
+    return tuple({name: cast(name, a[i]) for name, a in stacked.items()}
+                 for i in range(self.config.num_layers))
 
-  def forward_cached(self, tokens_BxT, positions_BxT, valid_BxT, cache: KVCache):
-    """Appends T tokens to the cache (slots index..index+T) and returns (hidden_BxTxD, cache).
+  def run_layers(self, tokens_BxT, positions_BxT, valid_BxT, attention_fn, caches, layers=None):
+    """(final-norm hidden_BxTxD, caches) of the trunk with attention_fn(q, k, v, cache, window) ->
+    (out, cache) in place of causal attention (window: the layer's sliding window, static, or None
+    on a full layer; the scale is config.attention_scale): a sampler's prefill and decode steps,
+    with caches of its own layout. valid_BxT: the real (non-pad) tokens, what the experts' router
+    statistics count. caches: stacked on a leading layers axis (or None), scanned like the
+    parameters; with `layers` (decode_layers()), a tuple of one cache a layer, and the layers run
+    one after the other on their own arrays."""
+    hidden, (caches, _) = self._trunk(tokens_BxT, positions_BxT, attention_fn, caches, True,
+                                      valid_BxT, layers)
+    return hidden, caches
 
-    A token attends to earlier valid slots and itself; invalid (pad) slots are never attended."""
-    t, s = tokens_BxT.shape[1], cache.valid_BxS.shape[1]
-    valid_BxS = jax.lax.dynamic_update_slice_in_dim(cache.valid_BxS, valid_BxT, cache.index, 1)
-    q_slot_Tx1 = (cache.index + jnp.arange(t))[:, None]
-    kv_slot_S = jnp.arange(s)
-    mask_Bx1xTxS = (((kv_slot_S <= q_slot_Tx1) & valid_BxS[:, None, :])
-                    | (kv_slot_S == q_slot_Tx1))[:, None]
-
-    def attention_fn(q, k, v, layer_cache, window):
-      k_cache, v_cache = (jax.lax.dynamic_update_slice_in_dim(old, new.astype(old.dtype),
-                                                              cache.index, 1)
-                          for old, new in zip(layer_cache, (k, v)))
-      mask = mask_Bx1xTxS
-      if window is not None:  # slots are positions here: prompts are left-padded
-        mask = mask & attn_lib.in_window(q_slot_Tx1, kv_slot_S, window)
-      out = attn_lib.attend_masked(q, k_cache, v_cache, mask, self.config.attention_scale)
-      return out, (k_cache, v_cache)
-
-    hidden, ((k_new, v_new), _) = self._trunk(
-        tokens_BxT, positions_BxT, attention_fn, (cache.k_LxBxSxKxH, cache.v_LxBxSxKxH), True,
-        valid_BxT)
-    return hidden, KVCache(k_new, v_new, valid_BxS, cache.index + t)
-
-  def _trunk(self, tokens_BxT, positions_BxT, attention_fn, cache_xs, adapters, valid_BxT):
+  def _trunk(self, tokens_BxT, positions_BxT, attention_fn, cache_xs, adapters, valid_BxT,
+             layers=None):
     """embed -> layers (scanned or unrolled, rematerialised per policy) -> final norm; adapters
-    False leaves the LoRA adapters out. Returns (hidden, (layer caches, router statistics
+    False leaves the LoRA adapters out; with `layers` (decode_layers()), cache_xs is a tuple of one
+    cache a layer and the layers run one after the other on their own arrays, each with its
+    window known before tracing, without remat. Returns (hidden, (layer caches, router statistics
     [L, 2, E] or None))."""
     c = self.config
     x = self.embed[...][tokens_BxT].astype(self.compute_dtype)
     if c.embed_scale:
       x = x * jnp.asarray(math.sqrt(c.hidden_size), self.compute_dtype)
-    step = functools.partial(block, config=c, ropes=rope_tables(c, positions_BxT),
-                             attention_fn=attention_fn, dtype=self.compute_dtype, lora=self.lora,
-                             valid_BxT=valid_BxT)
-    if self.remat != "none":
-      step = jax.checkpoint(step, policy=REMAT_POLICIES[self.remat],
-                            prevent_cse=not self.scan_layers)
-    params = {name: v[...] for name, v in self.layers.items()
-              if adapters or not lora_lib.is_adapter(name)}
-    xs = (params, cache_xs, jnp.asarray(c.sliding_layers))
-    if self.scan_layers:
-      x, ys = jax.lax.scan(lambda x, xs: step(x, *xs), x, xs)
-    else:
+    layer = functools.partial(block, config=c, ropes=rope_tables(c, positions_BxT),
+                              attention_fn=attention_fn, dtype=self.compute_dtype, lora=self.lora,
+                              valid_BxT=valid_BxT)
+    if layers is not None:
       per_layer = []
-      for i in range(c.num_layers):
-        x, y = step(x, *jax.tree.map(lambda a: a[i], xs))
+      for layer_params, layer_cache, is_sliding in zip(layers, cache_xs, c.sliding_layers):
+        x, y = layer(x, layer_params, layer_cache, is_sliding)
         per_layer.append(y)
-      ys = jax.tree.map(lambda *a: jnp.stack(a), *per_layer)
+      caches, stats = zip(*per_layer)
+      ys = (caches, None if stats[0] is None else jnp.stack(stats))
+    else:
+      step = layer if self.remat == "none" else jax.checkpoint(
+          layer, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan_layers)
+      params = {name: v[...] for name, v in self.layers.items()
+                if adapters or not lora_lib.is_adapter(name)}
+      xs = (params, cache_xs, jnp.asarray(c.sliding_layers))
+      if self.scan_layers:
+        x, ys = jax.lax.scan(lambda x, xs: step(x, *xs), x, xs)
+      else:
+        per_layer = []
+        for i in range(c.num_layers):
+          x, y = step(x, *jax.tree.map(lambda a: a[i], xs))
+          per_layer.append(y)
+        ys = jax.tree.map(lambda *a: jnp.stack(a), *per_layer)
     final = rms_norm(x, self.final_norm[...].astype(self.compute_dtype), c.rms_norm_eps,
                      c.norm_plus_one)
     return final, ys

@@ -9,6 +9,7 @@ from flax import nnx
 
 from dft_jax import host
 from dft_jax.errors import ConfigError, ModelError
+from dft_jax.models import attention as attn_lib
 from dft_jax.models import hf
 from dft_jax.models.config import PRESETS, ModelConfig
 from dft_jax.models.decoder import Decoder, layer_arrays
@@ -113,7 +114,8 @@ def decoder_options(model_cfg, lora_cfg=None):
   """Decoder keyword arguments from config.model (and config.lora)."""
   return dict(param_dtype=model_cfg.param_dtype, compute_dtype=model_cfg.compute_dtype,
               remat=model_cfg.remat, scan_layers=model_cfg.scan_layers,
-              attention=model_cfg.attention, max_segments=model_cfg.max_segments,
+              attention=model_cfg.attention,
+              max_segments=model_cfg.max_segments or attn_lib.DEFAULT_MAX_SEGMENTS,
               lora=lora_config(lora_cfg),
               router_aux_loss_coef=model_cfg.get("router_aux_loss_coef"))
 
