@@ -305,10 +305,13 @@ def test_smoke_sweep_writes_records_and_table(tmp_path):
     assert peer["num_params"] == psft["num_params"]  # same model, tied embedding counted once
     assert np.all(np.isfinite(peer["losses"])) and peer["probes"][0]["status"] == "ok"
   check_lora_records(records, psft)
-  asft = records["jax/asft"]  # a reference copy; the fused head asked for, the checkpointed ran
+  asft = records["jax/asft"]  # a reference copy, its chunk logits in the fused head's loop
   assert asft["status"] == "ok", asft.get("error")
-  assert (asft["lm_head_requested"], asft["lm_head"]) == ("fused", "checkpointed")
+  assert (asft["lm_head_requested"], asft["lm_head"]) == ("fused", "fused")
   assert np.all(np.isfinite(asft["losses"]))
+  for name in ("jax/otr/fused", "jax/iw_sft/fused", "jax/iw_sft/precomputed"):
+    assert records[name]["status"] == "ok" and np.all(np.isfinite(records[name]["losses"])), name
+  assert records["jax/iw_sft/precomputed"]["ref_logp"] == "precomputed"
   assert "variant" in proc.stdout and "summary:" in proc.stdout.splitlines()[-1]
   assert result["summary"]["lora"][0]["name"] == "jax/lora4"
 
