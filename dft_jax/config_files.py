@@ -45,15 +45,18 @@ def file_field_docs(path):
   the line that defines it (`name=value,  # meaning`, the same for every field of that line),
   continued by comment-only lines indented past the field names, or, for a field without one, the comment-only
   lines just above it. Sections are the `c.<section> = ml_collections.ConfigDict(dict(...))`
-  blocks; fields are the keyword arguments of their dict(...)."""
+  blocks (and `c.<section>.<sub> = ...` ones, whose fields are section.sub.field); fields are the
+  keyword arguments of their dict(...)."""
   import tokenize  # pylint: disable=g-import-not-at-top
   docs, section, pending, last, column = {}, None, [], [], None
   for tokens, depth in _lines(path):
     text = [t.string for t in tokens]
     comment = tokens[-1] if tokens[-1].type == tokenize.COMMENT else None
     note = comment.string.lstrip("#").strip() if comment else ""
-    if depth == 0 and text[:2] == ["c", "."] and len(text) > 3 and text[3] == "=":
-      section = text[2]
+    path = text[2:text.index("=")] if "=" in text else []
+    if (depth == 0 and text[:2] == ["c", "."] and path  # c.section = or c.section.sub =
+        and all(t == "." if i % 2 else t.isidentifier() for i, t in enumerate(path))):
+      section = "".join(path)
     fields, d = [], depth
     for i, tok in enumerate(tokens):  # keyword arguments at depth 2: c.x = ConfigDict(dict(...))
       if (d == 2 and tok.type == tokenize.NAME and i + 1 < len(tokens) and text[i + 1] == "="

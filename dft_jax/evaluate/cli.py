@@ -69,7 +69,7 @@ def main(argv):
   print(evaluator.format_table(results, f"{spec} (base: {base_name})"), flush=True)
   if flags_.out:
     write_results(flags_.out, {"model": spec, "base": base_name,
-                               "settings": evaluator.settings(config.eval), "results": results})
+                               "settings": config.eval.to_dict(), "results": results})
 
 
 def define_flags(argv):
