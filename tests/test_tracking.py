@@ -11,7 +11,7 @@ import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
 from dft_jax import compare, objectives, train
-from dft_jax.errors import UserInputError
+from dft_jax.errors import ConfigError, UserInputError
 from test_data import write_jsonl
 from test_train import read_jsonl, tiny_config
 
@@ -125,6 +125,20 @@ def test_compare_links_no_figure_it_did_not_write(tmp_path):
 # ----------------------------------------------------------------------------- Weights & Biases
 
 HAS_WANDB = importlib.util.find_spec("wandb") is not None
+
+
+def test_wandb_without_the_package_is_one_line_naming_the_field(tmp_path, monkeypatch):
+  find_spec = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, "find_spec",
+                      lambda name, *args: None if name == "wandb" else find_spec(name, *args))
+  config = tiny_config(tmp_path)
+  config.log.wandb.enabled = True
+  with pytest.raises(ConfigError, match=r"^log.wandb.enabled=True needs the wandb package, which "
+                     "is not installed: pip install wandb"):
+    train.validate_config(config)
+  config.log.wandb.update(enabled=True, mode="cloud")
+  with pytest.raises(ConfigError, match="log.wandb.mode='cloud': expected one of online, offline"):
+    train.validate_config(config)
 
 
 def wandb_records(path):
