@@ -1,10 +1,29 @@
-"""The config files (configs/*.py), loaded by path as ml_collections' `--config=FILE[:ARG]` does."""
+"""The config files (configs/*.py), loaded by path as ml_collections' `--config=FILE[:ARG]` does.
+
+They are the clone's configs/ folder, or, in an installed package, dft_jax/configs (the same
+files); `--config=configs/NAME.py[:variant]` names them from any folder (resolve_config_args).
+"""
 import importlib.util
 import os
 
-CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+CONFIGS_DIR = (os.path.join(_PACKAGE, "configs") if os.path.isdir(os.path.join(_PACKAGE, "configs"))
+               else os.path.join(os.path.dirname(_PACKAGE), "configs"))  # installed, else a clone
 DEFAULT = os.path.join(CONFIGS_DIR, "default.py")  # the main job's config
 STUDY = os.path.join(CONFIGS_DIR, "study.py")      # the scanner study's
+
+
+def resolve_config_args(argv):
+  """argv with `--config=configs/FILE[:ARG]` pointing at CONFIGS_DIR when no such file is where
+  the command runs (another folder, or an installed package)."""
+  out = []
+  for arg in argv:
+    if arg.startswith("--config=configs/"):
+      path, colon, variant = arg.removeprefix("--config=").partition(":")
+      if not os.path.exists(path):
+        arg = f"--config={os.path.join(CONFIGS_DIR, path.removeprefix('configs/'))}{colon}{variant}"
+    out.append(arg)
+  return out
 
 
 def load(path, arg=None):
