@@ -158,9 +158,10 @@ def get_config(arg=None):
       batch_size=32,                 # rows per generation batch
       forced_batch_size=8,           # rows per teacher-forced batch
       progress=True,                 # progress bars
-      sets=(),                       # your own sets, each NAME=SOURCE,kind=answers|forced|kl
-                                     # [,FIELD=VALUE...] (prompt_field, answer_field, format, ...):
-                                     # scored after the suites, reported under NAME
+      sets=ml_collections.FieldReference((), field_type=object),  # your own sets, each
+                                     # NAME=SOURCE,kind=answers|forced|kl[,FIELD=VALUE...]
+                                     # (prompt_field, answer_field, format, ...), several joined
+                                     # by ';' (or a tuple): scored after the suites, under NAME
       every_steps=0,                 # also evaluate every this many steps while training (0: only
                                      # before and after)
   ))

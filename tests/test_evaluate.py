@@ -380,6 +380,20 @@ def test_eval_sets_errors_name_the_entry(sets, message):
     evaluate.settings(eval_cfg(sets=sets))
 
 
+def test_eval_sets_from_the_command_line():
+  """--config.eval.sets takes entries joined by ';' (a tuple field would refuse the commas)."""
+  from absl import flags
+  from dft_jax import cli as common
+  argv = ["dft_jax.evaluate", "--config.eval.sets=quiz=q.jsonl,kind=answers,prompt_field=question;"
+          "prose=p.txt,kind=kl,format=text"]
+  common.define_config(argv)
+  common.parse_flags(argv)
+  resolved = evaluate.settings(flags.FLAGS.config.eval)["sets"]
+  assert [(s.name, s.source, s.kind, s.prompt_field, s.format) for s in resolved] == [
+      ("quiz", "q.jsonl", "answers", "question", "prompt_response"),
+      ("prose", "p.txt", "kl", "prompt", "text")]
+
+
 def test_eval_set_file_errors_name_file_row_and_field(tmp_path):
   """A held-out file with the wrong field names fails before any model is loaded: the message
   names the file, the row, the field it lacks, the entry of eval.sets and what to add."""

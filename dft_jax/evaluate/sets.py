@@ -20,6 +20,7 @@ Fields:
 
   eval.sets=("test=my_test.jsonl,kind=answers,prompt_field=question",
              "chat=ultrachat.jsonl,kind=kl,format=messages")
+  --config.eval.sets='test=my_test.jsonl,kind=answers,prompt_field=question;chat=...'
   --config.eval.in_domain='my_test.jsonl,prompt_field=question,response_field=solution'
 
 Errors name the config field that gave the set, the file and row, and what to set.
@@ -149,9 +150,11 @@ def resolve(spec, where, defaults=None, named=False):
 
 
 def resolve_list(specs, where="eval.sets", reserved=()):
-  """eval.sets -> tuple of EvalSet; ConfigError for a repeated name or one of `reserved` (the
-  suites' names)."""
-  if isinstance(specs, (str, dict)) or hasattr(specs, "items"):
+  """eval.sets (a tuple of entries, one dict, or entries joined by ';' as the command line gives
+  them) -> tuple of EvalSet; ConfigError for a repeated name or one of `reserved` (the suites')."""
+  if isinstance(specs, str):
+    specs = [spec for spec in specs.split(";") if spec.strip()]
+  elif hasattr(specs, "items"):
     specs = (specs,)
   out = tuple(resolve(spec, f"{where}[{i}]", named=True) for i, spec in enumerate(specs or ()))
   names = [s.name for s in out]
