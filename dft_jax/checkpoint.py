@@ -2,7 +2,7 @@
 
 Layout of a workdir:
   config.json              the run's full config (written once, checked on resume)
-  run.lock                 held while a run uses the workdir (dft_jax/faults.py)
+  run.lock                 held while a run uses the workdir (dft_jax/run_control.py)
   checkpoints/<step>/      orbax items: `params` and `optimizer` (sharded arrays) and `data` (the
                            data iterator's JSON state); the step is the folder's name. Inference
                            (evaluate, export, generate) restores `params` alone.
@@ -37,8 +37,8 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from dft_jax import faults
 from dft_jax import files
+from dft_jax import run_control
 from dft_jax.errors import ConfigError, ModelError, UserInputError, check_number
 
 CONFIG_FILE = "config.json"
@@ -80,7 +80,6 @@ def make_manager(workdir, ckpt_cfg=None):
   if ckpt_cfg is None:
     return ocp.CheckpointManager(
         directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False))
-  _quiet_failure_reports()
   options = ocp.CheckpointManagerOptions(
       max_to_keep=ckpt_cfg.keep, create=True, cleanup_tmp_directories=True,
       enable_async_checkpointing=True, async_options=ocp.AsyncOptions(
@@ -223,12 +222,13 @@ def finishing_saves(manager):
 
 
 @functools.cache  # once per process
-def _quiet_failure_reports():
-  """A failed write ends the run with one CheckpointError line. Orbax reports the failure too, as
-  it happens, from each of its threads (ERROR records with a traceback), and as the abandoned
-  writes finish tensorstore reports 'Event loop is closed' (unraisable) and asyncio 'Task
-  exception was never retrieved'; these reports, which would bury the line, are dropped. Orbax's
-  warnings and errors without a traceback stay."""
+def quiet_failure_reports():
+  """Process-wide, for a command that writes checkpoints (its entry point calls it): a failed write
+  ends the run with one CheckpointError line. Orbax reports the failure too, as it happens, from
+  each of its threads (ERROR records with a traceback), and as the abandoned writes finish
+  tensorstore reports 'Event loop is closed' (unraisable) and asyncio 'Task exception was never
+  retrieved'; these reports, which would bury the line, are dropped. Orbax's warnings and errors
+  without a traceback stay."""
   orbax_dir = os.path.dirname(ocp.__file__)
   logging.getLogger("absl").addFilter(lambda record: not (
       record.levelno >= logging.ERROR and record.exc_info
@@ -260,7 +260,7 @@ def _try_restore(manager, step, items):
   files against checksums.json; every process must read it with orbax."""
   folder = os.path.join(manager.directory, str(step))
   problem = damage(folder, items) if jax.process_index() == 0 else None
-  if not faults.process0_says(problem is None):
+  if not run_control.process0_says(problem is None):
     return None, problem or "process 0 found it damaged"
   try:
     restored, problem = manager.restore(step, args=ocp.args.Composite(**items)), None
@@ -268,7 +268,7 @@ def _try_restore(manager, step, items):
     restored, problem = None, (
         f"orbax cannot read it: {_reason(e)}; it was written for another model or config "
         "(config.json next to it names the run) or is damaged")
-  if not faults.every_process_says(problem is None):
+  if not run_control.every_process_says(problem is None):
     return None, problem or "another process cannot read it"
   return restored, None
 
@@ -303,7 +303,7 @@ def _skip(manager, skipped, step, set_aside):
       os.makedirs(rejected, exist_ok=True)
       for bad, _ in skipped:
         os.rename(os.path.join(manager.directory, str(bad)), _free_name(rejected, str(bad)))
-    faults.process0_says(True)  # the other processes wait for the moves
+    run_control.process0_says(True)  # the other processes wait for the moves
     manager.reload()
     moved = f"; moved to {rejected}"
   others = f" (and {', '.join(str(s) for s, _ in skipped[1:])})" if len(skipped) > 1 else ""

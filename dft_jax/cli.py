@@ -4,13 +4,12 @@ the config fields with their defaults and meanings (exit 0), one-line errors (`d
 ...`, exit 2), one log format (`dft_jax: ...`), a status line in long phases, and stop signals that
 end any phase with one line.
 
+  cli.prepare_process()                        # first: process-wide settings
   cli.define_config(argv)                      # before the flags are parsed
   cli.run(main, argv, doc=__doc__, sections=("model", "data"))
 
-Importing this module first keeps transformers' advice about a missing PyTorch off the console
-(dft_jax never uses torch models) and sets glibc's malloc up to hand freed memory back before jax
-starts its threads (host.keep_heap_small); the CLI modules import it before anything that imports
-transformers or uses jax.
+Importing this module changes nothing in the process; a command's `cli_main` calls
+`prepare_process()` first.
 """
 import contextlib
 import logging
@@ -23,17 +22,25 @@ import textwrap
 import threading
 import time
 
-os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")  # "PyTorch was not found ..."
-
-from dft_jax import config_files  # pylint: disable=wrong-import-position
-from dft_jax import host  # pylint: disable=wrong-import-position
-from dft_jax.errors import ConfigError, cli_entry  # pylint: disable=wrong-import-position
-
-host.keep_heap_small()  # before jax's threads exist: a command's host memory (host.py)
+from dft_jax import config_files
+from dft_jax import host
+from dft_jax.errors import ConfigError, cli_entry
 
 PACKAGE = os.path.dirname(os.path.abspath(__file__))
 HELP_FLAGS = ("--help", "-help", "-h", "--helpshort", "--helpfull", "-?")
 WIDTH = 100
+
+
+# ----------------------------------------------------------------------------- the process
+
+
+def prepare_process():
+  """The process-wide settings of a command, called first by its `cli_main` (before anything
+  imports transformers or starts jax's threads): transformers' advice about a missing PyTorch stays
+  off the console (dft_jax never uses torch models), and glibc's malloc hands freed memory back
+  (host.keep_heap_small: a command's host memory)."""
+  os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")  # "PyTorch was not found ..."
+  host.keep_heap_small()
 
 
 # ----------------------------------------------------------------------------- config flags
@@ -340,7 +347,8 @@ def phase(label, timed=True):
 # signal.set_wakeup_fd makes the C-level handler write the signal's number to a pipe at once, and a
 # thread reading it ends the command: one line (what it was doing, what was kept) and the exit code
 # of the stop policy (`on_stop`). Where something else took the signal over (the training loop's
-# faults.StopSignals, which stops after the current step with a checkpoint), the thread leaves it.
+# run_control.StopSignals, which stops after the current step with a checkpoint), the thread leaves
+# it. Nothing is installed before a command's cli.run.
 
 
 def _noted(signum, frame):

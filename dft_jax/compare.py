@@ -179,6 +179,7 @@ def define_flags(argv):
 
 def cli_main(argv=None):
   """`python -m dft_jax.compare RUN_DIR... --out=DIR`."""
+  cli.prepare_process()
   argv = sys.argv if argv is None else argv
   define_flags(argv)
   cli.run(main, argv, doc=__doc__)

@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import save_file
 
-from dft_jax import cli  # first: before anything imports transformers
+from dft_jax import cli
 from dft_jax.errors import ConfigError, ModelError
 from dft_jax.models import hf, peft
 from dft_jax.models.decoder import PARAM_DTYPES
@@ -85,6 +85,7 @@ def define_flags(argv):
 
 def cli_main(argv=None):
   """`python -m dft_jax.export ARGS`."""
+  cli.prepare_process()
   argv = sys.argv if argv is None else argv
   define_flags(argv)
   cli.run(main, argv, doc=__doc__, sections=("model",))

@@ -12,7 +12,7 @@ left-padded batch.
 """
 import sys
 
-from dft_jax import cli  # first: before anything imports transformers
+from dft_jax import cli
 from dft_jax.errors import ConfigError, ModelError
 
 
@@ -64,6 +64,7 @@ def define_flags(argv):
 
 def cli_main(argv=None):
   """`python -m dft_jax.generate ARGS`."""
+  cli.prepare_process()
   argv = sys.argv if argv is None else argv
   define_flags(argv)
   cli.run(main, argv, doc=__doc__, sections=("model", "data"))

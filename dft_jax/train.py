@@ -10,7 +10,7 @@ workdir (the same command resumes a run), compile the step (dft_jax/step.py), ev
 model, run the loop (dft_jax/loop.py) with checkpoints and stop signals, evaluate the result,
 write the summary.
 A first SIGTERM / SIGINT ends the run after the current step with a checkpoint (exit 0); see
-dft_jax/faults.py. Nothing imports this module: it is the command line.
+dft_jax/run_control.py. Nothing imports this module: it is the command line.
 """
 import itertools
 import logging
@@ -24,13 +24,13 @@ from dft_jax import checkpoint as ckpt
 from dft_jax import cli
 from dft_jax import data
 from dft_jax import evaluate
-from dft_jax import faults
 from dft_jax import files
 from dft_jax import loop
 from dft_jax import metrics as metrics_lib
 from dft_jax import models
 from dft_jax import objectives
 from dft_jax import preflight
+from dft_jax import run_control
 from dft_jax import sharding
 from dft_jax import step as step_lib
 from dft_jax.errors import ConfigError
@@ -74,14 +74,15 @@ def batches_of(data_iter, mesh):
 def train_and_evaluate(config, workdir, allow_config_change=False):
   """Runs (or resumes) training in `workdir`; returns the summary dict (also summary.json).
 
-  One run per workdir (faults.WorkdirLock). A run resuming from checkpoints must have the config
-  they were written with (but the fields of checkpoint.RESUMABLE), unless allow_config_change.
+  One run per workdir (run_control.WorkdirLock). A run resuming from checkpoints must have the
+  config they were written with (but the fields of checkpoint.RESUMABLE), unless
+  allow_config_change.
   A finished run (summary.json of as many steps) returns its summary and writes nothing.
-  Raises faults.Preempted when a stop signal ended the run early (after a checkpoint).
+  Raises run_control.Preempted when a stop signal ended the run early (after a checkpoint).
   """
   validate_config(config)
-  faults.check_workdir(workdir)
-  with faults.one_run_per_workdir(workdir):
+  run_control.check_workdir(workdir)
+  with run_control.one_run_per_workdir(workdir):
     ckpt.check_config(workdir, config, allow_config_change)
     finished = files.read_json(os.path.join(workdir, "summary.json"))
     if finished is not None and finished["steps"] >= config.train.num_steps:
@@ -121,7 +122,7 @@ def run(config, workdir):
   ckpt.write_config(workdir, config)  # only once the checkpoints are known to fit this run
   if is_main:  # rows a killed run logged after its last checkpoint are logged again
     for name in (metrics_lib.METRICS_FILE, metrics_lib.EVAL_METRICS_FILE):
-      faults.rewind_jsonl(os.path.join(workdir, name), int(state.step))
+      run_control.rewind_jsonl(os.path.join(workdir, name), int(state.step))
 
   batches = batches_of(data_iter, mesh)
   first = next(batches)
@@ -158,7 +159,7 @@ def run(config, workdir):
       recorder.start()  # the next step's time leaves the evaluation out
 
     started = time.time()
-    with faults.StopSignals() as signals, ckpt.finishing_saves(manager):
+    with run_control.StopSignals() as signals, ckpt.finishing_saves(manager):
       state = loop.train_loop(
           state, train_step, itertools.chain([first], batches), num_steps=t.num_steps,
           record=recorder, frozen=frozen,
@@ -170,7 +171,7 @@ def run(config, workdir):
       ckpt.wait(manager)
     if signals.received:
       step = int(state.step)
-      raise faults.Preempted(
+      raise run_control.Preempted(
           f"stopped by {signals.received} after step {step} of {t.num_steps}; checkpoint "
           f"{ckpt.checkpoint_dir(workdir)}/{step} written: run the same command to resume")
     train_seconds = time.time() - started
@@ -240,7 +241,7 @@ def main(argv):
   try:
     with cli.run_folder(workdir):
       summary = train_and_evaluate(config, workdir, flags_.allow_config_change)
-  except faults.Preempted as stopped:  # every process says where it stopped
+  except run_control.Preempted as stopped:  # every process says where it stopped
     print(f"dft_jax: {stopped}", flush=True)
     return
   if jax.process_index() == 0:
@@ -263,6 +264,8 @@ def cli_main(argv=None):
   """`python -m dft_jax.train ARGS`: a bad flag, config file or config field is one line (exit 2),
   as is every UserInputError of the run."""
   import sys  # pylint: disable=g-import-not-at-top
+  cli.prepare_process()
+  ckpt.quiet_failure_reports()
   argv = sys.argv if argv is None else argv
   define_flags(argv)
   cli.run(main, argv, doc="\n\n".join(__doc__.split("\n\n")[:2]))  # summary and usage

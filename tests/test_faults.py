@@ -30,8 +30,8 @@ import pytest
 from flax import nnx
 
 from dft_jax import checkpoint as ckpt
-from dft_jax import faults
 from dft_jax import files
+from dft_jax import run_control
 from dft_jax import step as step_lib
 from dft_jax.errors import ConfigError
 from conftest import FAST_COMPILE
@@ -455,8 +455,8 @@ def test_no_usable_checkpoint_is_one_error(reference, tmp_path):
 
 # ----------------------------------------------------------------------------- one run per workdir
 
-HOLD_LOCK = ("import sys, time; from dft_jax import faults; "
-             "faults.WorkdirLock(sys.argv[1]).acquire(); print('locked', flush=True); "
+HOLD_LOCK = ("import sys, time; from dft_jax import run_control; "
+             "run_control.WorkdirLock(sys.argv[1]).acquire(); print('locked', flush=True); "
              "time.sleep(600)")
 
 
@@ -468,11 +468,11 @@ def test_workdir_lock_names_its_holder_and_is_taken_over_after_a_kill(env, tmp_p
       rf"^--workdir={tmp_path} is in use by another run: pid {holder.pid} on "
       rf"{re.escape(socket.gethostname())} since \S+ \S+ \S+ \(-c {tmp_path}\); wait for it to "
       r"end or use another --workdir$")):
-    faults.WorkdirLock(str(tmp_path)).acquire()
+    run_control.WorkdirLock(str(tmp_path)).acquire()
   holder.kill()
   holder.wait()
   assert (tmp_path / "run.lock").exists()  # kill -9 leaves it behind
-  with caplog.at_level(logging.WARNING), faults.WorkdirLock(str(tmp_path)):
+  with caplog.at_level(logging.WARNING), run_control.WorkdirLock(str(tmp_path)):
     assert json.loads((tmp_path / "run.lock").read_text())["pid"] == os.getpid()
   assert f"taking over the lock of pid {holder.pid} on " in caplog.text
   assert not (tmp_path / "run.lock").exists()
@@ -482,13 +482,13 @@ def test_without_flock_a_live_pid_on_this_host_holds_the_lock(tmp_path, monkeypa
   """A filesystem without flock (ENOLCK): the pid in run.lock decides."""
   def no_flock(fd, operation):
     raise OSError(38, "Function not implemented")
-  monkeypatch.setattr(faults.fcntl, "flock", no_flock)
+  monkeypatch.setattr(run_control.fcntl, "flock", no_flock)
   gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                         capture_output=True, text=True).stdout.strip()
   with subprocess.Popen(["sleep", "60"]) as alive:
     for pid, held in ((alive.pid, True), (int(gone), False)):
       (tmp_path / "run.lock").write_text(json.dumps(dict(pid=pid, host=socket.gethostname())))
-      lock = faults.WorkdirLock(str(tmp_path))
+      lock = run_control.WorkdirLock(str(tmp_path))
       if held:
         with pytest.raises(ConfigError, match=rf"pid {pid} on .* \(if it is gone, delete "):
           lock.acquire()
@@ -696,9 +696,9 @@ def test_rewind_jsonl_drops_rows_after_the_checkpoint_and_a_torn_line(tmp_path):
   path = tmp_path / "metrics.jsonl"
   path.write_text("".join(json.dumps({"step": s, "loss": s / 10}) + "\n" for s in range(1, 6))
                   + '{"step": 6, "lo')
-  faults.rewind_jsonl(str(path), 3)
+  run_control.rewind_jsonl(str(path), 3)
   assert [r["step"] for r in read_jsonl(path)] == [1, 2, 3]
-  faults.rewind_jsonl(str(path), 0)
+  run_control.rewind_jsonl(str(path), 0)
   assert path.read_text() == ""
 
 

@@ -10,7 +10,7 @@ iterator at config.train.seq_len / global_batch_size.
 import itertools
 import sys
 
-from dft_jax import cli  # first: before anything imports transformers
+from dft_jax import cli
 from dft_jax.data import formats
 from dft_jax.data import pipeline
 from dft_jax.data import sources
@@ -93,6 +93,7 @@ def define_flags(argv):
 def cli_main(argv=None):
   """`python -m dft_jax.data.inspect ARGS`. Flags are defined here, not at import, so importing
   this module defines no global flags."""
+  cli.prepare_process()
   argv = sys.argv if argv is None else argv
   define_flags(argv)
   cli.run(main, argv, doc=__doc__, sections=("model", "data", "train"))

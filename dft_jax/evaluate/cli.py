@@ -13,7 +13,7 @@ import json
 import os
 import sys
 
-from dft_jax import cli  # first: before anything imports transformers
+from dft_jax import cli
 from dft_jax.errors import ConfigError, ModelError
 from dft_jax.evaluate import evaluator
 
@@ -86,6 +86,7 @@ def define_flags(argv):
 
 def cli_main(argv=None):
   """`python -m dft_jax.evaluate ARGS`."""
+  cli.prepare_process()
   argv = sys.argv if argv is None else argv
   define_flags(argv)
   cli.run(main, argv, doc=__doc__, sections=("model", "data", "eval"))

@@ -636,6 +636,7 @@ def define_flags(argv):
 
 
 def cli_main(argv=None):
+  cli.prepare_process()
   argv = sys.argv if argv is None else argv
   define_flags(argv)
   cli.run(main, argv, doc="\n\n".join(__doc__.split("\n\n")[:2]))  # summary and usage

@@ -24,7 +24,7 @@ import traceback
 
 from transformers import AutoTokenizer  # pylint: disable=unused-import  (its lazy imports, once)
 
-from dft_jax import data, export, faults, generate, train  # pylint: disable=unused-import
+from dft_jax import data, export, generate, run_control, train  # pylint: disable=unused-import
 from dft_jax.data import inspect as data_inspect
 from dft_jax.evaluate import cli as evaluate_cli
 from dft_jax.experiments import scanner
@@ -75,7 +75,7 @@ def held_lock(workdir):
   if not workdir:
     return contextlib.nullcontext()
   os.makedirs(workdir, exist_ok=True)
-  return faults.WorkdirLock(workdir)
+  return run_control.WorkdirLock(workdir)
 
 
 def run(job, timeout=120):

@@ -1,4 +1,6 @@
-"""What a run does when it is stopped or killed (tests/test_faults.py injects these faults).
+"""How a training run keeps control of its end and of its workdir: stop signals, the agreement of
+processes, the check and lock of the workdir, and the metrics rewind of a resumed run
+(tests/test_faults.py stops, kills and poisons runs against these).
 
 - Stop signals: the first SIGTERM (what TPU VMs, SLURM and Kubernetes send before a kill) or SIGINT
   lets the current step finish, writes a checkpoint and ends the run with `Preempted` (the CLI
