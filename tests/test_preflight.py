@@ -49,3 +49,14 @@ def test_answer_field_is_checked_in_the_first_rows(tmp_path):
   with pytest.raises(DataError, match=r"row 5 of .*mine.jsonl has no field 'final'.*"
                      r"--config.data.answer_field=NAME"):
     preflight.check_data(config.data)
+
+
+def test_loading_a_file_prints_no_library_progress(tmp_path, capfd):
+  """The preflight opens every file: `datasets`' own 'Generating train split' bars stay off the
+  console (the data summary line says what was read)."""
+  rows = [{"prompt": f"{a} + 1?", "response": f"#### {a + 1}"} for a in range(30)]
+  config = tiny_config(tmp_path)
+  config.data.source = write_jsonl(tmp_path / "fresh.jsonl", rows)
+  capfd.readouterr()
+  preflight.check_data(config.data)
+  assert "Generating" not in capfd.readouterr().err
