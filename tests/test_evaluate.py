@@ -323,7 +323,7 @@ def test_eval_sets_score_each_set_under_its_own_name(tmp_path):
       dict(name="prose", source=prose, kind="kl", format="text", text_field="body"))),
       d, tokenizer, graphdef, params)
   out = ev(params)
-  assert out["quiz/accuracy"] == 0.75 and out["quiz/answered"] == 1.0 and out["quiz/rows"] == 4
+  assert out["quiz/accuracy"] == 0.75 and out["quiz/answered"] == 1.0 and out["quiz/n"] == 4
   assert out["quiz/correct"] == [1, 1, 0, 1]
   encoder = data.Encoder(ml_collections.ConfigDict(dict(d, prompt_field="task",
                                                         response_field="solution")), tokenizer)

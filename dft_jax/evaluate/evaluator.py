@@ -410,16 +410,16 @@ class RunEvaluator:
             "target_prob_hist": teacher_forced.target_prob_histogram(stats["logp"]).tolist()}, []
 
   def eval_set(self, model, params, s):
-    """One eval.sets entry, its metrics under `NAME/`: answers (accuracy, answered, avg@k /
-    pass@k, correct per problem), forced (target_prob, nll, target_prob_hist), kl (kl_to_base,
-    entropy, perplexity); every kind its rows."""
+    """One eval.sets entry, its metrics under `NAME/`: answers (n problems, accuracy, answered,
+    avg@k / pass@k, correct per problem), forced (rows, target_prob, nll, target_prob_hist), kl
+    (rows, kl_to_base, entropy, perplexity)."""
     rows, prefix = self.rows(s), f"{s.name}/"
     if s.kind == "answers":
       out, examples = self._answered(
           model, s, rows, lambda t, gold: answers.is_math_correct(t, str(gold)), prefix,
           s.max_new_tokens or self.cfg["math_max_new_tokens"], s.system_prompt,
           extract=answers.stated_answer, title=s.name)
-      return {f"{prefix}rows": len(rows), **out}, examples
+      return out, examples
     stats = self._forced(params, s, against_base=s.kind == "kl")
     if s.kind == "forced":
       return {f"{prefix}rows": len(rows), f"{prefix}target_prob": float(np.exp(stats["logp"]).mean()),
