@@ -39,6 +39,10 @@ def get_config(arg=None):
                                      # float32: set it just above the data summary's "most
                                      # documents in a row" (docs/speed.md)
       tokenizer=placeholder(str),    # HF tokenizer folder, for presets
+      router_aux_loss_coef=placeholder(float),  # mixture-of-experts models: weight of the
+                                     # router's load-balancing loss in the total (None: as
+                                     # transformers trains the checkpoint: config.json's
+                                     # router_aux_loss_coef if its output_router_logits, else 0)
   ))
 
   # LoRA / QLoRA (docs/models.md "LoRA and QLoRA"): rank 0 trains every parameter; rank > 0 trains low-rank adapters

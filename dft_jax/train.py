@@ -36,12 +36,13 @@ from dft_jax import step as step_lib
 from dft_jax.errors import ConfigError
 
 
-def check_updates_per_snapshot(config):
+def check_updates_per_snapshot(setting, train_cfg):
   """An objective that trains against a policy snapshot (PSFT's old_logp, arXiv 2508.17784) needs
   several updates per snapshot: with train.minibatches=1 the snapshot is the policy itself, every
-  ratio is 1 and the update is exactly SFT's, so that is refused, naming the field."""
-  name, k = config.objective.name, config.train.minibatches
-  if "old_logp" in objectives.OBJECTIVES[name].needs and k == 1:
+  ratio is 1 and the update is exactly SFT's, so that is refused, naming the field.
+  setting: the resolved objective (objectives.Setting); train_cfg: config.train."""
+  name = setting.name
+  if "old_logp" in setting.needs and train_cfg.minibatches == 1:
     raise ConfigError(
         f"objective.name={name!r} with train.minibatches=1 is SFT: with one update per policy "
         "snapshot its ratio stays 1 and its numbers equal SFT's; set train.minibatches to the "
@@ -51,9 +52,10 @@ def check_updates_per_snapshot(config):
 
 
 def validate_config(config):
-  """Every section's own check, before anything is loaded or compiled (ConfigError, one line)."""
-  objectives.validate(config.objective)
-  check_updates_per_snapshot(config)
+  """Every section's own check, before anything is loaded or compiled (ConfigError, one line);
+  returns the objective resolved (objectives.Setting), which the rest of the run receives."""
+  setting = objectives.validate(config.objective)
+  check_updates_per_snapshot(setting, config.train)
   step_lib.validate(config, jax.device_count(), jax.process_count())
   data.validate(config.data, seq_len=config.train.seq_len,
                 global_batch_size=config.train.global_batch_size,
@@ -62,6 +64,7 @@ def validate_config(config):
   metrics_lib.validate(config.log)
   evaluate.settings(config.eval)
   models.lora_config(config.lora)
+  return setting
 
 
 def batches_of(data_iter, mesh):
@@ -80,7 +83,7 @@ def train_and_evaluate(config, workdir, allow_config_change=False):
   A finished run (summary.json of as many steps) returns its summary and writes nothing.
   Raises run_control.Preempted when a stop signal ended the run early (after a checkpoint).
   """
-  validate_config(config)
+  setting = validate_config(config)
   run_control.check_workdir(workdir)
   with run_control.one_run_per_workdir(workdir):
     ckpt.check_config(workdir, config, allow_config_change)
@@ -89,11 +92,12 @@ def train_and_evaluate(config, workdir, allow_config_change=False):
       logging.info("%s: this run finished all its %d steps; nothing to do", workdir,
                    finished["steps"])
       return finished
-    return run(config, workdir)
+    return run(config, workdir, setting)
 
 
-def run(config, workdir):
-  """The run itself (train_and_evaluate's checks done, the workdir locked)."""
+def run(config, workdir, setting):
+  """The run itself (train_and_evaluate's checks done, the workdir locked; setting: the objective
+  resolved by validate_config)."""
   t, is_main = config.train, jax.process_index() == 0
   evaluates = config.eval.before or config.eval.after or config.eval.every_steps
   mesh = sharding.make_mesh(config.mesh)
@@ -102,7 +106,8 @@ def run(config, workdir):
   with cli.phase(f"loading {config.model.name}"):
     model, tokenizer = models.load_from_config(config.model, config.lora)
   model_config, lora = model.config, model.lora
-  graphdef, state, frozen, tx, schedule = step_lib.init_train_state(model, config, mesh)
+  graphdef, state, frozen, tx, schedule = step_lib.init_train_state(model, config, mesh,
+                                                                    setting=setting)
   del model
   # The starting parameters (with LoRA: its adapters, B = 0), for the base model's evaluation.
   initial = None
@@ -128,7 +133,7 @@ def run(config, workdir):
   first = next(batches)
   with cli.phase("compiling the train step"):
     train_step = step_lib.make_train_step(graphdef, tx, config, mesh, step_lib.shardings_of(state),
-                                          step_lib.shardings_of(frozen))
+                                          step_lib.shardings_of(frozen), setting=setting)
     train_step = train_step.lower(state, first[0], frozen).compile()
 
   evaluator = None

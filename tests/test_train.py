@@ -18,7 +18,7 @@ import pytest
 from flax import nnx
 from tensorboard.backend.event_processing import event_accumulator
 
-from dft_jax import checkpoint, models, sharding, train
+from dft_jax import checkpoint, models, objectives, sharding, train
 from dft_jax import step as step_lib
 from dft_jax.data.testing import default_config
 from dft_jax.errors import ConfigError, UserInputError
@@ -76,9 +76,10 @@ def batches(config, n):
 def run_steps(config, mesh, host_batches):
   """Trains on host_batches over `mesh`; returns (per-step metrics, final params on the host)."""
   model, _ = models.load(config.model.name, compute_dtype="float32")
-  graphdef, state, frozen, tx, _ = step_lib.init_train_state(model, config, mesh)
+  setting = objectives.validate(config.objective)
+  graphdef, state, frozen, tx, _ = step_lib.init_train_state(model, config, mesh, setting=setting)
   step = step_lib.make_train_step(graphdef, tx, config, mesh, step_lib.shardings_of(state),
-                                  step_lib.shardings_of(frozen))
+                                  step_lib.shardings_of(frozen), setting=setting)
   metrics = []
   for b in host_batches:
     state, m = step(state, step_lib.global_batch(b, mesh), frozen)
@@ -120,7 +121,8 @@ def test_sharded_equals_single_device(rows_dir, objective, layout):
 def test_params_really_sharded(tmp_path):
   config = tiny_config(tmp_path)
   model, _ = models.load(TINY)
-  _, state, _, _, _ = step_lib.init_train_state(model, config, mesh_of(8, fsdp=4, tensor=2))
+  _, state, _, _, _ = step_lib.init_train_state(model, config, mesh_of(8, fsdp=4, tensor=2),
+                                                setting=objectives.validate(config.objective))
   spec = jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
   wq = state.params["layers"]["wq"]  # [L, D, N, H]: embed on fsdp, q_heads on tensor
   assert wq.sharding.spec == spec
@@ -175,7 +177,7 @@ def test_psft_default_updates_per_snapshot_differ_from_sft(tmp_path):
                   train__microbatches=variant.train.microbatches)
   host = batches(tiny_config(tmp_path), 1)
   psft_config = tiny_config(tmp_path, objective__name="psft", **geometry)
-  train.check_updates_per_snapshot(psft_config)
+  train.check_updates_per_snapshot(objectives.validate(psft_config.objective), psft_config.train)
   psft_metrics, psft = run_steps(psft_config, mesh_of(1), host)
   sft_metrics, sft = run_steps(tiny_config(tmp_path, objective__name="sft", **geometry),
                                mesh_of(1), host)
@@ -274,7 +276,7 @@ ACCEPTED = {"train.seed": (0,), "optimizer.warmup_steps": (0,), "optimizer.min_l
             "optimizer.weight_decay": (0,), "optimizer.b1": (0,), "optimizer.b2": (0,),
             "optimizer.grad_clip_norm": (0,), "data.shuffle_buffer": (0,),
             "data.shuffle_seed": (0,), "data.eval_holdout": (0,), "eval.temperature": (0,),
-            "eval.seed": (0,),
+            "eval.seed": (0,), "model.router_aux_loss_coef": (0,),
             "mesh.data": (-1,)}
 
 
@@ -390,7 +392,8 @@ def test_lora_trains_only_the_adapters_and_step_zero_is_the_base(tmp_path):
   base, _ = models.load(TINY)
   tokens = np.arange(16, dtype=np.int32)[None] % 300
   np.testing.assert_array_equal(model(tokens), base(tokens))
-  _, state, frozen, _, _ = step_lib.init_train_state(model, config, mesh_of(1))
+  _, state, frozen, _, _ = step_lib.init_train_state(
+      model, config, mesh_of(1), setting=objectives.validate(config.objective))
   assert all("lora" in jax.tree_util.keystr(p) for p, _ in
              jax.tree_util.tree_leaves_with_path(state.params))
   assert frozen.reference is None and jax.tree.leaves(frozen.base)
@@ -401,10 +404,11 @@ def test_lora_trains_only_the_adapters_and_step_zero_is_the_base(tmp_path):
 def run_lora(config, mesh, host_batches):
   """Like run_steps, for a LoRA config: (metrics, adapters, frozen) on the host."""
   model, _ = models.load_from_config(config.model, config.lora)
-  graphdef, state, frozen, tx, _ = step_lib.init_train_state(model, config, mesh)
+  setting = objectives.validate(config.objective)
+  graphdef, state, frozen, tx, _ = step_lib.init_train_state(model, config, mesh, setting=setting)
   before = jax.device_get(frozen.base)
   step = step_lib.make_train_step(graphdef, tx, config, mesh, step_lib.shardings_of(state),
-                                  step_lib.shardings_of(frozen))
+                                  step_lib.shardings_of(frozen), setting=setting)
   metrics = []
   for b in host_batches:
     state, m = step(state, step_lib.global_batch(b, mesh), frozen)
