@@ -166,6 +166,29 @@ def test_psft_snapshot_is_held_across_minibatches(tmp_path):
   assert diff > 1e-6
 
 
+def test_psft_default_updates_per_snapshot_differ_from_sft(tmp_path):
+  """configs/default.py:psft takes several updates per policy snapshot (the paper's recipe), so
+  the main job's PSFT does not reproduce SFT's numbers; the main job refuses the K = 1 setting that
+  would, naming the field."""
+  from dft_jax import config_files
+  variant = config_files.load("default.py", "psft")
+  assert variant.train.minibatches > 1 and config_files.load("default.py").train.minibatches == 1
+  geometry = dict(train__minibatches=variant.train.minibatches,
+                  train__microbatches=variant.train.microbatches)
+  host = batches(tiny_config(tmp_path), 1)
+  psft_config = tiny_config(tmp_path, objective__name="psft", **geometry)
+  train.check_updates_per_snapshot(objectives.validate(psft_config.objective), psft_config.train)
+  psft_metrics, psft = run_steps(psft_config, mesh_of(1), host)
+  sft_metrics, sft = run_steps(tiny_config(tmp_path, objective__name="sft", **geometry),
+                               mesh_of(1), host)
+  assert psft_metrics[0]["loss"] != sft_metrics[0]["loss"]
+  diff = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(psft), jax.tree.leaves(sft)))
+  assert diff > 1e-6
+  with pytest.raises(ConfigError, match=r"objective.name='psft' with train.minibatches=1 is SFT.*"
+                     "set train.minibatches"):
+    train.validate_config(tiny_config(tmp_path, objective__name="psft"))
+
+
 @pytest.mark.parametrize("objective,extra", [
     ("sft", {}), ("dft", {}), ("power", {}), ("psft", {}),
     ("sft", {"objective__entropy_coef": 0.01}), ("dft", {"objective__kl_coef": 0.001})])
@@ -214,7 +237,8 @@ def test_resume_equals_uninterrupted(tmp_path):
 
 
 def test_logs_tensorboard_and_jsonl(tmp_path):
-  config = tiny_config(tmp_path, train__num_steps=2, objective__name="psft")
+  config = tiny_config(tmp_path, train__num_steps=2, objective__name="psft", train__minibatches=2,
+                       train__global_batch_size=16)
   train.train_and_evaluate(config, str(tmp_path / "run"))
   rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
   assert [r["step"] for r in rows] == [1, 2]
