@@ -282,7 +282,7 @@ ACCEPTED = {"train.seed": (0,), "optimizer.warmup_steps": (0,), "optimizer.min_l
             "optimizer.grad_clip_norm": (0,), "optimizer.max_update_ratio": (0,),
             "data.shuffle_buffer": (0,),
             "data.shuffle_seed": (0,), "data.eval_holdout": (0,), "eval.temperature": (0,),
-            "eval.seed": (0,), "model.router_aux_loss_coef": (0,),
+            "eval.seed": (0,), "eval.every_steps": (0,), "model.router_aux_loss_coef": (0,),
             "mesh.data": (-1,)}
 
 
