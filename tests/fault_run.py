@@ -79,9 +79,13 @@ class SlowCommitRestore(ocp.args.CheckpointArgs):
   item: dict | None = None
 
 
+def poisoned(make_train_iterator, step):
+  """make_train_iterator whose iterators carry a NaN in the `step`-th batch they yield."""
+  return lambda *a, **kw: PoisonedIterator(make_train_iterator(*a, **kw), step)
+
+
 def inject_nan(step):
-  make = data.make_train_iterator
-  data.make_train_iterator = lambda *a, **kw: PoisonedIterator(make(*a, **kw), step)
+  data.make_train_iterator = poisoned(data.make_train_iterator, step)
 
 
 def slow_save(step, seconds):

@@ -138,6 +138,7 @@ def test_summary_reads_the_targets_off_the_records(tmp_path):
   assert json.loads((tmp_path / "h200.json").read_text())["summary"] == as_json(s)
 
 
+@pytest.mark.slow
 def test_compiled_memory_counts_the_donated_state():
   """XLA's argument bytes = fp32 params + AdamW's two fp32 moments (+ counters and the batch)."""
   v = dict(model="tiny-qwen2", batch=2, seq_len=64, lm_head_chunk=32, compute_dtype="float32")
@@ -148,6 +149,7 @@ def test_compiled_memory_counts_the_donated_state():
   assert mem["temp_bytes"] > 0
 
 
+@pytest.mark.slow
 def test_compiled_memory_of_a_lora_step_holds_the_frozen_base():
   """With LoRA the step's arguments are the bf16 base (read, never donated) + the float32 adapters
   and their two AdamW moments (donated); nothing else of the model's size."""
@@ -180,6 +182,7 @@ def assert_skipped_for(record, package):
   assert (record["status"], record["error"]) == ("skipped", f"No module named '{package}'")
 
 
+@pytest.mark.slow
 def test_smoke_sweep_writes_records_and_table(tmp_path):
   proc = run_script(["benchmarks/train_step.py", "--sweep=smoke", f"--out={tmp_path}",
                      "--budget_s=600"], timeout=700)
@@ -240,6 +243,7 @@ def check_lora_records(records, full):
   assert np.all(np.isfinite(peft["losses"]))
 
 
+@pytest.mark.slow
 def test_head_benchmark_compares_the_heads():
   """benchmarks/head.py, the LM head alone (EAFT, tiny shapes): the fused head's record with its
   three matmuls a chunk, its gradients against the checkpointed head's, the top-k timings."""
@@ -255,6 +259,7 @@ def test_head_benchmark_compares_the_heads():
   assert record["tokens_per_s"] == pytest.approx(2 * 128 / record["step_time_s"])
 
 
+@pytest.mark.slow
 def test_breakdown_times_every_part(tmp_path):
   """benchmarks/breakdown.py --smoke: each part and the whole step timed, one JSON record."""
   out = tmp_path / "breakdown.jsonl"
@@ -269,6 +274,7 @@ def test_breakdown_times_every_part(tmp_path):
   assert all(np.isfinite(t) and t > 0 for t in seconds.values())
 
 
+@pytest.mark.slow
 def test_host_memory_puts_each_peak_after_the_line_of_its_phase(capsys):
   """A child that prints "small", holds 64 MB, prints "large", holds 400 MB: the sampler's peak is
   the large phase's and each phase's peak reads after its own line."""

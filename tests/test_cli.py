@@ -67,6 +67,7 @@ def env():
               XLA_FLAGS=f"--xla_force_host_platform_device_count=1 {FAST_COMPILE}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", COMMANDS)
 def test_help_exits_0_and_lists_the_config_fields(command):
   done = subprocess.run([sys.executable, "-m", command, "--help"], cwd=REPO, env=env(),
@@ -142,6 +143,7 @@ def tiny_args(tmp_path_factory):
   return cli_flags(config)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("text,sig,phase", [
     ("compiling the train step", signal.SIGTERM, "compiling the train step"),
     ("scoring held-out rows", signal.SIGINT, "evaluating the base model"),

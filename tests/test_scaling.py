@@ -126,6 +126,7 @@ def smoke(tmp_path_factory):
   return result, {r["name"]: r for r in result["records"]}, proc.stdout
 
 
+@pytest.mark.slow
 def test_smoke_runs_every_case_on_its_own_devices(smoke):
   result, records, stdout = smoke
   assert list(records) == [c["name"] for c in scaling.plan("smoke", SMOKE_NS)]
@@ -152,6 +153,7 @@ def test_smoke_runs_every_case_on_its_own_devices(smoke):
   assert "tok/s/GPU" in stdout
 
 
+@pytest.mark.slow
 def test_smoke_losses_agree_for_the_same_global_batch(smoke):
   _, records, _ = smoke
   by_batch = {}
@@ -164,6 +166,7 @@ def test_smoke_losses_agree_for_the_same_global_batch(smoke):
     np.testing.assert_allclose(r["losses"], same_data[-1]["losses"], rtol=2e-5)
 
 
+@pytest.mark.slow
 def test_smoke_efficiency_and_summary(smoke):
   result, records, _ = smoke
   base1, base8 = records["tiny-qwen2/single/1x/b1"], records["tiny-qwen2/single/1x/b8"]
@@ -179,6 +182,7 @@ def test_smoke_efficiency_and_summary(smoke):
   assert large["tiny-llama/fsdp/8x/b8"]["status"] == "ok"
 
 
+@pytest.mark.slow
 def test_smoke_fsdp_shards_the_parameters(smoke):
   _, records, _ = smoke
   param_bytes = lambda r: r["train_bytes_per_device"] - r["state_bytes_per_device"]
@@ -190,6 +194,7 @@ def test_smoke_fsdp_shards_the_parameters(smoke):
   assert param_bytes(fsdp) == 4 * ((fsdp["num_params"] - 576) // 8 + 576)
 
 
+@pytest.mark.slow
 def test_smoke_fsdp_shards_the_optimizer_state(smoke):
   _, records, _ = smoke
   fsdp, data_fsdp = records["tiny-qwen2/fsdp/8x/b8"], records["tiny-qwen2/data_fsdp/8x/b8"]
