@@ -38,7 +38,7 @@ def median_time(fn, *args, steps):
 
 def parts(config, graphdef, state, tx, batch):
   """{name: (jitted fn, args)} for the trunk, the head + objective, the optimizer."""
-  obj_cfg, chunk = config.objective, config.model.lm_head_chunk
+  setting, chunk = objectives.validate(config.objective), config.model.lm_head_chunk
   model = nnx.merge(graphdef, state.params)
   hidden = jax.jit(lambda p: nnx.merge(graphdef, p).hidden_states(
       batch["tokens"], positions_BxT=batch["positions"], segment_ids_BxT=batch["segment_ids"]))(
@@ -50,12 +50,12 @@ def parts(config, graphdef, state, tx, batch):
         batch["tokens"], positions_BxT=batch["positions"], segment_ids_BxT=batch["segment_ids"])
     return jnp.vdot(h.astype(jnp.float32), cotangent.astype(jnp.float32))
 
-  def head(stat_names, hidden, w):
-    stats = lm_head.token_stats(hidden, w, batch["targets"], chunk_size=chunk, stats=stat_names)
-    return objectives.objective_loss(stats, batch, obj_cfg)[0]
+  def head(statistics, hidden, w):
+    stats = lm_head.token_stats(hidden, w, batch["targets"], chunk_size=chunk, stats=statistics)
+    return objectives.objective_loss(stats, batch, setting)[0]
 
   def fused_head(hidden, w):
-    return step_lib.objective_loss_fused(hidden, w, batch, obj_cfg, chunk_size=chunk)[0]
+    return step_lib.objective_loss_fused(hidden, w, batch, setting, chunk_size=chunk)[0]
 
   grads = jax.tree.map(lambda p: 1e-3 * jnp.ones_like(p), state.params)
 
@@ -63,13 +63,13 @@ def parts(config, graphdef, state, tx, batch):
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state
 
-  stat_names = objectives.required_stats(obj_cfg)
-  head_grad = lambda names: jax.jit(jax.grad(functools.partial(head, names), argnums=(0, 1)))
+  head_grad = lambda stats: jax.jit(jax.grad(functools.partial(head, stats), argnums=(0, 1)))
   return {
       "trunk fwd+bwd": (jax.jit(jax.grad(trunk)), (state.params,)),
-      f"head+objective fwd+bwd, stats {'+'.join(stat_names)}": (
-          head_grad(stat_names), (hidden, model.head_weight())),
-      "head+objective fwd+bwd, logp only": (head_grad(("logp",)), (hidden, model.head_weight())),
+      f"head+objective fwd+bwd, stats {'+'.join(s.name for s in setting.stats)}": (
+          head_grad(setting.stats), (hidden, model.head_weight())),
+      "head+objective fwd+bwd, logp only": (head_grad((lm_head.LOGP,)),
+                                            (hidden, model.head_weight())),
       "head+objective fwd+bwd, fused head": (jax.jit(jax.grad(fused_head, argnums=(0, 1))),
                                              (hidden, model.head_weight())),
       "optimizer (clip + AdamW)": (jax.jit(optimizer), (state.params, state.opt_state)),
@@ -81,7 +81,8 @@ def run(v, steps):
   mesh = bench.single_device_mesh()
   model = bench.load_model(config)
   model_cfg = model.config
-  graphdef, state, frozen, tx, _ = step_lib.init_train_state(model, config, mesh)
+  setting = objectives.validate(config.objective)
+  graphdef, state, frozen, tx, _ = step_lib.init_train_state(model, config, mesh, setting=setting)
   del model
   rng = np.random.default_rng(0)
   rows = config.train.global_batch_size
@@ -90,7 +91,7 @@ def run(v, steps):
   timings = {name: median_time(fn, *args, steps=steps)
              for name, (fn, args) in parts(config, graphdef, state, tx, batch).items()}
   step = step_lib.make_train_step(graphdef, tx, config, mesh, step_lib.shardings_of(state),
-                                  step_lib.shardings_of(frozen))
+                                  step_lib.shardings_of(frozen), setting=setting)
   step_fn = lambda s: step(s, batch, frozen)[0]
   times = []
   for i in range(steps + 2):

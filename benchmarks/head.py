@@ -52,8 +52,7 @@ def head_loss(v, cfg):
   if v["lm_head"] == "fused":
     return lambda hidden, w, batch, extra: step_lib.objective_loss_fused(
         hidden, w, batch, cfg, extra_BxT=extra, chunk_size=chunk)
-  stats = functools.partial(lm_head.token_stats, chunk_size=chunk,
-                            stats=objectives.required_stats(cfg))
+  stats = functools.partial(lm_head.token_stats, chunk_size=chunk, stats=cfg.stats)
   return lambda hidden, w, batch, extra: objectives.objective_loss(
       {**stats(hidden, w, batch["targets"]), **extra}, batch, cfg)
 
@@ -74,7 +73,7 @@ def inputs(v, cfg):
   w = 0.02 * jax.random.normal(key_w, (c.hidden_size, c.vocab_size), jnp.float32)
   logp = -5.0 + rng.normal(size=batch["targets"].shape).astype(np.float32)
   extra = {k: jnp.asarray(logp + rng.normal(scale=0.3, size=logp.shape).astype(np.float32))
-           for k in objectives.needs(cfg)}
+           for k in cfg.needs}
   return hidden, w.astype(v["w_dtype"]), batch, extra
 
 
@@ -114,7 +113,7 @@ def measure(v):
   """The variant's record fields (module doc)."""
   import jax
   from dft_jax import objectives
-  cfg = objectives.config_block(v["objective"])
+  cfg = objectives.validate(objectives.config_block(v["objective"]))
   hidden, w, batch, extra = inputs(v, cfg)
   grad_fn = lambda head: jax.jit(jax.value_and_grad(
       lambda h, w_: head(h, w_, batch, extra)[0], argnums=(0, 1)))
@@ -144,7 +143,7 @@ def measure(v):
         name: float(np.abs(np.asarray(g, np.float32) - np.asarray(r, np.float32)).max()
                     / np.abs(np.asarray(r, np.float32)).max())
         for name, g, r in zip(("hidden", "w"), grads, ref)}
-  topk = [s for s in objectives.required_stats(cfg) if s.startswith("topk_entropy:")]
+  topk = [s.name for s in cfg.stats if s.name.startswith("topk_entropy:")]
   if topk:
     k = int(topk[0].split(":")[1])
     record["top_k_s"], record["top_k_equal"] = top_k_times(v, hidden, w, k, v["steps"])

@@ -1,4 +1,5 @@
-"""The PyTorch peers of benchmarks/train_step.py: transformers' Qwen2ForCausalLM, same shapes.
+"""The PyTorch peers of benchmarks/train_step.py: transformers' Qwen2ForCausalLM, same shapes (and
+Qwen3MoeForCausalLM for the MoE preset).
 
   python benchmarks/torch_peer.py --model=qwen2.5-1.5b --objective=dft --batch=4   # on a GPU
   python benchmarks/torch_peer.py --liger ...          # Liger's fused linear cross entropy head
@@ -23,7 +24,9 @@ Timing as in train_step.py: warm-up steps, then timed steps ended by torch.cuda.
 median. Peak memory: torch.cuda.max_memory_allocated. --probe_batches: afterwards, one step at
 each larger batch (peak reset before each) until one runs out of memory. MFU: tokens/s x
 dft_jax.throughput.flops_per_token (6 N + 12 L d T; with LoRA 4 N_base + 6 N_adapters + 12 L d T),
-as for our records. A missing package (torch, transformers, peft, liger_kernel) makes the record
+as for our records; for a mixture of experts N counts active parameters (the experts outside a
+token's top k left out) and the record names transformers' experts implementation (grouped_mm
+where torch has it). A missing package (torch, transformers, peft, liger_kernel) makes the record
 `skipped`, naming it.
 """
 import argparse
@@ -60,20 +63,45 @@ SHAPES = {
 }
 
 
+# Presets of other families: their transformers config is the preset's own config.json
+# (dft_jax.models.ModelConfig.to_hf).
+OTHER_PRESETS = ("qwen3-moe-a1.3b", "tiny-qwen3-moe")
+
+
+def hf_config(name):
+  """The transformers config of preset `name`, SDPA attention, no KV cache."""
+  import transformers
+  common = dict(use_cache=False, attn_implementation="sdpa")
+  if name in SHAPES:
+    return transformers.Qwen2Config(**SHAPES[name], rope_theta=1e6, rms_norm_eps=1e-6,
+                                    max_position_embeddings=32768, **common)
+  from dft_jax.models import PRESETS  # pylint: disable=g-import-not-at-top
+  fields = {k: v for k, v in PRESETS[name].to_hf().items() if k != "torch_dtype"}
+  fields.update(common)
+  return transformers.AutoConfig.for_model(fields.pop("model_type"), **fields)
+
+
+def inactive_params(name):
+  """Parameters a token does not use (experts outside its top k; 0 for SHAPES' dense models)."""
+  if name in SHAPES:
+    return 0
+  from dft_jax.models import PRESETS, inactive_param_count  # pylint: disable=g-import-not-at-top
+  return inactive_param_count(PRESETS[name])
+
+
 def build_model(name, device, dtype="float32"):
-  """Random-init Qwen2ForCausalLM with parameters in `dtype` on `device` (built in that dtype, as
-  from_pretrained(dtype=...) does: no float32 copy first), SDPA attention, checkpointing on."""
+  """Random-init transformers model of preset `name` (Qwen2ForCausalLM for SHAPES) with
+  parameters in `dtype` on `device` (built in that dtype, as from_pretrained(dtype=...) does: no
+  float32 copy first), SDPA attention, checkpointing on."""
   import torch
   import transformers
-  config = transformers.Qwen2Config(
-      **SHAPES[name], rope_theta=1e6, rms_norm_eps=1e-6, max_position_embeddings=32768,
-      use_cache=False, attn_implementation="sdpa")
+  config = hf_config(name)
   torch.manual_seed(0)
   default = torch.get_default_dtype()
   torch.set_default_dtype(getattr(torch, dtype))
   try:
     with torch.device(device):
-      model = transformers.Qwen2ForCausalLM(config)
+      model = transformers.AutoModelForCausalLM.from_config(config)
   finally:
     torch.set_default_dtype(default)
   enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.2x
@@ -152,7 +180,7 @@ def run_torch(v):
   dtype = getattr(torch, v["compute_dtype"])
   autocast = (lambda: torch.autocast(device, dtype=dtype)) if dtype != torch.float32 else (
       lambda: torch.autocast(device, enabled=False))
-  vocab = SHAPES[v["model"]]["vocab_size"]
+  vocab = model.config.vocab_size
   rng = np.random.default_rng(0)
 
   def step(b):
@@ -177,15 +205,16 @@ def run_torch(v):
     losses.append(float(loss.detach()))
   trainable = sum(p.numel() for p in params)
   num_params = sum(p.numel() for p in model.parameters() if not p.requires_grad) or trainable
-  s = SHAPES[v["model"]]
+  s = model.config
+  active = num_params - inactive_params(v["model"])
   flops = throughput.flops_per_token(
-      num_params, types.SimpleNamespace(num_layers=s["num_hidden_layers"],
-                                        hidden_size=s["hidden_size"]),
+      active, types.SimpleNamespace(num_layers=s.num_hidden_layers, hidden_size=s.hidden_size),
       v["seq_len"], num_trainable=trainable if v["lora_rank"] else None)
   name = torch.cuda.get_device_name() if cuda else "cpu"
   peak_flops = next((f for k, f in throughput.PEAK_FLOPS.items() if k in name), None)
-  record = dict(num_params=num_params, trainable_params=trainable,
-                num_layers=s["num_hidden_layers"], hidden_size=s["hidden_size"], vocab_size=vocab,
+  record = dict(num_params=num_params, trainable_params=trainable, active_params=active,
+                experts_implementation=getattr(s, "_experts_implementation", None),
+                num_layers=s.num_hidden_layers, hidden_size=s.hidden_size, vocab_size=vocab,
                 tokens_per_step=v["batch"] * v["seq_len"], init_s=init_s, losses=losses,
                 peak_bytes=torch.cuda.max_memory_allocated() if cuda else None,
                 bytes_limit=torch.cuda.mem_get_info()[1] if cuda else None,
@@ -237,7 +266,7 @@ def run_variant(v):
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--variant", help="one variant as JSON (what the sweep passes)")
-  p.add_argument("--model", default="qwen2.5-1.5b", choices=sorted(SHAPES))
+  p.add_argument("--model", default="qwen2.5-1.5b", choices=sorted(SHAPES) + list(OTHER_PRESETS))
   p.add_argument("--objective", default="dft", choices=("sft", "dft"))
   p.add_argument("--batch", type=int, default=4)
   p.add_argument("--seq_len", type=int, default=4096)

@@ -164,6 +164,17 @@ H200_LORA = [next(v for v in H200_7B if v["name"] == name) for name in (
     "torch/7b/peft/b4", "jax/7b/lora16/b4", "jax/7b/qlora_nf4/b1", "torch/7b/peft/b1",
     "jax/7b/lora16/b4/attn", "jax/7b/dft/attn_mu_bf16")]
 
+# Qwen3-MoE on one H200: the qwen3-moe-a1.3b preset (Qwen3-30B-A3B's attention and top-8-of-
+# 768-wide experts, 64 experts, 12 layers: 1.30B of 4.47B parameters active), 4 x 4096 packed,
+# DFT, beside transformers' Qwen3MoeForCausalLM (its grouped_mm experts) in the same run; MFU on
+# the active parameters. est_s: process start + init (72 GB of float32 weights and AdamW state) +
+# compile (torch: the first steps) + 2 + 5 steps; both rows ~85 s (docs/models.md).
+MOE = dict(model="qwen3-moe-a1.3b", steps=5, warmup=2)
+H200_MOE = [
+    dict(MOE, name="torch/moe/dft", framework="torch", est_s=40),
+    dict(MOE, name="jax/moe/dft/fused", remat=DOTS_ATTN, lm_head="fused", est_s=45),
+]
+
 PLANS = {
     # The H100 plan, in priority order: when the budget runs short the tail is skipped.
     # est_s: process start + init + compile + steps, H100 (1.5B compile ~30-45 s).
@@ -226,6 +237,9 @@ PLANS = {
     "h200_7b": H200_7B,
     "h200_more": H200_MORE,
     "h200_lora": H200_LORA,
+    "h200_moe": H200_MOE,
+    # h200_moe at tiny shapes on the CPU (tests): the same rows through the same paths.
+    "moe_smoke": [dict(v, **dict(TINY, model="tiny-qwen3-moe")) for v in H200_MOE],
     # Tiny shapes on CPU: the plumbing of every path above in seconds.
     "smoke": [
         dict(name="torch/dft", framework="torch", model="tiny-qwen2", seq_len=128,
@@ -458,8 +472,10 @@ def sharded_model(config, mesh):
 def head_that_runs(config):
   """The LM head the step takes: model.lm_head_impl, unless the objective does not fit the fused
   head (a sequence-level or reference-distribution objective: the checkpointed one)."""
+  from dft_jax import objectives
   from dft_jax import step as step_lib
-  if config.model.lm_head_impl == "fused" and step_lib.fused_head_fits(config.objective):
+  if (config.model.lm_head_impl == "fused"
+      and step_lib.fused_head_fits(objectives.validate(config.objective))):
     return "fused"
   return "checkpointed"
 
@@ -485,16 +501,18 @@ def time_train_step(v, config, mesh, make_model, peak_flops):
   import itertools
   import jax
   from dft_jax import loop
+  from dft_jax import objectives
   from dft_jax import step as step_lib
   t0 = time.perf_counter()
   model = make_model()
   model_cfg = model.config
-  graphdef, state, frozen, tx, _ = step_lib.init_train_state(model, config, mesh)
+  setting = objectives.validate(config.objective)
+  graphdef, state, frozen, tx, _ = step_lib.init_train_state(model, config, mesh, setting=setting)
   del model
   jax.block_until_ready((state, frozen))  # frozen: a LoRA base, or ASFT / iw-SFT's reference
   init_s = time.perf_counter() - t0
   step = step_lib.make_train_step(graphdef, tx, config, mesh, step_lib.shardings_of(state),
-                                  step_lib.shardings_of(frozen))
+                                  step_lib.shardings_of(frozen), setting=setting)
   rng = np.random.default_rng(0)
   rows = config.train.global_batch_size
   batches = [step_lib.global_batch(packed_rows(rng, rows, v["seq_len"], model_cfg.vocab_size,
@@ -591,7 +609,7 @@ def abstract_state(config, mesh):
   import jax
   import jax.numpy as jnp
   from flax import nnx
-  from dft_jax import models, sharding
+  from dft_jax import models, objectives, sharding
   from dft_jax import step as step_lib
   model = nnx.eval_shape(lambda: load_model(config))
   graphdef, params, base = step_lib.split_model(model)
@@ -602,7 +620,8 @@ def abstract_state(config, mesh):
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), tree)
   state = step_lib.TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
                               opt_state=jax.eval_shape(tx.init, params))
-  reference = params if base is None and step_lib.needs_reference(config.objective) else None
+  needs_reference = objectives.validate(config.objective).needs_reference
+  reference = params if base is None and needs_reference else None
   return graphdef, abstract(state), abstract(step_lib.Frozen(base=base, reference=reference)), tx
 
 
@@ -610,14 +629,15 @@ def compiled_memory(v):
   """XLA's memory analysis of one variant's step, compiled for this machine's default backend
   without running it (the 1.5B step compiles on a CPU with no device memory to spare)."""
   import jax
-  from dft_jax import sharding
+  from dft_jax import objectives, sharding
   from dft_jax import step as step_lib
   v = dict(DEFAULTS, **v)
   config = bench_config(v)
   mesh = single_device_mesh()
   graphdef, state, frozen, tx = abstract_state(config, mesh)
   step = step_lib.make_train_step(graphdef, tx, config, mesh, step_lib.shardings_of(state),
-                                  step_lib.shardings_of(frozen))
+                                  step_lib.shardings_of(frozen),
+                                  setting=objectives.validate(config.objective))
   rows = config.train.global_batch_size
   batch = {k: jax.ShapeDtypeStruct((rows, v["seq_len"]), x.dtype,
                                    sharding=sharding.batch_sharding(mesh))
@@ -663,13 +683,13 @@ def objective_of(config):
   old_logp is the current logp (K=1: same shapes as any snapshot)."""
   import jax
   from dft_jax import objectives
-  needs_old = "old_logp" in objectives.needs(config.objective)
+  setting = objectives.validate(config.objective)
 
   def loss(stats, batch):
-    if needs_old:
+    if "old_logp" in setting.needs:
       stats = dict(stats, old_logp=jax.lax.stop_gradient(stats["logp"]))
-    return objectives.objective_loss(stats, batch, config.objective)[0]
-  return objectives.required_stats(config.objective), loss
+    return objectives.objective_loss(stats, batch, setting)[0]
+  return setting.stats, loss
 
 
 def saved_activation_bytes(v):

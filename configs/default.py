@@ -39,6 +39,10 @@ def get_config(arg=None):
                                      # float32: set it just above the data summary's "most
                                      # documents in a row" (docs/speed.md)
       tokenizer=placeholder(str),    # HF tokenizer folder, for presets
+      router_aux_loss_coef=placeholder(float),  # mixture-of-experts models: weight of the
+                                     # router's load-balancing loss in the total (None: as
+                                     # transformers trains the checkpoint: config.json's
+                                     # router_aux_loss_coef if its output_router_logits, else 0)
   ))
 
   # LoRA / QLoRA (docs/models.md "LoRA and QLoRA"): rank 0 trains every parameter; rank > 0 trains low-rank adapters
@@ -53,6 +57,9 @@ def get_config(arg=None):
 
   c.data = ml_collections.ConfigDict(dict(
       source="builtin:arith_train",  # builtin:NAME | hub name | file | glob | save_to_disk folder
+      sources=(),                    # a weighted mixture instead of source: (dict(source=...,
+                                     # weight=W, name=..., and any of format, *_field, split,
+                                     # subset, max_rows, loss_on, streaming), ...) (docs/data.md)
       split="train",                 # hub / save_to_disk split; files: train (or train[:1000])
       subset=placeholder(str),       # hub dataset config name
       format="prompt_response",      # prompt_response | messages | text
@@ -80,6 +87,8 @@ def get_config(arg=None):
       shuffle_seed=placeholder(int),  # data order (None: train.seed)
       error_on_dropped=False,        # make dropped rows (too long, empty) an error
       cache_dir=placeholder(str),    # datasets cache folder (None: the datasets default)
+      allow_changed=False,           # resume although a data file changed since the checkpoint
+                                     # (from its position in the changed data); False: refused
   ))
 
   # name, aggregation (token_mean | seq_mean | sum_norm), norm_constant, entropy_coef, kl_coef,
@@ -96,6 +105,8 @@ def get_config(arg=None):
       b2=0.95,                       # AdamW second-moment decay
       eps=1e-8,                      # AdamW epsilon
       grad_clip_norm=1.0,            # clip the global gradient norm to this (0: no clipping)
+      max_update_ratio=1.0,          # skip an update moving the parameters by more than this
+                                     # times their norm (a learning rate far too large; 0: off)
       mu_dtype=placeholder(str),     # AdamW first moment: None (= params) | bfloat16
       nu_dtype=placeholder(str),     # second moment: None (optax.adamw) | bfloat16 (b2 <= 0.99)
   ))

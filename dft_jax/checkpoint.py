@@ -3,9 +3,11 @@
 Layout of a workdir:
   config.json              the run's full config (written once, checked on resume)
   run.lock                 held while a run uses the workdir (dft_jax/run_control.py)
-  checkpoints/<step>/      orbax items: `params` and `optimizer` (sharded arrays) and `data` (the
-                           data iterator's JSON state); the step is the folder's name. Inference
-                           (evaluate, export, generate) restores `params` alone.
+  checkpoints/<step>/      orbax items: `params` and `optimizer` (sharded arrays), `data` (the
+                           data iterator's JSON state) and `progress` (the run's figures so far,
+                           loop.run_progress: its first and latest loss, steps, time, tokens); the
+                           step is the folder's name. Inference (evaluate, export, generate)
+                           restores `params` alone.
   checkpoints/<step>/checksums.json   the sha256 of every file of the items
   rejected_checkpoints/<step>/        checkpoints a resumed run found unusable, kept for a look
 Orbax writes each step into a temporary folder and renames it when complete, so a run killed
@@ -32,6 +34,7 @@ import logging
 import os
 import re
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +42,8 @@ import orbax.checkpoint as ocp
 
 from dft_jax import files
 from dft_jax import run_control
-from dft_jax.errors import ConfigError, ModelError, UserInputError, check_number
+from dft_jax.errors import (ConfigError, ModelError, UserInputError, check_number,
+                            os_error_reason)
 
 CONFIG_FILE = "config.json"
 MANIFEST = "checksums.json"
@@ -47,12 +51,16 @@ MANIFEST = "checksums.json"
 COMMIT_RECORDS = ("_CHECKPOINT_METADATA", "commit_success.txt")
 TMP_SUFFIX = ocp.path.atomicity_types.TMP_DIR_SUFFIX
 REJECTED_DIR = "rejected_checkpoints"
+OPTIONAL_ITEMS = ("progress",)  # restored when a checkpoint has them
+SAVE_WAIT_S = 600  # longest wait of a reader (evaluate, export, generate) for a save to commit
 # Fields a resumed run may change: how long it trains (a longer train.num_steps extends the run and
 # its learning-rate schedule), how a step is laid out on the devices, what the run logs, how it
-# checkpoints and evaluates. None of them changes what a step computes (up to float rounding).
-RESUMABLE = ("train.num_steps", "train.microbatches", "train.nonfinite", "mesh.",
+# checkpoints and evaluates, the guards against bad updates. None of them changes what a step
+# computes (up to float rounding), but whether a bad update is skipped.
+RESUMABLE = ("train.num_steps", "train.microbatches", "train.nonfinite",
+             "optimizer.max_update_ratio", "mesh.",
              "model.attention", "model.remat", "model.lm_head_chunk",
-             "data.num_proc", "data.cache_dir", "data.error_on_dropped",
+             "data.num_proc", "data.cache_dir", "data.error_on_dropped", "data.allow_changed",
              "checkpoint.", "eval.", "log.")
 
 
@@ -166,22 +174,21 @@ def _last_complete(manager):
 
 
 def _reason(e):
-  """One line for an exception; tensorstore reports OS errors as "[os_error_code='28']"."""
-  if isinstance(e, OSError) and e.errno:
-    return f"[Errno {e.errno}] {e.strerror}" + (f": {e.filename}" if e.filename else "")
+  """One line for an exception (an OS error as errors.os_error_reason names it)."""
+  os_error = os_error_reason(e)
+  if os_error:
+    return os_error
   text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-  code = re.search(r"os_error_code='?(\d+)", text)
-  if code:
-    return f"[Errno {code[1]}] {os.strerror(int(code[1]))}"
   paths = re.findall(r"^(\S+):$", str(e), re.MULTILINE)  # orbax's tree diff: one path per entry
   if paths:
     return f"{text.rstrip(':')} at {len(paths)} entries, e.g. {', '.join(paths[:3])}"
   return text[:400]
 
 
-def save(manager, step, state, data_state, blocking=False):
-  """Starts saving TrainState `state` as checkpoint `step` (and waits for its commit when
-  `blocking`); returns whether a save was started.
+def save(manager, step, state, data_state, blocking=False, progress=None):
+  """Starts saving TrainState `state` as checkpoint `step` with the data iterator's state and the
+  run's `progress` (a JSON dict; None: none), and waits for its commit when `blocking`; returns
+  whether a save was started.
 
   Raises CheckpointError, with nothing written, when `state` holds NaN or inf, and when a write
   fails (an async write reports its failure at the next save or `wait`).
@@ -193,6 +200,8 @@ def save(manager, step, state, data_state, blocking=False):
   items = dict(params=ocp.args.StandardSave(state.params),
                optimizer=ocp.args.StandardSave(state.opt_state),
                data=ocp.args.JsonSave(data_state))
+  if progress is not None:
+    items["progress"] = ocp.args.JsonSave(progress)
   try:
     started = manager.save(step, args=ocp.args.Composite(**items))
     if blocking:
@@ -259,6 +268,8 @@ def _try_restore(manager, step, items):
   """(restored items, None) or (None, why checkpoint `step` cannot be used). Process 0 checks the
   files against checksums.json; every process must read it with orbax."""
   folder = os.path.join(manager.directory, str(step))
+  items = {name: item for name, item in items.items()  # older checkpoints have no progress
+           if name not in OPTIONAL_ITEMS or os.path.isdir(os.path.join(folder, name))}
   problem = damage(folder, items) if jax.process_index() == 0 else None
   if not run_control.process0_says(problem is None):
     return None, problem or "process 0 found it damaged"
@@ -323,28 +334,59 @@ def _abstract(tree):
 
 
 def restore(manager, state):
-  """(TrainState, data_state) of the newest usable checkpoint: `state`'s parameters and optimizer
-  state replaced by the checkpoint's, restored onto their shardings (its frozen LoRA base is not
-  in checkpoints and stays); None when there is no complete checkpoint. Unusable newer
-  checkpoints are moved to rejected_checkpoints/ (see `_newest_usable`); CheckpointError when none
-  is usable."""
+  """(TrainState, data_state, progress) of the newest usable checkpoint: `state`'s parameters and
+  optimizer state replaced by the checkpoint's, restored onto their shardings (its frozen LoRA base
+  is not in checkpoints and stays), progress None for a checkpoint written without one; None when
+  there is no complete checkpoint. Unusable newer checkpoints are moved to rejected_checkpoints/
+  (see `_newest_usable`); CheckpointError when none is usable."""
   steps = complete_steps(manager.directory)
   if not steps:
     return None
   step, restored = _newest_usable(manager, dict(
       params=ocp.args.StandardRestore(_abstract(state.params)),
       optimizer=ocp.args.StandardRestore(_abstract(state.opt_state)),
-      data=ocp.args.JsonRestore()), steps, set_aside=True)
+      data=ocp.args.JsonRestore(), progress=ocp.args.JsonRestore()), steps, set_aside=True)
   state = state.replace(step=jax.device_put(jnp.asarray(step, jnp.int32), state.step.sharding),
                         params=restored["params"], opt_state=restored["optimizer"])
-  return state, restored["data"]
+  return state, restored["data"], restored.get("progress")
+
+
+def saves_in_progress(workdir):
+  """Steps whose checkpoint orbax is writing (its temporary folders) for a run that holds
+  `workdir` and may still run; [] otherwise (a killed run's temporary folders are no save)."""
+  directory = checkpoint_dir(workdir)
+  if not os.path.isdir(directory) or run_control.live_holder(workdir) is None:
+    return []
+  return sorted(int(name.split(".")[0]) for name in os.listdir(directory)
+                if TMP_SUFFIX in name and name.split(".")[0].isdigit())
+
+
+def wait_for_saves(workdir, timeout=SAVE_WAIT_S, poll=0.5):
+  """Waits while the run training in `workdir` commits a checkpoint, so that "the newest
+  checkpoint" is not one about to be superseded; ModelError after `timeout` seconds naming the step
+  being written and --step."""
+  writing = saves_in_progress(workdir)
+  if not writing:
+    return
+  logging.info("%s: checkpoint %d is being written by the run training there; waiting for it",
+               workdir, writing[-1])
+  deadline = time.monotonic() + timeout
+  while saves_in_progress(workdir):
+    if time.monotonic() > deadline:
+      raise ModelError(
+          f"{workdir}: checkpoint {writing[-1]} is still being written after {timeout:.0f} s; "
+          f"pass --step=N to use a complete one ({complete_steps(checkpoint_dir(workdir))})")
+    time.sleep(poll)
 
 
 def restore_params(workdir, abstract_params, step=None):
-  """The trained parameters of a workdir's checkpoint `step` (default: the newest usable one),
-  restored onto `abstract_params` (jax.ShapeDtypeStruct with shardings) without the optimizer
-  state; their files are checked against the checkpoint's checksums.json first."""
+  """(step, trained parameters) of a workdir's checkpoint `step` (default: the newest usable one,
+  once a save in progress has committed: wait_for_saves), restored onto `abstract_params`
+  (jax.ShapeDtypeStruct with shardings) without the optimizer state; their files are checked
+  against the checkpoint's checksums.json first."""
   manager = make_manager(workdir)
+  if step is None:
+    wait_for_saves(workdir)
   steps = complete_steps(manager.directory)
   if step is not None:
     if step not in steps:
@@ -354,7 +396,8 @@ def restore_params(workdir, abstract_params, step=None):
   if not steps:
     raise ModelError(f"{workdir}: no complete checkpoint in {checkpoint_dir(workdir)}")
   items = dict(params=ocp.args.StandardRestore(abstract_params))
-  return _newest_usable(manager, items, steps)[1]["params"]
+  step, restored = _newest_usable(manager, items, steps)
+  return step, restored["params"]
 
 
 # ----------------------------------------------------------------------------- config.json
@@ -450,9 +493,9 @@ def read_config(workdir):
 
 
 def restore_model(workdir, step=None):
-  """(model, tokenizer, config) of a workdir's checkpoint (default: the newest usable): the model
-  built abstractly from config.model (no base weights read) and its trained parameters restored
-  onto the first device, without the optimizer state."""
+  """(model, tokenizer, config, step) of a workdir's checkpoint `step` (default: the newest usable,
+  see restore_params): the model built abstractly from config.model (no base weights read) and its
+  trained parameters restored onto the first device, without the optimizer state."""
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from dft_jax import models  # pylint: disable=g-import-not-at-top
   config = read_config(workdir)
@@ -462,10 +505,10 @@ def restore_model(workdir, step=None):
   if models.lora_config(config.get("lora")) is None:
     abstract, tokenizer = models.load_from_config(config.model, abstract=True)
     graphdef, abstract_params = nnx.split(abstract)
-    return nnx.merge(graphdef, restore_params(workdir, on_device(abstract_params), step)), \
-        tokenizer, config
+    step, params = restore_params(workdir, on_device(abstract_params), step)
+    return nnx.merge(graphdef, params), tokenizer, config, step
   # LoRA: the checkpoint holds the adapters; the frozen base is the model's own weights
   model, tokenizer = models.load_from_config(config.model, config.lora)
   graphdef, adapters, frozen = nnx.split(model, nnx.LoRAParam, ...)
-  return (nnx.merge(graphdef, restore_params(workdir, on_device(adapters), step), frozen),
-          tokenizer, config)
+  step, params = restore_params(workdir, on_device(adapters), step)
+  return nnx.merge(graphdef, params, frozen), tokenizer, config, step

@@ -519,18 +519,20 @@ def model_spec():
 
 
 def load_model(spec, config, *, step=None):
-  """(model, tokenizer, config) for the commands that use a trained model (evaluate, generate,
-  export). `spec` is a training run folder (checkpoint.is_workdir: its checkpoint `step`, default
-  the latest, and the run's own config, with the fields set on the command line copied over; its
-  model fields stay the run's) or a models.load spec (alias, HF folder, .gguf file, preset:NAME:
-  built with config.model's options, config.model.name set to it)."""
+  """(model, tokenizer, config, step) for the commands that use a trained model (evaluate,
+  generate, export). `spec` is a training run folder (checkpoint.is_workdir: its checkpoint
+  `step`, default the latest once a save in progress has committed, and the run's own config,
+  with the fields set on the command line copied over; its model fields stay the run's; `step`
+  the one restored) or a models.load spec (alias, HF folder, .gguf file, preset:NAME: built with
+  config.model's options, config.model.name set to it; `step` None)."""
   from dft_jax import checkpoint  # pylint: disable=g-import-not-at-top
   from dft_jax import models  # pylint: disable=g-import-not-at-top
   from dft_jax.models import loader  # pylint: disable=g-import-not-at-top
   if checkpoint.is_workdir(spec):
     with phase(f"restoring {spec}"):
-      model, tokenizer, run_config = checkpoint.restore_model(spec, step)
-    return model, tokenizer, with_overrides(run_config, config, overridden())
+      model, tokenizer, run_config, step = checkpoint.restore_model(spec, step)
+    logging.info("%s: checkpoint step %d", spec, step)
+    return model, tokenizer, with_overrides(run_config, config, overridden()), step
   if step is not None:
     raise ConfigError(f"--step={step} needs a training run folder; {spec!r} is none")
   config.model.name = spec
@@ -538,4 +540,4 @@ def load_model(spec, config, *, step=None):
     model, tokenizer = models.load(spec, **models.decoder_options(config.model))
   if tokenizer is None and config.model.get("tokenizer"):  # a preset's tokenizer folder
     tokenizer = loader.tokenizer_for(config.model, None)
-  return model, tokenizer, config
+  return model, tokenizer, config, None

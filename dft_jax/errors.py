@@ -3,6 +3,8 @@ import functools
 import math
 import numbers
 import operator
+import os
+import re
 import sys
 import threading
 
@@ -44,6 +46,21 @@ def check_number(name, value, *, integer=False, optional=False, **bounds):
     what = " and ".join([("an integer" if integer else "a finite number")]
                         + [f"{sign} {limit}" for sign, limit, _ in limits]).replace(" and ", " ", 1)
   raise ConfigError(f"{name}={value!r}: must be {'None or ' if optional else ''}{what}")
+
+
+_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)|\(os error (\d+)\)|\bcode: (\d+)")
+
+
+def os_error_reason(e):
+  """'[Errno N] what it means' of an OS error however it is reported: Python's OSError (with its
+  file), tensorstore's "os_error_code='N'", Rust's "(os error N)" (safetensors); else None."""
+  if isinstance(e, OSError) and e.errno:
+    return f"[Errno {e.errno}] {e.strerror}" + (f": {e.filename}" if e.filename else "")
+  code = _OS_ERROR_CODE.search(str(e))
+  if code:
+    number = int(next(filter(None, code.groups())))
+    return f"[Errno {number}] {os.strerror(number)}"
+  return None
 
 
 def one_line(e, limit=300):

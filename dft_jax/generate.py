@@ -37,7 +37,7 @@ def main(argv):
   if not flags_.prompt:
     raise ConfigError("--prompt: give at least one user message, e.g. --prompt='What is 2 + 2?'")
   spec = cli.model_spec()
-  model, tokenizer, config = cli.load_model(spec, flags_.config, step=flags_.step)
+  model, tokenizer, config, _ = cli.load_model(spec, flags_.config, step=flags_.step)
   if tokenizer is None:
     raise ModelError(f"model {spec!r} has no tokenizer; generate needs one (set "
                      "--config.model.tokenizer to an HF tokenizer folder)")

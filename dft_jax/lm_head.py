@@ -19,14 +19,16 @@ Chunks cut the time axis, not the flattened B*T: every chunk holds all B rows fo
 `chunk_size // B` positions, so a batch sharded over rows (data parallelism) stays local to each
 device through the scan.
 
-Statistics are named functions of one chunk's float32 log-softmax and targets (STATISTICS),
-generic over objectives (an objective names the ones it needs). A name may carry parameters
-after colons: "topk_entropy:20" (k), "gem_cross_entropy:0.7:linear" (beta, h); the returned dict
-is keyed by the names as given. Gate statistics (topk_entropy, renyi2_entropy, gem_mass) are
-computed under stop_gradient: objectives use them only as stop-gradient gates, and this spares
-their backward (top_k, softmax) in the recomputed chunks. Statistics marked `needs_ref` compare the
-model's distribution with a reference model's, whose final hidden states and head weight are then
-passed as `ref_hidden_BxTxD`, `ref_w_DxV` (no gradient flows into them; token_stats only).
+A statistic is a `Statistic`: a named function of one chunk's float32 log-softmax (or logits) and
+targets, with its closed-form gradient when the fused head should take it. The head knows only the
+generic ones (LOGP, ENTROPY, KL_FROM_REF; `STATISTICS` names them for callers that pass names);
+an objective's own statistics, gates and closed-form gradients are declared by its record
+(dft_jax/objectives.py) and applied here as given. The returned dicts are keyed by
+`Statistic.name`. A statistic without `gradient` is computed under stop_gradient (a gate: this
+also spares its backward in the recomputed chunks). A statistic may read per-token side inputs
+(`Statistic.side`): "reference", the reference model's log-probs of the chunk (from the
+`ref_hidden_BxTxD`, `ref_w_DxV` passed to the head; no gradient flows into them), or any per-token
+array of `extra_BxT` (e.g. "token_key", a PRNG key per token for sampling statistics).
 """
 import dataclasses
 import functools
@@ -37,9 +39,6 @@ import jax.numpy as jnp
 
 from dft_jax.errors import ConfigError
 
-# Scale of the logit gap in GEM's h = logsigmoid weights sigmoid(0.01 (z_v - z_y)): a constant of
-# the official code (liziniu/GEM, sft_trainer.py gem_loss), not one of its options.
-GEM_LOGSIGMOID_SCALE = 0.01
 # top_k_values' first stage: the maxima of blocks of this many vocabulary entries.
 TOPK_BLOCK = 128
 
@@ -90,38 +89,15 @@ def top_k_values(x_xV, k, method="blocks"):
 
 
 def topk_entropy(scores_xV, k):
-  """Entropy of the softmax over the k largest logits (or log-probs: the same up to a shift):
-  EAFT's gate statistic, k = 20 in the reference implementations (which take it from the logits,
-  no_grad). float32 whatever the scores' dtype."""
+  """Entropy of the softmax over the k largest logits (or log-probs: the same up to a shift).
+  float32 whatever the scores' dtype."""
   top_xK = top_k_values(scores_xV, k).astype(jnp.float32)
   return entropy(jax.nn.log_softmax(top_xK, axis=-1))
 
 
 def renyi2_entropy(logp_xV):
-  """Renyi-2 (collision) entropy H2 = -log sum_v p_v**2, in [0, log V]; DEFT's gate statistic."""
+  """Renyi-2 (collision) entropy H2 = -log sum_v p_v**2, in [0, log V]."""
   return -jax.nn.logsumexp(2.0 * logp_xV, axis=-1)
-
-
-def gem_weights(logp_xV, targets_x, beta, h):
-  """GEM's per-class weights sg(a_v) = sg(q_v * w_v) (arXiv 2408.16673, official code):
-  q = softmax(logits / beta) (= softmax(logp / beta)); w_v = 1 (h=linear) or
-  sigmoid(0.01 * (z_v - z_y)) (h=logsigmoid; z_v - z_y = logp_v - logp_y, y the target)."""
-  a_xV = jax.nn.softmax(logp_xV / beta, axis=-1)
-  if h == "logsigmoid":
-    gap_xV = logp_xV - target_log_prob(logp_xV, targets_x)[..., None]
-    a_xV = a_xV * jax.nn.sigmoid(GEM_LOGSIGMOID_SCALE * gap_xV)
-  return jax.lax.stop_gradient(a_xV)
-
-
-def gem_cross_entropy(logp_xV, targets_x, beta, h):
-  """X = -sum_v sg(a_v) log p_v (gem_weights): cross-entropy of the model against its own
-  tempered distribution; differentiable in logp (d X / d logits = A * softmax - a)."""
-  return -jnp.sum(gem_weights(logp_xV, targets_x, beta, h) * logp_xV, axis=-1)
-
-
-def gem_mass(logp_xV, targets_x, beta, h):
-  """A = sum_v sg(a_v) (gem_weights): 1 for h=linear, in (0, 1) for h=logsigmoid; no gradient."""
-  return jnp.sum(gem_weights(logp_xV, targets_x, beta, h), axis=-1)
 
 
 def kl_from_ref(logp_xV, ref_logp_xV):
@@ -150,80 +126,80 @@ def entropy_grad(logp_xV, entropy_x):
   return -jnp.exp(logp_xV) * (logp_xV + entropy_x[..., None])
 
 
-def gem_cross_entropy_grad(logp_xV, targets_x, beta, h):
-  """d X / d z = A p - a (gem_cross_entropy; a = gem_weights, A = sum_v a_v)."""
-  a_xV = gem_weights(logp_xV, targets_x, beta, h)
-  return jnp.sum(a_xV, axis=-1, keepdims=True) * jnp.exp(logp_xV) - a_xV
-
-
 @dataclasses.dataclass(frozen=True)
 class Statistic:
-  """fn(logp_xV, targets_x, [ref_logp_xV,] *params) -> x; `params` convert the name's
-  ':'-separated parameters."""
-  fn: Callable
-  params: tuple = ()
-  usage: str = ""          # how the name is written when it has parameters
-  gradient: bool = True    # False: computed under stop_gradient
-  needs_ref: bool = False  # True: fn also takes the reference model's log-probs
-  k_of_vocab: bool = False  # True: its parameter is a count k in [2, vocabulary size]
-  # (logp_xV, targets_x, value_x, *params) -> d value / d logits [x, V]: fused_loss's gradient of
-  # a statistic with `gradient` (None: fused_loss does not take this statistic).
-  logits_grad: Callable | None = None
-  # True: fn takes the logits in the compute dtype instead of float32 log-probs (a statistic
-  # invariant to a shift of the logits whose op, top_k, reads a materialised array).
-  from_logits: bool = False
+  """A per-token statistic of the next-token distribution, as the heads compute it chunk by chunk.
+
+  name: its key in the returned dicts, and its identity (two statistics with one name are one:
+    a name carries the parameters, e.g. "topk_entropy:20").
+  fn(source_xV, targets_x, **side) -> x: source is the chunk's float32 log-softmax, or its logits
+    in the compute dtype when from_logits (a statistic invariant to a shift of the logits whose
+    op, e.g. top_k, reads a materialised array).
+  gradient: False computes it under stop_gradient (a gate).
+  logits_grad(logp_xV, targets_x, value_x, **side) -> d value / d logits [x, V]: the closed form
+    fused_loss uses for a statistic with `gradient` (None: fused_loss does not take it).
+  side: per-token inputs fn reads besides the distribution: "reference" (the reference model's
+    log-softmax of the chunk) or names of per-token arrays of the heads' extra_BxT.
+  min_vocab: the smallest vocabulary it is defined for (e.g. k of a top-k), checked when traced.
+  """
+  name: str
+  fn: Callable = dataclasses.field(compare=False, repr=False)
+  gradient: bool = dataclasses.field(default=True, compare=False)
+  logits_grad: Callable | None = dataclasses.field(default=None, compare=False, repr=False)
+  from_logits: bool = dataclasses.field(default=False, compare=False)
+  side: tuple = dataclasses.field(default=(), compare=False)
+  min_vocab: int = dataclasses.field(default=0, compare=False)
+
+  @property
+  def needs_reference(self):
+    return "reference" in self.side
 
 
-STATISTICS = {
-    "logp": Statistic(target_log_prob,
-                      logits_grad=lambda logp_xV, targets_x, _: target_log_prob_grad(logp_xV,
-                                                                                     targets_x)),
-    "entropy": Statistic(lambda logp_xV, _: entropy(logp_xV),
-                         logits_grad=lambda logp_xV, _, entropy_x: entropy_grad(logp_xV,
-                                                                                entropy_x)),
-    "renyi2_entropy": Statistic(lambda logp_xV, _: renyi2_entropy(logp_xV), gradient=False),
-    "topk_entropy": Statistic(lambda logits_xV, _, k: topk_entropy(logits_xV, k), params=(int,),
-                              usage="topk_entropy:K", gradient=False, from_logits=True,
-                              k_of_vocab=True),
-    "gem_cross_entropy": Statistic(
-        gem_cross_entropy, params=(float, str), usage="gem_cross_entropy:BETA:H",
-        logits_grad=lambda logp_xV, targets_x, _, beta, h: gem_cross_entropy_grad(
-            logp_xV, targets_x, beta, h)),
-    "gem_mass": Statistic(gem_mass, params=(float, str), usage="gem_mass:BETA:H", gradient=False),
-    "kl_from_ref": Statistic(lambda logp_xV, _, ref_logp_xV: kl_from_ref(logp_xV, ref_logp_xV),
-                             needs_ref=True),
-}
-DEFAULT_STATS = ("logp", "entropy")
+LOGP = Statistic("logp", lambda logp_xV, targets_x: target_log_prob(logp_xV, targets_x),
+                 logits_grad=lambda logp_xV, targets_x, _: target_log_prob_grad(logp_xV,
+                                                                                targets_x))
+ENTROPY = Statistic("entropy", lambda logp_xV, _: entropy(logp_xV),
+                    logits_grad=lambda logp_xV, _, entropy_x: entropy_grad(logp_xV, entropy_x))
+KL_FROM_REF = Statistic(
+    "kl_from_ref", lambda logp_xV, _, *, reference: kl_from_ref(logp_xV, reference),
+    logits_grad=lambda logp_xV, _, __, *, reference: jnp.exp(logp_xV) - jnp.exp(reference),
+    side=("reference",))
+# The generic statistics by name, for callers that name them ("logp", "entropy", "kl_from_ref").
+STATISTICS = {s.name: s for s in (LOGP, ENTROPY, KL_FROM_REF)}
+DEFAULT_STATS = (LOGP, ENTROPY)
 
 
-def parse(name):
-  """"topk_entropy:20" -> (STATISTICS["topk_entropy"], (20,)); ConfigError if malformed."""
-  base, *args = name.split(":") if isinstance(name, str) else ("",)
-  stat = STATISTICS.get(base)
-  allowed = ", ".join(s.usage or n for n, s in STATISTICS.items())
-  if stat is None or len(args) != len(stat.params):
-    raise ConfigError(f"lm_head statistic {name!r} is unknown; allowed names are {allowed}")
-  try:
-    return stat, tuple(convert(arg) for convert, arg in zip(stat.params, args))
-  except ValueError:
-    raise ConfigError(f"lm_head statistic {name!r}: bad parameter; allowed: {stat.usage}") from None
+def resolve(stats):
+  """A tuple of Statistic from Statistics or names of STATISTICS; ConfigError if it is not."""
+  if isinstance(stats, (str, Statistic)) or not isinstance(stats, (tuple, list)) or not stats:
+    raise ConfigError(f"lm_head stats={stats!r}: allowed: a non-empty tuple of statistics")
+  out = []
+  for stat in stats:
+    if not isinstance(stat, Statistic) and stat not in STATISTICS:
+      raise ConfigError(f"lm_head statistic {stat!r} is unknown; by name: "
+                        f"{', '.join(STATISTICS)} (an objective's own come from its record)")
+    out.append(stat if isinstance(stat, Statistic) else STATISTICS[stat])
+  return tuple(dict.fromkeys(out))
 
 
-def needs_ref(names):
-  """Whether any of the statistics `names` compares with a reference model."""
-  return any(parse(name)[0].needs_ref for name in names)
+def needs_reference(stats):
+  """Whether any of `stats` compares with a reference model."""
+  return any(stat.needs_reference for stat in stats)
 
 
-def _statistics(logits_xV, targets_x, names, ref_logits_xV=None):
+def _side_inputs(stat, reference_xV, extra_x):
+  """The keyword arguments of stat.fn / stat.logits_grad besides the distribution."""
+  return {name: reference_xV if name == "reference" else extra_x[name] for name in stat.side}
+
+
+def _statistics(logits_xV, targets_x, stats, ref_logits_xV=None, extra_x=None):
   logp_xV = log_softmax(logits_xV)
   ref_logp_xV = None if ref_logits_xV is None else jax.lax.stop_gradient(log_softmax(ref_logits_xV))
   out = {}
-  for name in names:
-    stat, params = parse(name)
+  for stat in stats:
     source_xV = logits_xV if stat.from_logits else logp_xV
     source_xV = source_xV if stat.gradient else jax.lax.stop_gradient(source_xV)
-    refs = (ref_logp_xV,) if stat.needs_ref else ()
-    out[name] = stat.fn(source_xV, targets_x, *refs, *params)
+    out[stat.name] = stat.fn(source_xV, targets_x, **_side_inputs(stat, ref_logp_xV, extra_x))
   return out
 
 
@@ -232,34 +208,33 @@ def _logits(hidden_xD, w_DxV, dtype=jnp.float32):
   return jnp.einsum("...d,dv->...v", hidden_xD, w_DxV, preferred_element_type=dtype)
 
 
-def _check_names(stats, vocab_size):
+def _check_stats(stats, vocab_size, ref_hidden_BxTxD, ref_w_DxV, extra_BxT):
   """ConfigError for statistics this head cannot compute (shapes are known when it is traced)."""
-  if isinstance(stats, str) or not isinstance(stats, (tuple, list)) or not stats:
-    raise ConfigError(f"lm_head stats={stats!r}: allowed: a non-empty tuple of statistic names")
-  for name in stats:
-    stat, params = parse(name)
-    if stat.k_of_vocab and not 2 <= params[0] <= vocab_size:
-      raise ConfigError(f"lm_head statistic {name!r}: k must be in [2, the vocabulary size "
-                        f"({vocab_size})]; the objective's hyperparameters choose k")
-
-
-def _check_stats(stats, vocab_size, ref_hidden_BxTxD, ref_w_DxV):
-  _check_names(stats, vocab_size)
-  if needs_ref(stats) and (ref_hidden_BxTxD is None or ref_w_DxV is None):
-    raise ConfigError(f"lm_head statistics {stats} compare with a reference model: pass its "
-                      "ref_hidden_BxTxD and ref_w_DxV")
+  for stat in stats:
+    if vocab_size < stat.min_vocab:
+      raise ConfigError(f"lm_head statistic {stat.name!r} needs a vocabulary of at least "
+                        f"{stat.min_vocab} entries, the vocabulary size ({vocab_size}) is "
+                        "smaller; the objective's hyperparameters choose it")
+    missing = [name for name in stat.side if name != "reference" and name not in extra_BxT]
+    if missing:
+      raise ConfigError(f"lm_head statistic {stat.name!r} reads the per-token input "
+                        f"{missing[0]!r}: pass it in extra_BxT")
+  if needs_reference(stats) and (ref_hidden_BxTxD is None or ref_w_DxV is None):
+    raise ConfigError(f"lm_head statistics {[s.name for s in stats]} compare with a reference "
+                      "model: pass its ref_hidden_BxTxD and ref_w_DxV")
 
 
 def token_stats_naive(hidden_BxTxD, w_DxV, targets_BxT, *, compute_dtype=None,
-                      stats=DEFAULT_STATS, ref_hidden_BxTxD=None, ref_w_DxV=None):
+                      stats=DEFAULT_STATS, ref_hidden_BxTxD=None, ref_w_DxV=None, extra_BxT=None):
   """Reference path: the same statistics from the full [B, T, V] logits."""
-  _check_stats(stats, w_DxV.shape[-1], ref_hidden_BxTxD, ref_w_DxV)
+  stats, extra_BxT = resolve(stats), dict(extra_BxT or {})
+  _check_stats(stats, w_DxV.shape[-1], ref_hidden_BxTxD, ref_w_DxV, extra_BxT)
   dtype = jnp.dtype(compute_dtype or hidden_BxTxD.dtype)
   logits_BxTxV = _logits(hidden_BxTxD.astype(dtype), w_DxV.astype(dtype))
   ref_logits_BxTxV = None
-  if needs_ref(stats):
+  if needs_reference(stats):
     ref_logits_BxTxV = _logits(ref_hidden_BxTxD.astype(dtype), ref_w_DxV.astype(dtype))
-  return _statistics(logits_BxTxV, targets_BxT, stats, ref_logits_BxTxV)
+  return _statistics(logits_BxTxV, targets_BxT, stats, ref_logits_BxTxV, extra_BxT)
 
 
 def _chunking(shape, chunk_size):
@@ -283,7 +258,7 @@ def _chunking(shape, chunk_size):
 
 
 def token_stats(hidden_BxTxD, w_DxV, targets_BxT, *, chunk_size=1024, compute_dtype=None,
-                stats=DEFAULT_STATS, ref_hidden_BxTxD=None, ref_w_DxV=None):
+                stats=DEFAULT_STATS, ref_hidden_BxTxD=None, ref_w_DxV=None, extra_BxT=None):
   """Per-token statistics {name: float32 [B, T]} without materialising the full logits.
 
   hidden_BxTxD: final hidden states (after the final norm); w_DxV: LM head weight;
@@ -291,29 +266,32 @@ def token_stats(hidden_BxTxD, w_DxV, targets_BxT, *, chunk_size=1024, compute_dt
   chunk_size: tokens per chunk of the global batch, B rows x max(1, chunk_size // B) positions
     (T is padded up to a multiple of the latter; a chunk holds at least B tokens).
   compute_dtype: matmul dtype (default: hidden's); accumulation and softmax are float32.
-  stats: statistic names (STATISTICS, with parameters: "topk_entropy:20"); objectives.
-    required_stats(cfg) gives those an objective needs.
+  stats: Statistics (or names of STATISTICS); an objective's come from its resolved setting
+    (objectives.Setting.stats).
   ref_hidden_BxTxD, ref_w_DxV: the reference model's, for statistics that need it (kl_from_ref).
+  extra_BxT: {name: [B, T, ...]} per-token side inputs of the statistics (Statistic.side).
   Gradients flow to hidden and w through every statistic but the gate statistics (module doc).
   """
-  _check_stats(stats, w_DxV.shape[-1], ref_hidden_BxTxD, ref_w_DxV)
+  stats, extra_BxT = resolve(stats), dict(extra_BxT or {})
+  _check_stats(stats, w_DxV.shape[-1], ref_hidden_BxTxD, ref_w_DxV, extra_BxT)
   split, merge = _chunking(hidden_BxTxD.shape, chunk_size)
   dtype = jnp.dtype(compute_dtype or hidden_BxTxD.dtype)
-  with_ref = needs_ref(stats)
+  with_ref = needs_reference(stats)
 
   @functools.partial(jax.checkpoint, prevent_cse=False)
-  def chunk_stats(weights, hidden_BxCxD, targets_BxC, ref_hidden_BxCxD):
+  def chunk_stats(weights, hidden_BxCxD, targets_BxC, ref_hidden_BxCxD, extra_BxC):
     w_DxV, ref_w_DxV = weights
     ref_logits = _logits(ref_hidden_BxCxD, ref_w_DxV) if with_ref else None
-    return _statistics(_logits(hidden_BxCxD, w_DxV), targets_BxC, stats, ref_logits)
+    return _statistics(_logits(hidden_BxCxD, w_DxV), targets_BxC, stats, ref_logits, extra_BxC)
 
   weights = (w_DxV.astype(dtype), jax.lax.stop_gradient(ref_w_DxV).astype(dtype) if with_ref
              else None)
   ref_chunks = (split(jax.lax.stop_gradient(ref_hidden_BxTxD).astype(dtype)) if with_ref
                 else None)
+  extra_chunks = {k: split(jax.lax.stop_gradient(v)) for k, v in extra_BxT.items()}
   scan_body = lambda carry, xs: (carry, chunk_stats(weights, *xs))
   _, out = jax.lax.scan(scan_body, None, (split(hidden_BxTxD.astype(dtype)), split(targets_BxT),
-                                          ref_chunks))
+                                          ref_chunks, extra_chunks))
   return {name: merge(v) for name, v in out.items()}
 
 
@@ -321,13 +299,17 @@ def token_stats(hidden_BxTxD, w_DxV, targets_BxT, *, chunk_size=1024, compute_dt
 # The head whose forward pass forms the gradient.
 
 
-def _check_fused(stats, vocab_size):
-  _check_names(stats, vocab_size)
-  for name in stats:
-    stat, _ = parse(name)
-    if stat.needs_ref or (stat.gradient and stat.logits_grad is None):
-      raise ConfigError(f"lm_head statistic {name!r} is not available in fused_loss (it needs "
-                        "a reference model, or has no logits_grad); token_stats has it")
+def fused_capable(stat):
+  """Whether fused_loss takes the statistic: a gate, or one with a closed-form logits_grad and no
+  reference distribution."""
+  return (not stat.gradient or stat.logits_grad is not None) and not stat.needs_reference
+
+
+def _check_fused(stats):
+  for stat in stats:
+    if not fused_capable(stat):
+      raise ConfigError(f"lm_head statistic {stat.name!r} is not available in fused_loss (it "
+                        "needs a reference model, or has no logits_grad); token_stats has it")
 
 
 def _read_with_gradient(fn, values, names):
@@ -341,14 +323,16 @@ def _read_with_gradient(fn, values, names):
   return tuple(name for name in names if id(var_of[name]) in read)
 
 
-def _logits_cotangent(logits_xV, targets_x, stats_x, cotangents_x):
+def _logits_cotangent(logits_xV, targets_x, stats, stats_x, cotangents_x, extra_x):
   """d loss / d logits = sum_s (d loss / d s) (d s / d logits) over the statistics s with a
   gradient (cotangents_x: {name: d loss / d s per token}), float32."""
   logp_xV = log_softmax(logits_xV)
+  by_name = {stat.name: stat for stat in stats}
   dlogits_xV = jnp.zeros(logits_xV.shape, jnp.float32)
   for name, cotangent_x in cotangents_x.items():
-    stat, params = parse(name)
-    jacobian_xV = stat.logits_grad(logp_xV, targets_x, stats_x[name], *params)
+    stat = by_name[name]
+    jacobian_xV = stat.logits_grad(logp_xV, targets_x, stats_x[name],
+                                   **_side_inputs(stat, None, extra_x))
     dlogits_xV = dlogits_xV + cotangent_x[..., None] * jacobian_xV
   return dlogits_xV
 
@@ -372,14 +356,16 @@ def fused_loss(hidden_BxTxD, w_DxV, targets_BxT, *, per_token_loss, weights_BxT,
     error: pass per-token inputs in extra_BxT).
   weights_BxT: per-token weights (objectives.token_weights); tokens with weight <= 0 contribute
     exactly 0 to the loss and its gradient, even where per_token_loss is inf or NaN.
-  stats: statistic names (STATISTICS); those that need a reference model (kl_from_ref) are not
-    available here (token_stats has them).
-  extra_BxT: {name: [B, T]} per-token inputs without gradient (old_logp, ref_logp, ...).
+  stats: Statistics (or names of STATISTICS) the fused head takes (fused_capable): gates, or
+    with a closed-form logits_grad.
+  extra_BxT: {name: [B, T, ...]} per-token inputs without gradient (old_logp, ref_logp, the side
+    inputs of the statistics, ...).
   chunk_size, compute_dtype: as in token_stats. The logits are held in the compute dtype (bf16
     logits with float32 softmax statistics, as fused linear-cross-entropy kernels do).
   """
-  _check_fused(stats, w_DxV.shape[-1])
-  stats = tuple(stats)
+  stats, extra_BxT = resolve(stats), dict(extra_BxT or {})
+  _check_fused(stats)
+  _check_stats(stats, w_DxV.shape[-1], None, None, extra_BxT)
   split, merge = _chunking(hidden_BxTxD.shape, chunk_size)
   dtype = jnp.dtype(compute_dtype or hidden_BxTxD.dtype)
   hidden_dtype, w_dtype = hidden_BxTxD.dtype, w_DxV.dtype
@@ -392,7 +378,7 @@ def fused_loss(hidden_BxTxD, w_DxV, targets_BxT, *, per_token_loss, weights_BxT,
       loss, dw_DxV = carry
       hidden_BxCxD, targets_BxC, weights_BxC, extra_BxC = xs
       logits_BxCxV = _logits(hidden_BxCxD, w_c, dtype)
-      stats_BxC = _statistics(logits_BxCxV, targets_BxC, stats)
+      stats_BxC = _statistics(logits_BxCxV, targets_BxC, stats, extra_x=extra_BxC)
 
       def token_losses(differentiable):
         values = {**stats_BxC, **differentiable, **extra_BxC}
@@ -403,12 +389,12 @@ def fused_loss(hidden_BxTxD, w_DxV, targets_BxT, *, per_token_loss, weights_BxT,
         return (loss + jnp.sum(token_losses({})), None), (stats_BxC, None)
       # the statistics with a gradient that the loss reads: only these enter dlogits
       with_gradient = _read_with_gradient(per_token_loss, {**stats_BxC, **extra_BxC},
-                                          [n for n in stats if parse(n)[0].gradient])
+                                          [s.name for s in stats if s.gradient])
       losses_BxC, vjp = jax.vjp(token_losses, {n: stats_BxC[n] for n in with_gradient})
       cotangents = jax.tree.map(lambda g: jnp.where(weights_BxC > 0, g, 0.0),
                                 vjp(jnp.ones_like(losses_BxC))[0])
-      dlogits_BxCxV = _logits_cotangent(logits_BxCxV, targets_BxC, stats_BxC,
-                                        cotangents).astype(dtype)
+      dlogits_BxCxV = _logits_cotangent(logits_BxCxV, targets_BxC, stats, stats_BxC,
+                                        cotangents, extra_BxC).astype(dtype)
       dw_DxV = dw_DxV + jnp.einsum("bcd,bcv->dv", hidden_BxCxD, dlogits_BxCxV,
                                    preferred_element_type=jnp.float32)
       dh_BxCxD = jnp.einsum("bcv,dv->bcd", dlogits_BxCxV, w_c,
@@ -439,7 +425,7 @@ def fused_loss(hidden_BxTxD, w_DxV, targets_BxT, *, per_token_loss, weights_BxT,
             (g * dw_DxV).astype(w_dtype), None, None, None)
 
   head.defvjp(head_forward, head_backward)
-  extra_BxT = {k: jax.lax.stop_gradient(v) for k, v in (extra_BxT or {}).items()}
+  extra_BxT = {k: jax.lax.stop_gradient(v) for k, v in extra_BxT.items()}
   loss, stats_BxT = head(hidden_BxTxD, w_DxV, targets_BxT,
                          jax.lax.stop_gradient(jnp.asarray(weights_BxT, jnp.float32)), extra_BxT)
   return loss, jax.lax.stop_gradient(stats_BxT)

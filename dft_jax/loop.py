@@ -7,6 +7,7 @@ them and applies the non-finite policy. Checkpoints and stop requests are hooks 
 """
 import json
 import logging
+import math
 import time
 
 import jax
@@ -34,17 +35,20 @@ def host_metrics(metrics):
 class Recorder:
   """Reads each step's device metrics: adds step_seconds, tokens_per_s, the learning rate and MFU
   (when the chip's peak is known), keeps them in `history`, writes every `log_every`-th step (and
-  the last) to `writer`, and applies train.nonfinite to a skipped update: 'skip' logs a warning,
-  'stop' raises NonFiniteError.
+  the last) to `writer`, and applies train.nonfinite to a skipped update (non-finite, or larger
+  than max_update_ratio allows: the step's guards): 'skip' logs a warning, 'stop' raises
+  NonFiniteError.
 
   schedule / minibatches: the optimizer's schedule and updates per step (the learning rate of a
-  step is that of its last update); flops_per_token: throughput.flops_per_token of the run.
+  step is that of its last update); flops_per_token: throughput.flops_per_token of the run;
+  max_update_ratio: optimizer.max_update_ratio, named when an update is skipped for its size.
   """
 
   def __init__(self, *, num_steps, schedule=None, minibatches=1, flops_per_token=None,
-               nonfinite="skip", writer=None, log_every=1):
+               nonfinite="skip", writer=None, log_every=1, max_update_ratio=None):
     self.num_steps, self.schedule, self.minibatches = num_steps, schedule, minibatches
     self.nonfinite, self.writer, self.log_every = nonfinite, writer, log_every
+    self.max_update_ratio = max_update_ratio
     self.flops_per_token = flops_per_token
     self.peak = throughput.peak_flops(jax.devices()[0])
     self.history = []
@@ -70,17 +74,47 @@ class Recorder:
     if self.writer is not None and (step % self.log_every == 0 or step == self.num_steps):
       self.writer.write(step, scalars, histograms)
     if scalars["skipped"] > 0:
-      self._nonfinite(step, scalars, batch_position)
+      self._skipped(step, scalars, batch_position)
     return scalars
 
-  def _nonfinite(self, step, scalars, batch_position):
+  def _skipped(self, step, scalars, batch_position):
+    position = {k: v for k, v in (batch_position or {}).items() if k != "content"}
     where = ("" if batch_position is None else
-             f" on the batch starting at data position {json.dumps(batch_position)}")
-    message = (f"step {step}: non-finite loss or gradient (loss={scalars['loss']}, "
-               f"grad_norm={scalars['grad_norm']}){where}")
+             f" on the batch starting at data position {json.dumps(position)}")
+    if scalars.get("oversized", 0) >= scalars["skipped"]:
+      ratio = scalars["update_ratio"]
+      times = (f"{ratio:.3g} times their norm" if math.isfinite(ratio)
+               else "more than 1e38 times their norm (the update's norm overflows float32)")
+      message = (f"step {step}: the update would move the parameters by {times}, "
+                 f"more than optimizer.max_update_ratio={self.max_update_ratio} allows (a learning rate far "
+                 f"too large: optimizer.learning_rate, its schedule){where}")
+    else:
+      message = (f"step {step}: non-finite loss or gradient (loss={scalars['loss']}, "
+                 f"grad_norm={scalars['grad_norm']}){where}")
     if self.nonfinite == "stop":
       raise NonFiniteError(message + "; stopping (train.nonfinite='stop')")
     logging.warning("%s; the update was skipped (train.nonfinite='skip')", message)
+
+
+FIGURES = ("loss", "target_prob", "entropy")  # a run's first and last step in its summary
+
+
+def run_progress(earlier, history):
+  """The whole run's progress through the last step of `history` (this process's Recorder rows),
+  after `earlier` (the progress saved with the checkpoint this process resumed from; None for a
+  new run): {"first", "last": FIGURES of the run's first and latest step, "steps": the latest
+  step, "train_seconds", "tokens", "skipped": sums over every step so far}. Saved with each
+  checkpoint, it lets a resumed run's summary cover the whole run."""
+  earlier = earlier or dict(first=None, last=None, steps=0, train_seconds=0.0, tokens=0,
+                            skipped=0)
+  if not history:
+    return earlier
+  figures = lambda row: {key: row.get(key) for key in FIGURES}
+  return dict(first=earlier["first"] or figures(history[0]), last=figures(history[-1]),
+              steps=history[-1]["step"],
+              train_seconds=earlier["train_seconds"] + sum(h["step_seconds"] for h in history),
+              tokens=earlier["tokens"] + int(sum(h["tokens"] for h in history)),
+              skipped=earlier["skipped"] + int(sum(h["skipped"] for h in history)))
 
 
 def train_loop(state, train_step, batches, *, num_steps, record, frozen=None,

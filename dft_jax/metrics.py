@@ -4,6 +4,7 @@ Each writer takes `write(step, scalars, histograms)` where scalars is {name: flo
 {name: (bucket_edges_K+1, counts_K)}. Only process 0 writes.
 """
 import json
+import logging
 import os
 import sys
 import time
@@ -35,11 +36,25 @@ class JsonlWriter:
     self._file.close()
 
 
+def _not_a_nan_report(record):
+  return "NaN or Inf found in input tensor" not in record.getMessage()
+
+
+def _quiet_nan_warnings():
+  """tensorboardX warns once per NaN or inf value it writes: a step whose loss is NaN has dozens
+  of metrics, one line each. The values are written (TensorBoard shows them); the step's own
+  warning (loop.Recorder) says what happened, once."""
+  logger = logging.getLogger("tensorboardX.x2num")
+  if _not_a_nan_report not in logger.filters:
+    logger.addFilter(_not_a_nan_report)
+
+
 class TensorBoardWriter:
   """TensorBoard event files (scalars + histograms) through tensorboardX, without TensorFlow."""
 
   def __init__(self, logdir):
     import tensorboardX  # pylint: disable=g-import-not-at-top
+    _quiet_nan_warnings()
     self._writer = tensorboardX.SummaryWriter(logdir)
 
   def write(self, step, scalars, histograms=None):

@@ -4,10 +4,15 @@ An objective maps per-token log-probabilities of the target tokens (logp_t, p_t 
 a per-token loss of the same shape; sg = stop_gradient. Each is one `Objective` record in
 OBJECTIVES: its pure per-token function (formula and paper in the docstring), its hyperparameters
 with defaults and allowed values, the LM-head statistics of the full next-token distribution it
-reads, what else it needs (the policy snapshot's logp, the reference's logp, the batch's
-segments) and its own gate metrics. Everything below the records (validate, required_stats,
-needs, objective_loss, the metrics, config_block) is generic over the registry: adding an
+reads (lm_head.Statistic: its own gates and closed-form gradients are declared here, the head
+applies them), what else it needs (NEEDS) and its own gate metrics. Everything below the records
+(validate, objective_loss, the metrics, config_block) is generic over the registry: adding an
 objective is adding a record.
+
+Resolve once: `validate(config.objective)` at the config edge (the train job, the study, the
+benchmarks) returns a `Setting` (the record, its hyperparameters, the active terms, the
+statistics and needs, all resolved); the train step, the LM head and the study take the Setting
+and never read the raw config again.
 
 Two extra terms combine with any objective, each on when its coefficient is > 0 (TERMS):
 `entropy_coef * (-H_t)` (entropy bonus) and `kl_coef * k3(logp_t, ref_logp_t)` (KL anchor).
@@ -42,8 +47,11 @@ from dft_jax.lazy import LazyModule
 
 jax = LazyModule("jax")
 jnp = LazyModule("jax.numpy")
+lm_head = LazyModule("dft_jax.lm_head")
 
 HIST_EDGES = np.linspace(0.0, 1.0, 21)  # bins of the target-probability histogram
+# Per-token metrics of every setting (token_metrics): p_t, its tails, -log p_t and the entropy H_t.
+TOKEN_METRICS = ("target_prob", "p_below_0.1", "p_above_0.9", "nll", "entropy")
 # Log-ratios are clamped to this before exp (PSFT ratio, k3) so that float32 stays finite; PSFT is
 # unchanged by it (its loss is flat above log(1 + eps_high)), k3 loses its gradient beyond it.
 MAX_LOG_RATIO = 20.0
@@ -54,10 +62,13 @@ GATED_DOWN_BELOW = 0.5
 # near-uniform predictions over a large vocabulary: 13 % for a flat 151,936-token one).
 DEFT_EPSILON = 1e-6
 # What an objective may need beyond logp and LM-head statistics, and the keywords that bring it:
-#   old_logp  the policy snapshot's logp (PSFT's pi_old), fixed over one global batch's updates
-#   ref_logp  the frozen reference (starting) model's logp
-#   segments  the batch's loss_mask and segment_ids (sequence-level objectives)
-NEEDS = ("old_logp", "ref_logp", "segments")
+#   old_logp   the policy snapshot's logp (PSFT's pi_old), fixed over one global batch's updates
+#   ref_logp   the frozen reference (starting) model's logp
+#   segments   the batch's loss_mask and segment_ids (sequence-level objectives)
+#   token_key  a PRNG key per token ([..., 2] uint32 key data), from the run's seed, the step
+#              number and the token's place in the global batch (sampling objectives): the same
+#              draws however the batch is split, and again on resume
+NEEDS = ("old_logp", "ref_logp", "segments", "token_key")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -110,7 +121,9 @@ class Objective:
   """One objective: fn(logp, **inputs, **needs, **hparams) -> per-token loss (float32).
 
   hparams: name -> Hparam (those with fn_arg=True are passed to fn and metrics).
-  inputs: hparams -> {keyword of fn: LM-head statistic name} (lm_head.STATISTICS).
+  inputs: hparams -> {keyword of fn: lm_head.Statistic}: the generic ones (lm_head.LOGP,
+    ENTROPY, KL_FROM_REF) or the record's own (gates with gradient=False, closed-form
+    logits_grad for the fused head).
   needs: a subset of NEEDS; each arrives as keyword(s) of fn and metrics.
   metrics: same arguments as fn -> {name: per-token value}, reported as "<objective>/<name>".
   doc: one line for --help and the README: formula and source.
@@ -267,11 +280,52 @@ def eaft_metrics(logp, *, gate_entropy, alpha, norm):
   return {"gate_entropy": gate_entropy, **gate_metrics(eaft_gate(gate_entropy, alpha, norm))}
 
 
+def topk_entropy_statistic(k):
+  """EAFT's gate statistic: the entropy of the softmax over the k largest logits (the reference
+  implementations take it from the logits, no_grad), a gate (no gradient) needing k <= vocab."""
+  return lm_head.Statistic(f"topk_entropy:{k}",
+                           lambda logits_xV, _: lm_head.topk_entropy(logits_xV, k),
+                           gradient=False, from_logits=True, min_vocab=k)
+
+
 def eaft_inputs(hparams):
   """The gate entropy: over the top-k logits, or the exact full-vocabulary one."""
   if hparams["entropy"] == "full":
-    return {"gate_entropy": "entropy"}
-  return {"gate_entropy": f"topk_entropy:{int(hparams['k'])}"}
+    return {"gate_entropy": lm_head.ENTROPY}
+  return {"gate_entropy": topk_entropy_statistic(int(hparams["k"]))}
+
+
+# Scale of the logit gap in GEM's h = logsigmoid weights sigmoid(0.01 (z_v - z_y)): a constant of
+# the official code (liziniu/GEM, sft_trainer.py gem_loss), not one of its options.
+GEM_LOGSIGMOID_SCALE = 0.01
+
+
+def gem_weights(logp_xV, targets_x, beta, h):
+  """GEM's per-class weights sg(a_v) = sg(q_v * w_v) over a full distribution [x, V]:
+  q = softmax(logits / beta) (= softmax(logp / beta)); w_v = 1 (h=linear) or
+  sigmoid(0.01 * (z_v - z_y)) (h=logsigmoid; z_v - z_y = logp_v - logp_y, y the target)."""
+  a_xV = jax.nn.softmax(logp_xV / beta, axis=-1)
+  if h == "logsigmoid":
+    gap_xV = logp_xV - lm_head.target_log_prob(logp_xV, targets_x)[..., None]
+    a_xV = a_xV * jax.nn.sigmoid(GEM_LOGSIGMOID_SCALE * gap_xV)
+  return jax.lax.stop_gradient(a_xV)
+
+
+def gem_cross_entropy(logp_xV, targets_x, beta, h):
+  """X = -sum_v sg(a_v) log p_v (gem_weights): cross-entropy of the model against its own
+  tempered distribution; differentiable in logp."""
+  return -jnp.sum(gem_weights(logp_xV, targets_x, beta, h) * logp_xV, axis=-1)
+
+
+def gem_cross_entropy_grad(logp_xV, targets_x, beta, h):
+  """d X / d z = A p - a (gem_cross_entropy; a = gem_weights, A = sum_v a_v)."""
+  a_xV = gem_weights(logp_xV, targets_x, beta, h)
+  return jnp.sum(a_xV, axis=-1, keepdims=True) * jnp.exp(logp_xV) - a_xV
+
+
+def gem_mass(logp_xV, targets_x, beta, h):
+  """A = sum_v sg(a_v) (gem_weights): 1 for h=linear, in (0, 1) for h=logsigmoid; no gradient."""
+  return jnp.sum(gem_weights(logp_xV, targets_x, beta, h), axis=-1)
 
 
 def gem(logp, *, tempered_xent, tempered_mass=None):
@@ -284,9 +338,9 @@ def gem(logp, *, tempered_xent, tempered_mass=None):
   its own tempered distribution q instead of its softmax, which keeps the distribution flatter;
   beta = 1 with h = linear has exactly SFT's gradient. w_v = 1 (h=linear: A_t = 1, no
   tempered_mass) or sigmoid(0.01 (z_v - z_t)) (h=logsigmoid). tempered_xent (X_t, differentiable)
-  and tempered_mass (A_t, no gradient) are the LM-head statistics "gem_cross_entropy:BETA:H" and
-  "gem_mass:BETA:H". Defaults beta = 0.7, h = linear: official train.py (its released scripts pass
-  gem_h=logsigmoid).
+  and tempered_mass (A_t, no gradient) are GEM's own LM-head statistics (gem_inputs: X with its
+  closed-form gradient A p - a, A as a gate). Defaults beta = 0.7, h = linear: official train.py
+  (its released scripts pass gem_h=logsigmoid).
   """
   mass = 1.0 if tempered_mass is None else jax.lax.stop_gradient(_f32(tempered_mass))
   return -mass * _f32(logp) - _f32(tempered_xent)
@@ -298,10 +352,18 @@ def gem_metrics(logp, *, tempered_xent, tempered_mass=None):
 
 
 def gem_inputs(hparams):
-  params = f"{float(hparams['beta'])!r}:{hparams['h']}"
-  inputs = {"tempered_xent": f"gem_cross_entropy:{params}"}
-  if hparams["h"] != "linear":  # A_t = 1 for h = linear
-    inputs["tempered_mass"] = f"gem_mass:{params}"
+  """X_t (with its closed-form gradient) and, for h=logsigmoid, A_t (a gate; 1 for h=linear)."""
+  beta, h = float(hparams["beta"]), hparams["h"]
+  params = f"{beta!r}:{h}"
+  inputs = {"tempered_xent": lm_head.Statistic(
+      f"gem_cross_entropy:{params}",
+      lambda logp_xV, targets_x: gem_cross_entropy(logp_xV, targets_x, beta, h),
+      logits_grad=lambda logp_xV, targets_x, _: gem_cross_entropy_grad(logp_xV, targets_x, beta,
+                                                                       h))}
+  if h != "linear":
+    inputs["tempered_mass"] = lm_head.Statistic(
+        f"gem_mass:{params}", lambda logp_xV, targets_x: gem_mass(logp_xV, targets_x, beta, h),
+        gradient=False)
   return inputs
 
 
@@ -320,10 +382,17 @@ def deft(logp, *, renyi2):
   with the official code's epsilon in the divisor only (DEFT_EPSILON). Gradient wrt logits:
   a_t / (a_t + 1e-6) * p_t**a_t * (softmax - onehot), the "gate" ~ p_t**a_t: NLL-like (gate -> 1)
   when the distribution is flat, DFT-like (gate -> p_t) when it is concentrated. renyi2: H2_t,
-  the statistic "renyi2_entropy".
+  DEFT's gate statistic (deft_inputs, no gradient).
   """
   alpha = deft_alpha(renyi2)
   return -jnp.expm1(alpha * _f32(logp)) / (alpha + DEFT_EPSILON)
+
+
+def deft_inputs(hparams):
+  """DEFT's gate statistic H2_t = -log sum_v p_v**2 (no gradient)."""
+  del hparams
+  return {"renyi2": lm_head.Statistic(
+      "renyi2_entropy", lambda logp_xV, _: lm_head.renyi2_entropy(logp_xV), gradient=False)}
 
 
 def deft_metrics(logp, *, renyi2):
@@ -492,13 +561,13 @@ OBJECTIVES = {
         inputs=gem_inputs, metrics=gem_metrics),
     "deft": Objective(
         deft, "-(p_t^a_t - 1) / a_t, a_t = sg(sum_v p_v^2) (DEFT, arXiv 2602.11424)",
-        inputs=lambda hparams: {"renyi2": "renyi2_entropy"}, metrics=deft_metrics),
+        inputs=deft_inputs, metrics=deft_metrics),
     "asft": Objective(
         asft, "-sg(p_t) log p_t + kl_weight KL(pi_ref || pi)_t over the full vocabulary (ASFT, "
         "arXiv 2509.23753)",
         hparams=dict(kl_weight=nonnegative(0.1, "weight of the full-vocabulary KL to the starting "
                                                 "model (LLaMA-Factory asft_alpha: 0.1)")),
-        inputs=lambda hparams: {"kl_from_ref": "kl_from_ref"}, metrics=asft_metrics),
+        inputs=lambda hparams: {"kl_from_ref": lm_head.KL_FROM_REF}, metrics=asft_metrics),
     "chord_phi": Objective(
         chord_phi, "-sg(p_t (1 - p_t)) min(log p_t, log cutoff) (CHORD's phi, arXiv 2508.11408; "
         "Trinity-RFT sft_phi)",
@@ -526,7 +595,7 @@ OBJECTIVES = {
 TERMS = {
     "entropy_coef": ("entropy_bonus", Objective(
         entropy_bonus, "-H_t, the full-vocabulary entropy (entropy bonus)",
-        inputs=lambda hparams: {"entropy": "entropy"})),
+        inputs=lambda hparams: {"entropy": lm_head.ENTROPY})),
     "kl_coef": ("kl_anchor", Objective(
         k3, "k3(logp_t, ref_logp_t) = exp(d) - d - 1, d = sg(ref_logp_t) - logp_t (KL anchor to "
         "the starting model)", needs=("ref_logp",),
@@ -547,22 +616,71 @@ GENERIC = dict(
 
 
 @dataclasses.dataclass(frozen=True)
+class Term:
+  """One active per-token term of a Setting, resolved: the objective itself or an extra term."""
+  key: str         # its loss is "loss/<key>": "objective" or the extra term's name
+  prefix: str      # its metrics are "<prefix>/<name>": the objective's name or the term's
+  record: Objective
+  hparams: dict    # every hyperparameter of the record
+  coef: float
+  inputs: dict     # keyword of fn -> name of the lm_head.Statistic (in Setting.stats)
+
+  def arguments(self, values, batch):
+    """Keyword arguments of the record's fn and metrics: its inputs, needs and fn hyperparameters
+    (values: statistics and needs by name; batch: loss_mask and segment_ids)."""
+    kwargs = {k: v for k, v in self.hparams.items() if self.record.hparams[k].fn_arg}
+    kwargs.update({key: values[stat] for key, stat in self.inputs.items()})
+    for need in self.record.needs:
+      if need == "segments":
+        kwargs.update(loss_mask=batch["loss_mask"], segment_ids=batch.get("segment_ids"))
+      else:
+        kwargs[need] = values[need]
+    return kwargs
+
+
+@dataclasses.dataclass(frozen=True)
 class Setting:
-  """A validated config.objective: the chosen record with its hyperparameters, the generic
-  fields, and the extra terms that are on ({term name: (coefficient, record)})."""
+  """A validated config.objective, resolved once: the chosen record with its hyperparameters, the
+  generic fields, the active terms (the objective first, then each extra term that is on), the
+  LM-head statistics they read (logp and entropy first) and what else they need (NEEDS)."""
   name: str
-  objective: Objective
-  hparams: dict
   aggregation: str
   norm_constant: float
-  terms: dict
+  terms: tuple
+  stats: tuple       # lm_head.Statistic
+  needs: frozenset
 
-  def records(self):
-    """(prefix of its metrics and loss, record, hyperparameters, coefficient) of every active
-    per-token term: the objective itself first, then the extra terms."""
-    yield "objective", self.name, self.objective, self.hparams, 1.0
-    for term, (coef, record) in self.terms.items():
-      yield term, term, record, {}, coef
+  @property
+  def objective(self):
+    return self.terms[0].record
+
+  @property
+  def hparams(self):
+    return self.terms[0].hparams
+
+  @property
+  def needs_reference(self):
+    """Whether a term compares with the frozen reference (starting) model: its target logp
+    (need ref_logp) or its whole distribution (a statistic with side input "reference")."""
+    return "ref_logp" in self.needs or lm_head.needs_reference(self.stats)
+
+
+def _term(key, prefix, record, hparams, coef):
+  """A Term with the record's inputs resolved; and the statistics it reads."""
+  inputs = record.inputs(hparams)
+  return (Term(key, prefix, record, hparams, coef, {k: s.name for k, s in inputs.items()}),
+          tuple(inputs.values()))
+
+
+def _setting(name, hparams, generic):
+  """The Setting of a validated objective and generic fields."""
+  terms = [_term("objective", name, OBJECTIVES[name], hparams, 1.0)]
+  terms += [_term(term, term, record, {}, generic[coef]) for coef, (term, record) in TERMS.items()
+            if generic[coef] > 0]
+  stats = [lm_head.LOGP, lm_head.ENTROPY] + [s for _, term_stats in terms for s in term_stats]
+  return Setting(name, generic["aggregation"], generic["norm_constant"],
+                 tuple(term for term, _ in terms), tuple(dict.fromkeys(stats)),
+                 frozenset(n for term, _ in terms for n in term.record.needs))
 
 
 def _check(field, value, hparam):
@@ -590,10 +708,7 @@ def validate(cfg):
   for field, value in generic.items():
     _check(field, value, GENERIC[field])
   blocks = {objective: _hparams(objective, fields.get(objective)) for objective in OBJECTIVES}
-  terms = {term: (generic[coef], term_record) for coef, (term, term_record) in TERMS.items()
-           if generic[coef] > 0}
-  return Setting(name, OBJECTIVES[name], blocks[name], generic["aggregation"],
-                 generic["norm_constant"], terms)
+  return _setting(name, blocks[name], generic)
 
 
 def _hparams(name, block):
@@ -621,23 +736,32 @@ def config_block(name="dft"):
   return block
 
 
-def _setting(cfg):
-  return cfg if isinstance(cfg, Setting) else validate(cfg)
-
-
-def required_stats(cfg):
-  """LM-head statistics this config (or Setting) needs (lm_head.STATISTICS): logp and entropy
-  always (the entropy metric), then every active record's inputs, e.g. "topk_entropy:20"."""
-  setting = _setting(cfg)
-  names = ["logp", "entropy"]
-  for _, _, record, hparams, _ in setting.records():
-    names += record.inputs(hparams).values()
+def metric_names(setting=None):
+  """Names of the scalar metrics (finalize_metrics' keys, histograms left out) the train step
+  reports for `setting`; None: for every objective and extra term at its defaults, what any
+  setting may report (the study's history keys)."""
+  terms = setting.terms if setting is not None else (
+      [_term("objective", name, record, _hparams(name, None), 1.0)[0]
+       for name, record in OBJECTIVES.items()]
+      + [_term(term, term, record, {}, 1.0)[0] for term, record in TERMS.values()])
+  names = ["loss", "num_tokens", *TOKEN_METRICS]
+  for term in terms:
+    names.append(f"loss/{term.key}")
+    names += [f"{term.prefix}/{k}" for k in _own_metric_keys(term)]
   return tuple(dict.fromkeys(names))
 
 
-def needs(cfg):
-  """What this config (or Setting) needs besides LM-head statistics (a subset of NEEDS)."""
-  return frozenset(n for _, _, record, _, _ in _setting(cfg).records() for n in record.needs)
+def _own_metric_keys(term):
+  """The keys of a term's own metrics, read off their shapes (no computation)."""
+  if term.record.metrics is None:
+    return ()
+  one = jax.ShapeDtypeStruct((1, 1), jnp.float32)
+  values = {name: one for name in (*term.inputs.values(), *NEEDS)}
+  values["token_key"] = jax.ShapeDtypeStruct((1, 1, 2), jnp.uint32)
+  batch = {"loss_mask": one, "segment_ids": jax.ShapeDtypeStruct((1, 1), jnp.int32)}
+  own = jax.eval_shape(lambda v, b: term.record.metrics(v["logp"], **term.arguments(v, b)),
+                       dict(values, logp=one), batch)
+  return tuple(own)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -700,41 +824,34 @@ def aggregate(per_token_loss, loss_mask, mode="token_mean", **denominators):
 # The composite loss of the train step and its metrics.
 
 
-def _arguments(record, hparams, stats, batch):
-  """Keyword arguments of a record's fn and metrics: its inputs, needs and fn hyperparameters."""
-  kwargs = {k: v for k, v in hparams.items() if record.hparams[k].fn_arg}
-  kwargs.update({key: stats[stat] for key, stat in record.inputs(hparams).items()})
-  for need in record.needs:
-    if need == "segments":
-      kwargs.update(loss_mask=batch["loss_mask"], segment_ids=batch.get("segment_ids"))
-    else:
-      kwargs[need] = stats[need]
-  return kwargs
+def per_token_terms(values, batch, setting):
+  """{term key: coefficient * per-token loss} of every active term ("objective" first).
 
-
-def per_token_terms(stats, batch, setting):
-  """{term: coefficient * per-token loss} of every active record ("objective" first)."""
+  values: {name: [B, T]} of the setting's statistics and needs; batch: loss_mask and segment_ids.
+  """
   terms = {}
-  for term, _, record, hparams, coef in setting.records():
-    value = record.fn(stats["logp"], **_arguments(record, hparams, stats, batch))
-    terms[term] = value if coef == 1.0 else coef * value
+  for term in setting.terms:
+    value = term.record.fn(values["logp"], **term.arguments(values, batch))
+    terms[term.key] = value if term.coef == 1.0 else term.coef * value
   return terms
 
 
-def token_metrics(stats, batch, setting):
+def token_metrics(values, batch, setting):
   """Masked per-token sums ("tok/..."), the target-probability histogram and num_tokens; no
   gradient."""
-  stats = {k: jax.lax.stop_gradient(_f32(v)) for k, v in stats.items()}
+  values = {k: jax.lax.stop_gradient(v) for k, v in values.items()}
   mask = _f32(batch["loss_mask"])
-  prob = jnp.exp(stats["logp"])
-  values = {"target_prob": prob, "p_below_0.1": prob < 0.1, "p_above_0.9": prob > 0.9}
-  if "entropy" in stats:
-    values["entropy"] = stats["entropy"]
-  for _, prefix, record, hparams, _ in setting.records():
-    if record.metrics is not None:
-      own = record.metrics(stats["logp"], **_arguments(record, hparams, stats, batch))
-      values.update({f"{prefix}/{k}": v for k, v in own.items()})
-  metrics = {f"tok/{k}": _weighted_sum(_f32(v), mask) for k, v in values.items()}
+  logp = _f32(values["logp"])
+  prob = jnp.exp(logp)
+  per_token = {"target_prob": prob, "p_below_0.1": prob < 0.1, "p_above_0.9": prob > 0.9,
+               "nll": -logp}
+  if "entropy" in values:
+    per_token["entropy"] = values["entropy"]
+  for term in setting.terms:
+    if term.record.metrics is not None:
+      own = term.record.metrics(logp, **term.arguments(values, batch))
+      per_token.update({f"{term.prefix}/{k}": v for k, v in own.items()})
+  metrics = {f"tok/{k}": _weighted_sum(_f32(v), mask) for k, v in per_token.items()}
   num_bins = len(HIST_EDGES) - 1
   bins = jnp.clip(jnp.floor(prob * num_bins), 0, num_bins - 1).astype(jnp.int32)
   onehot = jax.nn.one_hot(bins, num_bins, dtype=jnp.float32)
@@ -744,41 +861,60 @@ def token_metrics(stats, batch, setting):
   return metrics
 
 
-def objective_loss(stats, batch, cfg, *, denominators=None):
+def source_sums(per_token_loss, batch, names):
+  """A mixture's per-source sums over a (micro)batch, by each token's source (batch["source_ids"],
+  a segment sum over the `names` of data.sources): source/NAME/loss = sum over NAME's tokens of
+  mask * loss, source/NAME/loss_tokens = sum of its mask, source/NAME/tokens = its real tokens
+  (segment_ids > 0). finalize_metrics turns the loss into a mean per loss token."""
+  mask = _f32(batch["loss_mask"]).reshape(-1)
+  loss = jnp.where(mask > 0, _f32(per_token_loss).reshape(-1), 0.0) * mask
+  real = (jnp.asarray(batch["segment_ids"]) > 0).astype(jnp.float32).reshape(-1)
+  ids = jnp.asarray(batch["source_ids"]).reshape(-1)
+  sums = [jax.ops.segment_sum(v, ids, num_segments=len(names)) for v in (loss, mask, real)]
+  return {f"source/{name}/{what}": total[s] for s, name in enumerate(names)
+          for what, total in zip(("loss", "loss_tokens", "tokens"), sums)}
+
+
+def objective_loss(values, batch, setting, *, denominators=None, sources=()):
   """The train step's loss: per-token objective (+ active extra terms), aggregated.
 
-  stats: dict of [B, T] arrays (any float dtype, computed in float32): logp, entropy, the
-    statistics required_stats(cfg) names, and what needs(cfg) names (old_logp, ref_logp).
+  values: dict of [B, T] arrays (any float dtype, computed in float32): the statistics of
+    setting.stats (by name: logp, entropy, ...) and what setting.needs names (old_logp,
+    ref_logp, token_key).
   batch: dict with loss_mask [B, T] and optionally segment_ids [B, T] (other keys ignored).
-  cfg: config.objective (ConfigDict or nested dict; the records' defaults fill missing fields)
-    or a Setting.
+  setting: validate(config.objective), resolved at the config edge.
   denominators: global_denominators() of the whole global batch when `batch` is a microbatch or
     a device's shard; None means `batch` is the global batch.
+  sources: a mixture's source names (batch then holds source_ids [B, T]): adds source_sums.
   Returns (loss, metrics): metrics as sums (module docstring), combine with + then
   finalize_metrics.
   """
-  setting = _setting(cfg)
   mask, segment_ids = batch["loss_mask"], batch.get("segment_ids")
   if denominators is None:
     denominators = global_denominators(mask, segment_ids)
   weights = token_weights(mask, setting.aggregation, segment_ids=segment_ids,
                           norm_constant=setting.norm_constant, **denominators)
-  term_losses = {k: _weighted_sum(v, weights)
-                 for k, v in per_token_terms(stats, batch, setting).items()}
+  per_token = per_token_terms(values, batch, setting)
+  term_losses = {k: _weighted_sum(v, weights) for k, v in per_token.items()}
   loss = sum(term_losses.values())
   metrics = {"loss": loss, **{f"loss/{k}": v for k, v in term_losses.items()}}
-  metrics.update(token_metrics(stats, batch, setting))
+  metrics.update(token_metrics(values, batch, setting))
+  if sources:
+    metrics.update(source_sums(sum(per_token.values()), batch, sources))
   return loss, metrics
 
 
 def finalize_metrics(summed):
   """Summed metrics -> reportable values: "tok/x" -> "x" = sum / num_tokens (0 if no tokens);
-  "hist/..." stay bin counts; the rest (losses, num_tokens) stay as they are."""
+  "source/NAME/loss" -> its mean per loss token of NAME; "hist/..." stay bin counts; the rest
+  (losses, num_tokens, token counts) stay as they are."""
   num_tokens = _nonzero(jnp.asarray(summed["num_tokens"], jnp.float32))
   final = {}
   for key, value in summed.items():
     if key.startswith("tok/"):
       final[key[len("tok/"):]] = value / num_tokens
+    elif key.startswith("source/") and key.endswith("/loss"):
+      final[key] = value / _nonzero(summed[f"{key}_tokens"])
     else:
       final[key] = value
   return final

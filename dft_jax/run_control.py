@@ -181,17 +181,36 @@ def _describe(owner):
 
 
 def _alive(owner):
-  """Whether the run a lock file names may still run: its pid exists on this host, or it ran on
-  another host (which cannot be checked from here)."""
-  if owner.get("host") != socket.gethostname():
-    return "pid" in owner
+  """Whether the run a lock file names may still run (may_still_run)."""
+  return "pid" in owner and may_still_run(owner.get("host"), owner["pid"])
+
+
+def may_still_run(host, pid):
+  """Whether process `pid` of `host` may still run: it exists on this host, or it ran on another
+  host (which cannot be checked from here)."""
+  if host != socket.gethostname():
+    return True
   try:
-    os.kill(int(owner["pid"]), 0)
+    os.kill(int(pid), 0)
   except ProcessLookupError:
     return False
   except PermissionError:  # another user's process
     return True
   return True
+
+
+def live_holder(workdir):
+  """The run that `workdir`'s run.lock names ({pid, host, started, command}) if it may still run,
+  else None; reads the file, takes no lock (a reader such as evaluate asks while the run trains)."""
+  try:
+    fd = os.open(os.path.join(workdir, LOCK_FILE), os.O_RDONLY)
+  except FileNotFoundError:
+    return None
+  try:
+    owner = _owner(fd)
+  finally:
+    os.close(fd)
+  return owner if _alive(owner) else None
 
 
 def _same_file(fd, path):

@@ -18,8 +18,13 @@ from dft_jax.errors import ConfigError
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
-# logical axis -> mesh axis. Unlisted names ("layers", "head_dim", "norm") stay replicated.
+# logical axis -> mesh axis. Unlisted names ("layers", "head_dim", "norm") stay replicated. A
+# dimension takes its axis only if no earlier dimension of the array took it: expert weights
+# [layers, expert, embed, mlp] are stored whole-expert per fsdp device (E / fsdp experts each; the
+# compiler gathers them for the grouped matmul, as it gathers FSDP shards), the router
+# [layers, embed, expert] by embed.
 LOGICAL_RULES = (
+    ("expert", "fsdp"),
     ("embed", "fsdp"),
     ("vocab", "tensor"),
     ("q_heads", "tensor"),

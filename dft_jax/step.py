@@ -1,13 +1,21 @@
 """The train step: TrainState, the optimizer, and one jitted, sharded `train_step(state, batch, ref)`.
 
-Per global batch [G, T] (rows sharded over the mesh's (data, fsdp) axes), the step
-  1. takes `old_logp` from a snapshot of the policy when the objective needs it (PSFT): with
-     K = train.minibatches > 1 a forward-only pass with the parameters before this batch's
-     updates; with K = 1 the snapshot is the current policy, old_logp = sg(logp), no extra pass;
+The objective arrives resolved (objectives.Setting, from objectives.validate at the config edge):
+the step reads its terms, statistics and needs, never config.objective. Per global batch [G, T]
+(rows sharded over the mesh's (data, fsdp) axes), the step
+  1. provides what the objective needs (objectives.NEEDS), each need by one provider:
+     old_logp  a snapshot of the policy: with K = train.minibatches > 1 a forward-only pass with
+               the parameters before this batch's updates; with K = 1 the snapshot is the
+               current policy, old_logp = sg(logp), no extra pass;
+     ref_logp  a forward-only pass of the frozen reference (starting) model;
+     token_key a PRNG key per token of the global batch, from train.seed and the step number;
+     segments  the batch's loss_mask and segment_ids;
   2. makes K optimizer updates, each on 1/K of the rows, each summing the gradients of
      train.microbatches accumulation slices (a lax.scan), all against the same old_logp;
   3. keeps parameters and optimizer state unchanged on an update whose loss or gradient norm is
-     not finite, and counts it (`skipped`).
+     not finite, or that would move the parameters by more than optimizer.max_update_ratio times
+     their norm (||update|| / ||params||, `update_ratio`: a learning rate far too large), and counts
+     it (`skipped`; `oversized` the updates skipped for their size).
 The loss normalisation uses the token / sequence counts of each update's whole minibatch, so
 slices and devices give the gradient of one big batch. The step also reads, never updates,
 `Frozen`: with LoRA the frozen base; without it a copy of the starting parameters when the
@@ -29,6 +37,7 @@ from dft_jax.errors import ConfigError, check_number
 
 BATCH_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
 LM_HEAD_IMPLS = ("checkpointed", "fused")  # lm_head.token_stats | lm_head.fused_loss
+SAMPLING_STREAM = 0x5A4D  # folded into the seed's key for the per-token keys (token_keys)
 
 
 class TrainState(struct.PyTreeNode):
@@ -56,6 +65,8 @@ def validate(config, num_devices, process_count=1):
     check_number(f"train.{name}", t[name], integer=True, minimum=1)
   check_number("train.seed", t.seed, integer=True, minimum=0)
   check_number("model.lm_head_chunk", config.model.lm_head_chunk, integer=True, minimum=1)
+  check_number("model.router_aux_loss_coef", config.model.get("router_aux_loss_coef"),
+               optional=True, minimum=0)
   if t.nonfinite not in ("skip", "stop"):
     raise ConfigError(f"train.nonfinite={t.nonfinite!r}: expected 'skip' or 'stop'")
   for axis in sharding.MESH_AXES:  # sizes, or -1 for the rest of the devices
@@ -89,6 +100,15 @@ def validate(config, num_devices, process_count=1):
   check_number("optimizer.b2", o.b2, minimum=0, below=1)
   check_number("optimizer.eps", o.eps, above=0)
   check_number("optimizer.grad_clip_norm", o.grad_clip_norm, minimum=0)  # 0: no clipping
+  check_number("optimizer.max_update_ratio", o.get("max_update_ratio", 0.0), minimum=0)  # 0: off
+  updates = t.num_steps * t.minibatches
+  if o.warmup_steps >= updates:  # the schedule counts updates
+    per_step = (f" x train.minibatches={t.minibatches} = {updates} updates"
+                if t.minibatches > 1 else "")
+    raise ConfigError(
+        f"optimizer.warmup_steps={o.warmup_steps} must be below train.num_steps={t.num_steps}"
+        f"{per_step}: the run would end before its learning rate reaches "
+        f"optimizer.learning_rate={o.learning_rate}; lower the warm-up or train longer")
 
 
 # ----------------------------------------------------------------------------- optimizer
@@ -200,17 +220,18 @@ def _placed(tree, mesh):
   return jax.device_put(tree, sharding.param_shardings(tree, models.logical_specs(tree), mesh))
 
 
-def init_train_state(model, config, mesh):
+def init_train_state(model, config, mesh, *, setting):
   """(graphdef, TrainState, Frozen, tx, schedule): the model's trainable parameters (all, or
   with LoRA the adapters; the frozen base in Frozen.base) sharded over the mesh by the
   logical-axis rules, the optimizer moments placed like the parameters they follow, and a copy
-  of the starting parameters in Frozen.reference when the objective needs one."""
+  of the starting parameters in Frozen.reference when the objective (setting, an
+  objectives.Setting) compares with the starting model."""
   from dft_jax import models  # pylint: disable=g-import-not-at-top
   graphdef, params, base = split_model(model)
   logical = models.logical_specs(params)
   params, base = _placed(params, mesh), _placed(base, mesh)
   reference = None
-  if base is None and needs_reference(config.objective):
+  if base is None and setting.needs_reference:
     reference = jax.tree.map(jnp.copy, params)
   t = config.train
   tx, schedule = make_optimizer(config.optimizer, t.num_steps * t.minibatches, logical)
@@ -227,8 +248,8 @@ def init_train_state(model, config, mesh):
 def global_batch(local_batch, mesh):
   """Process-local numpy rows -> one global jax.Array per key, rows sharded over (data, fsdp)."""
   sh = sharding.batch_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(sh, np.asarray(local_batch[k]))
-          for k in BATCH_KEYS}
+  keys = BATCH_KEYS + (("source_ids",) if "source_ids" in local_batch else ())  # a mixture's
+  return {k: jax.make_array_from_process_local_data(sh, np.asarray(local_batch[k])) for k in keys}
 
 
 def count_params(params):
@@ -237,24 +258,20 @@ def count_params(params):
 
 def train_flops_per_token(state, frozen, model_config, seq_len):
   """throughput.flops_per_token of this state: 6 N, or with LoRA 4 N_base + 6 N_adapters (N_base
-  from the shapes of the plain decoder: a quantised base packs two weights a byte)."""
+  from the shapes of the plain decoder: a quantised base packs two weights a byte); N counts the
+  parameters a token uses (a mixture of experts: its top k experts)."""
   from dft_jax import models  # pylint: disable=g-import-not-at-top
   from dft_jax import throughput  # pylint: disable=g-import-not-at-top
+  inactive = models.inactive_param_count(model_config)
   if frozen.base is None:
-    return throughput.flops_per_token(count_params(state.params), model_config, seq_len)
+    return throughput.flops_per_token(count_params(state.params) - inactive, model_config,
+                                      seq_len)
   base = nnx.eval_shape(lambda: models.Decoder(model_config, rngs=nnx.Rngs(0)))
-  return throughput.flops_per_token(count_params(nnx.state(base)), model_config, seq_len,
-                                    num_trainable=count_params(state.params))
+  return throughput.flops_per_token(count_params(nnx.state(base)) - inactive, model_config,
+                                    seq_len, num_trainable=count_params(state.params))
 
 
 # ----------------------------------------------------------------------------- the step
-
-
-def needs_reference(objective_cfg):
-  """Whether the objective compares with the frozen starting model (KL anchor, reference
-  statistics): a copy of the starting parameters, or with LoRA the base with adapters off."""
-  return ("ref_logp" in objectives.needs(objective_cfg)
-          or lm_head.needs_ref(objectives.required_stats(objective_cfg)))
 
 
 def split_rows(x, n, axis=0):
@@ -286,31 +303,56 @@ def hidden_and_head(model, batch, adapters=True):
   return hidden_BxTxD, model.head_weight()
 
 
-def model_token_stats(model, batch, chunk_size, stats, reference=None):
+def model_token_stats(model, batch, chunk_size, stats, reference=None, extra_BxT=None):
   """Per-token statistics (e.g. logp, entropy) of batch["targets"] through the chunked LM head;
-  reference: the reference's (hidden states, head weight), for statistics that compare with it."""
-  hidden_BxTxD, w_DxV = hidden_and_head(model, batch)
+  reference: the reference's (hidden states, head weight), for statistics that compare with it;
+  extra_BxT: the statistics' per-token side inputs (lm_head.Statistic.side)."""
+  return head_token_stats(*hidden_and_head(model, batch), batch, chunk_size, stats, reference,
+                          extra_BxT)
+
+
+def head_token_stats(hidden_BxTxD, w_DxV, batch, chunk_size, stats, reference=None,
+                     extra_BxT=None):
+  """model_token_stats from the model's (hidden states, head weight)."""
   ref = {}
-  if lm_head.needs_ref(stats):
+  if lm_head.needs_reference(stats):
     ref = dict(zip(("ref_hidden_BxTxD", "ref_w_DxV"), jax.lax.stop_gradient(reference)))
   return lm_head.token_stats(hidden_BxTxD, w_DxV, batch["targets"], chunk_size=chunk_size,
-                             stats=stats, **ref)
+                             stats=stats, extra_BxT=extra_BxT, **ref)
 
 
-def objective_loss_fused(hidden_BxTxD, w_DxV, batch, cfg, *, extra_BxT=None,
+def with_router_loss(loss, metrics, router_loss, coef, share):
+  """A mixture-of-experts model's objective total: loss + coef * share * router_loss (the
+  load-balancing loss, models.decoder.load_balancing_loss), and the metric router_aux_loss;
+  share = 1 / the slices summed into one update, so the sums are means over them."""
+  total = loss + coef * share * router_loss
+  return total, dict(metrics, loss=total, router_aux_loss=share * router_loss)
+
+
+def token_keys(seed, step, shape):
+  """[*shape, 2] uint32: a PRNG key per token (the key data of fold_in(fold_in(fold_in(key(seed),
+  SAMPLING_STREAM), step), the token's index in the global batch)): the same draws however the
+  batch is split over minibatches, microbatches and devices, and again when a run resumes."""
+  step_key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), SAMPLING_STREAM), step)
+  index = jnp.arange(int(np.prod(shape)), dtype=jnp.uint32)
+  keys = jax.vmap(lambda i: jax.random.fold_in(step_key, i))(index)
+  return jax.random.key_data(keys).reshape(*shape, -1)
+
+
+def objective_loss_fused(hidden_BxTxD, w_DxV, batch, setting, *, extra_BxT=None,
                          current_old_logp=False, denominators=None, chunk_size=1024,
-                         compute_dtype=None):
+                         compute_dtype=None, sources=()):
   """objectives.objective_loss of the LM head's statistics, through lm_head.fused_loss: the same
   (loss, metrics) with d loss / d (hidden, w) formed in the head's forward pass.
 
-  batch: targets, loss_mask and optionally segment_ids [B, T]; cfg: config.objective or a
-  Setting; extra_BxT: what objectives.needs(cfg) names besides "segments" (old_logp, ref_logp);
+  batch: targets, loss_mask and optionally segment_ids [B, T]; setting: an objectives.Setting;
+  extra_BxT: what setting.needs names besides "segments" (old_logp, ref_logp, token_key);
   current_old_logp: the policy snapshot is the current parameters (True: one update per batch;
-  a traced boolean: the first of K updates), old_logp = sg(logp) of this forward; denominators: as in objectives.objective_loss. Only for
-  objectives the fused head fits (fused_head_fits): a sequence-level one (dft_seq) or one
-  comparing full distributions with a reference model (asft) takes lm_head.token_stats.
+  a traced boolean: the first of K updates), old_logp = sg(logp) of this forward;
+  denominators: as in objectives.objective_loss. Only for objectives the fused head fits
+  (fused_head_fits): a sequence-level one (dft_seq) or one comparing full distributions with a
+  reference model (asft) takes lm_head.token_stats.
   """
-  setting = cfg if isinstance(cfg, objectives.Setting) else objectives.validate(cfg)
   if not fused_head_fits(setting):
     raise ConfigError(f"objective.name={setting.name!r}: the fused LM head takes per-token "
                       "objectives without a reference distribution; lm_head.token_stats takes it")
@@ -333,32 +375,34 @@ def objective_loss_fused(hidden_BxTxD, w_DxV, batch, cfg, *, extra_BxT=None,
       hidden_BxTxD, w_DxV, batch["targets"],
       per_token_loss=lambda values: sum(
           objectives.per_token_terms(with_old_logp(values), {}, setting).values()),
-      weights_BxT=weights_BxT, stats=objectives.required_stats(setting), extra_BxT=extra_BxT,
+      weights_BxT=weights_BxT, stats=setting.stats, extra_BxT=extra_BxT,
       chunk_size=chunk_size, compute_dtype=compute_dtype)
   _, metrics = objectives.objective_loss(with_old_logp({**stats_BxT, **extra_BxT}), batch,
-                                         setting, denominators=denominators)
+                                         setting, denominators=denominators, sources=sources)
   return loss, dict(metrics, loss=loss)
 
 
-def fused_head_fits(objective_cfg):
-  """Whether the objective's loss is per token and its statistics need no reference model: then
-  the fused head can take it (model.lm_head_impl='fused'); otherwise the checkpointed one does."""
-  return ("segments" not in objectives.needs(objective_cfg)
-          and not lm_head.needs_ref(objectives.required_stats(objective_cfg)))
+def fused_head_fits(setting):
+  """Whether the objective's loss is per token and the fused head takes all its statistics: then
+  model.lm_head_impl='fused' runs it; otherwise the checkpointed head does."""
+  return ("segments" not in setting.needs
+          and all(lm_head.fused_capable(stat) for stat in setting.stats))
 
 
-def make_train_step(graphdef, tx, config, mesh, state_shardings, frozen_shardings):
+def make_train_step(graphdef, tx, config, mesh, state_shardings, frozen_shardings, *, setting,
+                    sources=()):
   """The jitted `train_step(state, batch, frozen) -> (state, metrics)`, state donated.
 
+  `setting`: the objective, resolved (objectives.validate(config.objective) at the config edge).
   `batch` holds the global batch [G, T] sharded over (data, fsdp); `frozen` (init_train_state's
   Frozen) is read, never updated: with LoRA the frozen base, whose adapters-off model is then the
   reference (KL anchor, reference statistics); else frozen.reference, a copy of the starting
-  parameters, when the objective needs one.
+  parameters, when the objective needs one. `sources`: a mixture's source names
+  (data.mixture.source_names): the batch then holds source_ids and the metrics each source's
+  tokens and mean loss (source/NAME/...).
   """
-  setting = objectives.validate(config.objective)
   t, chunk = config.train, config.model.lm_head_chunk
-  needs = objectives.needs(config.objective)
-  stat_names = objectives.required_stats(config.objective)
+  needs = setting.needs
   lora = frozen_shardings.base is not None
   fused = config.model.lm_head_impl == "fused" and fused_head_fits(setting)
   # The snapshot pi_old is the policy before the first of the K = train.minibatches updates: for
@@ -366,6 +410,7 @@ def make_train_step(graphdef, tx, config, mesh, state_shardings, frozen_sharding
   # forward-only pass with the snapshot's parameters, before the updates (with LoRA the snapshot
   # is a copy of the adapters only).
   snapshot_forward = "old_logp" in needs and t.minibatches > 1
+  max_update_ratio = config.optimizer.get("max_update_ratio", 0.0)
 
   def reference(params, frozen, mb):
     """(hidden states, head weight) of the reference model, without gradient."""
@@ -377,33 +422,46 @@ def make_train_step(graphdef, tx, config, mesh, state_shardings, frozen_sharding
   def target_logp(hidden_and_w, mb):  # forward only: the snapshot's or the reference's logp
     hidden_BxTxD, w_DxV = jax.lax.stop_gradient(hidden_and_w)
     return lm_head.token_stats(hidden_BxTxD, w_DxV, mb["targets"], chunk_size=chunk,
-                               stats=("logp",))["logp"]
+                               stats=(lm_head.LOGP,))["logp"]
 
-  def microbatch_loss(params, frozen, mb, old_logp_BxT, is_first, denominators):
-    model = merge_model(graphdef, params, frozen.base)
-    ref = (reference(params, frozen, mb)
-           if "ref_logp" in needs or lm_head.needs_ref(stat_names) else None)
+  def objective(mb, hidden_BxTxD, w_DxV, old_logp_BxT, is_first, ref, denominators):
     inputs = {}
     if snapshot_forward:
       inputs["old_logp"] = old_logp_BxT
     if "ref_logp" in needs:
       inputs["ref_logp"] = target_logp(ref, mb)
+    if "token_key" in needs:
+      inputs["token_key"] = mb["token_key"]
     if fused:
-      hidden_BxTxD, w_DxV = hidden_and_head(model, mb)
       current = is_first if snapshot_forward else "old_logp" in needs
       return objective_loss_fused(
           hidden_BxTxD, w_DxV, mb, setting, extra_BxT=inputs, current_old_logp=current,
-          denominators=denominators, chunk_size=chunk)
-    stats = model_token_stats(model, mb, chunk, stat_names, ref)
+          denominators=denominators, chunk_size=chunk, sources=sources)
+    stats = head_token_stats(hidden_BxTxD, w_DxV, mb, chunk, setting.stats, ref, inputs)
     if "old_logp" in needs:
       current = jax.lax.stop_gradient(stats["logp"])
       inputs["old_logp"] = (jnp.where(is_first, current, old_logp_BxT) if snapshot_forward
                             else current)
-    return objectives.objective_loss({**stats, **inputs}, mb, setting, denominators=denominators)
+    return objectives.objective_loss({**stats, **inputs}, mb, setting, denominators=denominators,
+                                     sources=sources)
+
+  def microbatch_loss(params, frozen, mb, old_logp_BxT, is_first, denominators):
+    model = merge_model(graphdef, params, frozen.base)
+    ref = reference(params, frozen, mb) if setting.needs_reference else None
+    hidden_BxTxD, router_loss = model.hidden_states_and_router_loss(
+        mb["tokens"], positions_BxT=mb["positions"], segment_ids_BxT=mb["segment_ids"])
+    loss, metrics = objective(mb, hidden_BxTxD, model.head_weight(), old_logp_BxT, is_first, ref,
+                              denominators)
+    if not model.config.num_experts:
+      return loss, metrics
+    return with_router_loss(loss, metrics, router_loss, model.router_aux_loss_coef,
+                            1.0 / t.microbatches)
 
   grad_fn = jax.value_and_grad(microbatch_loss, has_aux=True)
 
   def train_step(state, batch, frozen):
+    if "token_key" in needs:
+      batch = dict(batch, token_key=token_keys(t.seed, state.step, batch["tokens"].shape))
     split = jax.tree.map(
         lambda v: split_rows(split_rows(v, t.minibatches), t.microbatches, axis=1), batch)
     old_logp = None
@@ -430,17 +488,23 @@ def make_train_step(graphdef, tx, config, mesh, state_shardings, frozen_sharding
       finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
       updates, new_opt_state = tx.update(grads, opt_state, params)
       new_params = optax.apply_updates(params, updates)
-      keep_if_finite = lambda new, prev: jax.tree.map(lambda a, b: jnp.where(finite, a, b),
-                                                      new, prev)
-      carry = (keep_if_finite(new_params, params), keep_if_finite(new_opt_state, opt_state))
-      return carry, dict(mets, loss=loss, grad_norm=grad_norm,
-                         skipped=1.0 - finite.astype(jnp.float32))
+      update_ratio = optax.tree.norm(updates) / optax.tree.norm(params)  # ||dtheta|| / ||theta||
+      oversized = finite & (update_ratio > max_update_ratio if max_update_ratio else False)
+      keep = finite & ~oversized
+      keep_if_ok = lambda new, prev: jax.tree.map(lambda a, b: jnp.where(keep, a, b), new, prev)
+      carry = (keep_if_ok(new_params, params), keep_if_ok(new_opt_state, opt_state))
+      return carry, dict(mets, loss=loss, grad_norm=grad_norm, update_ratio=update_ratio,
+                         skipped=1.0 - keep.astype(jnp.float32),
+                         oversized=oversized.astype(jnp.float32))
 
     (params, opt_state), per_update = jax.lax.scan(
         minibatch_update, (state.params, state.opt_state), (split, old_logp, first_update))
     summed = jax.tree.map(lambda v: v.sum(0), per_update)
     out = objectives.finalize_metrics(summed)
+    if "router_aux_loss" in out:
+      out["router_aux_loss"] /= t.minibatches
     out.update(loss=summed["loss"] / t.minibatches, grad_norm=summed["grad_norm"] / t.minibatches,
+               update_ratio=summed["update_ratio"] / t.minibatches,
                skipped=summed["skipped"], tokens=(batch["segment_ids"] > 0).sum(),
                loss_tokens=batch["loss_mask"].sum())
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), out

@@ -15,7 +15,6 @@ dft_jax/run_control.py. Nothing imports this module: it is the command line.
 import itertools
 import logging
 import os
-import time
 
 import jax
 import numpy as np
@@ -35,8 +34,9 @@ from dft_jax import step as step_lib
 
 
 def validate_config(config):
-  """Every section's own check, before anything is loaded or compiled (ConfigError, one line)."""
-  objectives.validate(config.objective)
+  """Every section's own check, before anything is loaded or compiled (ConfigError, one line);
+  returns the objective resolved (objectives.Setting), which the rest of the run receives."""
+  setting = objectives.validate(config.objective)
   step_lib.validate(config, jax.device_count(), jax.process_count())
   data.validate(config.data, seq_len=config.train.seq_len,
                 global_batch_size=config.train.global_batch_size,
@@ -45,6 +45,7 @@ def validate_config(config):
   metrics_lib.validate(config.log)
   evaluate.settings(config.eval)
   models.lora_config(config.lora)
+  return setting
 
 
 def batches_of(data_iter, mesh):
@@ -63,7 +64,7 @@ def train_and_evaluate(config, workdir, allow_config_change=False):
   A finished run (summary.json of as many steps) returns its summary and writes nothing.
   Raises run_control.Preempted when a stop signal ended the run early (after a checkpoint).
   """
-  validate_config(config)
+  setting = validate_config(config)
   run_control.check_workdir(workdir)
   with run_control.one_run_per_workdir(workdir):
     ckpt.check_config(workdir, config, allow_config_change)
@@ -72,18 +73,20 @@ def train_and_evaluate(config, workdir, allow_config_change=False):
       logging.info("%s: this run finished all its %d steps; nothing to do", workdir,
                    finished["steps"])
       return finished
-    return run(config, workdir)
+    return run(config, workdir, setting)
 
 
-def run(config, workdir):
-  """The run itself (train_and_evaluate's checks done, the workdir locked)."""
+def run(config, workdir, setting):
+  """The run itself (train_and_evaluate's checks done, the workdir locked; setting: the objective
+  resolved by validate_config)."""
   t, is_main = config.train, jax.process_index() == 0
   mesh = sharding.make_mesh(config.mesh)
 
   with cli.phase(f"loading {config.model.name}"):
     model, tokenizer = models.load_from_config(config.model, config.lora)
   model_config, lora = model.config, model.lora
-  graphdef, state, frozen, tx, schedule = step_lib.init_train_state(model, config, mesh)
+  graphdef, state, frozen, tx, schedule = step_lib.init_train_state(model, config, mesh,
+                                                                    setting=setting)
   del model
   # The starting parameters (with LoRA: its adapters, B = 0), for the base model's evaluation.
   initial = None
@@ -94,9 +97,9 @@ def run(config, workdir):
                                        global_batch_size=t.global_batch_size, seed=t.seed,
                                        max_segments=config.model.max_segments)
   manager = ckpt.make_manager(workdir, config.checkpoint)
-  restored = ckpt.restore(manager, state)
+  restored, earlier = ckpt.restore(manager, state), None  # earlier: the run's progress so far
   if restored is not None:
-    state, data_state = restored
+    state, data_state, earlier = restored
     data_iter.restore(data_state)
     logging.info("resuming from step %d of %d (workdir %s)", int(state.step), t.num_steps,
                  os.path.abspath(workdir))
@@ -108,7 +111,8 @@ def run(config, workdir):
   first = next(batches)
   with cli.phase("compiling the train step"):
     train_step = step_lib.make_train_step(graphdef, tx, config, mesh, step_lib.shardings_of(state),
-                                          step_lib.shardings_of(frozen))
+                                          step_lib.shardings_of(frozen), setting=setting,
+                                          sources=data.mixture.source_names(config.data))
     train_step = train_step.lower(state, first[0], frozen).compile()
 
   evaluator = None
@@ -126,15 +130,16 @@ def run(config, workdir):
   recorder = loop.Recorder(
       num_steps=t.num_steps, schedule=schedule, minibatches=t.minibatches,
       flops_per_token=step_lib.train_flops_per_token(state, frozen, model_config, t.seq_len),
-      nonfinite=t.nonfinite, writer=writer, log_every=config.log.every_steps)
-  started = time.time()
+      nonfinite=t.nonfinite, writer=writer, log_every=config.log.every_steps,
+      max_update_ratio=config.optimizer.max_update_ratio)
   with run_control.StopSignals() as signals, ckpt.finishing_saves(manager):
     try:
       state = loop.train_loop(
           state, train_step, itertools.chain([first], batches), num_steps=t.num_steps,
           record=recorder, frozen=frozen,
-          save=lambda step, state: ckpt.save(manager, step, state, data_iter.state(),
-                                             blocking=not config.checkpoint.async_save),
+          save=lambda step, state: ckpt.save(
+              manager, step, state, data_iter.state(), blocking=not config.checkpoint.async_save,
+              progress=loop.run_progress(earlier, recorder.history)),
           checkpoint_every=config.checkpoint.every_steps,
           stop=lambda step: signals.requested(step, manager))
       ckpt.wait(manager)
@@ -145,37 +150,45 @@ def run(config, workdir):
     raise run_control.Preempted(
         f"stopped by {signals.received} after step {step} of {t.num_steps}; checkpoint "
         f"{ckpt.checkpoint_dir(workdir)}/{step} written: run the same command to resume")
-  train_seconds = time.time() - started
 
   if config.checkpoint.export_hf and is_main:
     from dft_jax import export  # pylint: disable=g-import-not-at-top
     trained = step_lib.merge_model(graphdef, state.params, frozen.base)
-    export.export_hf(trained, tokenizer, os.path.join(workdir, "hf"))  # adapters merged
+    run = dict(source=os.path.abspath(workdir), step=int(state.step))
+    export.export_hf(trained, tokenizer, os.path.join(workdir, "hf"), **run)  # adapters merged
     if lora is not None:
       export.export_peft(trained, os.path.join(workdir, "peft"),
-                         base_model_name_or_path=config.model.name)
+                         base_model_name_or_path=config.model.name, **run)
   after = None
   if config.eval.after:
     with cli.phase("evaluating the trained model", timed=False):
       after = evaluator(step_lib.full_params(state.params, frozen.base))
-  summary = make_summary(config, recorder.history, before, after, train_seconds)
+  summary = make_summary(config, loop.run_progress(earlier, recorder.history), recorder.history,
+                         before, after)
   if is_main:
     files.write_json(os.path.join(workdir, "summary.json"), summary)
   return summary
 
 
-def make_summary(config, history, before, after, train_seconds):
-  """Before/after figures of the run (first and last logged step, evaluation results)."""
+def make_summary(config, progress, history, before, after):
+  """The run's figures: the whole run's (loop.run_progress: its first and last step, training
+  time, tokens/s), this process's part of it (`history`, its Recorder rows: the steps it trained,
+  their time and tokens/s; a resumed run trained only the last ones), and the evaluations."""
   summary = {"objective": config.objective.name, "model": config.model.name,
-             "steps": config.train.num_steps, "train_seconds": round(train_seconds, 1)}
-  if history:
-    first, last = history[0], history[-1]
-    for key in ("loss", "target_prob", "entropy"):
-      summary[f"train_{key}"] = {"first": first.get(key), "last": last.get(key)}
-    summary["tokens_per_s"] = float(np.mean([h["tokens_per_s"] for h in history]))
-    if "mfu" in last:
-      summary["mfu"] = float(np.mean([h["mfu"] for h in history]))
-    summary["skipped_steps"] = int(sum(h["skipped"] for h in history))
+             "steps": config.train.num_steps}
+  if progress["steps"]:
+    seconds = progress["train_seconds"]
+    summary.update(train_seconds=round(seconds, 1), tokens_per_s=progress["tokens"] / seconds,
+                   skipped_steps=progress["skipped"])
+    for key in loop.FIGURES:
+      summary[f"train_{key}"] = {"first": progress["first"][key], "last": progress["last"][key]}
+  seconds = sum(h["step_seconds"] for h in history)
+  summary["this_process"] = {
+      "steps": [history[0]["step"], history[-1]["step"]] if history else [],
+      "train_seconds": round(seconds, 1),
+      "tokens_per_s": sum(h["tokens"] for h in history) / seconds if history else None}
+  if history and "mfu" in history[-1]:
+    summary["mfu"] = float(np.mean([h["mfu"] for h in history]))
   for name, results in (("before", before), ("after", after)):
     if results:
       summary[name] = {k: v for k, v in results.items() if k != "samples"}
@@ -184,15 +197,30 @@ def make_summary(config, history, before, after, train_seconds):
   return summary
 
 
+def _time_line(summary):
+  """'N steps in S s, T tokens/s' of the whole run, and what this process did when it is not
+  the whole run (a resumed run)."""
+  line = f"{summary['steps']} steps"
+  if summary.get("train_seconds") is not None:
+    line += f" in {summary['train_seconds']:.0f} s, {summary['tokens_per_s']:,.0f} tokens/s"
+  this = summary.get("this_process")
+  if this is None or this["steps"] == [1, summary["steps"]]:
+    return line
+  if not this["steps"]:
+    return f"{line} (this process: no step left to train)"
+  first, last = this["steps"]
+  return (f"{line} (this process: steps {first}-{last} in {this['train_seconds']:.0f} s, "
+          f"{this['tokens_per_s']:,.0f} tokens/s)")
+
+
 def format_summary(summary):
   """A before/after table for the console: every evaluated set under what it scored
-  (evaluate.table_sections), then the training figures."""
-  lines = [f"{summary['objective']} on {summary['model']}: {summary['steps']} steps in "
-           f"{summary['train_seconds']:.0f} s, {summary.get('tokens_per_s', 0):,.0f} tokens/s"]
+  (evaluate.table_sections), then the training figures of the whole run."""
+  lines = [f"{summary['objective']} on {summary['model']}: {_time_line(summary)}"]
   sections = evaluate.table_sections([summary.get("before") or {}, summary.get("after") or {}])
   training = [(f"{key} (first -> last step)", [f"{v['first']:.4f}", f"{v['last']:.4f}"])
-              for key in ("loss", "target_prob", "entropy")
-              if (v := summary.get(f"train_{key}"))]
+              for key in loop.FIGURES
+              if (v := summary.get(f"train_{key}")) and None not in v.values()]
   if training:
     sections.append(("training batches", training))
   return "\n".join(lines + evaluate.format_sections(["before", "after"], sections))

@@ -32,26 +32,29 @@ def ref_logsoftmax(z):
   return z - np.log(np.exp(z).sum(-1, keepdims=True))
 
 
-def stats_from_logits(logits, targets, names, ref_logits=None):
-  """lm_head statistics (`names`, e.g. "topk_entropy:20") from full logits through lm_head's
-  math, all differentiable as written (the fused head stops the gates' gradient itself);
-  ref_logits: the reference model's, for "kl_from_ref"."""
+def stats_from_logits(logits, targets, stats, ref_logits=None, extra=None):
+  """The LM-head statistics `stats` (lm_head.Statistic, e.g. objectives.validate(cfg).stats) from
+  full logits through their own math, all differentiable as written (the heads stop the gates'
+  gradient themselves); ref_logits: the reference model's, for "kl_from_ref"; extra: per-token
+  side inputs (token_key)."""
   logp_all = lm_head.log_softmax(logits)
-  fns = {"logp": lambda: lm_head.target_log_prob(logp_all, targets),
-         "entropy": lambda: lm_head.entropy(logp_all),
-         "renyi2_entropy": lambda: lm_head.renyi2_entropy(logp_all),
-         "topk_entropy": lambda k: lm_head.topk_entropy(logp_all, int(k)),
-         "gem_cross_entropy": lambda beta, h: lm_head.gem_cross_entropy(
-             logp_all, targets, float(beta), h),
-         "gem_mass": lambda beta, h: lm_head.gem_mass(logp_all, targets, float(beta), h),
-         "kl_from_ref": lambda: lm_head.kl_from_ref(logp_all, lm_head.log_softmax(ref_logits))}
-  return {name: fns[name.split(":")[0]](*name.split(":")[1:]) for name in names}
+  ref = None if ref_logits is None else lm_head.log_softmax(ref_logits)
+  out = {}
+  for stat in stats:
+    side = {n: ref if n == "reference" else extra[n] for n in stat.side}
+    out[stat.name] = stat.fn(logits if stat.from_logits else logp_all, targets, **side)
+  return out
 
 
 def logp_and_entropy(logits, targets):
   """(logp, entropy) [B, T] in float32 from full logits (lm_head's reference math)."""
   logp_all = lm_head.log_softmax(logits)
   return lm_head.target_log_prob(logp_all, targets), lm_head.entropy(logp_all)
+
+
+def setting_for(name, **fields):
+  """objectives.validate(objective_cfg(name, **fields))."""
+  return objectives.validate(objective_cfg(name, **fields))
 
 
 def objective_cfg(name, **fields):

@@ -518,3 +518,27 @@ def test_malformed_json_document(tok, cfg, tmp_path):
   path.write_text(json.dumps(ROWS[:2], indent=1).replace("},", "}"))  # line 6 lacks a comma
   cfg.source = str(path)
   assert _error(cfg, tok).startswith(f"{path}: line 6: invalid JSON (Expecting ',' delimiter")
+
+
+def test_a_lone_surrogate_escape_names_file_line_column_and_field(tok, cfg, tmp_path):
+  """`\\ud800` alone is no character: Arrow's reader says only 'Trailing data at position N'.
+  An escaped backslash before `ud800` and a complete pair are no fault."""
+  lines = ['{"prompt": "What is 1 + 1?", "response": "2"}',
+           '{"prompt": "Caf\\u00e9 \\\\ud800 or \\ud83d\\ude00?", "response": "Tea \\ud800."}']
+  path = tmp_path / "rows.jsonl"
+  path.write_text("\n".join(lines) + "\n")
+  cfg.source = str(path)
+  column = lines[1].index("\\ud800.") + 1
+  assert _error(cfg, tok) == (
+      f"{path}: line 2, column {column}, field 'response': \\ud800 is half of a UTF-16 surrogate "
+      "pair without its other half (a lone surrogate), not a character; write the character "
+      "itself or its complete pair")
+
+
+def test_a_number_among_numeric_strings_names_the_row_that_holds_it(tok, cfg, tmp_path):
+  """The reader gives the column one type: one number among numeric strings makes every value a
+  number, so row 0 looks wrong; the row to fix is the one holding the number in the file."""
+  rows = [{"prompt": f"What is {i} + 0?", "response": str(i)} for i in range(10)]
+  rows[6]["response"] = 6
+  cfg.source = write_jsonl(tmp_path / "typed.jsonl", rows)
+  assert _error(cfg, tok) == f"field 'response' in row 6 of {cfg.source} is int, expected a string"

@@ -346,3 +346,20 @@ def test_streaming_restore_refuses_other_settings_or_process(tok, cfg):
                                       "'map'"):
     cfg.streaming = False
     make_iter(cfg, tok).restore(state)
+
+
+def test_a_batch_larger_than_an_epoch_says_how_many_epochs_it_spans(tok, cfg, caplog):
+  """24 examples pack into fewer rows than a batch of 16: every batch repeats examples; said with
+  the epochs a batch spans, and nothing when a batch fits in an epoch."""
+  import logging  # pylint: disable=g-import-not-at-top
+  cfg.max_rows = 24
+  with caplog.at_level(logging.WARNING):
+    rows = make_iter(cfg, tok, batch=16).stats["packed_rows"]
+  assert rows < 16
+  assert (f"train.global_batch_size=16 is more than the {rows} packed rows of one epoch of "
+          f"builtin:arith_train: every batch spans {16 / rows:.2f} epochs, so examples repeat "
+          f"within a batch; lower train.global_batch_size to {rows} or less") in caplog.text
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    make_iter(cfg, tok, batch=rows)
+  assert "global_batch_size" not in caplog.text

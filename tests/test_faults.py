@@ -19,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import warnings
 
@@ -33,7 +34,7 @@ from dft_jax import data
 from dft_jax import files
 from dft_jax import run_control
 from dft_jax import step as step_lib
-from dft_jax.errors import ConfigError
+from dft_jax.errors import ConfigError, ModelError
 from commands_testlib import error_lines, run_command
 from conftest import FAST_COMPILE
 import fault_run
@@ -376,7 +377,7 @@ def test_every_complete_checkpoint_carries_the_sha256_of_its_files(tiny_run):
     for name in ("_CHECKPOINT_METADATA", "commit_success.txt", ckpt.MANIFEST):
       del on_disk[name]
     assert listed == on_disk
-    assert {path.split("/")[0] for path in listed} == {"params", "optimizer", "data"}
+    assert {path.split("/")[0] for path in listed} == {"params", "optimizer", "data", "progress"}
 
 
 def remove_a_file(folder):
@@ -445,11 +446,11 @@ def test_restore_skips_a_checkpoint_orbax_cannot_read(tiny_run, tmp_path, caplog
   (folder / "params" / "manifest.ocdbt").unlink()
   files.write_json(str(folder / ckpt.MANIFEST), {"sha256": ckpt.checksums(str(folder))})
   with caplog.at_level(logging.WARNING):
-    model, _, _ = ckpt.restore_model(str(workdir))
+    model, _, _, _ = ckpt.restore_model(str(workdir))
   assert re.search(rf"checkpoint {re.escape(str(workdir))}/checkpoints/3 cannot be used: orbax "
                    r"cannot read it: .*; using checkpoint 2, the newest usable one$", caplog.text,
                    re.MULTILINE), caplog.text
-  expected, _, _ = ckpt.restore_model(str(tiny_run.workdir), step=2)
+  expected, _, _, _ = ckpt.restore_model(str(tiny_run.workdir), step=2)
   for a, b in zip(jax.tree.leaves(nnx.state(model)), jax.tree.leaves(nnx.state(expected))):
     assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
   assert complete_steps(workdir) == [1, 2, 3] and not (workdir / "rejected_checkpoints").exists()
@@ -465,6 +466,67 @@ def test_no_usable_checkpoint_is_one_error(tiny_run, tmp_path):
   )) as e:
     ckpt.restore_model(str(workdir))
   assert "\n" not in str(e.value)
+
+
+# ----------------------------------------------------------------------------- a live run's readers
+
+
+def as_if_training(workdir, pid=None):
+  """run.lock naming a live process (this one) of this host, as the run training in `workdir`
+  leaves it."""
+  files.write_json(str(workdir / run_control.LOCK_FILE),
+                   dict(pid=pid or os.getpid(), host=socket.gethostname(), command="train"))
+
+
+def test_a_reader_waits_while_the_live_run_commits_a_checkpoint(tmp_path):
+  workdir = tmp_path / "run"
+  (workdir / "checkpoints" / "3").mkdir(parents=True)
+  in_flight = workdir / "checkpoints" / f"4{ckpt.TMP_SUFFIX}"
+  in_flight.mkdir()
+  assert ckpt.saves_in_progress(str(workdir)) == []  # no live run: a killed run's leftover
+  gone = subprocess.Popen([sys.executable, "-c", "pass"])
+  gone.wait()
+  as_if_training(workdir, gone.pid)
+  assert ckpt.saves_in_progress(str(workdir)) == []
+  as_if_training(workdir)
+  assert ckpt.saves_in_progress(str(workdir)) == [4]
+  with pytest.raises(ModelError, match=(
+      rf"^{re.escape(str(workdir))}: checkpoint 4 is still being written after 0 s; pass "
+      r"--step=N to use a complete one \(\[3\]\)$")):
+    ckpt.wait_for_saves(str(workdir), timeout=0.2, poll=0.05)
+  committer = threading.Timer(0.3, os.rename, (in_flight, workdir / "checkpoints" / "4"))
+  committer.start()
+  ckpt.wait_for_saves(str(workdir), timeout=60, poll=0.05)
+  assert ckpt.complete_steps(str(workdir / "checkpoints")) == [3, 4]
+
+
+@pytest.mark.slow
+def test_evaluation_names_the_step_it_scored_after_waiting_for_a_save(reference, tmp_path,
+                                                                       capsys, monkeypatch):
+  """Checkpoint 8 is being committed when the evaluation looks (its commit lands 0.5 s after the
+  first look): it waits and scores step 8, not 7, and says so on the console and in --out."""
+  from dft_jax.evaluate import cli as evaluate_cli  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / "run"
+  shutil.copytree(reference, workdir)
+  last = workdir / "checkpoints" / str(STEPS)
+  in_flight = last.with_name(f"{STEPS}{ckpt.TMP_SUFFIX}")
+  os.rename(last, in_flight)
+  as_if_training(workdir)
+  commit = threading.Timer(0.5, os.rename, (in_flight, last))
+  looks = ckpt.saves_in_progress
+
+  def commit_soon_after_the_first_look(path):
+    if not commit.is_alive() and not last.exists():
+      commit.start()
+    return looks(path)
+
+  monkeypatch.setattr(ckpt, "saves_in_progress", commit_soon_after_the_first_look)
+  out = tmp_path / "eval.json"
+  evaluate_cli.cli_main(["dft_jax.evaluate", f"--model={workdir}",
+                         "--config.eval.suites=target_probs", "--config.eval.num_hist=2",
+                         f"--out={out}"])
+  assert f"{workdir} checkpoint step {STEPS} (base: " in capsys.readouterr().out
+  assert json.loads(out.read_text())["step"] == STEPS
 
 
 # ----------------------------------------------------------------------------- one run per workdir
@@ -603,6 +665,24 @@ def test_nan_batch_is_skipped_and_only_finite_states_are_saved(rows_dir, tmp_pat
   assert_same_state(states[2], states[1])
   assert states[3]["['params']['embed']['value']"].tobytes() != \
       states[2]["['params']['embed']['value']"].tobytes()
+  assert len(warning_lines(result.stderr, "step 2: non-finite loss or gradient")) == 1
+  assert "NaN or Inf" not in result.stderr  # TensorBoard's own warning, once per NaN metric
+
+
+def test_metric_writers_write_nan_without_a_warning_per_value(tmp_path, caplog):
+  """TensorBoard's writer warns for every NaN scalar it is given (a step whose loss is NaN has
+  dozens): the value is written, the warning is not shown."""
+  from dft_jax import metrics  # pylint: disable=g-import-not-at-top
+  writer = metrics.TensorBoardWriter(str(tmp_path))
+  with caplog.at_level(logging.WARNING):
+    for step in range(1, 4):
+      writer.write(step, {name: float("nan") for name in ("loss", "grad_norm", "entropy")})
+    writer.close()
+  assert "NaN" not in caplog.text
+  acc = test_train.event_accumulator.EventAccumulator(str(tmp_path))
+  acc.Reload()
+  assert [e.step for e in acc.Scalars("loss")] == [1, 2, 3]
+  assert all(np.isnan(e.value) for e in acc.Scalars("grad_norm"))
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ CHUNK = 16                   # 4 rows x 4 positions per chunk, T padded to 40
 # Every objective the fused head fits (not dft_seq, iw_sft, asft), and other statistics;
 # each with the entropy bonus and the KL anchor on, so that their gradients flow too.
 PER_TOKEN = [dict(name=name) for name in objectives.OBJECTIVES
-             if step_lib.fused_head_fits(dict(name=name))] + [
+             if step_lib.fused_head_fits(objectives.validate(dict(name=name)))] + [
     dict(name="eaft", eaft=dict(entropy="full", norm=4.0)),
     dict(name="eaft", eaft=dict(k=3)),
     dict(name="gem", gem=dict(beta=0.4, h="logsigmoid"))]
@@ -47,14 +47,16 @@ def make_data(seed=0):
 
 def naive_loss(hidden, w, batch, cfg, extra, compute_dtype=None):
   """(loss, metrics) through the full logits: the reference."""
+  setting = objectives.validate(cfg)
   stats = lm_head.token_stats_naive(hidden, w, batch["targets"], compute_dtype=compute_dtype,
-                                    stats=objectives.required_stats(cfg))
-  return objectives.objective_loss({**stats, **extra}, batch, cfg)
+                                    stats=setting.stats)
+  return objectives.objective_loss({**stats, **extra}, batch, setting)
 
 
 def fused(hidden, w, batch, cfg, extra, **kwargs):
-  needed = {k: v for k, v in extra.items() if k in objectives.needs(cfg)}
-  return step_lib.objective_loss_fused(hidden, w, batch, cfg, extra_BxT=needed,
+  setting = objectives.validate(cfg)
+  needed = {k: v for k, v in extra.items() if k in setting.needs}
+  return step_lib.objective_loss_fused(hidden, w, batch, setting, extra_BxT=needed,
                                       chunk_size=kwargs.pop("chunk_size", CHUNK), **kwargs)
 
 
@@ -124,10 +126,10 @@ def test_psft_with_the_current_policy_as_snapshot():
   cfg = dict(name="psft", kl_coef=0.1)
 
   def naive_current(hidden, w, batch, cfg, extra):
-    stats = lm_head.token_stats_naive(hidden, w, batch["targets"],
-                                      stats=objectives.required_stats(cfg))
+    setting = objectives.validate(cfg)
+    stats = lm_head.token_stats_naive(hidden, w, batch["targets"], stats=setting.stats)
     stats = dict(stats, old_logp=jax.lax.stop_gradient(stats["logp"]), **extra)
-    return objectives.objective_loss(stats, batch, cfg)
+    return objectives.objective_loss(stats, batch, setting)
 
   ref_logp = {"ref_logp": make_data()[1]["ref_logp"]}
   (ref_loss, ref_metrics), ref_grads = value_and_grads(naive_current, data, cfg, ref_logp)
@@ -148,17 +150,29 @@ def test_chunk_sizes(chunk_size):
   assert_grads_close(grads, ref_grads)
 
 
+def resolved_stats(*cfgs):
+  """The resolved statistics of the objective configs, each once."""
+  return tuple(dict.fromkeys(s for cfg in cfgs for s in objectives.validate(cfg).stats))
+
+
+# logp, entropy, topk_entropy:20, renyi2_entropy, gem_cross_entropy:0.7:linear and :logsigmoid,
+# gem_mass:0.7:logsigmoid
+FAMILY = {s.name: s for s in resolved_stats(dict(name="eaft"), dict(name="deft"), dict(name="gem"),
+                                            dict(name="gem", gem=dict(h="logsigmoid")))}
+
+
 def test_statistics_are_returned_without_gradient():
   data, _ = make_data()
   names = ("logp", "entropy", "topk_entropy:20", "renyi2_entropy", "gem_cross_entropy:0.7:linear",
            "gem_mass:0.7:logsigmoid")
-  kwargs = dict(weights_BxT=data["loss_mask"], stats=names, chunk_size=CHUNK)
-  loss, stats = jax.jit(lambda h, w: lm_head.fused_loss(
+  stats = tuple(FAMILY[n] for n in names)
+  kwargs = dict(weights_BxT=data["loss_mask"], stats=stats, chunk_size=CHUNK)
+  loss, values = jax.jit(lambda h, w: lm_head.fused_loss(
       h, w, data["targets"], per_token_loss=lambda v: -v["logp"], **kwargs))(data["hidden"],
                                                                              data["w"])
-  naive = lm_head.token_stats_naive(data["hidden"], data["w"], data["targets"], stats=names)
+  naive = lm_head.token_stats_naive(data["hidden"], data["w"], data["targets"], stats=stats)
   for name in names:
-    np.testing.assert_allclose(stats[name], naive[name], rtol=1e-5, atol=1e-5, err_msg=name)
+    np.testing.assert_allclose(values[name], naive[name], rtol=1e-5, atol=1e-5, err_msg=name)
   np.testing.assert_allclose(loss, -np.sum(naive["logp"] * data["loss_mask"]), rtol=1e-5)
   through_stats = jax.jit(jax.grad(lambda h: jnp.sum(lm_head.fused_loss(
       h, data["w"], data["targets"], per_token_loss=lambda v: -v["logp"], **kwargs)[1]["logp"])))
@@ -172,10 +186,10 @@ def test_gate_statistics_get_no_gradient(name):
   data, _ = make_data()
   loss = lambda h: lm_head.fused_loss(h, data["w"], data["targets"],
                                       per_token_loss=lambda v: v[name],
-                                      weights_BxT=data["loss_mask"], stats=(name,),
+                                      weights_BxT=data["loss_mask"], stats=(FAMILY[name],),
                                       chunk_size=CHUNK)[0]
   grad = jax.jit(jax.grad(loss))(data["hidden"])
-  assert (np.abs(grad).max() == 0) == (not lm_head.parse(name)[0].gradient)
+  assert (np.abs(grad).max() == 0) == (not FAMILY[name].gradient)
 
 
 @pytest.mark.parametrize("cfg, read", [
@@ -187,6 +201,7 @@ def test_only_statistics_read_with_gradient_enter_dlogits(cfg, read):
   setting = objectives.validate(cfg)
   names = ("logp", "entropy", "gem_cross_entropy:0.7:linear")
   values = {n: jnp.zeros((2, 3)) for n in names + ("old_logp",)}
+  assert set(names) <= set(FAMILY)
   per_token = lambda v: sum(objectives.per_token_terms(v, {}, setting).values())
   read_with_gradient = lm_head._read_with_gradient  # pylint: disable=protected-access
   assert read_with_gradient(per_token, values, names) == read
@@ -258,8 +273,8 @@ def test_microbatches_in_a_scan_sum_to_the_whole_batch():
   def accumulated(w):
     def step(acc, mb):
       fn = lambda h, w: step_lib.objective_loss_fused(
-          h, w, mb, cfg, extra_BxT={k: mb[k] for k in extra}, denominators=denominators,
-          chunk_size=CHUNK)[0]
+          h, w, mb, objectives.validate(cfg), extra_BxT={k: mb[k] for k in extra},
+          denominators=denominators, chunk_size=CHUNK)[0]
       loss, grads = jax.value_and_grad(fn, argnums=(0, 1))(mb["hidden"], w)
       return (acc[0] + loss, acc[1] + grads[1]), grads[0]
     (loss, d_w), d_hidden = jax.lax.scan(step, (0.0, jnp.zeros_like(w)), micro)
@@ -300,9 +315,10 @@ def count_dots(loss_fn, cfg, chunk_size=32):
 
 
 def checkpointed_loss(hidden, w, batch, cfg, extra, chunk_size):
+  setting = objectives.validate(cfg)
   stats = lm_head.token_stats(hidden, w, batch["targets"], chunk_size=chunk_size,
-                              stats=objectives.required_stats(cfg))
-  return objectives.objective_loss({**stats, **extra}, batch, cfg)
+                              stats=setting.stats)
+  return objectives.objective_loss({**stats, **extra}, batch, setting)
 
 
 @pytest.mark.parametrize("cfg", [dict(name="dft"), dict(name="eaft", entropy_coef=0.05)],
@@ -318,7 +334,7 @@ def test_three_matmuls_a_chunk_instead_of_four(cfg):
 def test_what_the_fused_head_refuses():
   data, extra = make_data()
   for name in ("dft_seq", "iw_sft", "asft"):  # sequence sums / the reference's distribution
-    assert not step_lib.fused_head_fits(dict(name=name))
+    assert not step_lib.fused_head_fits(objectives.validate(dict(name=name)))
     with pytest.raises(ConfigError, match=f"objective.name='{name}': the fused LM head"):
       fused(data["hidden"], data["w"], data, dict(name=name), extra)
   with pytest.raises(ConfigError, match="'kl_from_ref' is not available in fused_loss .*"

@@ -38,10 +38,11 @@ def make_data(seed=0):
 
 
 def composite_loss(hidden, w, data, cfg, head):
-  stats = head(hidden, w, data["targets"], stats=objectives.required_stats(cfg),
+  setting = objectives.validate(cfg)
+  stats = head(hidden, w, data["targets"], stats=setting.stats,
                ref_hidden_BxTxD=data["ref_hidden"], ref_w_DxV=data["ref_w"])
   stats = dict(stats, old_logp=data["old_logp"], ref_logp=data["ref_logp"])
-  return objectives.objective_loss(stats, data, cfg)[0]
+  return objectives.objective_loss(stats, data, setting)[0]
 
 
 def reference_head(hidden, w, targets, stats=lm_head.DEFAULT_STATS, ref_hidden_BxTxD=None,
@@ -54,11 +55,17 @@ def reference_head(hidden, w, targets, stats=lm_head.DEFAULT_STATS, ref_hidden_B
 
 NAIVE = lm_head.token_stats_naive
 CHUNKED = functools.partial(lm_head.token_stats, chunk_size=CHUNK)
-ALL_STATS = ("logp", "entropy", "renyi2_entropy", "topk_entropy:20", "topk_entropy:3",
-             "gem_cross_entropy:0.7:linear", "gem_cross_entropy:0.4:logsigmoid",
-             "gem_mass:0.4:logsigmoid")
-FAMILY_STATS = ("logp", "entropy", "topk_entropy:20", "renyi2_entropy",
-                "gem_cross_entropy:0.7:logsigmoid", "gem_mass:0.7:logsigmoid")
+def stats_of(*cfgs):
+  """The resolved statistics of the objective configs, in order, each once."""
+  return tuple(dict.fromkeys(s for cfg in cfgs for s in objectives.validate(cfg).stats))
+
+
+# logp, entropy, renyi2_entropy, topk_entropy:20 and :3, gem_cross_entropy (0.7 linear, 0.4
+# logsigmoid), gem_mass:0.4:logsigmoid
+ALL_STATS = stats_of(dict(name="deft"), dict(name="eaft"), objective_cfg("eaft", k=3),
+                     dict(name="gem"), objective_cfg("gem", beta=0.4, h="logsigmoid"))
+# logp, entropy, topk_entropy:20, renyi2_entropy, gem_cross_entropy and gem_mass 0.7 logsigmoid
+FAMILY_STATS = stats_of(dict(name="eaft"), dict(name="deft"), objective_cfg("gem", h="logsigmoid"))
 # Every objective, plus the family's other statistics (full-entropy EAFT, logsigmoid GEM).
 OBJECTIVE_CFGS = [dict(name=name) for name in objectives.OBJECTIVES] + [
     objective_cfg("eaft", entropy="full", norm=4.0),
@@ -73,7 +80,8 @@ def test_stats_match_reference(chunk_size):
                                       stats=ALL_STATS))(*args)
   naive = jax.jit(functools.partial(NAIVE, stats=ALL_STATS))(*args)
   ref = jax.jit(functools.partial(reference_head, stats=ALL_STATS))(*args)
-  assert set(chunked) == set(naive) == set(ALL_STATS)
+  assert set(chunked) == set(naive) == {s.name for s in ALL_STATS}
+  assert len(ALL_STATS) == 8
   for name in ref:
     for got in (chunked[name], naive[name]):
       assert got.shape == (B, T) and got.dtype == jnp.float32
@@ -172,14 +180,15 @@ def test_bad_arguments_raise_config_error():
   args = (data["hidden"], data["w"], data["targets"])
   with pytest.raises(ConfigError, match="chunk_size=0"):
     lm_head.token_stats(*args, chunk_size=0)
-  allowed = "allowed names are logp, entropy, renyi2_entropy, topk_entropy:K, "
-  for bad in ("renyi2", "topk_entropy", "topk_entropy:5:6", "gem_mass:0.7"):
-    with pytest.raises(ConfigError, match=f"{bad!r} is unknown; {allowed}"):
+  for bad in ("renyi2_entropy", "topk_entropy:5", "gem_mass:0.7"):  # not generic: records' own
+    with pytest.raises(ConfigError, match=f"{bad!r} is unknown; by name: logp, entropy, "
+                                          "kl_from_ref"):
       lm_head.token_stats(*args, stats=("logp", bad))
-  with pytest.raises(ConfigError, match="'topk_entropy:k'.*topk_entropy:K"):
-    lm_head.token_stats(*args, stats=("topk_entropy:k",))
+  for bad in ("logp", lm_head.LOGP, ()):
+    with pytest.raises(ConfigError, match="a non-empty tuple of statistics"):
+      lm_head.token_stats(*args, stats=bad)
   with pytest.raises(ConfigError, match=rf"'topk_entropy:51'.*vocabulary size \({V}\)"):
-    lm_head.token_stats(*args, stats=("topk_entropy:51",))
+    lm_head.token_stats(*args, stats=(objectives.topk_entropy_statistic(51),))
   with pytest.raises(ConfigError, match="compare with a reference model"):
     lm_head.token_stats(*args, stats=("logp", "kl_from_ref"))
 
@@ -187,9 +196,11 @@ def test_bad_arguments_raise_config_error():
 def test_gate_statistics_carry_no_gradient():
   """topk/Renyi-2 entropy and GEM's mass are stop-gradient gates; entropy and GEM's X are not."""
   data = make_data()
-  for name in FAMILY_STATS:
+  for statistic in FAMILY_STATS:
+    name = statistic.name
     for head in (CHUNKED, NAIVE):
-      stat = lambda h, n=name, f=head: jnp.sum(f(h, data["w"], data["targets"], stats=(n,))[n])
+      stat = lambda h, s=statistic, f=head: jnp.sum(f(h, data["w"], data["targets"],
+                                                      stats=(s,))[s.name])
       grad = jax.jit(jax.grad(stat))(data["hidden"])
       gate = name.startswith(("topk_entropy", "renyi2_entropy", "gem_mass"))
       assert (np.abs(grad).max() == 0) == gate, name

@@ -1,7 +1,9 @@
 """Decoder (dft_jax/models) against HF PyTorch golden logits, and its own invariances.
 
-References: tests/fixtures/tiny_<family>/ (tiny random transformers models + PyTorch float32 logits,
-made by tests/fixtures/make_golden.py), float64 numpy attention, separate forwards of packed docs.
+References: tests/fixtures/tiny_<family>/ (tiny random transformers models + PyTorch float32 logits
+and greedy tokens, made by tests/fixtures/make_golden.py), float64 numpy attention, separate
+forwards of packed docs. tests/test_models_torch.py checks the same against live transformers
+where torch is installed; tests/test_models_moe.py the experts.
 """
 import json
 import pathlib
@@ -13,13 +15,15 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from dft_jax import export, models
+from dft_jax import export, models, sampling
 from dft_jax.errors import ConfigError, ModelError
-from dft_jax.models import attention
+from dft_jax.models import attention, hf
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
-FAMILIES = ("llama", "qwen2", "qwen3")
-LOGICAL_NAMES = {"layers", "vocab", "embed", "q_heads", "kv_heads", "head_dim", "mlp", "norm"}
+# Fixture folder tiny_<name>: what it checks beyond the common decoder (make_golden.FAMILIES).
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "qwen2_yarn", "qwen3_moe", "gemma3")
+LOGICAL_NAMES = {"layers", "vocab", "embed", "q_heads", "kv_heads", "head_dim", "mlp", "norm",
+                 "expert"}
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -44,23 +48,61 @@ def test_logits_match_transformers(family):
   np.testing.assert_allclose(np.asarray(logits), golden["logits"], atol=1e-4, rtol=0)
 
 
+def _greedy(model, golden, prompt_len=8):
+  """Our greedy tokens after golden's first prompt_len tokens (make_golden.PROMPT)."""
+  return sampling.generate(model, golden["tokens"][:, :prompt_len].tolist(),
+                           max_new_tokens=golden["greedy"].shape[1])
+
+
+def test_greedy_tokens_match_transformers(family):
+  """Greedy continuation through the KV cache (prefill + one-token steps, sliding windows over
+  cache slots) = transformers' argmax of full forwards."""
+  _, model, _, golden = family
+  np.testing.assert_array_equal(_greedy(model, golden), golden["greedy"])
+
+
+# model_type, switches and pattern each fixture's config.json must give (an independent record:
+# the fixtures' configs are written in make_golden.FAMILIES).
+SWITCHES = {
+    "llama": dict(model_type="llama", rope="llama3", tied=False),
+    "qwen2": dict(model_type="qwen2", attention_bias=True, tied=True),
+    "qwen3": dict(model_type="qwen3", qk_norm=True, tied=False),
+    "mistral": dict(model_type="mistral", tied=False, window=6, sliding=(True, True)),
+    "qwen2_yarn": dict(model_type="qwen2", attention_bias=True, rope="yarn", tied=True),
+    "qwen3_moe": dict(model_type="qwen3_moe", qk_norm=True, tied=True, experts=(8, 2, 16, True)),
+    "gemma3": dict(model_type="gemma3_text", qk_norm=True, gemma=True, rope="linear", tied=True,
+                   window=6, sliding=(True, False), local_theta=1e4, act="gelu_pytorch_tanh",
+                   scale=24 ** -0.5),
+}
+
+
 def test_family_switches_from_config(family):
   folder, model, tokenizer, _ = family
   c = model.config
+  want = SWITCHES[folder.name.removeprefix("tiny_")]
   hf_config = json.loads((folder / "config.json").read_text())
-  assert c.model_type == hf_config["model_type"]
-  assert c.attention_bias == (c.model_type == "qwen2")
-  assert c.qk_norm == (c.model_type == "qwen3")
-  assert c.tie_word_embeddings == (c.model_type == "qwen2") == (model.lm_head is None)
-  assert (c.rope_scaling is not None) == (c.model_type == "llama")
+  assert c.model_type == want["model_type"] == hf_config["model_type"]
+  assert c.attention_bias == want.get("attention_bias", False)
+  assert c.qk_norm == want.get("qk_norm", False)
+  assert c.norm_plus_one == c.sandwich_norms == c.embed_scale == want.get("gemma", False)
+  assert c.tie_word_embeddings == want["tied"] == (model.lm_head is None)
+  assert models.config.rope_type(c.rope_scaling) == want.get("rope", "default")
+  assert c.sliding_layers == want.get("sliding", (False, False))
+  assert c.sliding_window == want.get("window")
+  assert c.local_rope_theta == want.get("local_theta")
+  assert c.hidden_act == want.get("act", "silu")
+  assert c.attention_scale == pytest.approx(want.get("scale", c.head_dim ** -0.5))
+  experts = (c.num_experts, c.num_experts_per_tok, c.moe_intermediate_size, c.norm_topk_prob)
+  assert experts == want.get("experts", (0, 0, 0, False))
   assert tokenizer.eos_token == "<|im_end|>" and tokenizer.chat_template
   assert all(isinstance(a, jax.Array) for a in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
-@pytest.fixture(scope="module")
-def qwen3_loss_and_grad():
-  """(remat, scan_layers) -> jitted (loss, grads) of the tiny Qwen3 fixture (train-step style)."""
-  folder = FIXTURES / "tiny_qwen3"
+@pytest.fixture(scope="module", params=["gemma3", "qwen3_moe"])
+def loss_and_grad(request):
+  """(remat, scan_layers) -> jitted (loss, grads) of a tiny fixture (train-step style): a dense
+  MLP under per-layer windows (a lax.cond in the scanned layer), and experts."""
+  folder = FIXTURES / f"tiny_{request.param}"
   graphdef, params = nnx.split(models.load(str(folder))[0], nnx.Param)
   tokens = jnp.asarray(np.load(folder / "golden.npz")["tokens"])
 
@@ -76,17 +118,23 @@ def qwen3_loss_and_grad():
 
 @pytest.mark.parametrize("remat, scan_layers", [
     ("nothing_saveable", True), ("dots_with_no_batch_dims_saveable", False)])
-def test_remat_and_unrolled_layers_same_loss_and_grads(qwen3_loss_and_grad, remat, scan_layers):
-  ref_loss, ref_grad = qwen3_loss_and_grad("none", True)
-  loss, grad = qwen3_loss_and_grad(remat, scan_layers)
+def test_remat_and_unrolled_layers_same_loss_and_grads(loss_and_grad, remat, scan_layers):
+  ref_loss, ref_grad = loss_and_grad("none", True)
+  loss, grad = loss_and_grad(remat, scan_layers)
   np.testing.assert_allclose(loss, ref_loss, atol=1e-6)
   assert jax.tree.structure(grad) == jax.tree.structure(ref_grad)
   for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(ref_grad)):
     np.testing.assert_allclose(a, b, atol=1e-5)
 
 
-def test_packed_segments_equal_separate_forwards():
-  folder = FIXTURES / "tiny_llama"  # llama3 RoPE: positions must restart per segment
+@pytest.mark.parametrize("name", [
+    "tiny_llama",      # llama3 RoPE: positions must restart per segment
+    "tiny_mistral",    # windows of 6 inside 7- and 9-token documents
+    "tiny_gemma3",     # a windowed and a global layer
+    "tiny_qwen3_moe",  # routing per token, padding routed but out of the statistics
+])
+def test_packed_segments_equal_separate_forwards(name):
+  folder = FIXTURES / name
   model, _ = models.load(str(folder))
   golden = np.load(folder / "golden.npz")
   doc1, doc2 = golden["tokens"][0, :7], golden["tokens"][1, :9]
@@ -175,12 +223,23 @@ def test_export_then_import_identical_params(family, tmp_path, dtype):
   hf_config = json.loads((tmp_path / "config.json").read_text())
   assert hf_config["torch_dtype"] == dtype
   # Same tensors, names and layout as the transformers checkpoint we imported.
-  ours, theirs = load_file(tmp_path / "model.safetensors"), load_file(folder / "model.safetensors")
+  ours, theirs = load_file(tmp_path / "model.safetensors"), dict(hf.SafetensorsDict(folder))
   assert sorted(ours) == sorted(theirs)
   for name, value in theirs.items():
     np.testing.assert_array_equal(ours[name], value.astype(dtype))
   assert back_tokenizer.chat_template == tokenizer.chat_template
   assert back_tokenizer("Paris 42").input_ids == tokenizer("Paris 42").input_ids
+
+
+def test_export_round_trip_keeps_logits_and_greedy(family, tmp_path):
+  """Export, then load what was written (its config.json included): transformers' logits and
+  greedy tokens still."""
+  _, model, tokenizer, golden = family
+  export.export_hf(model, tokenizer, tmp_path)
+  back, _ = models.load(str(tmp_path))
+  np.testing.assert_allclose(np.asarray(back(jnp.asarray(golden["tokens"]))), golden["logits"],
+                             atol=1e-4, rtol=0)
+  np.testing.assert_array_equal(_greedy(back, golden), golden["greedy"])
 
 
 def test_export_cli(tmp_path, capsys):
@@ -202,7 +261,7 @@ def test_export_cli_from_a_training_checkpoint(tmp_path, capsys):
   train.train_and_evaluate(config, str(tmp_path / "run"))
   export.cli_main(["dft_jax.export", f"--model={tmp_path / 'run'}", f"--out={tmp_path / 'out'}"])
   assert "exported llama" in capsys.readouterr().out
-  trained, _, _ = checkpoint.restore_model(str(tmp_path / "run"))
+  trained, _, _, _ = checkpoint.restore_model(str(tmp_path / "run"))
   back, _ = models.load(str(tmp_path / "out"))
   original, _ = models.load(str(FIXTURES / "tiny_llama"))
   moved = False
@@ -215,29 +274,33 @@ def test_export_cli_from_a_training_checkpoint(tmp_path, capsys):
 # ---------------------------------------------------------------- attention
 
 
-def _numpy_attention(q, k, v, mask):
-  """float64 reference: softmax(q k^T / sqrt(H) masked) v, k/v heads repeated for GQA."""
+def _numpy_attention(q, k, v, mask, scale=None):
+  """float64 reference: softmax(scale q k^T masked) v (scale 1/sqrt(H)), k/v heads repeated for
+  GQA."""
   q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
   g = q.shape[2] // k.shape[2]
   k, v = np.repeat(k, g, axis=2), np.repeat(v, g, axis=2)
-  s = np.einsum("btnh,bsnh->bnts", q, k) / np.sqrt(q.shape[-1])
+  s = np.einsum("btnh,bsnh->bnts", q, k) * (scale or q.shape[-1] ** -0.5)
   s = np.where(mask, s, -np.inf)
   p = np.exp(s - s.max(-1, keepdims=True))
   p /= p.sum(-1, keepdims=True)
   return np.einsum("bnts,bsnh->btnh", p, v)
 
 
-def test_xla_attention_matches_numpy_with_segments():
+@pytest.mark.parametrize("window, scale", [(None, None), (3, 0.2)])
+def test_xla_attention_matches_numpy_with_segments(window, scale):
   rng = np.random.RandomState(0)
   q = rng.randn(2, 10, 4, 8).astype(np.float32)
   k, v = (rng.randn(2, 10, 2, 8).astype(np.float32) for _ in range(2))
   seg = np.array([[1, 1, 1, 2, 2, 2, 2, 3, 0, 0], [1] * 10], np.int32)
-  out = attention.attend(q, k, v, segment_ids_BxT=jnp.asarray(seg), impl="xla")
+  out = attention.attend(q, k, v, segment_ids_BxT=jnp.asarray(seg), impl="xla", window=window,
+                         scale=scale)
   i, j = np.arange(10)[:, None], np.arange(10)[None]
-  mask = (((seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] != 0) & (j <= i))
+  near = np.ones((10, 10), bool) if window is None else i - j < window
+  mask = (((seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] != 0) & (j <= i) & near)
           | (i == j))[:, None]
-  np.testing.assert_allclose(np.asarray(out), _numpy_attention(q, k, v, mask), atol=1e-5)
-  causal = attention.attend(q, k, v, impl="xla")
+  np.testing.assert_allclose(np.asarray(out), _numpy_attention(q, k, v, mask, scale), atol=1e-5)
+  causal = attention.attend(q, k, v, impl="xla", window=window, scale=scale)
   np.testing.assert_allclose(np.asarray(causal[1]), np.asarray(out[1]), atol=1e-6)
 
 
@@ -281,17 +344,57 @@ def test_from_hf_reads_both_rope_layouts():
   assert models.ModelConfig.from_hf(legacy.to_hf()) == legacy
 
 
-@pytest.mark.parametrize("field, value, shown, supported", [
-    ("model_type", "gemma", "'gemma'", "llama, qwen2, qwen3"),
-    ("rope_scaling", {"rope_type": "yarn", "factor": 4.0}, "'yarn'", "default, llama3"),
-    ("hidden_act", "gelu", "'gelu'", "'silu'"),
-    ("attention_bias", True, "True", "False"),
-    ("use_sliding_window", True, "True", "False"),
-    ("layer_types", ["sliding_attention"], "'sliding_attention'", "'full_attention'"),
-])
-def test_unsupported_config_fields_name_field_and_options(field, value, shown, supported):
-  hf_config = json.loads((FIXTURES / "tiny_llama" / "config.json").read_text())
+def test_from_hf_reads_yarn_as_qwen25_writes_it():
+  """Qwen2.5's documented YaRN block (legacy "type" key; original length defaults as in
+  transformers)."""
+  hf_config = json.loads((FIXTURES / "tiny_qwen2" / "config.json").read_text())
   hf_config.pop("rope_parameters")
+  c = models.ModelConfig.from_hf(dict(hf_config, rope_theta=1e6, max_position_embeddings=131072,
+                                      rope_scaling=dict(type="yarn", factor=4.0)))
+  assert c.rope_scaling == models.YarnRopeScaling(factor=4.0,
+                                                  original_max_position_embeddings=131072)
+  c = models.ModelConfig.from_hf(dict(hf_config, rope_scaling=dict(
+      type="yarn", factor=4.0, original_max_position_embeddings=32768, beta_fast=16)))
+  assert c.rope_scaling.beta_fast == 16 and c.rope_scaling.original_max_position_embeddings == 32768
+  assert models.ModelConfig.from_hf(c.to_hf()) == c
+
+
+def test_from_hf_reads_gemma3_hub_and_transformers5_layouts():
+  """Gemma 3 as the hub has it (rope_theta, rope_local_base_freq, rope_scaling, a
+  sliding_window_pattern instead of layer_types) = as transformers 5 saves it."""
+  v5 = json.loads((FIXTURES / "tiny_gemma3" / "config.json").read_text())
+  hub = {k: v for k, v in v5.items() if k not in ("rope_parameters", "layer_types")}
+  hub.update(rope_theta=1e6, rope_local_base_freq=1e4, sliding_window_pattern=2,
+             rope_scaling=dict(rope_type="linear", factor=8.0))
+  assert models.ModelConfig.from_hf(hub) == models.ModelConfig.from_hf(v5)
+  c = models.ModelConfig.from_hf(v5)
+  assert c.rope_scaling == models.LinearRopeScaling(8.0) and c.local_rope_theta == 1e4
+  assert models.ModelConfig.from_hf(c.to_hf()) == c
+
+
+FAMILY_NAMES = "llama, mistral, qwen2, qwen3, qwen3_moe, gemma3_text"
+
+
+@pytest.mark.parametrize("fixture, field, value, shown, supported", [
+    ("llama", "model_type", "gemma2", "'gemma2'", FAMILY_NAMES),
+    ("llama", "model_type", "gemma3", "multimodal Gemma 3", FAMILY_NAMES),
+    ("llama", "rope_scaling", {"rope_type": "longrope", "factor": 4.0}, "'longrope'",
+     "default, linear, llama3, yarn"),
+    ("llama", "hidden_act", "gelu", "'gelu'", "'silu', 'gelu_pytorch_tanh'"),
+    ("llama", "attention_bias", True, "True", "False"),
+    ("qwen2", "layer_types", ["chunked_attention"] * 2, "'chunked_attention'",
+     "'full_attention', 'sliding_attention'"),
+    ("gemma3", "final_logit_softcapping", 30.0, "30.0", "None"),
+    ("gemma3", "attn_logit_softcapping", 50.0, "50.0", "None"),
+    ("gemma3", "use_bidirectional_attention", True, "True", "False"),
+    ("qwen3_moe", "mlp_only_layers", [0], "[0]", "[]"),
+    ("qwen3_moe", "decoder_sparse_step", 2, "2", "1"),
+])
+def test_unsupported_config_fields_name_field_and_options(fixture, field, value, shown,
+                                                          supported):
+  hf_config = json.loads((FIXTURES / f"tiny_{fixture}" / "config.json").read_text())
+  if field == "rope_scaling":
+    hf_config.pop("rope_parameters")
   hf_config[field] = value
   with pytest.raises(ModelError) as e:
     models.ModelConfig.from_hf(hf_config)

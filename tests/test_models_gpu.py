@@ -1,4 +1,6 @@
-"""cuDNN flash attention (GPU only; skipped elsewhere) against the XLA path.
+"""cuDNN flash attention (GPU only; skipped elsewhere) against the XLA path: plain, packed, with a
+sliding window and another scale; the decoder of each attention pattern (and the experts' grouped
+matmuls) in bfloat16.
 
   JAX_PLATFORMS=cuda python -m pytest -q tests/test_models_gpu.py
 """
@@ -17,6 +19,17 @@ pytestmark = pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN ne
 CONFIG = models.ModelConfig(
     "qwen2", vocab_size=512, hidden_size=512, intermediate_size=1024, num_layers=2,
     num_heads=8, num_kv_heads=2, head_dim=64, attention_bias=True, tie_word_embeddings=True)
+# Gemma 3's pattern (a windowed layer, a global one, its norms and scale) and Qwen3-MoE's experts.
+GEMMA = models.ModelConfig(
+    "gemma3_text", vocab_size=512, hidden_size=512, intermediate_size=1024, num_layers=2,
+    num_heads=8, num_kv_heads=2, head_dim=64, qk_norm=True, norm_plus_one=True,
+    sandwich_norms=True, embed_scale=True, hidden_act="gelu_pytorch_tanh", tie_word_embeddings=True,
+    layer_types=("sliding_attention", "full_attention"), sliding_window=48, local_rope_theta=1e4,
+    query_pre_attn_scalar=96)
+MOE = models.ModelConfig(
+    "qwen3_moe", vocab_size=512, hidden_size=512, intermediate_size=1024, num_layers=2,
+    num_heads=8, num_kv_heads=2, head_dim=64, qk_norm=True, num_experts=16, num_experts_per_tok=4,
+    moe_intermediate_size=256, norm_topk_prob=True)
 
 
 def _segments(b, t):
@@ -26,8 +39,9 @@ def _segments(b, t):
   return seg
 
 
-@pytest.mark.parametrize("packed", [False, True])
-def test_cudnn_attention_matches_xla(packed):
+@pytest.mark.parametrize("packed, window, scale", [
+    (False, None, None), (True, None, None), (False, 48, 0.1), (True, 48, 0.1)])
+def test_cudnn_attention_matches_xla(packed, window, scale):
   rng = np.random.RandomState(0)
   q = jnp.asarray(rng.randn(2, 256, 8, 64), jnp.bfloat16)
   k, v = (jnp.asarray(rng.randn(2, 256, 2, 64), jnp.bfloat16) for _ in range(2))
@@ -35,7 +49,8 @@ def test_cudnn_attention_matches_xla(packed):
   segment_ids = jnp.asarray(seg) if packed else None
 
   def loss(impl, q, k, v):
-    out = attention.attend(q, k, v, segment_ids_BxT=segment_ids, impl=impl)
+    out = attention.attend(q, k, v, segment_ids_BxT=segment_ids, impl=impl, window=window,
+                           scale=scale)
     keep = (seg != 0)[..., None, None] if packed else 1.0
     return jnp.sum(out.astype(jnp.float32) * keep), out
 
@@ -52,8 +67,9 @@ def test_cudnn_attention_matches_xla(packed):
     assert np.abs(g - r).max() < 5e-2 * max(1.0, np.abs(r).max()), np.abs(g - r).max()
 
 
-def test_decoder_cudnn_packed_matches_xla():
-  model = models.Decoder(CONFIG, compute_dtype="bfloat16", attention="cudnn",
+@pytest.mark.parametrize("config", [CONFIG, GEMMA, MOE], ids=["qwen2", "gemma3", "qwen3_moe"])
+def test_decoder_cudnn_packed_matches_xla(config):
+  model = models.Decoder(config, compute_dtype="bfloat16", attention="cudnn",
                          remat="nothing_saveable", rngs=nnx.Rngs(0))
   rng = np.random.RandomState(1)
   tokens = jnp.asarray(rng.randint(0, 512, (2, 256)), jnp.int32)

@@ -103,7 +103,8 @@ def loss_from_logits(logits, data, cfg, denominators=None):
   logp, ent = logp_and_entropy(logits, data["targets"])
   stats = dict(logp=logp, entropy=ent, old_logp=data["old_logp"], ref_logp=data["ref_logp"])
   batch = dict(loss_mask=data["loss_mask"], segment_ids=data["segment_ids"])
-  return objectives.objective_loss(stats, batch, cfg, denominators=denominators)
+  return objectives.objective_loss(stats, batch, objectives.validate(cfg),
+                                   denominators=denominators)
 
 
 def loss_from_params(w, data, denominators, cfg):
@@ -174,7 +175,8 @@ def test_psft_with_old_equal_new_is_sft():
 
   def psft_old_is_new(logits):
     logp, _ = logp_and_entropy(logits, data["targets"])
-    return objectives.objective_loss(dict(logp=logp, old_logp=logp), data, cfg_for("psft"))[0]
+    return objectives.objective_loss(dict(logp=logp, old_logp=logp), data,
+                                     objectives.validate(cfg_for("psft")))[0]
 
   psft_grad = jax.jit(jax.grad(psft_old_is_new))(data["logits"])
   _, _, sft_grad = grad_wrt_logits(data, cfg_for("sft"))
@@ -391,7 +393,8 @@ def test_unknown_fields_are_named():
 
 
 def test_needs():
-  assert objectives.needs(cfg_for("psft")) == {"old_logp"}
-  assert objectives.needs(cfg_for("dft", kl_coef=0.1)) == {"ref_logp"}
-  assert objectives.needs(cfg_for("dft_seq")) == {"segments"}
-  assert objectives.needs(cfg_for("sft", entropy_coef=0.1)) == set()
+  needs = lambda cfg: objectives.validate(cfg).needs
+  assert needs(cfg_for("psft")) == {"old_logp"}
+  assert needs(cfg_for("dft", kl_coef=0.1)) == {"ref_logp"}
+  assert needs(cfg_for("dft_seq")) == {"segments"}
+  assert needs(cfg_for("sft", entropy_coef=0.1)) == set()

@@ -96,9 +96,10 @@ def cfg_for(name, **hp):
 
 
 def loss_from_logits(logits, data, cfg, denominators=None):
-  stats = stats_from_logits(logits, data["targets"], objectives.required_stats(cfg))
+  setting = objectives.validate(cfg)
+  stats = stats_from_logits(logits, data["targets"], setting.stats)
   batch = dict(loss_mask=data["loss_mask"], segment_ids=data["segment_ids"])
-  return objectives.objective_loss(stats, batch, cfg, denominators=denominators)
+  return objectives.objective_loss(stats, batch, setting, denominators=denominators)
 
 
 @functools.lru_cache
@@ -182,8 +183,11 @@ def test_deft_is_power_with_alpha_per_token():
 def test_statistics_match_float64():
   data = make_data(scale=20.0)
   names = ("renyi2_entropy", "topk_entropy:20", "topk_entropy:5", f"topk_entropy:{V}")
-  stats = jax.jit(functools.partial(stats_from_logits, names=names))(
+  statistics = (*objectives.validate(cfg_for("deft")).stats,
+                *(objectives.topk_entropy_statistic(k) for k in (20, 5, V)))
+  stats = jax.jit(functools.partial(stats_from_logits, stats=statistics))(
       data["logits"], data["targets"])
+  assert set(names) <= set(stats)
   logp_all = ref_logsoftmax(data["logits"])
   assert_close(stats["renyi2_entropy"], -np.log((np.exp(logp_all)**2).sum(-1)), rtol=1e-5)
   for k in (20, 5):
@@ -245,29 +249,31 @@ def test_extreme_and_masked_batches_stay_finite(name, hp):
 @pytest.mark.parametrize("name, hp", CASES, ids=IDS)
 def test_bfloat16_stats_give_float32(name, hp):
   data = make_data()
-  cfg = cfg_for(name, **hp)
-  stats = stats_from_logits(data["logits"], data["targets"], objectives.required_stats(cfg))
+  setting = objectives.validate(cfg_for(name, **hp))
+  stats = stats_from_logits(data["logits"], data["targets"], setting.stats)
   stats = {k: v.astype(jnp.bfloat16) for k, v in stats.items()}
-  loss, metrics = objectives.objective_loss(stats, data, cfg)
+  loss, metrics = objectives.objective_loss(stats, data, setting)
   assert loss.dtype == jnp.float32 and all(v.dtype == jnp.float32 for v in metrics.values())
   # The math runs in float32: the same numbers as the same (bf16-rounded) stats given in float32.
   upcast = {k: v.astype(jnp.float32) for k, v in stats.items()}
-  ref_loss, ref_metrics = objectives.objective_loss(upcast, data, cfg)
+  ref_loss, ref_metrics = objectives.objective_loss(upcast, data, setting)
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
   for key, value in ref_metrics.items():
     np.testing.assert_allclose(metrics[key], value, rtol=1e-6, atol=1e-7, err_msg=key)
 
 
-def test_required_stats():
-  assert objectives.required_stats(cfg_for("eaft")) == ("logp", "entropy", "topk_entropy:20")
-  assert objectives.required_stats(cfg_for("eaft", k=7.0)) == (
-      "logp", "entropy", "topk_entropy:7")
-  assert objectives.required_stats(cfg_for("eaft", entropy="full")) == ("logp", "entropy")
-  assert objectives.required_stats(cfg_for("gem")) == (
-      "logp", "entropy", "gem_cross_entropy:0.7:linear")
-  assert objectives.required_stats(cfg_for("gem", beta=1, h="logsigmoid")) == (
+def test_resolved_statistics():
+  names = lambda cfg: tuple(s.name for s in objectives.validate(cfg).stats)
+  assert names(cfg_for("eaft")) == ("logp", "entropy", "topk_entropy:20")
+  assert names(cfg_for("eaft", k=7.0)) == ("logp", "entropy", "topk_entropy:7")
+  assert names(cfg_for("eaft", entropy="full")) == ("logp", "entropy")
+  assert names(cfg_for("gem")) == ("logp", "entropy", "gem_cross_entropy:0.7:linear")
+  assert names(cfg_for("gem", beta=1, h="logsigmoid")) == (
       "logp", "entropy", "gem_cross_entropy:1.0:logsigmoid", "gem_mass:1.0:logsigmoid")
-  assert objectives.required_stats(cfg_for("deft")) == ("logp", "entropy", "renyi2_entropy")
+  assert names(cfg_for("deft")) == ("logp", "entropy", "renyi2_entropy")
+  gates = {s.name: s.gradient for s in objectives.validate(cfg_for("gem", h="logsigmoid")).stats}
+  assert gates == {"logp": True, "entropy": True, "gem_cross_entropy:0.7:logsigmoid": True,
+                   "gem_mass:0.7:logsigmoid": False}
 
 
 @pytest.mark.parametrize("field, value, allowed", [
@@ -282,7 +288,7 @@ def test_bad_config_names_field_and_allowed_values(field, value, allowed):
   cfg = cfg_for(name)
   cfg[name][hparam] = value
   with pytest.raises(ConfigError, match=f"objective.{field}=") as err:
-    objectives.required_stats(cfg)
+    objectives.validate(cfg)
   assert allowed in str(err.value)
   data = make_data()
   with pytest.raises(ConfigError, match=f"objective.{field}="):
@@ -293,4 +299,4 @@ def test_topk_larger_than_the_vocabulary_is_named():
   data = make_data()
   with pytest.raises(ConfigError, match=rf"topk_entropy:40.*vocabulary size \({V}\)"):
     lm_head.token_stats(data["hidden"], data["w"], data["targets"],
-                        stats=("logp", "topk_entropy:40"))
+                        stats=objectives.validate(cfg_for("eaft", k=40)).stats)

@@ -58,13 +58,13 @@ def reference_grads(data, per_token):
 def head_loss(hidden, w, data, cfg):
   """The step's loss from the chunked head; the reference model's logp when the objective needs
   it, from its own hidden states and head weight."""
-  stats = lm_head.token_stats(hidden, w, data["targets"], chunk_size=CHUNK,
-                              stats=objectives.required_stats(cfg),
+  setting = objectives.validate(cfg)
+  stats = lm_head.token_stats(hidden, w, data["targets"], chunk_size=CHUNK, stats=setting.stats,
                               ref_hidden_BxTxD=data["ref_hidden"], ref_w_DxV=data["ref_w"])
-  if "ref_logp" in objectives.needs(cfg):
+  if "ref_logp" in setting.needs:
     stats["ref_logp"] = lm_head.token_stats(data["ref_hidden"], data["ref_w"], data["targets"],
-                                            stats=("logp",))["logp"]
-  return objectives.objective_loss(stats, data, cfg)
+                                            stats=(lm_head.LOGP,))["logp"]
+  return objectives.objective_loss(stats, data, setting)
 
 
 def loss_and_grads(data, cfg):

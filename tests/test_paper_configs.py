@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from dft_jax import config_files, data, loop, models, sharding
+from dft_jax import config_files, data, loop, models, objectives, sharding
 from dft_jax import step as step_lib
 
 ROOT = pathlib.Path(__file__).parent.parent
@@ -79,13 +79,14 @@ def test_one_step_with_the_config_geometry(tmp_path, name, prompt_field):
   mesh = sharding.make_mesh(c.mesh)
   assert mesh.shape["fsdp"] == jax.device_count()
   model, tokenizer = models.load_from_config(c.model)
-  graphdef, state, frozen, tx, _ = step_lib.init_train_state(model, c, mesh)
+  setting = objectives.validate(c.objective)
+  graphdef, state, frozen, tx, _ = step_lib.init_train_state(model, c, mesh, setting=setting)
   before = jax.tree.map(np.asarray, jax.device_get(state.params))
   rows = data.make_train_iterator(c.data, tokenizer, seq_len=c.train.seq_len,
                                   global_batch_size=c.train.global_batch_size, seed=0,
                                   max_segments=c.model.max_segments)
   train_step = step_lib.make_train_step(graphdef, tx, c, mesh, step_lib.shardings_of(state),
-                                        step_lib.shardings_of(frozen))
+                                        step_lib.shardings_of(frozen), setting=setting)
   state, metrics = train_step(state, step_lib.global_batch(next(rows), mesh), frozen)
   scalars, _ = loop.host_metrics(metrics)
   assert np.isfinite(scalars["loss"]) and scalars["grad_norm"] > 0

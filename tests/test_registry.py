@@ -26,9 +26,9 @@ def test_defaults_validate_and_round_trip(name):
     assert hp.ok(hp.default), (name, field)
   again = objectives.validate(json.loads(block.to_json()))
   assert again == setting
-  assert set(record.needs) <= set(objectives.NEEDS)
-  for stat in objectives.required_stats(block):
-    lm_head.parse(stat)  # every statistic an objective asks for exists
+  assert set(record.needs) <= set(objectives.NEEDS) and setting.needs == set(record.needs)
+  assert all(isinstance(stat, lm_head.Statistic) for stat in setting.stats)
+  assert [s.name for s in setting.stats[:2]] == ["logp", "entropy"]
 
 
 def test_default_config_holds_the_registry():
@@ -52,12 +52,13 @@ def make_data(seed=0, b=2, t=9, d=6, v=41):  # v > EAFT's default top-20
 
 
 def loss(hidden, w, data, cfg, head):
-  stats = head(hidden, w, data["targets"], stats=objectives.required_stats(cfg),
+  setting = objectives.validate(cfg)
+  stats = head(hidden, w, data["targets"], stats=setting.stats,
                ref_hidden_BxTxD=data["ref_hidden"], ref_w_DxV=data["ref_w"])
   stats["old_logp"] = data["old_logp"]
   stats["ref_logp"] = lm_head.token_stats_naive(data["ref_hidden"], data["ref_w"],
-                                                data["targets"], stats=("logp",))["logp"]
-  return objectives.objective_loss(stats, data, cfg)[0]
+                                                data["targets"], stats=(lm_head.LOGP,))["logp"]
+  return objectives.objective_loss(stats, data, setting)[0]
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -76,3 +77,21 @@ def test_finite_and_chunked_equals_naive(name):
   np.testing.assert_allclose(d_hidden, naive_hidden, rtol=1e-4, atol=1e-7)
   np.testing.assert_allclose(d_w, naive_w, rtol=1e-4, atol=1e-7)
   assert np.abs(d_w).max() > 0
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_metric_names_are_the_metrics_the_loss_reports(name):
+  """objectives.metric_names(setting) lists exactly the scalar metrics of the setting's loss, and
+  metric_names() (the study's history keys) holds those of every setting."""
+  data = make_data()
+  cfg = {"name": name, "entropy_coef": 0.1, "kl_coef": 0.1}
+  setting = objectives.validate(cfg)
+  stats = lm_head.token_stats_naive(data["hidden"], data["w"], data["targets"],
+                                    stats=setting.stats, ref_hidden_BxTxD=data["ref_hidden"],
+                                    ref_w_DxV=data["ref_w"])
+  stats.update(old_logp=data["old_logp"], ref_logp=data["old_logp"])
+  _, metrics = objectives.objective_loss(stats, data, setting)
+  reported = {k for k in objectives.finalize_metrics(metrics) if not k.startswith("hist/")}
+  assert set(objectives.metric_names(setting)) == reported
+  assert reported <= set(objectives.metric_names())
+  assert f"loss/{'objective'}" in reported and "kl_anchor/k3" in reported

@@ -18,7 +18,7 @@ import pytest
 from flax import nnx
 from tensorboard.backend.event_processing import event_accumulator
 
-from dft_jax import checkpoint, models, sharding, train
+from dft_jax import checkpoint, models, objectives, sharding, train
 from dft_jax import step as step_lib
 from dft_jax.data.testing import default_config
 from dft_jax.errors import ConfigError, UserInputError
@@ -77,9 +77,10 @@ def batches(config, n):
 def run_steps(config, mesh, host_batches):
   """Trains on host_batches over `mesh`; returns (per-step metrics, final params on the host)."""
   model, _ = models.load(config.model.name, compute_dtype="float32")
-  graphdef, state, frozen, tx, _ = step_lib.init_train_state(model, config, mesh)
+  setting = objectives.validate(config.objective)
+  graphdef, state, frozen, tx, _ = step_lib.init_train_state(model, config, mesh, setting=setting)
   step = step_lib.make_train_step(graphdef, tx, config, mesh, step_lib.shardings_of(state),
-                                  step_lib.shardings_of(frozen))
+                                  step_lib.shardings_of(frozen), setting=setting)
   metrics = []
   for b in host_batches:
     state, m = step(state, step_lib.global_batch(b, mesh), frozen)
@@ -122,7 +123,8 @@ def test_sharded_equals_single_device(rows_dir, objective, layout):
 def test_params_really_sharded(tmp_path):
   config = tiny_config(tmp_path)
   model, _ = models.load(TINY)
-  _, state, _, _, _ = step_lib.init_train_state(model, config, mesh_of(8, fsdp=4, tensor=2))
+  _, state, _, _, _ = step_lib.init_train_state(model, config, mesh_of(8, fsdp=4, tensor=2),
+                                                setting=objectives.validate(config.objective))
   spec = jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
   wq = state.params["layers"]["wq"]  # [L, D, N, H]: embed on fsdp, q_heads on tensor
   assert wq.sharding.spec == spec
@@ -243,6 +245,11 @@ def test_logs_tensorboard_and_jsonl(tmp_path):
     (dict(train__nonfinite="ignore"), "train.nonfinite='ignore'"),
     (dict(mesh__data=3), "mesh"),
     (dict(model__name="/no/such/model"), "model '/no/such/model' not found"),
+    (dict(optimizer__warmup_steps=4), "optimizer.warmup_steps=4 must be below train.num_steps=4: "
+                                      "the run would end before its learning rate reaches "
+                                      "optimizer.learning_rate=0.001"),
+    (dict(optimizer__warmup_steps=9, train__minibatches=2, train__global_batch_size=16),
+     "optimizer.warmup_steps=9 must be below train.num_steps=4 x train.minibatches=2 = 8 updates"),
 ])
 def test_config_errors_name_the_field(tmp_path, override, message):
   config = tiny_config(tmp_path, **override)
@@ -254,9 +261,10 @@ def test_config_errors_name_the_field(tmp_path, override, message):
 # Among 0, -1, NaN and inf, the values each numeric field accepts; every other one is refused.
 ACCEPTED = {"train.seed": (0,), "optimizer.warmup_steps": (0,), "optimizer.min_lr_ratio": (0,),
             "optimizer.weight_decay": (0,), "optimizer.b1": (0,), "optimizer.b2": (0,),
-            "optimizer.grad_clip_norm": (0,), "data.shuffle_buffer": (0,),
+            "optimizer.grad_clip_norm": (0,), "optimizer.max_update_ratio": (0,),
+            "data.shuffle_buffer": (0,),
             "data.shuffle_seed": (0,), "data.eval_holdout": (0,), "eval.temperature": (0,),
-            "eval.seed": (0,),
+            "eval.seed": (0,), "model.router_aux_loss_coef": (0,),
             "mesh.data": (-1,)}
 
 
@@ -374,7 +382,8 @@ def test_lora_trains_only_the_adapters_and_step_zero_is_the_base(tmp_path):
   base, _ = models.load(TINY)
   tokens = np.arange(16, dtype=np.int32)[None] % 300
   np.testing.assert_array_equal(model(tokens), base(tokens))
-  _, state, frozen, _, _ = step_lib.init_train_state(model, config, mesh_of(1))
+  _, state, frozen, _, _ = step_lib.init_train_state(
+      model, config, mesh_of(1), setting=objectives.validate(config.objective))
   assert all("lora" in jax.tree_util.keystr(p) for p, _ in
              jax.tree_util.tree_leaves_with_path(state.params))
   assert frozen.reference is None and jax.tree.leaves(frozen.base)
@@ -385,10 +394,11 @@ def test_lora_trains_only_the_adapters_and_step_zero_is_the_base(tmp_path):
 def run_lora(config, mesh, host_batches):
   """Like run_steps, for a LoRA config: (metrics, adapters, frozen) on the host."""
   model, _ = models.load_from_config(config.model, config.lora)
-  graphdef, state, frozen, tx, _ = step_lib.init_train_state(model, config, mesh)
+  setting = objectives.validate(config.objective)
+  graphdef, state, frozen, tx, _ = step_lib.init_train_state(model, config, mesh, setting=setting)
   before = jax.device_get(frozen.base)
   step = step_lib.make_train_step(graphdef, tx, config, mesh, step_lib.shardings_of(state),
-                                  step_lib.shardings_of(frozen))
+                                  step_lib.shardings_of(frozen), setting=setting)
   metrics = []
   for b in host_batches:
     state, m = step(state, step_lib.global_batch(b, mesh), frozen)
@@ -429,7 +439,7 @@ def test_lora_run_resumes_exports_merged_and_peft(tmp_path):
   a = read_jsonl(tmp_path / "straight" / "metrics.jsonl")
   b = read_jsonl(tmp_path / "resumed" / "metrics.jsonl")
   assert [r["loss"] for r in a] == [r["loss"] for r in b]
-  trained, _, _ = checkpoint.restore_model(str(tmp_path / "straight"))
+  trained, _, _, _ = checkpoint.restore_model(str(tmp_path / "straight"))
   merged, _ = models.load(str(tmp_path / "straight" / "hf"))
   tokens = np.arange(24, dtype=np.int32)[None] % 300
   np.testing.assert_allclose(merged(tokens), trained(tokens), rtol=1e-5, atol=1e-5)
@@ -471,3 +481,67 @@ def _with(opt_cfg, dtype):
   c = opt_cfg.copy_and_resolve_references()
   c.mu_dtype, c.nu_dtype = dtype, dtype
   return c
+
+
+@pytest.mark.slow
+def test_a_resumed_runs_summary_covers_the_whole_run(tmp_path):
+  """First loss from step 1 (not the resumed process's first step), tokens/s and time of every
+  step, and what this process did beside it."""
+  straight = train.train_and_evaluate(tiny_config(tmp_path, train__num_steps=4),
+                                      str(tmp_path / "straight"))
+  train.train_and_evaluate(tiny_config(tmp_path, train__num_steps=2), str(tmp_path / "resumed"))
+  resumed = train.train_and_evaluate(tiny_config(tmp_path, train__num_steps=4),
+                                     str(tmp_path / "resumed"))
+  rows = read_jsonl(tmp_path / "resumed" / "metrics.jsonl")
+  for key in ("loss", "target_prob", "entropy"):
+    assert resumed[f"train_{key}"] == straight[f"train_{key}"] == {
+        "first": rows[0][key], "last": rows[-1][key]}
+  seconds = sum(r["step_seconds"] for r in rows)
+  assert resumed["train_seconds"] == pytest.approx(seconds, abs=0.1)
+  tokens = sum(r["tokens"] for r in rows)
+  assert resumed["tokens_per_s"] == pytest.approx(tokens / seconds, rel=1e-3)
+  this = resumed["this_process"]
+  assert this["steps"] == [3, 4] and this["train_seconds"] == pytest.approx(
+      sum(r["step_seconds"] for r in rows[2:]), abs=0.1)
+  assert "this process: steps 3-4 in" in train.format_summary(resumed)
+
+
+@pytest.mark.slow
+def test_a_run_resumed_at_its_last_step_keeps_its_training_figures(tmp_path):
+  """Killed after its last checkpoint, before summary.json (say, in the final evaluation): the
+  same command trains no step and reports the run's figures, not 0 tokens/s."""
+  config = tiny_config(tmp_path, train__num_steps=2)
+  first = train.train_and_evaluate(config, str(tmp_path / "run"))
+  (tmp_path / "run" / "summary.json").unlink()
+  again = train.train_and_evaluate(config, str(tmp_path / "run"))
+  for key in ("train_loss", "train_target_prob", "train_entropy", "tokens_per_s", "steps",
+              "skipped_steps"):
+    assert again[key] == first[key], key
+  assert again["train_seconds"] == pytest.approx(first["train_seconds"], abs=0.1)
+  assert again["this_process"] == {"steps": [], "train_seconds": 0.0, "tokens_per_s": None}
+  table = train.format_summary(again)
+  assert "loss (first -> last step)" in table and " 0 tokens/s" not in table
+  assert "this process: no step left to train" in table
+
+
+@pytest.mark.slow
+def test_a_learning_rate_far_too_large_never_reaches_a_checkpoint(tmp_path, caplog):
+  """lr = 1e30 makes a finite update of parameters ~1e30: every update is skipped for its size
+  (optimizer.max_update_ratio), said on each step, and the checkpoint holds the starting
+  parameters; a sane learning rate skips nothing."""
+  import logging  # pylint: disable=g-import-not-at-top
+  config = tiny_config(tmp_path, train__num_steps=3, optimizer__learning_rate=1e30)
+  with caplog.at_level(logging.WARNING):
+    summary = train.train_and_evaluate(config, str(tmp_path / "huge"))
+  assert summary["skipped_steps"] == 3
+  warned = [r.getMessage() for r in caplog.records if "times their norm" in r.getMessage()]
+  assert warned[0].startswith("step 1: the update would move the parameters by ")
+  assert len(warned) == 3 and "more than optimizer.max_update_ratio=1.0 allows" in warned[0]
+  rows = read_jsonl(tmp_path / "huge" / "metrics.jsonl")
+  assert all(r["update_ratio"] > 1e20 and r["oversized"] == 1 for r in rows)
+  trained = nnx.state(checkpoint.restore_model(str(tmp_path / "huge"))[0])
+  assert_trees_close(trained, nnx.state(models.load(TINY)[0]), rtol=0, atol=0)
+  sane = train.train_and_evaluate(tiny_config(tmp_path, train__num_steps=3),
+                                  str(tmp_path / "sane"))
+  assert sane["skipped_steps"] == 0
+  assert all(0 < r["update_ratio"] < 0.1 for r in read_jsonl(tmp_path / "sane" / "metrics.jsonl"))

@@ -26,7 +26,12 @@ Training (the train loop):
   0 on padding. The trained span of a response is its tokens plus the end-of-turn token
   (ChatML: `{content}<|im_end|>`), see formats.py. Resume semantics: pipeline.py (map-style:
   exact, O(1), independent of process count and batch size; streaming: exact, re-reads the
-  epoch's consumed rows, state per process).
+  epoch's consumed rows, state per process). The state carries the sha256 of the data's files: a
+  resume on changed data is refused naming the file (data.allow_changed resumes on it anyway).
+
+  Mixtures (`data.sources`, mixture.py): examples drawn from several sources by weight; batches
+  also hold `source_ids` [B, T] (each token's source); `data.mixture.source_names(config.data)`
+  names them for the step's per-source metrics.
 
 Examples (evaluation, inspection):
   enc = data.Encoder(config.data, tokenizer)
@@ -45,8 +50,9 @@ Bad sources, rows, fields and templates raise `dft_jax.errors.DataError`, bad co
 """
 from dft_jax.data.answers import extract_answer, is_correct, matches_fact, normalize_number
 from dft_jax.data.builtin import BUILTINS, load_builtin
+from dft_jax.data import mixture
 from dft_jax.data.formats import Encoder
 from dft_jax.data.pipeline import make_train_iterator, validate
 
 __all__ = ["BUILTINS", "Encoder", "extract_answer", "is_correct", "load_builtin",
-           "make_train_iterator", "matches_fact", "normalize_number", "validate"]
+           "make_train_iterator", "matches_fact", "mixture", "normalize_number", "validate"]

@@ -145,8 +145,10 @@ class Encoder:
     if value is None:
       raise DataError(f"field {key!r} is missing in {self.locate(index)}")
     if not isinstance(value, str):
-      raise DataError(f"field {key!r} in {self.locate(index)} is {type(value).__name__}, "
-                      "expected a string")
+      where, kind = (self.locate.of_wrong_type(key, index, value)
+                     if hasattr(self.locate, "of_wrong_type")
+                     else (self.locate(index), type(value).__name__))
+      raise DataError(f"field {key!r} in {where} is {kind}, expected a string")
     return value
 
   def _conversation(self, row, index):

@@ -2,7 +2,8 @@
 
 `data.eval_holdout` rows are held out (0: none). None (the default) holds out 5 % of a file's rows,
 at most 100 (under 20 rows: none), and none of builtin: sets (they come with their own test sets,
-eval.in_domain) or of streams (their length is unknown until read). The split belongs to the
+eval.in_domain), of streams (their length is unknown until read) or of a run that trains on a
+mixture (data.sources: data.source is not its data). The split belongs to the
 source, not to the run: a run that does not evaluate leaves the rows out too, so that
 `python -m dft_jax.evaluate --model=RUN_FOLDER` can score them later. Map-style sources hold
 out a fixed random choice of rows (HOLDOUT_SEED: the same rows whatever the run's seed, objective
@@ -16,6 +17,7 @@ import dataclasses
 
 import numpy as np
 
+from dft_jax.data import mixture
 from dft_jax.errors import DataError, check_number
 
 HOLDOUT_SEED = 0
@@ -33,6 +35,8 @@ def holdout_size(data_cfg, num_rows):
   """Rows to hold out of a source of num_rows rows (None: a stream, length unknown)."""
   check(data_cfg)
   n = data_cfg.get("eval_holdout")
+  if mixture.is_mixture(data_cfg):  # data.source is not trained on: none of its rows are held out
+    return 0
   if n is None:
     if num_rows is None or data_cfg.source.startswith("builtin:"):
       return 0

@@ -12,6 +12,7 @@ import sys
 
 from dft_jax import cli
 from dft_jax.data import formats
+from dft_jax.data import mixture
 from dft_jax.data import pipeline
 from dft_jax.data import sources
 from dft_jax.errors import DataError
@@ -30,19 +31,22 @@ def mark_spans(tokenizer, ids, trained, color=False):
 
 
 def report(config, tokenizer, *, num=3, color=False):
-  """The inspection text for `config` (data, train blocks) with `tokenizer`."""
+  """The inspection text for `config` (data, train blocks) with `tokenizer`: the first `num` rows
+  of the source (of each source of a mixture) with their trained spans marked, then the train
+  iterator's summary (a mixture's: each source's weight and share) and its first batch."""
   data_cfg = config.data
-  source = sources.load_source(data_cfg, streaming=data_cfg.streaming)
-  encoder = formats.Encoder(data_cfg, tokenizer, source.locate)
+  mixture.validate(data_cfg)
   opening, closing = MARKS[color]
-  lines = [f"data.source={data_cfg.source} format={data_cfg.format}; trained tokens "
-           f"{opening}marked{closing}"]
-  with source.reading():
-    rows = list(itertools.islice(source.dataset, num))
-  for i, row in enumerate(rows):
-    ids, trained = encoder.encode(row, i)
-    lines += [f"--- {source.locate(i)}: {len(ids)} tokens, {sum(trained)} trained",
-              mark_spans(tokenizer, ids, trained, color)]
+  lines = [f"trained tokens {opening}marked{closing}"]
+  if mixture.is_mixture(data_cfg):
+    for i, (entry, name) in enumerate(zip(data_cfg.sources, mixture.source_names(data_cfg))):
+      cfg = mixture.source_config(data_cfg, entry)
+      lines.append(f"data.sources[{i}] {name}: {cfg.source} format={cfg.format} "
+                   f"weight={entry['weight']:g}")
+      lines += _marked_rows(cfg, tokenizer, num, color)
+  else:
+    lines.append(f"data.source={data_cfg.source} format={data_cfg.format}")
+    lines += _marked_rows(data_cfg, tokenizer, num, color)
   it = pipeline.make_train_iterator(
       data_cfg, tokenizer, seq_len=config.train.seq_len,
       global_batch_size=config.train.global_batch_size, seed=config.train.seed,
@@ -54,6 +58,20 @@ def report(config, tokenizer, *, num=3, color=False):
     lines.append(f"first batch, row {b}: segments of {lengths} tokens, {int((seg == 0).sum())} "
                  f"padding, {int(batch['loss_mask'][b].sum())} loss tokens")
   return "\n".join(lines)
+
+
+def _marked_rows(data_cfg, tokenizer, num, color):
+  """The first `num` rows of data_cfg's source, each as a header line and its marked text."""
+  source = sources.load_source(data_cfg, streaming=data_cfg.streaming)
+  encoder = formats.Encoder(data_cfg, tokenizer, source.locate)
+  with source.reading():
+    rows = list(itertools.islice(source.dataset, num))
+  lines = []
+  for i, row in enumerate(rows):
+    ids, trained = encoder.encode(row, i)
+    lines += [f"--- {source.locate(i)}: {len(ids)} tokens, {sum(trained)} trained",
+              mark_spans(tokenizer, ids, trained, color)]
+  return lines
 
 
 def read_tokenizer(config, tokenizer_dir=None):

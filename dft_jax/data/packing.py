@@ -123,13 +123,17 @@ def plan_epoch(lengths_N, seq_len, rng, packing, max_segments):
   return [order[bins[j]].tolist() for j in rng.permutation(len(bins)).tolist()]
 
 
-def assemble(rows, seq_len, pad_id, max_segments):
+def assemble(rows, seq_len, pad_id, max_segments, sources=None):
   """rows: per row a list of (ids, trained) int arrays -> the batch dict of [B, T] arrays
-  (check_segment_runs against max_segments)."""
+  (check_segment_runs against max_segments). sources: per row the source index of each example
+  (a mixture's): adds `source_ids` [B, T], each token's source (0 on padding, which no loss or
+  token count reads)."""
   shape = (len(rows), seq_len)
   batch = {"tokens": np.full(shape, pad_id, np.int32), "targets": np.full(shape, pad_id, np.int32),
            "loss_mask": np.zeros(shape, np.float32), "segment_ids": np.zeros(shape, np.int32),
            "positions": np.zeros(shape, np.int32)}
+  if sources is not None:
+    batch["source_ids"] = np.zeros(shape, np.int32)
   for b, row in enumerate(rows):
     o = 0
     for s, (ids, trained) in enumerate(row, 1):
@@ -141,6 +145,8 @@ def assemble(rows, seq_len, pad_id, max_segments):
       batch["loss_mask"][b, o:o + n - 1] = trained[1:]
       batch["segment_ids"][b, o:o + n] = s
       batch["positions"][b, o:o + n] = np.arange(n)
+      if sources is not None:
+        batch["source_ids"][b, o:o + n] = sources[b][s - 1]
       o += n
   check_segment_runs(batch["segment_ids"], max_segments)
   return batch

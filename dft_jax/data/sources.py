@@ -6,19 +6,30 @@
   FOLDER                a folder written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk`
   ORG/NAME              a hub dataset (`data.subset` = its config name), split `data.split`
 
-Library errors (missing files, bytes that are not UTF-8, malformed JSON lines, a CSV row with too
-many fields, unreadable parquet, a damaged save_to_disk folder, an offline hub) become one
-`DataError` line naming the file and, where it can be found, the line. Loading a local source sends
-nothing over the network (`datasets`' download-count request is off, see `quiet_datasets`).
+Library errors (missing files, bytes that are not UTF-8, malformed JSON lines, a lone surrogate
+escape, a CSV row with too many fields, unreadable parquet, a damaged save_to_disk folder, an
+offline hub) become one `DataError` line naming the file and, where it can be found, the line.
+Loading a local source sends nothing over the network (`datasets`' download-count request is off,
+see `quiet_datasets`).
+
+Content, not dates: `Source.digests` holds the sha256 of what the rows are read from (each local
+file, the Arrow files of a save_to_disk folder, a built-in set's rows; a hub dataset's
+fingerprint, which follows its revision), read on every load. The cache of a local file's parsed
+rows is keyed on it (`datasets` alone keys it on the file's modification time, so a file changed in
+place with the same time would be read from the cache), and the data iterator saves it with its
+position (pipeline.py) so a resume on changed data is refused naming the file.
 """
+import concurrent.futures
 import contextlib
 import csv
 import dataclasses
 import glob
+import hashlib
 import json
 import logging
 import os
 import pathlib
+import re
 
 import datasets
 import pyarrow as pa
@@ -53,6 +64,18 @@ class RowLocator:
         return f"row {found[1]} of {found[0]}{self.split_note}"
     return f"row {index} of {self.source}{self.split_note}"
 
+  def of_wrong_type(self, key, index, value):
+    """(where, type name) of the row whose field `key` is not a string, for a row `index` whose
+    value arrived as `value`: the JSON reader gives a column one type, so one number among
+    numeric strings turns every row's value into a number; the row that holds the number in the
+    file is the one to name. Falls back to row `index` and the value's type."""
+    if self.builder == "json" and self.renumber is None:
+      for f, row, kind in _json_rows_of(self.files, key):
+        if kind not in ("str", "NoneType"):
+          where = f"row {row} of {f}" if len(self.files) > 1 else f"row {row} of {self.source}"
+          return where + self.split_note, kind
+    return self(index), type(value).__name__
+
 
 @dataclasses.dataclass(frozen=True)
 class Source:
@@ -60,6 +83,8 @@ class Source:
   locate: RowLocator
   files: tuple = ()  # local data files, with their builder
   builder: str = ""
+  # what the rows are read from -> {"sha256": hex, "bytes": size or None} (module docstring)
+  digests: dict = dataclasses.field(default_factory=dict, compare=False)
 
   def read_error(self, e):
     """A library exception raised while reading rows -> DataError."""
@@ -111,7 +136,9 @@ def load_source(data_cfg, *, streaming=False):
 def _builtin(spec):
   from dft_jax.data import builtin  # pylint: disable=g-import-not-at-top
   rows = builtin.load_builtin(spec.removeprefix("builtin:"))
-  return Source(datasets.Dataset.from_list(rows), RowLocator(spec))
+  text = json.dumps(rows, sort_keys=True).encode()
+  digests = {spec: {"sha256": hashlib.sha256(text).hexdigest(), "bytes": None}}
+  return Source(datasets.Dataset.from_list(rows), RowLocator(spec), digests=digests)
 
 
 def _folder(path, split):
@@ -125,11 +152,13 @@ def _folder(path, split):
   except Exception as e:  # pylint: disable=broad-except  (library errors -> one line at the edge)
     raise DataError(f"cannot load save_to_disk folder {path}: "
                     f"{_damaged_file(path) or one_line(e)}") from None
+  note = ""
   if isinstance(ds, datasets.DatasetDict):
     if split not in ds:
       raise DataError(f"{path} has splits {sorted(ds)}; data.split={split!r} is not one of them")
-    return Source(ds[split], RowLocator(path, f" (split {split!r})"))
-  return Source(ds, RowLocator(path))
+    ds, note = ds[split], f" (split {split!r})"
+  digests = file_digests(sorted(f["filename"] for f in ds.cache_files))
+  return Source(ds, RowLocator(path, note), digests=digests)
 
 
 def _files(spec, split, cache_dir, streaming):
@@ -153,15 +182,25 @@ def _files(spec, split, cache_dir, streaming):
   for f in files:
     if os.path.getsize(f) == 0:
       raise DataError(f"{f} is empty")
+  digests = file_digests(files)
   try:
-    with quiet_datasets():
-      ds = datasets.load_dataset(builder, data_files=files, split=split, cache_dir=cache_dir,
-                                 streaming=streaming)
+    ds = load_files(builder, files, digests, split=split, cache_dir=cache_dir, streaming=streaming)
   except Exception as e:  # pylint: disable=broad-except  (library errors -> one line at the edge)
     raise file_error(e, files, builder) from None
   note = "" if split == "train" else f" (split {split!r})"
   locate = RowLocator(spec if len(files) > 1 else files[0], note, tuple(files), builder, cache_dir)
-  return Source(ds, locate, tuple(files), builder)
+  return Source(ds, locate, tuple(files), builder, digests)
+
+
+def load_files(builder, files, digests, *, split="train", cache_dir=None, streaming=False):
+  """`datasets.load_dataset(builder, data_files=files)` with its cache keyed on the files'
+  content: the config name `sha256-...` (part of the cache folder's name) is a digest of
+  `digests` (file_digests of `files`)."""
+  content = hashlib.sha256(json.dumps([digests[f]["sha256"] for f in files]).encode())
+  with quiet_datasets():
+    return datasets.load_dataset(builder, name=f"sha256-{content.hexdigest()[:16]}",
+                                 data_files=list(files), split=split, cache_dir=cache_dir,
+                                 streaming=streaming)
 
 
 def _hub(name, subset, split, cache_dir, streaming):
@@ -173,7 +212,48 @@ def _hub(name, subset, split, cache_dir, streaming):
     raise DataError(f"cannot load hub dataset {name!r} (subset {subset!r}, split {split!r}): "
                     f"{one_line(e)}; without a network, use a local file, a glob or a "
                     "save_to_disk folder") from None
-  return Source(ds, RowLocator(f"hub dataset {name}", f" (split {split!r})"))
+  where = f"hub dataset {name}"
+  fingerprint = None if streaming else ds._fingerprint  # pylint: disable=protected-access
+  digests = {} if streaming else {where: {"sha256": fingerprint, "bytes": None}}  # its revision
+  return Source(ds, RowLocator(where, f" (split {split!r})"), digests=digests)
+
+
+def file_digest(path, size=None):
+  """{"sha256": hex, "bytes": size} of a file's content (of its first `size` bytes, if given)."""
+  digest, left = hashlib.sha256(), os.path.getsize(path) if size is None else size
+  total = left
+  with open(path, "rb") as f:
+    while left > 0:
+      chunk = f.read(min(left, 1 << 24))
+      if not chunk:
+        break
+      digest.update(chunk)
+      left -= len(chunk)
+  return {"sha256": digest.hexdigest(), "bytes": total - left}
+
+
+def content_change(saved, current):
+  """What differs between two `Source.digests` as a phrase naming the file ('FILE was changed',
+  'FILE has N bytes appended', a file gone or new), or None when they are the same."""
+  for name in saved.keys() - current.keys():
+    return f"{name} was part of the data and is gone"
+  for name in current.keys() - saved.keys():
+    return f"{name} is new in the data"
+  for name, old in saved.items():
+    new = current[name]
+    if new["sha256"] == old["sha256"]:
+      continue
+    if (old.get("bytes") is not None and new.get("bytes", 0) > old["bytes"]
+        and file_digest(name, old["bytes"])["sha256"] == old["sha256"]):
+      return f"{name} has {new['bytes'] - old['bytes']} bytes appended (rows added at its end)"
+    return f"{name} was changed (its sha256 differs)"
+  return None
+
+
+def file_digests(paths):
+  """{path: file_digest(path)}, hashed on 8 threads (hashlib releases the GIL)."""
+  with concurrent.futures.ThreadPoolExecutor(8) as pool:
+    return dict(zip(paths, pool.map(file_digest, paths)))
 
 
 def file_error(e, files, builder):
@@ -193,7 +273,7 @@ def file_error(e, files, builder):
 
 def _first_bad_line(path, builder):
   """'line N...: what is wrong' for the first fault of a json / csv / text data file, else None."""
-  checks = {"json": (_first_undecodable_line, _first_bad_json),
+  checks = {"json": (_first_undecodable_line, _first_bad_json, _first_lone_surrogate),
             "csv": (_first_undecodable_line, _first_ragged_csv_row),
             "text": (_first_undecodable_line,)}.get(builder, ())
   return next(filter(None, (check(path) for check in checks)), None)
@@ -240,6 +320,80 @@ def _first_bad_json(path):
   return None
 
 
+_ESCAPE = re.compile(r"\\(?:u([0-9a-fA-F]{4})|.)")
+
+
+def _lone_surrogate_column(line):
+  """The 1-based column of the first `\\uXXXX` escape of a JSON line that is half of a UTF-16
+  surrogate pair without its other half (a high one not followed at once by a low one, or a low
+  one alone), else None. Escapes are read in order, so `\\\\ud800` (an escaped backslash) is
+  none."""
+  pending = None  # (column, end) of a high surrogate waiting for its low half
+  for m in _ESCAPE.finditer(line):
+    code = int(m[1], 16) if m[1] else None
+    is_low = code is not None and 0xDC00 <= code <= 0xDFFF
+    if pending is not None:
+      if is_low and m.start() == pending[1]:
+        pending = None
+        continue
+      return pending[0]
+    if code is not None and 0xD800 <= code <= 0xDBFF:
+      pending = (m.start() + 1, m.end())
+    elif is_low:
+      return m.start() + 1
+  return pending[0] if pending else None
+
+
+def _surrogate_field(value, path=""):
+  """The dotted key of the first string in a JSON value holding a lone surrogate, else None."""
+  if isinstance(value, str):
+    return path if any(0xD800 <= ord(c) <= 0xDFFF for c in value) else None
+  items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(
+      value, list) else ()
+  for key, item in items:
+    found = _surrogate_field(item, f"{path}.{key}" if path else str(key))
+    if found is not None:
+      return found
+  return None
+
+
+def _first_lone_surrogate(path):
+  """The first line of a JSON file holding a lone surrogate escape (`\\ud800`): Python's
+  reader accepts it, Arrow's does not (and says only 'Trailing data at position N'), and it is no
+  character a tokenizer can read."""
+  with open(path, encoding="utf-8") as f:
+    for n, line in enumerate(f, 1):
+      column = _lone_surrogate_column(line)
+      if column is None:
+        continue
+      try:
+        field = _surrogate_field(json.loads(line))
+      except json.JSONDecodeError:  # a line of a JSON document, not a whole value
+        field = None
+      where = f", field {field!r}" if field else ""
+      return (f"line {n}, column {column}{where}: {line[column - 1:column + 5]} is half of a "
+              "UTF-16 surrogate pair without its other half (a lone surrogate), not a character; "
+              "write the character itself or its complete pair")
+  return None
+
+
+def _json_rows_of(files, key):
+  """(file, row within the file, type name of row[key]) of every row of JSON files (lines or a
+  document); type 'NoneType' where the field is missing. Error path only."""
+  from dft_jax.data import formats  # pylint: disable=g-import-not-at-top
+  for f in files:
+    with open(f, encoding="utf-8") as stream:
+      text = stream.read()
+    try:
+      rows = json.loads(text)
+      rows = rows if isinstance(rows, list) else [rows]
+    except json.JSONDecodeError:
+      rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    for row, value in enumerate(rows):
+      field = formats.get_field(value, key) if isinstance(value, dict) else None
+      yield f, row, type(field).__name__
+
+
 def _first_ragged_csv_row(path):
   """The first CSV row with more fields than the header (the reader fills short rows with nulls)."""
   with open(path, encoding="utf-8", newline="") as f:
@@ -273,8 +427,7 @@ def _file_of_row(files, builder, index, cache_dir):
   """(file, row within file) for row `index` of the concatenation of `files`, or None."""
   for f in files:
     try:
-      with quiet_datasets():
-        n = len(datasets.load_dataset(builder, data_files=[f], split="train", cache_dir=cache_dir))
+      n = len(load_files(builder, [f], file_digests([f]), cache_dir=cache_dir))
     except Exception:  # pylint: disable=broad-except  (error path: fall back to the glob)
       return None
     if index < n:

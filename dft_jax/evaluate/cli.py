@@ -53,7 +53,7 @@ def main(argv):
   spec = cli.model_spec()
   evaluator.settings(flags_.config.eval)  # field errors before anything is loaded
   run = checkpoint.is_workdir(spec)
-  model, tokenizer, config = cli.load_model(spec, flags_.config, step=flags_.step)
+  model, tokenizer, config, step = cli.load_model(spec, flags_.config, step=flags_.step)
   if tokenizer is None:
     raise ModelError(f"--model={spec!r} has no tokenizer; evaluation needs one (set "
                      "--config.model.tokenizer to an HF tokenizer folder)")
@@ -66,9 +66,10 @@ def main(argv):
                                   params if base is None else nnx.split(base)[1])
   with cli.phase(f"evaluating {spec}", timed=False):
     results = scorer(params)
-  print(evaluator.format_table(results, f"{spec} (base: {base_name})"), flush=True)
+  scored = spec if step is None else f"{spec} checkpoint step {step}"
+  print(evaluator.format_table(results, f"{scored} (base: {base_name})"), flush=True)
   if flags_.out:
-    write_results(flags_.out, {"model": spec, "base": base_name,
+    write_results(flags_.out, {"model": spec, "step": step, "base": base_name,
                                "settings": evaluator.settings(config.eval), "results": results})
 
 

@@ -54,8 +54,7 @@ from dft_jax import step as step_lib
 from dft_jax.errors import ConfigError
 from dft_jax.experiments import report
 
-HISTORY_KEYS = ("loss", "target_prob", "entropy", "grad_norm", "learning_rate", "loss_tokens",
-                "p_below_0.1", "p_above_0.9", "psft/clip_frac_high", "psft/ratio", "kl_anchor/k3")
+HISTORY_KEYS = ("grad_norm", "learning_rate", "loss_tokens", *objectives.metric_names())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -289,7 +288,8 @@ class Trainer:
 def fresh_state(config, graphdef, params, mesh):
   """step.init_train_state's (TrainState with a fresh optimizer, Frozen, tx, schedule) on
   `params` as they are."""
-  return step_lib.init_train_state(nnx.merge(graphdef, params), config, mesh)[1:]
+  return step_lib.init_train_state(nnx.merge(graphdef, params), config, mesh,
+                                   setting=objectives.validate(config.objective))[1:]
 
 
 def build_trainer(config, graphdef, base_params, mesh, example_batch, compiler):
@@ -298,7 +298,8 @@ def build_trainer(config, graphdef, base_params, mesh, example_batch, compiler):
   def compile_step():
     state, frozen, tx, _ = fresh_state(config, graphdef, base_params, mesh)  # shapes, shardings
     step = step_lib.make_train_step(graphdef, tx, config, mesh, step_lib.shardings_of(state),
-                                    step_lib.shardings_of(frozen))
+                                    step_lib.shardings_of(frozen),
+                                    setting=objectives.validate(config.objective))
     return step.lower(step_lib.abstract_of(state), example_batch,
                       step_lib.abstract_of(frozen)).compile()
 
@@ -519,7 +520,8 @@ def run_study(config, out_dir, *, arm_specs=None, regime_names=None, resume=Fals
 
   mesh = sharding.make_mesh(config.mesh)
   model, tokenizer = models.load_from_config(config.model)
-  graphdef, base_state, _, _, _ = step_lib.init_train_state(model, config, mesh)
+  graphdef, base_state, _, _, _ = step_lib.init_train_state(
+      model, config, mesh, setting=objectives.validate(config.objective))
   runner = Runner(graphdef, base_state.params, mesh, tokenizer, configs, {}, {}, {})
   del model, base_state
   example = step_lib.global_batch(runner.host_batches(names[0], 0)[0], mesh)

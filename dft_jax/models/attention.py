@@ -1,8 +1,10 @@
 """Causal self-attention with packed-segment masking, through `jax.nn.dot_product_attention`.
 
 Shapes: B batch, T query length, S key length, N query heads, K kv heads (N % K == 0, GQA:
-arXiv:2305.13245), H head dim. Softmax(q k^T / sqrt(H)) v, restricted to keys at or before the query
-and in the same segment (documents packed in one row never see each other).
+arXiv:2305.13245), H head dim. Softmax(scale q k^T) v (scale 1/sqrt(H) unless given), restricted to
+keys at or before the query and in the same segment (documents packed in one row never see each
+other), and with a sliding `window` W to the W most recent of those (the query itself and the
+W - 1 before it; Mistral, Gemma 3's local layers; arXiv:2004.05150).
 """
 import functools
 
@@ -36,15 +38,22 @@ def causal_segment_mask(segment_ids_BxT):
   return ((same_BxTxT & causal_TxT) | jnp.eye(t, dtype=bool))[:, None]
 
 
-def attend_masked(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS):
+def in_window(q_pos, k_pos, window):
+  """Whether key position k_pos is among the `window` most recent at query position q_pos
+  (q_pos - k_pos < window; keys after the query are the causal mask's business)."""
+  return q_pos - k_pos < window
+
+
+def attend_masked(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS, scale=None):
   """Attention under an explicit boolean mask (XLA; GQA handled without repeating k/v)."""
   return jax.nn.dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask_Bx1xTxS,
-                                      implementation="xla")
+                                      scale=scale, implementation="xla")
 
 
 def attend(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, *, segment_ids_BxT=None, impl="auto",
-           max_segments=64):
-  """Causal self-attention; with segment_ids_BxT, only within each segment.
+           max_segments=64, scale=None, window=None):
+  """Causal self-attention; with segment_ids_BxT, only within each segment; with window (a
+  static int), only over the `window` most recent keys.
 
   impl: "xla" (explicit mask), "cudnn" (flash attention; packed rows through cuDNN's ragged
   layout), "auto" (see `resolve_impl`). max_segments (config.model.max_segments): static bound on
@@ -54,15 +63,19 @@ def attend(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, *, segment_ids_BxT=None, impl="auto"
   `dft_jax.data.packing.check_segment_runs` refuses any other batch that is not.
   """
   impl = resolve_impl(impl, q_BxTxNxH.dtype)
-  if impl == "xla":
-    if segment_ids_BxT is None:
-      return jax.nn.dot_product_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, is_causal=True,
-                                          implementation="xla")
-    return attend_masked(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, causal_segment_mask(segment_ids_BxT))
+  local_window = None if window is None else (window - 1, 0)  # (left, right) keys beside the query
   if segment_ids_BxT is None:
     return jax.nn.dot_product_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, is_causal=True,
-                                        implementation="cudnn")
-  return _cudnn_packed(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, max_segments)
+                                        scale=scale, local_window_size=local_window,
+                                        implementation=impl)
+  if impl == "xla":
+    mask_Bx1xTxT = causal_segment_mask(segment_ids_BxT)
+    if window is not None:
+      pos_T = jnp.arange(q_BxTxNxH.shape[1])
+      mask_Bx1xTxT &= in_window(pos_T[:, None], pos_T[None, :], window)
+    return attend_masked(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask_Bx1xTxT, scale)
+  return _cudnn_packed(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, max_segments, scale,
+                       window)
 
 
 def segment_runs(segment_ids_BxT, max_segments):
@@ -103,8 +116,10 @@ def _packed_gqa_supported() -> bool:
     return False
 
 
-def _cudnn_packed(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, max_segments):
-  """cuDNN flash attention over packed rows: causal within each run of equal segment ids."""
+def _cudnn_packed(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, max_segments, scale=None,
+                  window=None):
+  """cuDNN flash attention over packed rows: causal within each run of equal segment ids (and
+  within the sliding window, cuDNN's sliding_window_length)."""
   from jax._src.cudnn import fused_attention_stablehlo as fa  # pylint: disable=g-import-not-at-top
   n, k = q_BxTxNxH.shape[2], k_BxTxKxH.shape[2]
   if n != k and not _packed_gqa_supported():
@@ -114,4 +129,5 @@ def _cudnn_packed(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, max_segments
   return fa.dot_product_attention(
       q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, q_seqlen=seqlen_BxM, kv_seqlen=seqlen_BxM,
       q_offsets=offsets_BxM1, kv_offsets=offsets_BxM1,
-      scale=1.0 / float(np.sqrt(q_BxTxNxH.shape[-1])), mask_type=fa.MaskType.PADDING_CAUSAL)
+      scale=1.0 / float(np.sqrt(q_BxTxNxH.shape[-1])) if scale is None else scale,
+      mask_type=fa.MaskType.PADDING_CAUSAL, sliding_window_length=window)

@@ -1,7 +1,9 @@
 """HF <-> decoder parameter mapping, and reading HF folders (config.json + safetensors, tokenizer).
 
 HF Linear weights are [out, in]; ours put the input axes first ([D, N, H] for q_proj, [N, H, D] for
-o_proj) and stack layers on a leading axis. One table drives both directions.
+o_proj) and stack layers on a leading axis (and experts on the next one: HF's per-expert tensors
+model.layers.{i}.mlp.experts.{e}.gate_proj.weight, the layout transformers saves and the hub
+holds). One table drives both directions.
 """
 import json
 import math
@@ -38,7 +40,16 @@ _LAYER = {
     "w_gate": ("model.layers.{i}.mlp.gate_proj.weight", 1),
     "w_up": ("model.layers.{i}.mlp.up_proj.weight", 1),
     "w_down": ("model.layers.{i}.mlp.down_proj.weight", 1),
+    "post_attn_norm": ("model.layers.{i}.post_attention_layernorm.weight", "vector"),
+    "post_mlp_norm": ("model.layers.{i}.post_feedforward_layernorm.weight", "vector"),
+    "router": ("model.layers.{i}.mlp.gate.weight", 1),
+    "experts_gate": ("model.layers.{i}.mlp.experts.{e}.gate_proj.weight", 1),
+    "experts_up": ("model.layers.{i}.mlp.experts.{e}.up_proj.weight", 1),
+    "experts_down": ("model.layers.{i}.mlp.experts.{e}.down_proj.weight", 1),
 }
+# With norms on the attention and MLP outputs (Gemma), HF's post_attention_layernorm is the
+# attention output's and the MLP's input norm is pre_feedforward_layernorm.
+_SANDWICH_MLP_NORM = "model.layers.{i}.pre_feedforward_layernorm.weight"
 # Present in some checkpoints, never used: RoPE buffers of old exports.
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 
@@ -65,16 +76,27 @@ def _to_hf(a, kind, shape):
   return a.reshape(hf_shape) if isinstance(kind, str) else a.reshape(hf_shape[::-1]).T
 
 
+def _layer_template(c: ModelConfig, name: str) -> str:
+  if name == "mlp_norm" and c.sandwich_norms:
+    return _SANDWICH_MLP_NORM
+  return _LAYER[name][0]
+
+
 def _entries(c: ModelConfig):
-  """(path in our params, HF name, kind, our shape) for every parameter, layers unstacked."""
+  """(path in our params, HF name, kind, our shape) for every parameter, layers (and experts)
+  unstacked: path ("layers", name, i) or ("layers", name, i, e)."""
   top = dict(embed=(c.vocab_size, c.hidden_size), final_norm=(c.hidden_size,))
   if not c.tie_word_embeddings:
     top["lm_head"] = (c.hidden_size, c.vocab_size)
   out = [((name,), _TOP[name][0], _TOP[name][1], shape) for name, shape in top.items()]
-  for name, (shape, _) in layer_param_shapes(c).items():
-    template, kind = _LAYER[name]
-    out += [(("layers", name, i), template.format(i=i), kind, shape)
-            for i in range(c.num_layers)]
+  for name, (shape, axes) in layer_param_shapes(c).items():
+    template, kind = _layer_template(c, name), _LAYER[name][1]
+    if axes[0] == "expert":
+      out += [(("layers", name, i, e), template.format(i=i, e=e), kind, shape[1:])
+              for i in range(c.num_layers) for e in range(shape[0])]
+    else:
+      out += [(("layers", name, i), template.format(i=i), kind, shape)
+              for i in range(c.num_layers)]
   return out
 
 
@@ -90,7 +112,9 @@ def params_from_hf(config: ModelConfig, state_dict: Mapping[str, np.ndarray], dt
   if unexpected:
     raise ModelError(f"checkpoint has {len(unexpected)} tensor(s) this {config.model_type} config "
                      f"does not use, e.g. {unexpected[:3]}")
-  pure, layers = {}, {}
+  pure = {}
+  layers = {name: np.empty((config.num_layers, *shape), dtype)
+            for name, (shape, _) in layer_param_shapes(config).items()}
   for path, hf_name, kind, shape in entries:
     if hf_name not in state_dict:
       raise ModelError(f"checkpoint lacks the tensor {hf_name!r}")
@@ -100,10 +124,10 @@ def params_from_hf(config: ModelConfig, state_dict: Mapping[str, np.ndarray], dt
                        f"{_hf_shape(kind, shape)} from config.json")
     a = _to_ours(a, kind, shape).astype(dtype)
     if path[0] == "layers":
-      layers.setdefault(path[1], []).append(a)
+      layers[path[1]][path[2:]] = a
     else:
       pure[path[0]] = a
-  pure["layers"] = {name: np.stack(arrays) for name, arrays in layers.items()}
+  pure["layers"] = layers
   return pure
 
 
@@ -111,7 +135,7 @@ def params_to_hf(config: ModelConfig, pure: dict) -> dict[str, np.ndarray]:
   """HF-named [out, in] tensors from pure-dict params (inverse of params_from_hf)."""
   out = {}
   for path, hf_name, kind, shape in _entries(config):
-    a = pure[path[0]] if len(path) == 1 else pure["layers"][path[1]][path[2]]
+    a = pure[path[0]] if len(path) == 1 else pure["layers"][path[1]][path[2:]]
     out[hf_name] = np.ascontiguousarray(_to_hf(np.asarray(a), kind, shape))
   return out
 

@@ -114,7 +114,8 @@ def decoder_options(model_cfg, lora_cfg=None):
   return dict(param_dtype=model_cfg.param_dtype, compute_dtype=model_cfg.compute_dtype,
               remat=model_cfg.remat, scan_layers=model_cfg.scan_layers,
               attention=model_cfg.attention, max_segments=model_cfg.max_segments,
-              lora=lora_config(lora_cfg))
+              lora=lora_config(lora_cfg),
+              router_aux_loss_coef=model_cfg.get("router_aux_loss_coef"))
 
 
 def tokenizer_for(model_cfg, tokenizer):

@@ -30,6 +30,7 @@ MICRO = {"model_type": "llama", "vocab_size": 32, "hidden_size": 8, "intermediat
 
 
 def micro_model(folder):
+  shutil.rmtree(folder, ignore_errors=True)  # an export replaces its folder whole
   model = Decoder(ModelConfig.from_hf(MICRO), rngs=nnx.Rngs(0))
   export.export_hf(model, None, folder)
   return folder
