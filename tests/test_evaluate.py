@@ -544,12 +544,14 @@ def test_cli_on_a_model_takes_its_settings_from_the_default_config(tmp_path, cap
   assert sum(written["results"]["target_prob_hist"]) > 0
 
 
+@pytest.mark.slow
 def test_python_m_dft_jax_evaluate_runs_the_cli():
   done = subprocess.run([sys.executable, "-m", "dft_jax.evaluate", "--help"], capture_output=True,
                         text=True, timeout=300, check=False)
   assert done.returncode == 0 and "--model" in done.stdout and "eval.math_file=None" in done.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lora", [False, True])
 def test_cli_on_a_run_folder(tmp_path, capsys, lora):
   """--model=RUN: the run's checkpoint, scored with the run's config (its data file, so its

@@ -173,6 +173,7 @@ def test_plan_is_seed_major_and_tunes_on_seed_0():
 ARMS = ("sft=sft", "fixed=dft,lr=2e-3")
 
 
+@pytest.mark.slow
 def test_study_end_to_end(tmp_path):
   """Both regimes, two seeds: seed 0 tunes sft over the grid and runs the fixed arm, seed 1 trains
   sft at the chosen lr; --resume then finds nothing to do and keeps everything."""
@@ -234,6 +235,7 @@ def test_study_end_to_end(tmp_path):
     scanner.run_study(config, out, arm_specs=ARMS, resume=True, log=lambda s: None)
 
 
+@pytest.mark.slow
 def test_budget_stops_before_a_run(tmp_path):
   config = study_config()
   config.study.update(seeds=1, budget_s=1e-3, compilation_cache="", compile_workers=0)
@@ -244,6 +246,7 @@ def test_budget_stops_before_a_run(tmp_path):
   assert "time budget" in regimes["model_strong"]["stopped_early"]
 
 
+@pytest.mark.slow
 def test_command_line_checks_flags_and_replots(tmp_path):
   """Flags reach the config (a bad regime or grid fails before anything loads); --replot rewrites
   the tables of an earlier study from its results.json files."""

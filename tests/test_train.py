@@ -26,6 +26,7 @@ from conftest import FAST_COMPILE
 
 REPO = pathlib.Path(__file__).parent.parent
 TINY = str(REPO / "tests" / "fixtures" / "tiny_llama")
+SLOW = pytest.mark.slow  # the other settings of a parametrised test: the slow tier
 
 
 def write_rows(path, n=64, seed=0):
@@ -107,7 +108,8 @@ def reference_run(objective, rows_path):
 
 
 @pytest.mark.parametrize("objective,layout", [
-    ("dft", dict(data=8)), ("dft", dict(fsdp=8)), ("dft", dict(data=2, tensor=4)),
+    pytest.param("dft", dict(data=8), marks=SLOW), pytest.param("dft", dict(fsdp=8), marks=SLOW),
+    pytest.param("dft", dict(data=2, tensor=4), marks=SLOW),
     ("psft", dict(data=2, fsdp=2, tensor=2))])
 def test_sharded_equals_single_device(rows_dir, objective, layout):
   config, host, (single_metrics, single_params) = reference_run(objective, str(rows_dir))
@@ -133,7 +135,8 @@ def test_params_really_sharded(tmp_path):
   assert adam.count.sharding.spec == jax.sharding.PartitionSpec()
 
 
-@pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean", "sum_norm"])
+@pytest.mark.parametrize("aggregation", [
+    "token_mean", pytest.param("seq_mean", marks=SLOW), pytest.param("sum_norm", marks=SLOW)])
 def test_microbatches_equal_one_big_batch(tmp_path, aggregation):
   base = tiny_config(tmp_path, objective__aggregation=aggregation)
   host = batches(base, 1)
@@ -145,6 +148,7 @@ def test_microbatches_equal_one_big_batch(tmp_path, aggregation):
   assert_trees_close(acc, one)
 
 
+@pytest.mark.slow
 def test_psft_first_update_equals_sft(tmp_path):
   """With K=1 the snapshot is the current policy: r = 1, so PSFT's gradient is SFT's."""
   host = batches(tiny_config(tmp_path), 1)
@@ -153,6 +157,7 @@ def test_psft_first_update_equals_sft(tmp_path):
   assert_trees_close(psft, sft)
 
 
+@pytest.mark.slow
 def test_psft_snapshot_is_held_across_minibatches(tmp_path):
   """K=4 updates against one old_logp: later minibatches see r != 1, so the mean ratio moves and
   the update differs from K=4 updates of SFT."""
@@ -189,6 +194,7 @@ def test_psft_default_updates_per_snapshot_differ_from_sft(tmp_path):
     train.validate_config(tiny_config(tmp_path, objective__name="psft"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("objective,extra", [
     ("sft", {}), ("dft", {}), ("power", {}), ("psft", {}),
     ("sft", {"objective__entropy_coef": 0.01}), ("dft", {"objective__kl_coef": 0.001})])
@@ -337,6 +343,7 @@ def cli_flags(config):
   return list(differences(config, default_config(), "config"))
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one(tmp_path):
   """jax.distributed over 2 CPU processes (one device each, gloo collectives), each reading half of
   the global batch: same losses as one process with the same global batch on 2 devices."""
@@ -365,6 +372,7 @@ def test_two_processes_equal_one(tmp_path):
     np.testing.assert_allclose(b["grad_norm"], a["grad_norm"], rtol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("objective,extra", [
     ("dft", {}), ("psft", {"train__minibatches": 2}), ("eaft", {"objective__kl_coef": 0.05}),
     ("asft", {})])  # asft: the fused head does not fit it, the step takes the checkpointed one
@@ -422,6 +430,7 @@ def run_lora(config, mesh, host_batches):
   return metrics, jax.device_get(state.params), before, jax.device_get(frozen.base)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("objective", ["dft", "psft", "asft"])
 def test_lora_step_moves_adapters_keeps_base_and_uses_the_base_as_reference(tmp_path, objective):
   """Gradients reach the adapters only; with a KL anchor / ASFT the reference is the base with the
@@ -440,6 +449,7 @@ def test_lora_step_moves_adapters_keeps_base_and_uses_the_base_as_reference(tmp_
     assert metrics[1]["asft/kl"] > 0
 
 
+@pytest.mark.slow
 def test_lora_run_resumes_exports_merged_and_peft(tmp_path):
   """The whole job with LoRA: checkpoints hold the adapters, resume continues exactly, the merged
   HF export reproduces the adapted model's logits and the PEFT folder holds the adapters."""
