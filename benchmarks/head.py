@@ -68,7 +68,10 @@ def inputs(config, cfg):
   w = 0.02 * jax.random.normal(key_w, (c.hidden_size, c.vocab_size), jnp.float32)
   logp = -5.0 + rng.normal(size=batch["targets"].shape).astype(np.float32)
   extra = {k: jnp.asarray(logp + rng.normal(scale=0.3, size=logp.shape).astype(np.float32))
-           for k in cfg.needs}
+           for k in cfg.needs & {"old_logp", "ref_logp"}}
+  if "token_key" in cfg.needs:  # OTR's draws: the step's keys of step 0
+    from dft_jax import step as step_lib
+    extra["token_key"] = step_lib.token_keys(0, 0, logp.shape)
   return hidden, w.astype(config.bench.w_dtype), batch, extra
 
 

@@ -37,9 +37,8 @@ def objective(name, **more):
 
 
 # The 1.5B shape on one H200, 4 x 4096 packed, DFT, in priority order. Every JAX row runs
-# dots_attention_saveable and the fused head unless named otherwise; asft and iw_sft ask for the
-# fused head and run the checkpointed one (their lm_head says so): jax/sft/checkpointed is their
-# SFT.
+# dots_attention_saveable and the fused head unless named otherwise (asft and iw_sft, once on
+# the checkpointed head, take the fused one too: h200_objectives compares them with SFT).
 PSFT_K4 = {"objective.name": "psft", "train.minibatches": 4, "train.global_batch_size": 16}
 H200 = [
     ("torch/dft", {**TORCH, "bench.steps": 8, "bench.est_s": 35}),
@@ -60,6 +59,23 @@ H200 = [
     ("jax/sft/checkpointed", {**FAST, **objective("sft"), "model.lm_head_impl": "checkpointed"}),
     ("jax/asft", {**FAST, **objective("asft"), "bench.est_s": 35}),
     ("jax/iw_sft", {**FAST, **objective("iw_sft"), "bench.est_s": 35}),
+]
+
+# Each objective's step time per token against SFT's in one run, the 1.5B shape above (the
+# summary's OBJECTIVE_TARGETS): TALR, OTR at its default 8 samples, ASFT and iw-SFT on the fused
+# head with the reference's forward, iw-SFT and the KL anchor with the reference's log-probabilities
+# precomputed (random ref_logp in the batches, as the data iterator would give). ~4 min.
+KL = {"objective.kl_coef": 0.1}
+PRECOMPUTED = {"objective.ref_logp": "precomputed"}
+H200_OBJECTIVES = [
+    ("jax/sft/fused", {**FAST, **objective("sft"), "bench.est_s": 45}),
+    ("jax/talr/fused", {**FAST, **objective("talr")}),
+    ("jax/otr/fused", {**FAST, **objective("otr")}),
+    ("jax/asft/fused", {**FAST, **objective("asft"), "bench.est_s": 35}),
+    ("jax/iw_sft/fused", {**FAST, **objective("iw_sft"), "bench.est_s": 35}),
+    ("jax/iw_sft/precomputed", {**FAST, **objective("iw_sft"), **PRECOMPUTED}),
+    ("jax/dft_kl/fused", {**FAST, **KL, "bench.est_s": 35}),
+    ("jax/dft_kl/precomputed", {**FAST, **KL, **PRECOMPUTED}),
 ]
 
 # The Qwen2.5-7B shape on one H200, DFT, 4 x 4096 unless named otherwise. LoRA: rank 16 on all
@@ -200,7 +216,7 @@ SMOKE = [
                          "bench.w_dtype": "float32", "bench.compare": True, "bench.xla_flags": "",
                          "bench.est_s": 5}),
     ("jax/dft/over_budget", {**TINY, "model.remat": "best", "bench.est_s": 10 ** 6}),
-    # LoRA rank 4 on a bf16 base, QLoRA nf4, the peft peer, ASFT (the checkpointed head runs)
+    # LoRA rank 4 on a bf16 base, QLoRA nf4, the peft peer, ASFT; OTR and iw-SFT (h200_objectives)
     ("jax/lora4", {**TINY, "lora.rank": 4, "lora.alpha": 8.0, "model.param_dtype": "bfloat16",
                    "model.lm_head_impl": "fused"}),
     ("jax/qlora_nf4", {**TINY, "lora.rank": 4, "lora.alpha": 8.0, "model.param_dtype": "bfloat16",
@@ -208,6 +224,8 @@ SMOKE = [
                        "model.lm_head_impl": "fused"}),
     ("torch/peft", {**TINY, **TORCH, "lora.rank": 4, "lora.alpha": 8.0, "bench.xla_flags": ""}),
     ("jax/asft", {**TINY, **objective("asft"), "model.lm_head_impl": "fused"}),
+    *((name, {**overrides, **TINY}) for name, overrides in H200_OBJECTIVES
+      if overrides.get("objective.name") in ("otr", "iw_sft")),
 ]
 
 # Long rows, one document a row (batch 1; the peers' rows are causal over the whole row too):
@@ -283,6 +301,7 @@ PLANS = {
     "h200_more": H200_MORE,
     "h200_lora": H200_LORA,
     "h200_moe": H200_MOE,
+    "h200_objectives": H200_OBJECTIVES,
     "h200_long": LONG,
     "h200_sampling": SAMPLING,
     "h200_round": ROUND,

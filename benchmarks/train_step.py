@@ -57,6 +57,7 @@ GIB = 2 ** 30
 # train.minibatches) and `model` (the preset's name) are derived.
 KNOBS = {
     "framework": "bench.framework", "objective": "objective.name", "seq_len": "train.seq_len",
+    "kl_coef": "objective.kl_coef", "ref_logp": "objective.ref_logp",
     "minibatches": "train.minibatches", "microbatches": "train.microbatches",
     "remat": "model.remat", "lm_head_chunk": "model.lm_head_chunk", "lm_head": "model.lm_head_impl",
     "w_dtype": "bench.w_dtype", "compare": "bench.compare", "param_dtype": "model.param_dtype",
@@ -294,8 +295,11 @@ def time_train_step(config, mesh, make_model, peak_flops):
                                   step_lib.shardings_of(frozen), setting=setting)
   rng = np.random.default_rng(0)
   rows = config.train.global_batch_size
-  batches = [step_lib.global_batch(packed_rows(rng, rows, seq_len, model_cfg.vocab_size,
-                                               b.doc_len), mesh) for _ in range(2)]
+  host = [packed_rows(rng, rows, seq_len, model_cfg.vocab_size, b.doc_len) for _ in range(2)]
+  if setting.ref_logp == "precomputed":  # what reference_logp.py puts beside the tokens
+    host = [dict(x, ref_logp=-5.0 + rng.normal(size=x["targets"].shape).astype(np.float32))
+            for x in host]
+  batches = [step_lib.global_batch(x, mesh) for x in host]
   t0 = time.perf_counter()
   compiled = step.lower(state, batches[0], frozen).compile()
   compile_s = time.perf_counter() - t0
@@ -754,6 +758,16 @@ VS_SFT_KEYS = ("model", "batch", "seq_len", "remat", "lm_head", "lm_head_chunk",
                "base_quant")
 LORA_PEAK_GIB = 32.0  # a 40 GB card
 LONG_TOKENS = 16384  # rows this long or longer are the long-context table's
+# Objectives with a bound of their own on the step time per token over SFT's: summary key ->
+# (what the record matches: objective and the reference's source, bound).
+OBJECTIVE_TARGETS = {
+    "talr": (dict(objective="talr"), 1.05),
+    "otr": (dict(objective="otr"), 1.15),               # at its default 8 samples
+    "asft": (dict(objective="asft"), 1.38),             # the floor of a reference forward: 1.33
+    "iw_sft": (dict(objective="iw_sft", ref_logp="forward"), 1.36),
+    "iw_sft_precomputed": (dict(objective="iw_sft", ref_logp="precomputed"), 1.05),
+    "kl_anchor_precomputed": (dict(kl_coef=0.1, ref_logp="precomputed"), 1.05),
+}
 # The issues' targets: (summary key, comparison, bound).
 TARGETS = (
     ("dft_mfu", ">=", 0.52),                       # 1.5B, 4 x 4096, DFT
@@ -772,6 +786,7 @@ TARGETS = (
     ("lora_longest_row", ">=", 131072),            # 7B LoRA trains 128k-token rows
     ("sampling_speedup_vs_transformers", ">=", 3.0),  # 1.5B, bf16, 256 rows, 256 + 1024
     ("sampling_bandwidth_fraction", ">=", 0.5),
+    *((f"{key}_per_token_vs_sft", "<=", bound) for key, (_, bound) in OBJECTIVE_TARGETS.items()),
 )
 
 
@@ -825,8 +840,15 @@ def summarize(records):
       vs_sft[r["name"]] = dict(sft=sft[0]["name"], lm_head=r["lm_head"],
                                ratio=per_token(r) / per_token(sft[0]))
   s["step_time_per_token_vs_sft"] = vs_sft
+  for key, (match, _) in OBJECTIVE_TARGETS.items():  # a bound of their own: the slowest record
+    ratios = [x["ratio"] for n, x in vs_sft.items() if first(name=n, **match)]
+    if ratios:
+      s[f"{key}_per_token_vs_sft"] = max(ratios)
+  with_own = {n for n in vs_sft for match, _ in OBJECTIVE_TARGETS.values()
+              if first(name=n, **match)}
   psft_k4 = [x["ratio"] for n, x in vs_sft.items() if first(name=n)["minibatches"] > 1]
-  others = [x["ratio"] for n, x in vs_sft.items() if first(name=n)["minibatches"] == 1]
+  others = [x["ratio"] for n, x in vs_sft.items()
+            if first(name=n)["minibatches"] == 1 and n not in with_own]
   if others:
     s["objective_per_token_vs_sft_max"] = max(others)
   if psft_k4:

@@ -2,7 +2,7 @@
 
   python -m dft_jax.train                                  # this file, CPU-sized
   python -m dft_jax.train --config=configs/default.py:gpu  # same run, GPU-sized
-  python -m dft_jax.train --config.objective.name=psft --config.objective.psft.eps_high=0.3
+  python -m dft_jax.train --config=configs/default.py:psft --config.objective.psft.eps_high=0.3
 
 Variants (the part after ':', comma-separated): cpu (default), gpu, and an objective name to
 switch the objective, e.g. `:psft` or `:gpu,eaft`. The objective block (name, aggregation,
@@ -100,7 +100,8 @@ def get_config(arg=None):
 
   c.optimizer = ml_collections.ConfigDict(dict(
       learning_rate=2e-5,            # peak learning rate (AdamW)
-      schedule="cosine",             # after warmup: cosine | linear | constant
+      schedule="cosine",             # after warmup: cosine | linear | constant | finch (the
+                                     # constant rate scaled by the batch's loss, optimizer.finch)
       warmup_steps=3,                # linear warmup from 0
       min_lr_ratio=0.1,              # final learning rate / peak (cosine, linear)
       weight_decay=0.0,              # AdamW decoupled weight decay
@@ -112,6 +113,12 @@ def get_config(arg=None):
                                      # times their norm (a learning rate far too large; 0: off)
       mu_dtype=placeholder(str),     # AdamW first moment: None (= params) | bfloat16
       nu_dtype=placeholder(str),     # second moment: None (optax.adamw) | bfloat16 (b2 <= 0.99)
+      # FINCH (arXiv 2605.20005): rate = min(learning_rate / sqrt(average loss), max_learning_rate)
+      finch=ml_collections.ConfigDict(dict(
+          ema=0.9,                   # moving-average coefficient of the batch losses
+          max_learning_rate=5e-5,    # cap of the rate
+          initial_loss=placeholder(float),  # the average's start (None: the first batch's loss)
+      )),
   ))
 
   c.train = ml_collections.ConfigDict(dict(
@@ -146,8 +153,11 @@ def get_config(arg=None):
       after=True,                    # evaluate the trained model
       suites="auto",                 # holdout,in_domain,math,forgetting,target_probs; auto:
                                      # holdout (a held-out split exists), in_domain (training on
-                                     # builtin:arith*), math (math_file set), forgetting
-      in_domain="builtin:arith_test",  # in_domain set: rows {prompt, answer, response}
+                                     # builtin:arith*), math (math_file set), forgetting;
+                                     # none: only eval.sets
+      in_domain="builtin:arith_test",  # in_domain set: rows {prompt, answer, response}; any set
+                                     # is SOURCE[,FIELD=VALUE...] with its own fields, e.g.
+                                     # my_test.jsonl,prompt_field=question (docs/evaluation.md)
       num_examples=24,               # in_domain problems
       max_new_tokens=96,             # reply length, in_domain and forgetting's general prompts
       samples=1,                     # replies per problem; > 1: avg@k / pass@k at temperature
@@ -169,6 +179,12 @@ def get_config(arg=None):
       batch_size=32,                 # rows per generation batch
       forced_batch_size=8,           # rows per teacher-forced batch
       progress=True,                 # progress bars
+      sets=ml_collections.FieldReference((), field_type=object),  # your own sets, each
+                                     # NAME=SOURCE,kind=answers|forced|kl[,FIELD=VALUE...]
+                                     # (prompt_field, answer_field, format, ...), several joined
+                                     # by ';' (or a tuple): scored after the suites, under NAME
+      every_steps=0,                 # also evaluate every this many steps while training (0: only
+                                     # before and after)
   ))
 
   c.log = ml_collections.ConfigDict(dict(
@@ -176,6 +192,16 @@ def get_config(arg=None):
       progress=True,                 # the progress bar
       jsonl=True,                    # metrics.jsonl in the run folder
       tensorboard=True,              # TensorBoard files in the run folder
+  ))
+  # Weights & Biases beside them (pip install wandb): the same metric names, the full config.
+  c.log.wandb = ml_collections.ConfigDict(dict(
+      enabled=False,                 # log the run to W&B too
+      project="dft_jax",             # W&B project
+      entity=placeholder(str),       # W&B team or user (None: your default)
+      name=placeholder(str),         # run name (None: the run folder's name)
+      tags=(),                       # run tags (several: a,b)
+      mode="online",                 # online | offline (only the run folder's wandb/, for
+                                     # `wandb sync`)
   ))
 
   for v in variants:
@@ -199,4 +225,9 @@ def get_config(arg=None):
     else:
       raise ValueError(f"configs/default.py: unknown variant {v!r}; expected cpu, gpu or one of "
                        f"{', '.join(objectives.OBJECTIVES)}")
+  if "old_logp" in objectives.OBJECTIVES[c.objective.name].needs:
+    # PSFT: several updates per policy snapshot, as the paper's 8 minibatches of each global batch
+    # (arXiv 2508.17784); one would make it SFT. One row per update at most keeps the CPU's memory.
+    c.train.minibatches = min(8, c.train.global_batch_size)
+    c.train.microbatches = 1
   return c

@@ -105,7 +105,8 @@ def define_config(argv, default=config_files.DEFAULT, help_text="config file[:va
   inside it or an override naming no field becomes one line (ConfigError) instead of a traceback.
   """
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  _forget_flags(["config"])
+  argv[:] = config_files.resolve_config_args(argv)  # configs/ from any folder (the same list
+  _forget_flags(["config"])                          # is parsed again by `run`)
   _state["config_file"] = default
   argv = [a for a in argv if a not in HELP_FLAGS]
   try:

@@ -1,10 +1,29 @@
-"""The config files (configs/*.py), loaded by path as ml_collections' `--config=FILE[:ARG]` does."""
+"""The config files (configs/*.py), loaded by path as ml_collections' `--config=FILE[:ARG]` does.
+
+They are the clone's configs/ folder, or, in an installed package, dft_jax/configs (the same
+files); `--config=configs/NAME.py[:variant]` names them from any folder (resolve_config_args).
+"""
 import importlib.util
 import os
 
-CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+CONFIGS_DIR = (os.path.join(_PACKAGE, "configs") if os.path.isdir(os.path.join(_PACKAGE, "configs"))
+               else os.path.join(os.path.dirname(_PACKAGE), "configs"))  # installed, else a clone
 DEFAULT = os.path.join(CONFIGS_DIR, "default.py")  # the main job's config
 STUDY = os.path.join(CONFIGS_DIR, "study.py")      # the scanner study's
+
+
+def resolve_config_args(argv):
+  """argv with `--config=configs/FILE[:ARG]` pointing at CONFIGS_DIR when no such file is where
+  the command runs (another folder, or an installed package)."""
+  out = []
+  for arg in argv:
+    if arg.startswith("--config=configs/"):
+      path, colon, variant = arg.removeprefix("--config=").partition(":")
+      if not os.path.exists(path):
+        arg = f"--config={os.path.join(CONFIGS_DIR, path.removeprefix('configs/'))}{colon}{variant}"
+    out.append(arg)
+  return out
 
 
 def load(path, arg=None):
@@ -45,15 +64,18 @@ def file_field_docs(path):
   the line that defines it (`name=value,  # meaning`, the same for every field of that line),
   continued by comment-only lines indented past the field names, or, for a field without one, the comment-only
   lines just above it. Sections are the `c.<section> = ml_collections.ConfigDict(dict(...))`
-  blocks; fields are the keyword arguments of their dict(...)."""
+  blocks (and `c.<section>.<sub> = ...` ones, whose fields are section.sub.field); fields are the
+  keyword arguments of their dict(...)."""
   import tokenize  # pylint: disable=g-import-not-at-top
   docs, section, pending, last, column = {}, None, [], [], None
   for tokens, depth in _lines(path):
     text = [t.string for t in tokens]
     comment = tokens[-1] if tokens[-1].type == tokenize.COMMENT else None
     note = comment.string.lstrip("#").strip() if comment else ""
-    if depth == 0 and text[:2] == ["c", "."] and len(text) > 3 and text[3] == "=":
-      section = text[2]
+    path = text[2:text.index("=")] if "=" in text else []
+    if (depth == 0 and text[:2] == ["c", "."] and path  # c.section = or c.section.sub =
+        and all(t == "." if i % 2 else t.isidentifier() for i, t in enumerate(path))):
+      section = "".join(path)
     fields, d = [], depth
     for i, tok in enumerate(tokens):  # keyword arguments at depth 2: c.x = ConfigDict(dict(...))
       if (d == 2 and tok.type == tokenize.NAME and i + 1 < len(tokens) and text[i + 1] == "="

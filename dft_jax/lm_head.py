@@ -107,6 +107,40 @@ def kl_from_ref(logp_xV, ref_logp_xV):
   return jnp.sum(jnp.exp(ref_logp_xV) * (ref_logp_xV - logp_xV), axis=-1)
 
 
+def token_uniforms(token_key_x, num):
+  """[x, num] float32 uniforms in [0, 1) from per-token PRNG keys (token_key_x: [x, 2] uint32 key
+  data): each token's draws depend on its key alone."""
+  keys = jax.random.wrap_key_data(token_key_x.reshape(-1, token_key_x.shape[-1]))
+  draws = jax.vmap(lambda key: jax.random.uniform(key, (num,), jnp.float32))(keys)
+  return draws.reshape(*token_key_x.shape[:-1], num)
+
+
+def sample_tokens(logp_xV, uniforms_xK, temperature=1.0):
+  """[x, K] token ids drawn from softmax(logp / temperature) by inverse CDF, one per uniform.
+
+  Two levels, so that nothing longer than a block is summed in sequence: the probability mass of
+  each block of TOPK_BLOCK vocabulary entries (one pass over the distribution), the block where
+  u * total falls in the cumulative block masses, then the entry within that block. Exact up to
+  float32 rounding of the masses; a zero-probability entry is never drawn."""
+  vocab = logp_xV.shape[-1]
+  num_blocks = -(-vocab // TOPK_BLOCK)
+  q_xV = jax.nn.softmax(logp_xV.astype(jnp.float32) / temperature, axis=-1)
+  pad = [(0, 0)] * (q_xV.ndim - 1) + [(0, num_blocks * TOPK_BLOCK - vocab)]
+  blocks_xBxE = jnp.pad(q_xV, pad).reshape(*q_xV.shape[:-1], num_blocks, TOPK_BLOCK)
+  mass_xB = blocks_xBxE.sum(-1)
+  cum_xB = jnp.cumsum(mass_xB, axis=-1)
+  point_xK = uniforms_xK * cum_xB[..., -1:]
+  block_xK = jnp.minimum(jnp.sum(cum_xB[..., None, :] <= point_xK[..., None], axis=-1),
+                         num_blocks - 1)
+  before_xK = jnp.take_along_axis(cum_xB - mass_xB, block_xK, axis=-1)
+  entries_xKxE = jnp.take_along_axis(blocks_xBxE, block_xK[..., None], axis=-2)
+  inside_xKxE = jnp.cumsum(entries_xKxE, axis=-1)
+  last_xK = jnp.max(jnp.where(entries_xKxE > 0, jnp.arange(TOPK_BLOCK), 0), axis=-1)
+  entry_xK = jnp.minimum(
+      jnp.sum(inside_xKxE <= (point_xK - before_xK)[..., None], axis=-1), last_xK)
+  return block_xK * TOPK_BLOCK + entry_xK
+
+
 # d statistic / d logits of one token, [x, V] (fused_loss forms d loss / d logits from them).
 
 
@@ -187,19 +221,22 @@ def needs_reference(stats):
   return any(stat.needs_reference for stat in stats)
 
 
-def _side_inputs(stat, reference_xV, extra_x):
-  """The keyword arguments of stat.fn / stat.logits_grad besides the distribution."""
-  return {name: reference_xV if name == "reference" else extra_x[name] for name in stat.side}
+def _side(ref_logits_xV, extra_x):
+  """The per-token side inputs of one chunk: extra_x, and "reference" (the reference's
+  log-softmax, no gradient) when the reference's logits are given."""
+  side_x = dict(extra_x or {})
+  if ref_logits_xV is not None:
+    side_x["reference"] = jax.lax.stop_gradient(log_softmax(ref_logits_xV))
+  return side_x
 
 
-def _statistics(logits_xV, targets_x, stats, ref_logits_xV=None, extra_x=None):
+def _statistics(logits_xV, targets_x, stats, side_x):
   logp_xV = log_softmax(logits_xV)
-  ref_logp_xV = None if ref_logits_xV is None else jax.lax.stop_gradient(log_softmax(ref_logits_xV))
   out = {}
   for stat in stats:
     source_xV = logits_xV if stat.from_logits else logp_xV
     source_xV = source_xV if stat.gradient else jax.lax.stop_gradient(source_xV)
-    out[stat.name] = stat.fn(source_xV, targets_x, **_side_inputs(stat, ref_logp_xV, extra_x))
+    out[stat.name] = stat.fn(source_xV, targets_x, **{n: side_x[n] for n in stat.side})
   return out
 
 
@@ -234,7 +271,7 @@ def token_stats_naive(hidden_BxTxD, w_DxV, targets_BxT, *, compute_dtype=None,
   ref_logits_BxTxV = None
   if needs_reference(stats):
     ref_logits_BxTxV = _logits(ref_hidden_BxTxD.astype(dtype), ref_w_DxV.astype(dtype))
-  return _statistics(logits_BxTxV, targets_BxT, stats, ref_logits_BxTxV, extra_BxT)
+  return _statistics(logits_BxTxV, targets_BxT, stats, _side(ref_logits_BxTxV, extra_BxT))
 
 
 def _chunking(shape, chunk_size):
@@ -282,7 +319,8 @@ def token_stats(hidden_BxTxD, w_DxV, targets_BxT, *, chunk_size=1024, compute_dt
   def chunk_stats(weights, hidden_BxCxD, targets_BxC, ref_hidden_BxCxD, extra_BxC):
     w_DxV, ref_w_DxV = weights
     ref_logits = _logits(ref_hidden_BxCxD, ref_w_DxV) if with_ref else None
-    return _statistics(_logits(hidden_BxCxD, w_DxV), targets_BxC, stats, ref_logits, extra_BxC)
+    return _statistics(_logits(hidden_BxCxD, w_DxV), targets_BxC, stats,
+                       _side(ref_logits, extra_BxC))
 
   weights = (w_DxV.astype(dtype), jax.lax.stop_gradient(ref_w_DxV).astype(dtype) if with_ref
              else None)
@@ -300,16 +338,15 @@ def token_stats(hidden_BxTxD, w_DxV, targets_BxT, *, chunk_size=1024, compute_dt
 
 
 def fused_capable(stat):
-  """Whether fused_loss takes the statistic: a gate, or one with a closed-form logits_grad and no
-  reference distribution."""
-  return (not stat.gradient or stat.logits_grad is not None) and not stat.needs_reference
+  """Whether fused_loss takes the statistic: a gate, or one with a closed-form logits_grad."""
+  return not stat.gradient or stat.logits_grad is not None
 
 
 def _check_fused(stats):
   for stat in stats:
     if not fused_capable(stat):
       raise ConfigError(f"lm_head statistic {stat.name!r} is not available in fused_loss (it "
-                        "needs a reference model, or has no logits_grad); token_stats has it")
+                        "has no logits_grad); token_stats has it")
 
 
 def _read_with_gradient(fn, values, names):
@@ -323,7 +360,7 @@ def _read_with_gradient(fn, values, names):
   return tuple(name for name in names if id(var_of[name]) in read)
 
 
-def _logits_cotangent(logits_xV, targets_x, stats, stats_x, cotangents_x, extra_x):
+def _logits_cotangent(logits_xV, targets_x, stats, stats_x, cotangents_x, side_x):
   """d loss / d logits = sum_s (d loss / d s) (d s / d logits) over the statistics s with a
   gradient (cotangents_x: {name: d loss / d s per token}), float32."""
   logp_xV = log_softmax(logits_xV)
@@ -332,13 +369,14 @@ def _logits_cotangent(logits_xV, targets_x, stats, stats_x, cotangents_x, extra_
   for name, cotangent_x in cotangents_x.items():
     stat = by_name[name]
     jacobian_xV = stat.logits_grad(logp_xV, targets_x, stats_x[name],
-                                   **_side_inputs(stat, None, extra_x))
+                                   **{n: side_x[n] for n in stat.side})
     dlogits_xV = dlogits_xV + cotangent_x[..., None] * jacobian_xV
   return dlogits_xV
 
 
 def fused_loss(hidden_BxTxD, w_DxV, targets_BxT, *, per_token_loss, weights_BxT,
-               stats=DEFAULT_STATS, extra_BxT=None, chunk_size=1024, compute_dtype=None):
+               stats=DEFAULT_STATS, extra_BxT=None, ref_hidden_BxTxD=None, ref_w_DxV=None,
+               chunk_size=1024, compute_dtype=None):
   """(loss, stats): loss = sum_t [weights_t > 0] weights_t * per_token_loss(values)_t, a float32
   scalar whose gradient w.r.t. hidden and w is formed in the forward pass, and the per-token
   statistics {name: float32 [B, T]} (values only: no gradient flows through them).
@@ -346,7 +384,8 @@ def fused_loss(hidden_BxTxD, w_DxV, targets_BxT, *, per_token_loss, weights_BxT,
   Chunk by chunk (chunks as in token_stats), the forward computes the logits (compute dtype,
   float32 accumulation), the statistics (float32), g_s = d loss / d s per token by jax.vjp of
   per_token_loss, dlogits = sum_s g_s * d s / d logits (Statistic.logits_grad; cast to the compute
-  dtype), and accumulates dW += h^T dlogits (float32) and dh = dlogits W^T: three matmuls a chunk.
+  dtype), and accumulates dW += h^T dlogits (float32) and dh = dlogits W^T: three matmuls a chunk,
+  a fourth (forward only) for the reference's logits when a statistic compares with it.
   The backward pass (jax.custom_vjp) scales dh and dW by the loss's cotangent.
 
   per_token_loss: values -> float32 per-token loss, values = the statistics and extra_BxT as
@@ -360,25 +399,32 @@ def fused_loss(hidden_BxTxD, w_DxV, targets_BxT, *, per_token_loss, weights_BxT,
     with a closed-form logits_grad.
   extra_BxT: {name: [B, T, ...]} per-token inputs without gradient (old_logp, ref_logp, the side
     inputs of the statistics, ...).
+  ref_hidden_BxTxD, ref_w_DxV: the reference model's, for statistics that compare with it
+    (kl_from_ref): its chunk's logits are formed beside the model's, without gradient, never
+    kept.
   chunk_size, compute_dtype: as in token_stats. The logits are held in the compute dtype (bf16
     logits with float32 softmax statistics, as fused linear-cross-entropy kernels do).
   """
   stats, extra_BxT = resolve(stats), dict(extra_BxT or {})
   _check_fused(stats)
-  _check_stats(stats, w_DxV.shape[-1], None, None, extra_BxT)
+  _check_stats(stats, w_DxV.shape[-1], ref_hidden_BxTxD, ref_w_DxV, extra_BxT)
   split, merge = _chunking(hidden_BxTxD.shape, chunk_size)
   dtype = jnp.dtype(compute_dtype or hidden_BxTxD.dtype)
   hidden_dtype, w_dtype = hidden_BxTxD.dtype, w_DxV.dtype
 
-  def scan_chunks(hidden_BxTxD, w_DxV, targets_BxT, weights_BxT, extra_BxT, form_gradient):
+  def scan_chunks(hidden_BxTxD, w_DxV, targets_BxT, weights_BxT, extra_BxT, reference,
+                  form_gradient):
     """(loss, stats_BxT, dh_BxTxD, dw_DxV); the last two None unless form_gradient."""
     w_c = w_DxV.astype(dtype)
+    ref_w_c = None if reference is None else reference[1].astype(dtype)
 
     def chunk(carry, xs):
       loss, dw_DxV = carry
-      hidden_BxCxD, targets_BxC, weights_BxC, extra_BxC = xs
+      hidden_BxCxD, targets_BxC, weights_BxC, extra_BxC, ref_hidden_BxCxD = xs
       logits_BxCxV = _logits(hidden_BxCxD, w_c, dtype)
-      stats_BxC = _statistics(logits_BxCxV, targets_BxC, stats, extra_x=extra_BxC)
+      ref_logits = None if reference is None else _logits(ref_hidden_BxCxD, ref_w_c)
+      side_BxC = _side(ref_logits, extra_BxC)
+      stats_BxC = _statistics(logits_BxCxV, targets_BxC, stats, side_BxC)
 
       def token_losses(differentiable):
         values = {**stats_BxC, **differentiable, **extra_BxC}
@@ -394,7 +440,7 @@ def fused_loss(hidden_BxTxD, w_DxV, targets_BxT, *, per_token_loss, weights_BxT,
       cotangents = jax.tree.map(lambda g: jnp.where(weights_BxC > 0, g, 0.0),
                                 vjp(jnp.ones_like(losses_BxC))[0])
       dlogits_BxCxV = _logits_cotangent(logits_BxCxV, targets_BxC, stats, stats_BxC,
-                                        cotangents, extra_BxC).astype(dtype)
+                                        cotangents, side_BxC).astype(dtype)
       dw_DxV = dw_DxV + jnp.einsum("bcd,bcv->dv", hidden_BxCxD, dlogits_BxCxV,
                                    preferred_element_type=jnp.float32)
       dh_BxCxD = jnp.einsum("bcv,dv->bcd", dlogits_BxCxV, w_c,
@@ -403,29 +449,35 @@ def fused_loss(hidden_BxTxD, w_DxV, targets_BxT, *, per_token_loss, weights_BxT,
 
     dw_DxV = jnp.zeros(w_DxV.shape, jnp.float32) if form_gradient else None
     xs = (split(hidden_BxTxD.astype(dtype)), split(targets_BxT), split(weights_BxT),
-          {k: split(v) for k, v in extra_BxT.items()})
+          {k: split(v) for k, v in extra_BxT.items()},
+          None if reference is None else split(reference[0].astype(dtype)))
     (loss, dw_DxV), (stats_chunks, dh_chunks) = jax.lax.scan(chunk, (jnp.float32(0.0), dw_DxV),
                                                              xs)
     stats_BxT = {name: merge(v) for name, v in stats_chunks.items()}
     return loss, stats_BxT, None if dh_chunks is None else merge(dh_chunks), dw_DxV
 
   @jax.custom_vjp
-  def head(hidden_BxTxD, w_DxV, targets_BxT, weights_BxT, extra_BxT):
-    return scan_chunks(hidden_BxTxD, w_DxV, targets_BxT, weights_BxT, extra_BxT, False)[:2]
+  def head(hidden_BxTxD, w_DxV, targets_BxT, weights_BxT, extra_BxT, reference):
+    return scan_chunks(hidden_BxTxD, w_DxV, targets_BxT, weights_BxT, extra_BxT, reference,
+                       False)[:2]
 
-  def head_forward(hidden_BxTxD, w_DxV, targets_BxT, weights_BxT, extra_BxT):
+  def head_forward(hidden_BxTxD, w_DxV, targets_BxT, weights_BxT, extra_BxT, reference):
     loss, stats_BxT, dh_BxTxD, dw_DxV = scan_chunks(hidden_BxTxD, w_DxV, targets_BxT,
-                                                    weights_BxT, extra_BxT, True)
+                                                    weights_BxT, extra_BxT, reference, True)
     return (loss, stats_BxT), (dh_BxTxD, dw_DxV)
 
   def head_backward(gradients, cotangents):
     dh_BxTxD, dw_DxV = gradients
     g = cotangents[0]  # the statistics' cotangents are zero: they are returned without gradient
     return ((g * dh_BxTxD.astype(jnp.float32)).astype(hidden_dtype),
-            (g * dw_DxV).astype(w_dtype), None, None, None)
+            (g * dw_DxV).astype(w_dtype), None, None, None, None)
 
   head.defvjp(head_forward, head_backward)
   extra_BxT = {k: jax.lax.stop_gradient(v) for k, v in extra_BxT.items()}
+  reference = None
+  if needs_reference(stats):
+    reference = jax.lax.stop_gradient((ref_hidden_BxTxD, ref_w_DxV))
   loss, stats_BxT = head(hidden_BxTxD, w_DxV, targets_BxT,
-                         jax.lax.stop_gradient(jnp.asarray(weights_BxT, jnp.float32)), extra_BxT)
+                         jax.lax.stop_gradient(jnp.asarray(weights_BxT, jnp.float32)), extra_BxT,
+                         reference)
   return loss, jax.lax.stop_gradient(stats_BxT)

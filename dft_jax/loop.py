@@ -118,7 +118,7 @@ def run_progress(earlier, history):
 
 
 def train_loop(state, train_step, batches, *, num_steps, record, frozen=None,
-               save=None, checkpoint_every=0, stop=None):
+               save=None, checkpoint_every=0, stop=None, evaluate=None, evaluate_every=0):
   """Runs `train_step` from step state.step + 1 through num_steps; returns the last state.
 
   batches: iterator of (global batch, position where it starts in the data or None).
@@ -128,6 +128,8 @@ def train_loop(state, train_step, batches, *, num_steps, record, frozen=None,
   save(step, state): writes a checkpoint every `checkpoint_every` steps and at the last step.
   stop(step) -> bool: asked after every step; True saves a checkpoint (if `save`) and returns
     early (the returned state's step tells where it stopped).
+  evaluate(step, state): every `evaluate_every` steps but the last (the caller evaluates the
+    result), once the step's metrics are recorded.
   """
   pending = None
   for step in range(int(state.step) + 1, num_steps + 1):
@@ -141,6 +143,12 @@ def train_loop(state, train_step, batches, *, num_steps, record, frozen=None,
       record(*pending)
       pending = None
       save(step, state)
+    if (evaluate is not None and evaluate_every and step % evaluate_every == 0
+        and step < num_steps and not stopping):
+      if pending is not None:
+        record(*pending)
+        pending = None
+      evaluate(step, state)
     if stopping:
       break
   if pending is not None:

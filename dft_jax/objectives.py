@@ -93,8 +93,8 @@ def positive(default, doc="", fn_arg=True):
   return Hparam(default, "a finite number > 0", lambda v: _real(v) and v > 0, doc, fn_arg)
 
 
-def nonnegative(default, doc=""):
-  return Hparam(default, "a finite number >= 0", lambda v: _real(v) and v >= 0, doc)
+def nonnegative(default, doc="", fn_arg=True):
+  return Hparam(default, "a finite number >= 0", lambda v: _real(v) and v >= 0, doc, fn_arg)
 
 
 def unit_interval(default, doc=""):
@@ -124,9 +124,14 @@ class Objective:
   inputs: hparams -> {keyword of fn: lm_head.Statistic}: the generic ones (lm_head.LOGP,
     ENTROPY, KL_FROM_REF) or the record's own (gates with gradient=False, closed-form
     logits_grad for the fused head).
-  needs: a subset of NEEDS; each arrives as keyword(s) of fn and metrics.
+  needs: a subset of NEEDS that fn reads; each arrives as keyword(s) of fn and metrics (the side
+    inputs of its statistics, e.g. token_key, are needs of the Setting without being fn's).
   metrics: same arguments as fn -> {name: per-token value}, reported as "<objective>/<name>".
   doc: one line for --help and the README: formula and source.
+  sequence_gate: for an objective whose per-token loss scales by a factor of the whole sequence
+    (dft_seq, iw_sft): (logp, **what fn would take) -> that factor per token, computed without
+    gradient from whole rows; fn is then fn(logp, *, sequence_gate), elementwise (so the fused
+    head takes it: the step computes the gate from a forward-only pass of the head first).
   """
   fn: Callable
   doc: str
@@ -134,6 +139,7 @@ class Objective:
   inputs: Callable = _no_inputs
   needs: tuple = ()
   metrics: Callable | None = None
+  sequence_gate: Callable | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,17 +242,22 @@ def sequence_log_prob(logp_BxT, loss_mask_BxT=None, segment_ids_BxT=None):
   return segment_totals(logp, segment_ids_BxT)
 
 
-def dft_seq(logp, *, loss_mask, segment_ids):
-  """DFT, sequence level (arXiv 2508.05629): -sg(pi(y|x)) * log p_t, pi(y|x) = exp(sum of logp over
-  the loss tokens of t's segment). Rows are the sequences if segment_ids is None.
+def gated_nll(logp, *, sequence_gate):
+  """-sg(g_s) * log p_t: the per-token part of an objective with a sequence gate (its record's
+  sequence_gate gives g_s). Gradient wrt logits: g_s (softmax - onehot)."""
+  return -jax.lax.stop_gradient(_f32(sequence_gate)) * _f32(logp)
+
+
+def dft_seq_gate(logp, *, loss_mask, segment_ids):
+  """DFT, sequence level (arXiv 2508.05629): -sg(pi(y|x)) * log p_t (gated_nll with this gate),
+  pi(y|x) = exp(sum of logp over the loss tokens of t's segment). Rows are the sequences if
+  segment_ids is None.
 
   Unstable by design (kept to show it): pi(y|x) underflows in float32 once the response's summed
   logp is below about -87 (-104 counting subnormals), and such segments then get loss and
   gradient exactly 0 (finite): long responses stop training.
   """
-  logp = _f32(logp)
-  seq_logp = sequence_log_prob(logp, loss_mask, segment_ids)
-  return -jax.lax.stop_gradient(jnp.exp(seq_logp)) * logp
+  return jnp.exp(sequence_log_prob(logp, loss_mask, segment_ids))
 
 
 def dft_seq_metrics(logp, *, loss_mask, segment_ids):
@@ -490,19 +501,20 @@ def iw_weight_log(logp, ref_logp, loss_mask, segment_ids, temp, w_max):
   return jnp.minimum(temp * mean, math.log(w_max)), mean
 
 
-def iw_sft(logp, *, ref_logp, loss_mask, segment_ids, temp, w_max):
+def iw_sft_gate(logp, *, ref_logp, loss_mask, segment_ids, temp, w_max):
   """iw-SFT, importance-weighted SFT (arXiv 2507.12856; authors' code emmyqin/iw_sft,
   bounding_trainers.py IwSFTLoss with the call site's temp=1.0, sum_over_time=True):
 
     -sg(w_s) * log p_t,   w_s = min(exp(temp * mean_{t in s}(log p_t - log p_ref,t)), w_max),
 
-  a per-sequence weight: the length-normalised ratio of the current policy to the frozen initial
-  model (the reference, not a lagging snapshot) on the sequence's tokens, clipped at w_max = 16.
-  Gradient wrt logits: w_s (softmax - onehot). Sequences are segments of packed rows (rows without
-  segment ids); the authors' code has one sequence a row.
+  (gated_nll with this gate w_s) a per-sequence weight: the length-normalised ratio of the
+  current policy to the frozen initial model (the reference, not a lagging snapshot) on the
+  sequence's tokens, clipped at w_max = 16. Gradient wrt logits: w_s (softmax - onehot).
+  Sequences are segments of packed rows (rows without segment ids); the authors' code has one
+  sequence a row. ref_logp may be precomputed once (objective.ref_logp='precomputed').
   """
   log_w, _ = iw_weight_log(logp, ref_logp, loss_mask, segment_ids, temp, w_max)
-  return -jnp.exp(log_w) * _f32(logp)
+  return jnp.exp(log_w)
 
 
 def iw_sft_metrics(logp, *, ref_logp, loss_mask, segment_ids, temp, w_max):
@@ -510,6 +522,127 @@ def iw_sft_metrics(logp, *, ref_logp, loss_mask, segment_ids, temp, w_max):
   log_w, mean = iw_weight_log(logp, ref_logp, loss_mask, segment_ids, temp, w_max)
   return {"weight": jnp.exp(log_w), "log_ratio": mean,
           "clipped": log_w >= math.log(w_max), **gate_metrics(jnp.exp(log_w))}
+
+
+# TALR: p_t is clamped below at this before the power, and the weight at TALR's floor (both from
+# the re-implementation in shankarp8/distillation-retains-capabilities, objectives.talr_loss).
+TALR_MIN_PROB = 1e-6
+
+
+def talr_weight(logp, tau, floor):
+  """TALR's token weight sg(max(p_t ** (1 / tau), floor)), p_t clamped at TALR_MIN_PROB."""
+  logp = jnp.maximum(jax.lax.stop_gradient(_f32(logp)), math.log(TALR_MIN_PROB))
+  return jnp.maximum(jnp.exp(logp / tau), floor)
+
+
+def talr(logp, *, tau, floor):
+  """TALR, Token-Adaptive Loss Reweighting (arXiv 2509.20758, "SFT Doesn't Always Hurt General
+  Capabilities"): cross-entropy with each token weighted by its own probability under a
+  temperature, so that hard (low-probability) tokens do not dominate the update,
+
+    -sg(w_t) * log p_t,   w_t = max(p_t ** (1 / tau), floor).
+
+  Gradient wrt logits: w_t (softmax - onehot). Where it comes from: the paper's abstract (arXiv
+  listing: TALR reweights tokens by their loss); the weight, its floor 0.01 and the clamp of p_t
+  at 1e-6 from the re-implementation in shankarp8/distillation-retains-capabilities
+  (src/disc/objectives.py talr_loss, normalize="mean": the token mean, aggregation token_mean
+  here). The paper body could not be read here; that re-implementation and a reader's note of the
+  paper's v3 both set tau per batch to the median over sequences of their mean token loss. A
+  batch statistic of the current policy would need the whole batch's forward before any
+  gradient (one more forward pass under microbatching), so tau is a fixed hyperparameter here:
+  set it near the run's per-token loss (metric nll). tau = 1 weights by p_t (DFT's weight with a
+  floor); smaller tau down-weights hard tokens more.
+  """
+  return -talr_weight(logp, tau, floor) * _f32(logp)
+
+
+def talr_metrics(logp, *, tau, floor):
+  """The weight, the share of tokens at the floor and the gate metrics (the weight is the gate)."""
+  weight = talr_weight(logp, tau, floor)
+  return {"weight": weight, "floored": weight <= floor, **gate_metrics(weight)}
+
+
+def otr_samples(logp_xV, token_key_x, num, temperature):
+  """OTR's K candidate tokens of each position, [x, K], from softmax(logits / temperature)."""
+  uniforms_xK = lm_head.token_uniforms(token_key_x, num)
+  return lm_head.sample_tokens(jax.lax.stop_gradient(logp_xV), uniforms_xK, temperature)
+
+
+def otr_return(logp_xV, targets_x, token_key, num, temperature, penalty):
+  """(1/K) sum_k r_k log p(a_k): the candidates a_k (otr_samples) rewarded r_k = 1 when a_k is
+  the target and -penalty otherwise; differentiable in logp."""
+  samples_xK = otr_samples(logp_xV, token_key, num, temperature)
+  targets_x = jnp.clip(targets_x, 0, logp_xV.shape[-1] - 1)
+  reward_xK = jnp.where(samples_xK == targets_x[..., None], 1.0, -penalty)
+  return jnp.mean(reward_xK * jnp.take_along_axis(logp_xV, samples_xK, axis=-1), axis=-1)
+
+
+def otr_return_grad(logp_xV, targets_x, token_key, num, temperature, penalty):
+  """d otr_return / d logits = (1/K) sum_k r_k (onehot(a_k) - softmax)."""
+  samples_xK = otr_samples(logp_xV, token_key, num, temperature)
+  targets_x = jnp.clip(targets_x, 0, logp_xV.shape[-1] - 1)
+  reward_xK = jnp.where(samples_xK == targets_x[..., None], 1.0, -penalty)
+  chosen_xV = jnp.sum(reward_xK[..., None] * (
+      samples_xK[..., None] == jnp.arange(logp_xV.shape[-1])), axis=-2)
+  return (chosen_xV - jnp.sum(reward_xK, axis=-1, keepdims=True) * jnp.exp(logp_xV)) / num
+
+
+def otr_hits(logp_xV, targets_x, token_key, num, temperature):
+  """The share of the K candidates equal to the target (no gradient)."""
+  samples_xK = otr_samples(logp_xV, token_key, num, temperature)
+  targets_x = jnp.clip(targets_x, 0, logp_xV.shape[-1] - 1)
+  return jnp.mean(samples_xK == targets_x[..., None], axis=-1).astype(jnp.float32)
+
+
+def otr_inputs(hparams):
+  """OTR's sampled return (with its closed-form gradient) and the candidates' hit rate (a gate),
+  both from the same per-token keys: the same candidates."""
+  num, temperature = int(hparams["samples"]), float(hparams["temperature"])
+  penalty = float(hparams["penalty"])
+  params = f"{num}:{temperature!r}"
+  return {
+      "sampled_return": lm_head.Statistic(
+          f"otr_return:{params}:{penalty!r}",
+          lambda logp_xV, targets_x, *, token_key: otr_return(
+              logp_xV, targets_x, token_key, num, temperature, penalty),
+          logits_grad=lambda logp_xV, targets_x, _, *, token_key: otr_return_grad(
+              logp_xV, targets_x, token_key, num, temperature, penalty),
+          side=("token_key",)),
+      "hit_rate": lm_head.Statistic(
+          f"otr_hits:{params}", lambda logp_xV, targets_x, *, token_key: otr_hits(
+              logp_xV, targets_x, token_key, num, temperature),
+          gradient=False, side=("token_key",))}
+
+
+def otr(logp, *, sampled_return, hit_rate):
+  """OTR, One-Token Rollout (arXiv 2509.26313): each position a one-step RL episode. K candidate
+  tokens a_k are sampled from the current policy at that position (softmax(z / temperature)),
+  the ground-truth token rewards the candidate that equals it and the others are penalised, and
+  the update is the policy gradient:
+
+    -(1/K) sum_k r_k log p(a_k),   r_k = 1 if a_k = y_t else -penalty.
+
+  Gradient wrt logits: -(1/K) sum_k r_k (onehot(a_k) - softmax), whose expectation over the
+  draws is -sum_v q_v r_v (onehot(v) - softmax), q = softmax(z / temperature); at temperature 1
+  that is (1 + penalty) p_t (softmax - onehot): DFT's gradient scaled, the samples adding the
+  on-policy noise. The draws come from per-token keys of the run's seed and step (need
+  token_key), sampled from the head's chunk by inverse CDF over vocabulary blocks
+  (lm_head.sample_tokens): never the [tokens, vocab] logits, the same draws however the batch
+  is split, and again on resume. Where it comes from: the paper's abstract (arXiv listing:
+  candidates sampled from the current policy, the ground-truth token gives the reward, policy
+  gradient) and published reviews of it (a second term penalising the sampled incorrect tokens,
+  a sampling temperature). The paper body and the authors' code could not be read here: the
+  reward of an incorrect candidate (-penalty), K and the temperature are this project's
+  defaults, not the paper's.
+  """
+  del logp, hit_rate
+  return -_f32(sampled_return)
+
+
+def otr_metrics(logp, *, sampled_return, hit_rate):
+  """The share of candidates that hit the target, and the sampled return."""
+  del logp
+  return {"hit_rate": hit_rate, "return": sampled_return}
 
 
 def k3(logp, ref_logp):
@@ -531,8 +664,8 @@ OBJECTIVES = {
     "sft": Objective(sft, "-log p_t (cross-entropy)"),
     "dft": Objective(dft, "-sg(p_t) log p_t (DFT, arXiv 2508.05629, token level)"),
     "dft_seq": Objective(
-        dft_seq, "-sg(pi(y|x)) log p_t (DFT, arXiv 2508.05629, sequence level)",
-        needs=("segments",), metrics=dft_seq_metrics),
+        gated_nll, "-sg(pi(y|x)) log p_t (DFT, arXiv 2508.05629, sequence level)",
+        needs=("segments",), metrics=dft_seq_metrics, sequence_gate=dft_seq_gate),
     "power": Objective(
         power, "-(p_t^alpha - 1) / alpha: alpha -> 0 is SFT, alpha = 1 has DFT's gradient",
         hparams=dict(alpha=positive(0.5, "q-log exponent (this project's default: halfway)"))),
@@ -584,11 +717,28 @@ OBJECTIVES = {
                                    "authors' code has none)")),
         metrics=prob_threshold_metrics),
     "iw_sft": Objective(
-        iw_sft, "-sg(w_s) log p_t, w_s = min(exp(temp mean_s(log p - log p_ref)), w_max) per "
+        gated_nll, "-sg(w_s) log p_t, w_s = min(exp(temp mean_s(log p - log p_ref)), w_max) per "
         "sequence (iw-SFT, arXiv 2507.12856)",
         hparams=dict(temp=positive(1.0, "temperature of the log-ratio (the authors' call: 1.0)"),
                      w_max=positive(16.0, "upper clip of the weight (authors' code: 16)")),
-        needs=("ref_logp", "segments"), metrics=iw_sft_metrics),
+        needs=("ref_logp", "segments"), metrics=iw_sft_metrics, sequence_gate=iw_sft_gate),
+    "talr": Objective(
+        talr, "-sg(max(p_t^(1/tau), floor)) log p_t: tokens weighted by their probability "
+        "(TALR, arXiv 2509.20758)",
+        hparams=dict(tau=positive(1.0, "temperature of the weight p_t^(1/tau) (the paper: the "
+                                       "batch's median sequence loss; here fixed)"),
+                     floor=Hparam(0.01, "a number in [0, 1)", lambda v: _real(v) and 0 <= v < 1,
+                                  "lowest weight (re-implementation's default)")),
+        metrics=talr_metrics),
+    "otr": Objective(
+        otr, "-(1/K) sum_k r_k log p(a_k), a_k ~ softmax(z/T), r_k = 1 if a_k = y_t else "
+        "-penalty (OTR, arXiv 2509.26313)",
+        hparams=dict(
+            samples=integer(8, 1, "candidate tokens K sampled per position", fn_arg=False),
+            temperature=positive(1.0, "sampling temperature T", fn_arg=False),
+            penalty=nonnegative(1.0, "reward -penalty of a candidate that is not the target",
+                                fn_arg=False)),
+        inputs=otr_inputs, metrics=otr_metrics),
 }
 
 # Extra terms any objective can add: coefficient field -> (term name, record); on when > 0.
@@ -602,12 +752,16 @@ TERMS = {
         metrics=lambda logp, *, ref_logp: {"k3": k3(logp, ref_logp)})),
 }
 AGGREGATIONS = ("token_mean", "seq_mean", "sum_norm")
+REF_LOGP = ("forward", "precomputed")
 # Fields of config.objective shared by every objective (besides `name`).
 GENERIC = dict(
     aggregation=choice("token_mean", AGGREGATIONS, "how per-token losses become one number"),
     norm_constant=positive(1.0, "sum_norm's divisor"),
     entropy_coef=nonnegative(0.0, "entropy bonus coefficient (-entropy_coef * H_t)"),
     kl_coef=nonnegative(0.0, "KL anchor coefficient (kl_coef * k3 to the starting model)"),
+    ref_logp=choice("forward", REF_LOGP, "the reference's log-probability of the targets (iw_sft, "
+                    "the KL anchor): a forward pass of the starting model every step, or "
+                    "precomputed once over the data (no reference model in memory)"),
 )
 
 
@@ -649,6 +803,7 @@ class Setting:
   terms: tuple
   stats: tuple       # lm_head.Statistic
   needs: frozenset
+  ref_logp: str = "forward"  # REF_LOGP: how the need ref_logp is met
 
   @property
   def objective(self):
@@ -660,9 +815,16 @@ class Setting:
 
   @property
   def needs_reference(self):
-    """Whether a term compares with the frozen reference (starting) model: its target logp
-    (need ref_logp) or its whole distribution (a statistic with side input "reference")."""
-    return "ref_logp" in self.needs or lm_head.needs_reference(self.stats)
+    """Whether the step runs the frozen reference (starting) model: for its target logp (need
+    ref_logp, unless precomputed) or its whole distribution (a statistic with side input
+    "reference")."""
+    return (("ref_logp" in self.needs and self.ref_logp == "forward")
+            or lm_head.needs_reference(self.stats))
+
+  @property
+  def sequence_gated(self):
+    """Whether a term scales its per-token loss by a factor of its whole sequence."""
+    return any(term.record.sequence_gate is not None for term in self.terms)
 
 
 def _term(key, prefix, record, hparams, coef):
@@ -677,10 +839,21 @@ def _setting(name, hparams, generic):
   terms = [_term("objective", name, OBJECTIVES[name], hparams, 1.0)]
   terms += [_term(term, term, record, {}, generic[coef]) for coef, (term, record) in TERMS.items()
             if generic[coef] > 0]
-  stats = [lm_head.LOGP, lm_head.ENTROPY] + [s for _, term_stats in terms for s in term_stats]
-  return Setting(name, generic["aggregation"], generic["norm_constant"],
-                 tuple(term for term, _ in terms), tuple(dict.fromkeys(stats)),
-                 frozenset(n for term, _ in terms for n in term.record.needs))
+  stats = tuple(dict.fromkeys(
+      [lm_head.LOGP, lm_head.ENTROPY] + [s for _, term_stats in terms for s in term_stats]))
+  needs = {n for term, _ in terms for n in term.record.needs}
+  needs |= {n for stat in stats for n in stat.side if n != "reference"}  # e.g. token_key
+  setting = Setting(name, generic["aggregation"], generic["norm_constant"],
+                    tuple(term for term, _ in terms), stats, frozenset(needs), generic["ref_logp"])
+  if setting.ref_logp == "precomputed":
+    if lm_head.needs_reference(stats):
+      raise ConfigError(f"objective.ref_logp='precomputed': objective.name={name!r} compares "
+                        "whole distributions with the reference model every step; allowed: "
+                        "'forward'")
+    if "ref_logp" not in setting.needs:
+      raise ConfigError(f"objective.ref_logp='precomputed': objective.name={name!r} reads no "
+                        "reference log-probability (iw_sft and the KL anchor, kl_coef > 0, do)")
+  return setting
 
 
 def _check(field, value, hparam):
@@ -824,14 +997,39 @@ def aggregate(per_token_loss, loss_mask, mode="token_mean", **denominators):
 # The composite loss of the train step and its metrics.
 
 
+def gate_key(term):
+  """The values' key of a term's sequence gate."""
+  return f"sequence_gate/{term.key}"
+
+
+def with_sequence_gates(values, batch, setting):
+  """values with the sequence gate of every gated term that they lack ("sequence_gate/<key>",
+  [B, T]), computed without gradient from whole rows (values: logp and the needs of the batch
+  `batch`, loss_mask and segment_ids)."""
+  missing = [term for term in setting.terms
+             if term.record.sequence_gate is not None and gate_key(term) not in values]
+  if not missing:
+    return values
+  fixed = {k: jax.lax.stop_gradient(v) for k, v in values.items()}
+  gates = {gate_key(term): term.record.sequence_gate(fixed["logp"],
+                                                     **term.arguments(fixed, batch))
+           for term in missing}
+  return {**values, **gates}
+
+
 def per_token_terms(values, batch, setting):
   """{term key: coefficient * per-token loss} of every active term ("objective" first).
 
-  values: {name: [B, T]} of the setting's statistics and needs; batch: loss_mask and segment_ids.
+  values: {name: [B, T]} of the setting's statistics and needs (the sequence gates they lack are
+  computed: with_sequence_gates); batch: loss_mask and segment_ids.
   """
+  values = with_sequence_gates(values, batch, setting)
   terms = {}
   for term in setting.terms:
-    value = term.record.fn(values["logp"], **term.arguments(values, batch))
+    if term.record.sequence_gate is not None:
+      value = term.record.fn(values["logp"], sequence_gate=values[gate_key(term)])
+    else:
+      value = term.record.fn(values["logp"], **term.arguments(values, batch))
     terms[term.key] = value if term.coef == 1.0 else term.coef * value
   return terms
 

@@ -21,7 +21,7 @@ slices and devices give the gradient of one big batch. The step also reads, neve
 `Frozen`: with LoRA the frozen base; without it a copy of the starting parameters when the
 objective compares with the starting model (KL anchor, statistics against the reference).
 """
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -100,6 +100,9 @@ def validate(config, num_devices, process_count=1):
   check_number("optimizer.b2", o.b2, minimum=0, below=1)
   check_number("optimizer.eps", o.eps, above=0)
   check_number("optimizer.grad_clip_norm", o.grad_clip_norm, minimum=0)  # 0: no clipping
+  check_number("optimizer.finch.ema", o.finch.ema, minimum=0, below=1)
+  check_number("optimizer.finch.max_learning_rate", o.finch.max_learning_rate, above=0)
+  check_number("optimizer.finch.initial_loss", o.finch.initial_loss, above=0, optional=True)
   check_number("optimizer.max_update_ratio", o.get("max_update_ratio", 0.0), minimum=0)  # 0: off
   updates = t.num_steps * t.minibatches
   if o.warmup_steps >= updates:  # the schedule counts updates
@@ -117,6 +120,8 @@ SCHEDULES = {
     "cosine": lambda lr, steps, floor: optax.cosine_decay_schedule(lr, max(steps, 1), alpha=floor),
     "linear": lambda lr, steps, floor: optax.linear_schedule(lr, lr * floor, max(steps, 1)),
     "constant": lambda lr, steps, floor: optax.constant_schedule(lr),
+    # FINCH: the constant rate is the base that the batch's loss scales (finch_rate)
+    "finch": lambda lr, steps, floor: optax.constant_schedule(lr),
 }
 
 
@@ -128,6 +133,62 @@ def make_schedule(opt_cfg, total_updates):
   if warmup == 0:
     return decay
   return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), decay], [warmup])
+
+
+class FinchState(NamedTuple):
+  """scale_by_loss_adaptive_rate's state (checkpointed with the optimizer: a resume continues the
+  average)."""
+  count: jax.Array          # updates applied
+  average_loss: jax.Array   # the moving average of the updates' losses
+  learning_rate: jax.Array  # the rate of the last update
+
+
+def finch_rate(base_rate, average_loss, max_rate):
+  """FINCH's rate min(base / sqrt(average loss), max_rate)."""
+  return jnp.minimum(base_rate / jnp.sqrt(jnp.maximum(average_loss, 1e-12)), max_rate)
+
+
+def scale_by_loss_adaptive_rate(base_schedule, *, ema, max_rate, initial_loss=None):
+  """FINCH, loss-adaptive learning rates (arXiv 2605.20005, "Fine-Tuning Without Forgetting via
+  Loss-Adaptive Learning Rates"): per-step forgetting is bounded by the learning rate times the
+  square root of the training loss, so the rate is lowered on high-loss batches and raised as the
+  loss falls, the objective unchanged. Each update u becomes -eta_t u,
+
+    L_avg,t = ema L_avg,t-1 + (1 - ema) L_t,   eta_t = min(base_t / sqrt(L_avg,t), max_rate),
+
+  L_t the update's batch loss (update's keyword `loss`), L_avg,0 = initial_loss, or the first
+  update's loss when None (L_avg,1 = L_1). Where it comes from: the paper's abstract (arXiv
+  listing: the bound and the direction of the schedule); the formula, ema = 0.9 and the default
+  base 2e-5 with cap 5e-5 from focusvector/finch train_finch.py (inverse_lr: base / sqrt(EMA of
+  the batch losses) capped at eta_max; a QLoRA port that "keeps the FINCH schedule intact"),
+  which starts the average at the model's mean loss over the training set before training
+  (initial_loss here; None starts it at the first batch's). The paper body could not be read
+  here. base_schedule: the base rate by update count (the warmup, then constant).
+  """
+
+  def init(params):
+    del params
+    zero = jnp.zeros((), jnp.float32)
+    return FinchState(count=jnp.zeros((), jnp.int32), average_loss=zero, learning_rate=zero)
+
+  def update(updates, state, params=None, *, loss, **extra_args):
+    del params, extra_args
+    loss = jnp.asarray(loss, jnp.float32)
+    start = loss if initial_loss is None else jnp.float32(initial_loss)
+    previous = jnp.where(state.count == 0, start, state.average_loss)
+    average = ema * previous + (1.0 - ema) * loss
+    rate = finch_rate(base_schedule(state.count), average, max_rate)
+    updates = jax.tree.map(lambda u: (-rate * u).astype(u.dtype), updates)
+    return updates, FinchState(count=state.count + 1, average_loss=average, learning_rate=rate)
+
+  return optax.GradientTransformationExtraArgs(init, update)
+
+
+def adaptive_rates(opt_state):
+  """The rates of the last update of every loss-adaptive schedule (FINCH) in the optimizer
+  state; empty without one."""
+  is_finch = lambda x: isinstance(x, FinchState)
+  return [s.learning_rate for s in jax.tree.leaves(opt_state, is_leaf=is_finch) if is_finch(s)]
 
 
 def decay_mask(logical_specs):
@@ -167,22 +228,28 @@ def scale_by_adam_stored_in(b1, b2, eps, mu_dtype, nu_dtype):
 def make_optimizer(opt_cfg, total_updates, logical_specs):
   """(tx, schedule): global-norm clipping, then AdamW with decoupled weight decay on the
   schedule; optimizer.mu_dtype / nu_dtype store the moments in another dtype (the lean mode:
-  bfloat16 moments save 4 bytes a parameter)."""
+  bfloat16 moments save 4 bytes a parameter). optimizer.schedule='finch' scales the base
+  schedule by the update's loss (scale_by_loss_adaptive_rate; tx.update then takes `loss`, the
+  step passes every update's mean -log p_t), and schedule is None: the rate is data-dependent
+  and the step reports it (metric learning_rate)."""
   schedule = make_schedule(opt_cfg, total_updates)
   clip = opt_cfg.grad_clip_norm
   mask = decay_mask(logical_specs)
-  if opt_cfg.get("nu_dtype") is None:
-    adamw = optax.adamw(schedule, b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps,
-                        weight_decay=opt_cfg.weight_decay, mask=mask,
-                        mu_dtype=opt_cfg.get("mu_dtype"))
+  if opt_cfg.schedule == "finch":
+    f = opt_cfg.finch
+    rate = scale_by_loss_adaptive_rate(schedule, ema=f.ema, max_rate=f.max_learning_rate,
+                                       initial_loss=f.initial_loss)
   else:
-    adamw = optax.chain(
-        scale_by_adam_stored_in(opt_cfg.b1, opt_cfg.b2, opt_cfg.eps, opt_cfg.get("mu_dtype"),
-                                opt_cfg.nu_dtype),
-        optax.add_decayed_weights(opt_cfg.weight_decay, mask),
-        optax.scale_by_learning_rate(schedule))
+    rate = optax.scale_by_learning_rate(schedule)
+  if opt_cfg.get("nu_dtype") is None:
+    scale = optax.scale_by_adam(b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps,
+                                mu_dtype=opt_cfg.get("mu_dtype"))
+  else:
+    scale = scale_by_adam_stored_in(opt_cfg.b1, opt_cfg.b2, opt_cfg.eps, opt_cfg.get("mu_dtype"),
+                                    opt_cfg.nu_dtype)
+  adamw = optax.chain(scale, optax.add_decayed_weights(opt_cfg.weight_decay, mask), rate)
   tx = optax.chain(optax.clip_by_global_norm(clip) if clip else optax.identity(), adamw)
-  return tx, schedule
+  return tx, None if opt_cfg.schedule == "finch" else schedule
 
 
 def shardings_of(tree):
@@ -225,14 +292,15 @@ def init_train_state(model, config, mesh, *, setting):
   with LoRA the adapters; the frozen base in Frozen.base) sharded over the mesh by the
   logical-axis rules, the optimizer moments placed like the parameters they follow, and a copy
   of the starting parameters in Frozen.reference when the objective (setting, an
-  objectives.Setting) compares with the starting model."""
+  objectives.Setting) runs the starting model, in the compute dtype (the forward casts to it
+  anyway; a bfloat16 copy is half the memory)."""
   from dft_jax import models  # pylint: disable=g-import-not-at-top
   graphdef, params, base = split_model(model)
   logical = models.logical_specs(params)
   params, base = _placed(params, mesh), _placed(base, mesh)
   reference = None
   if base is None and setting.needs_reference:
-    reference = jax.tree.map(jnp.copy, params)
+    reference = jax.tree.map(lambda p: jnp.copy(p).astype(model.compute_dtype), params)
   t = config.train
   tx, schedule = make_optimizer(config.optimizer, t.num_steps * t.minibatches, logical)
   replicated = sharding.replicated(mesh)
@@ -246,10 +314,11 @@ def init_train_state(model, config, mesh, *, setting):
 
 
 def global_batch(local_batch, mesh):
-  """Process-local numpy rows -> one global jax.Array per key, rows sharded over (data, fsdp)."""
+  """Process-local numpy rows -> one global jax.Array per key (BATCH_KEYS, and ref_logp when
+  precomputed: reference_logp.py), rows sharded over (data, fsdp)."""
   sh = sharding.batch_sharding(mesh)
-  keys = BATCH_KEYS + (("source_ids",) if "source_ids" in local_batch else ())  # a mixture's
-  return {k: jax.make_array_from_process_local_data(sh, np.asarray(local_batch[k])) for k in keys}
+  return {k: jax.make_array_from_process_local_data(sh, np.asarray(v))
+          for k, v in local_batch.items()}
 
 
 def count_params(params):
@@ -321,6 +390,35 @@ def head_token_stats(hidden_BxTxD, w_DxV, batch, chunk_size, stats, reference=No
                              stats=stats, extra_BxT=extra_BxT, **ref)
 
 
+def forward_logp(hidden_and_w, targets_BxT, chunk_size):
+  """log p(targets) [B, T] of (hidden states, head weight), forward only (no gradient)."""
+  hidden_BxTxD, w_DxV = jax.lax.stop_gradient(hidden_and_w)
+  return lm_head.token_stats(hidden_BxTxD, w_DxV, targets_BxT, chunk_size=chunk_size,
+                             stats=(lm_head.LOGP,))["logp"]
+
+
+def reference_hidden_and_head(graphdef, params, frozen, batch):
+  """(hidden states, head weight) of the frozen reference (starting) model, without gradient:
+  with LoRA the base with its adapters off (params: the adapters), else frozen.reference."""
+  if frozen.base is not None:
+    model = merge_model(graphdef, params, frozen.base)
+    return jax.lax.stop_gradient(hidden_and_head(model, batch, adapters=False))
+  return jax.lax.stop_gradient(hidden_and_head(merge_model(graphdef, frozen.reference), batch))
+
+
+def make_reference_logp(graphdef, config, mesh):
+  """The jitted `reference_logp(params, frozen, batch) -> [G, T]`: the reference model's
+  log-probability of batch["targets"], forward only, rows sharded like the batch
+  (reference_hidden_and_head; objective.ref_logp='precomputed' runs it once over the data with
+  frozen.reference the starting parameters)."""
+  chunk = config.model.lm_head_chunk
+
+  def reference_logp(params, frozen, batch):
+    hidden_and_w = reference_hidden_and_head(graphdef, params, frozen, batch)
+    return forward_logp(hidden_and_w, batch["targets"], chunk)
+  return jax.jit(reference_logp, out_shardings=sharding.batch_sharding(mesh))
+
+
 def with_router_loss(loss, metrics, router_loss, coef, share):
   """A mixture-of-experts model's objective total: loss + coef * share * router_loss (the
   load-balancing loss, models.decoder.load_balancing_loss), and the metric router_aux_loss;
@@ -340,23 +438,29 @@ def token_keys(seed, step, shape):
 
 
 def objective_loss_fused(hidden_BxTxD, w_DxV, batch, setting, *, extra_BxT=None,
-                         current_old_logp=False, denominators=None, chunk_size=1024,
-                         compute_dtype=None, sources=()):
+                         ref_hidden_BxTxD=None, ref_w_DxV=None, current_old_logp=False,
+                         denominators=None, chunk_size=1024, compute_dtype=None, sources=()):
   """objectives.objective_loss of the LM head's statistics, through lm_head.fused_loss: the same
   (loss, metrics) with d loss / d (hidden, w) formed in the head's forward pass.
 
   batch: targets, loss_mask and optionally segment_ids [B, T]; setting: an objectives.Setting;
   extra_BxT: what setting.needs names besides "segments" (old_logp, ref_logp, token_key);
+  ref_hidden_BxTxD, ref_w_DxV: the reference model's, when a statistic compares whole
+  distributions with it (asft): its chunk logits are formed in the head's loop;
   current_old_logp: the policy snapshot is the current parameters (True: one update per batch;
   a traced boolean: the first of K updates), old_logp = sg(logp) of this forward;
-  denominators: as in objectives.objective_loss. Only for objectives the fused head fits
-  (fused_head_fits): a sequence-level one (dft_seq) or one comparing full distributions with a
-  reference model (asft) takes lm_head.token_stats.
+  denominators: as in objectives.objective_loss. A sequence-gated objective (dft_seq, iw_sft)
+  first takes logp from a forward-only pass of the head (one more matmul a chunk) for its gates.
+  Only for objectives the fused head fits (fused_head_fits).
   """
   if not fused_head_fits(setting):
-    raise ConfigError(f"objective.name={setting.name!r}: the fused LM head takes per-token "
-                      "objectives without a reference distribution; lm_head.token_stats takes it")
+    raise ConfigError(f"objective.name={setting.name!r}: the fused LM head takes statistics "
+                      "with a closed-form gradient; lm_head.token_stats takes it")
   extra_BxT = dict(extra_BxT or {})
+  if setting.sequence_gated:
+    current = forward_logp((hidden_BxTxD, w_DxV), batch["targets"], chunk_size)
+    gated = objectives.with_sequence_gates({**extra_BxT, "logp": current}, batch, setting)
+    extra_BxT = {k: v for k, v in gated.items() if k != "logp"}
 
   def with_old_logp(values):
     if current_old_logp is False:
@@ -376,17 +480,18 @@ def objective_loss_fused(hidden_BxTxD, w_DxV, batch, setting, *, extra_BxT=None,
       per_token_loss=lambda values: sum(
           objectives.per_token_terms(with_old_logp(values), {}, setting).values()),
       weights_BxT=weights_BxT, stats=setting.stats, extra_BxT=extra_BxT,
-      chunk_size=chunk_size, compute_dtype=compute_dtype)
+      ref_hidden_BxTxD=ref_hidden_BxTxD, ref_w_DxV=ref_w_DxV, chunk_size=chunk_size,
+      compute_dtype=compute_dtype)
   _, metrics = objectives.objective_loss(with_old_logp({**stats_BxT, **extra_BxT}), batch,
                                          setting, denominators=denominators, sources=sources)
   return loss, dict(metrics, loss=loss)
 
 
 def fused_head_fits(setting):
-  """Whether the objective's loss is per token and the fused head takes all its statistics: then
-  model.lm_head_impl='fused' runs it; otherwise the checkpointed head does."""
-  return ("segments" not in setting.needs
-          and all(lm_head.fused_capable(stat) for stat in setting.stats))
+  """Whether the fused head takes all the objective's statistics (each a gate or with a
+  closed-form gradient): then model.lm_head_impl='fused' runs it; otherwise the checkpointed head
+  does."""
+  return all(lm_head.fused_capable(stat) for stat in setting.stats)
 
 
 def make_train_step(graphdef, tx, config, mesh, state_shardings, frozen_shardings, *, setting,
@@ -423,31 +528,25 @@ def step_function(graphdef, tx, config, *, setting, lora, sources=()):
   snapshot_forward = "old_logp" in needs and t.minibatches > 1
   max_update_ratio = config.optimizer.get("max_update_ratio", 0.0)
 
-  def reference(params, frozen, mb):
-    """(hidden states, head weight) of the reference model, without gradient."""
-    if lora:
-      return jax.lax.stop_gradient(hidden_and_head(merge_model(graphdef, params, frozen.base), mb,
-                                                   adapters=False))
-    return jax.lax.stop_gradient(hidden_and_head(merge_model(graphdef, frozen.reference), mb))
-
-  def target_logp(hidden_and_w, mb):  # forward only: the snapshot's or the reference's logp
-    hidden_BxTxD, w_DxV = jax.lax.stop_gradient(hidden_and_w)
-    return lm_head.token_stats(hidden_BxTxD, w_DxV, mb["targets"], chunk_size=chunk,
-                               stats=(lm_head.LOGP,))["logp"]
+  target_logp = lambda hidden_and_w, mb: forward_logp(hidden_and_w, mb["targets"], chunk)
 
   def objective(mb, hidden_BxTxD, w_DxV, old_logp_BxT, is_first, ref, denominators):
     inputs = {}
     if snapshot_forward:
       inputs["old_logp"] = old_logp_BxT
-    if "ref_logp" in needs:
-      inputs["ref_logp"] = target_logp(ref, mb)
+    if "ref_logp" in needs:  # the reference's forward, or precomputed with the data
+      inputs["ref_logp"] = (mb["ref_logp"] if setting.ref_logp == "precomputed"
+                            else target_logp(ref, mb))
     if "token_key" in needs:
       inputs["token_key"] = mb["token_key"]
     if fused:
       current = is_first if snapshot_forward else "old_logp" in needs
+      distributions = {}
+      if lm_head.needs_reference(setting.stats):
+        distributions = dict(zip(("ref_hidden_BxTxD", "ref_w_DxV"), ref))
       return objective_loss_fused(
           hidden_BxTxD, w_DxV, mb, setting, extra_BxT=inputs, current_old_logp=current,
-          denominators=denominators, chunk_size=chunk, sources=sources)
+          denominators=denominators, chunk_size=chunk, sources=sources, **distributions)
     stats = head_token_stats(hidden_BxTxD, w_DxV, mb, chunk, setting.stats, ref, inputs)
     if "old_logp" in needs:
       current = jax.lax.stop_gradient(stats["logp"])
@@ -458,7 +557,8 @@ def step_function(graphdef, tx, config, *, setting, lora, sources=()):
 
   def microbatch_loss(params, frozen, mb, old_logp_BxT, is_first, denominators):
     model = merge_model(graphdef, params, frozen.base)
-    ref = reference(params, frozen, mb) if setting.needs_reference else None
+    ref = (reference_hidden_and_head(graphdef, params, frozen, mb) if setting.needs_reference
+           else None)
     hidden_BxTxD, router_loss = model.hidden_states_and_router_loss(
         mb["tokens"], positions_BxT=mb["positions"], segment_ids_BxT=mb["segment_ids"])
     loss, metrics = objective(mb, hidden_BxTxD, model.head_weight(), old_logp_BxT, is_first, ref,
@@ -497,7 +597,8 @@ def step_function(graphdef, tx, config, *, setting, lora, sources=()):
           lambda acc, x: (tree_add(acc, loss_and_grads(*x)), None), zeros, (micro, old))
       grad_norm = optax.tree.norm(grads)
       finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-      updates, new_opt_state = tx.update(grads, opt_state, params)
+      nll = mets["tok/nll"] / jnp.maximum(mets["num_tokens"], 1.0)  # FINCH's batch loss
+      updates, new_opt_state = tx.update(grads, opt_state, params, loss=nll)
       new_params = optax.apply_updates(params, updates)
       update_norm = optax.tree.norm(updates)  # the step's size: is an objective a smaller step?
       update_ratio = update_norm / optax.tree.norm(params)  # ||dtheta|| / ||theta||
@@ -521,6 +622,8 @@ def step_function(graphdef, tx, config, *, setting, lora, sources=()):
                update_ratio=summed["update_ratio"] / t.minibatches,
                skipped=summed["skipped"], tokens=(batch["segment_ids"] > 0).sum(),
                loss_tokens=batch["loss_mask"].sum())
+    for rate in adaptive_rates(opt_state):  # FINCH's: data-dependent, reported every step
+      out["learning_rate"] = rate
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), out
 
   return train_step

@@ -29,15 +29,34 @@ from dft_jax import loop
 from dft_jax import metrics as metrics_lib
 from dft_jax import models
 from dft_jax import objectives
+from dft_jax import preflight
+from dft_jax import reference_logp
 from dft_jax import run_control
 from dft_jax import sharding
 from dft_jax import step as step_lib
+from dft_jax.errors import ConfigError
+
+
+def check_updates_per_snapshot(setting, train_cfg):
+  """An objective that trains against a policy snapshot (PSFT's old_logp, arXiv 2508.17784) needs
+  several updates per snapshot: with train.minibatches=1 the snapshot is the policy itself, every
+  ratio is 1 and the update is exactly SFT's, so that is refused, naming the field.
+  setting: the resolved objective (objectives.Setting); train_cfg: config.train."""
+  name = setting.name
+  if "old_logp" in setting.needs and train_cfg.minibatches == 1:
+    raise ConfigError(
+        f"objective.name={name!r} with train.minibatches=1 is SFT: with one update per policy "
+        "snapshot its ratio stays 1 and its numbers equal SFT's; set train.minibatches to the "
+        "updates per snapshot (the paper: 8 minibatches of each global batch), e.g. "
+        f"--config=configs/default.py:{name} or --config.train.minibatches=4 "
+        "--config.train.microbatches=1")
 
 
 def validate_config(config):
   """Every section's own check, before anything is loaded or compiled (ConfigError, one line);
   returns the objective resolved (objectives.Setting), which the rest of the run receives."""
   setting = objectives.validate(config.objective)
+  check_updates_per_snapshot(setting, config.train)
   step_lib.validate(config, jax.device_count(), jax.process_count())
   data.validate(config.data, seq_len=config.train.seq_len,
                 global_batch_size=config.train.global_batch_size,
@@ -81,8 +100,10 @@ def run(config, workdir, setting):
   """The run itself (train_and_evaluate's checks done, the workdir locked; setting: the objective
   resolved by validate_config)."""
   t, is_main = config.train, jax.process_index() == 0
+  evaluates = config.eval.before or config.eval.after or config.eval.every_steps
   mesh = sharding.make_mesh(config.mesh)
 
+  preflight.check(config)  # the data and evaluation files, before the model loads
   with cli.phase(f"loading {config.model.name}"):
     model, tokenizer = models.load_from_config(config.model, config.lora)
   data_iter = data.make_train_iterator(config.data, tokenizer, seq_len=t.seq_len,
@@ -95,9 +116,13 @@ def run(config, workdir, setting):
   del model
   # The starting parameters (with LoRA: its adapters, B = 0), for the base model's evaluation.
   initial = None
-  if config.eval.before or config.eval.after:
+  if evaluates:
     initial = frozen.reference or jax.tree.map(jax.numpy.copy, state.params)
 
+  if setting.ref_logp == "precomputed":  # once, from the starting parameters, before a restore
+    with cli.phase("precomputing the reference's log-probabilities"):
+      data_iter = reference_logp.attach(data_iter, config, workdir, tokenizer, graphdef, state,
+                                        frozen, mesh)
   manager = ckpt.make_manager(workdir, config.checkpoint)
   restored, earlier = ckpt.restore(manager, state), None  # earlier: the run's progress so far
   if restored is not None:
@@ -107,7 +132,8 @@ def run(config, workdir, setting):
                  os.path.abspath(workdir))
   ckpt.write_config(workdir, config)  # only once the checkpoints are known to fit this run
   if is_main:  # rows a killed run logged after its last checkpoint are logged again
-    run_control.rewind_jsonl(os.path.join(workdir, "metrics.jsonl"), int(state.step))
+    for name in (metrics_lib.METRICS_FILE, metrics_lib.EVAL_METRICS_FILE):
+      run_control.rewind_jsonl(os.path.join(workdir, name), int(state.step))
 
   batches = batches_of(data_iter, mesh)
   first = next(batches)
@@ -119,24 +145,34 @@ def run(config, workdir, setting):
   device_memory.check_fits(train_step, jax.local_devices()[0])  # before a step runs out of it
 
   evaluator = None
-  if config.eval.before or config.eval.after:
+  if evaluates:
     base_params = step_lib.full_params(initial, frozen.base)
     evaluator = evaluate.RunEvaluator(config.eval, config.data, tokenizer, graphdef, base_params)
   before = files.read_json(os.path.join(workdir, "eval_before.json"))
-  if config.eval.before and before is None:
+  scored_before = config.eval.before and before is None
+  if scored_before:
     with cli.phase("evaluating the base model", timed=False):
       before = evaluator(base_params)
     if is_main:
       files.write_json(os.path.join(workdir, "eval_before.json"), before)
 
-  writer = metrics_lib.make_writer(config.log, workdir, t.num_steps, is_main)
-  recorder = loop.Recorder(
-      num_steps=t.num_steps, schedule=schedule, minibatches=t.minibatches,
-      flops_per_token=step_lib.train_flops_per_token(state, frozen, model_config, t.seq_len),
-      nonfinite=t.nonfinite, writer=writer, log_every=config.log.every_steps,
-      max_update_ratio=config.optimizer.max_update_ratio)
-  with run_control.StopSignals() as signals, ckpt.finishing_saves(manager):
-    try:
+  with metrics_lib.make_writer(config.log, workdir, t.num_steps, is_main,
+                               run_config=config.to_dict()) as writer:
+    if scored_before:  # every writer gets the evaluations under eval/
+      writer.write(int(state.step), *evaluate.writer_metrics(before))
+    recorder = loop.Recorder(
+        num_steps=t.num_steps, schedule=schedule, minibatches=t.minibatches,
+        flops_per_token=step_lib.train_flops_per_token(state, frozen, model_config, t.seq_len),
+        nonfinite=t.nonfinite, writer=writer, log_every=config.log.every_steps,
+        max_update_ratio=config.optimizer.max_update_ratio)
+
+    def evaluate_during(step, state):
+      with cli.phase(f"evaluating at step {step}", timed=False):
+        writer.write(step, *evaluate.writer_metrics(
+            evaluator(step_lib.full_params(state.params, frozen.base))))
+      recorder.start()  # the next step's time leaves the evaluation out
+
+    with run_control.StopSignals() as signals, ckpt.finishing_saves(manager):
       state = loop.train_loop(
           state, train_step, itertools.chain([first], batches), num_steps=t.num_steps,
           record=recorder, frozen=frozen,
@@ -144,28 +180,28 @@ def run(config, workdir, setting):
               manager, step, state, data_iter.state(), blocking=not config.checkpoint.async_save,
               progress=loop.run_progress(earlier, recorder.history)),
           checkpoint_every=config.checkpoint.every_steps,
-          stop=lambda step: signals.requested(step, manager))
+          stop=lambda step: signals.requested(step, manager),
+          evaluate=evaluate_during, evaluate_every=config.eval.every_steps)
       ckpt.wait(manager)
-    finally:
-      writer.close()
-  if signals.received:
-    step = int(state.step)
-    raise run_control.Preempted(
-        f"stopped by {signals.received} after step {step} of {t.num_steps}; checkpoint "
-        f"{ckpt.checkpoint_dir(workdir)}/{step} written: run the same command to resume")
+    if signals.received:
+      step = int(state.step)
+      raise run_control.Preempted(
+          f"stopped by {signals.received} after step {step} of {t.num_steps}; checkpoint "
+          f"{ckpt.checkpoint_dir(workdir)}/{step} written: run the same command to resume")
 
-  if config.checkpoint.export_hf and is_main:
-    from dft_jax import export  # pylint: disable=g-import-not-at-top
-    trained = step_lib.merge_model(graphdef, state.params, frozen.base)
-    run = dict(source=os.path.abspath(workdir), step=int(state.step))
-    export.export_hf(trained, tokenizer, os.path.join(workdir, "hf"), **run)  # adapters merged
-    if lora is not None:
-      export.export_peft(trained, os.path.join(workdir, "peft"),
-                         base_model_name_or_path=config.model.name, **run)
-  after = None
-  if config.eval.after:
-    with cli.phase("evaluating the trained model", timed=False):
-      after = evaluator(step_lib.full_params(state.params, frozen.base))
+    if config.checkpoint.export_hf and is_main:
+      from dft_jax import export  # pylint: disable=g-import-not-at-top
+      trained = step_lib.merge_model(graphdef, state.params, frozen.base)
+      run = dict(source=os.path.abspath(workdir), step=int(state.step))
+      export.export_hf(trained, tokenizer, os.path.join(workdir, "hf"), **run)  # adapters merged
+      if lora is not None:
+        export.export_peft(trained, os.path.join(workdir, "peft"),
+                           base_model_name_or_path=config.model.name, **run)
+    after = None
+    if config.eval.after:
+      with cli.phase("evaluating the trained model", timed=False):
+        after = evaluator(step_lib.full_params(state.params, frozen.base))
+      writer.write(t.num_steps, *evaluate.writer_metrics(after))
   summary = make_summary(config, loop.run_progress(earlier, recorder.history), recorder.history,
                          before, after)
   if is_main:

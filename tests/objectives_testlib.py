@@ -1,6 +1,9 @@
 """Shared by the objective and LM-head tests: packed batches with known logits, and references
 computed independently of dft_jax.lm_head (float64 numpy, or full logits through the objectives'
-own math)."""
+own math); the golden fixture's train step for any objective."""
+import importlib.util
+import pathlib
+
 import numpy as np
 
 from dft_jax import lm_head
@@ -65,3 +68,50 @@ def objective_cfg(name, **fields):
   cfg = {"name": name, **{k: v for k, v in fields.items() if k in objectives.GENERIC}}
   cfg[name] = {k: v for k, v in fields.items() if k in own}
   return cfg
+
+
+def golden_fixture():
+  """tests/fixtures/make_step_golden.py as a module (the tiny Llama and its packed rows)."""
+  path = pathlib.Path(__file__).parent / "fixtures" / "make_step_golden.py"
+  spec = importlib.util.spec_from_file_location("make_step_golden", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def run_train_steps(objective, *, steps=2, microbatches=1, devices=1, lm_head_impl="fused",
+                    schedule="cosine", start_after=0):
+  """The train step of tests/fixtures/make_step_golden.py (tiny Llama, 8 packed rows of 32 tokens)
+  for `objective` (config.objective overrides, nested for hyperparameters): (per-step metrics,
+  params on the host). schedule "finch" runs without its rate cap. start_after: steps run, then
+  the state taken to the host and put back (what a restore does) before the rest."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from dft_jax import models, sharding  # pylint: disable=g-import-not-at-top
+  from dft_jax import step as step_lib  # pylint: disable=g-import-not-at-top
+  from dft_jax.data.testing import default_config  # pylint: disable=g-import-not-at-top
+  golden = golden_fixture()
+  config = default_config()
+  config.train.update(num_steps=steps, global_batch_size=8, seq_len=32, microbatches=microbatches,
+                      seed=3)
+  for key, value in objective.items():
+    if isinstance(value, dict):
+      config.objective[key].update(value)
+    else:
+      config.objective[key] = value
+  config.model.update(name=golden.TINY, lm_head_chunk=96, remat="none", lm_head_impl=lm_head_impl)
+  config.optimizer.update(learning_rate=1e-3, warmup_steps=1, schedule=schedule)
+  config.optimizer.finch.max_learning_rate = 1.0  # no cap: FINCH's rates follow the losses
+  mesh = sharding.make_mesh(dict(data=devices, fsdp=1, tensor=1), jax.devices()[:devices])
+  setting = objectives.validate(config.objective)
+  model, _ = models.load(golden.TINY, compute_dtype="float32")
+  graphdef, state, frozen, tx, _ = step_lib.init_train_state(model, config, mesh,
+                                                             setting=setting)
+  step = step_lib.make_train_step(graphdef, tx, config, mesh, step_lib.shardings_of(state),
+                                  step_lib.shardings_of(frozen), setting=setting)
+  metrics = []
+  for i, b in enumerate(golden.host_batches(model.config.vocab_size, num=steps)):
+    if i == start_after and i:
+      state = jax.device_put(jax.device_get(state), step_lib.shardings_of(state))
+    state, m = step(state, step_lib.global_batch(b, mesh), frozen)
+    metrics.append(jax.device_get(m))
+  return metrics, jax.device_get(state.params)

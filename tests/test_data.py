@@ -482,6 +482,7 @@ def _inspect_cli(tmp_path, *flags):
       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+@pytest.mark.slow
 def test_inspect_cli(tmp_path):
   """The real CLI: marked spans and packing stats; a bad source is one line, exit 2."""
   source = write_jsonl(tmp_path / "d.jsonl", ROWS)

@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import datasets
+import pytest
 import transformers
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -58,6 +59,7 @@ for kind, path in json.loads(sys.argv[1]):
 """
 
 
+@pytest.mark.slow
 def test_code_in_a_tokenizer_folder_is_never_run_nor_offered(tmp_path):
   """Three folders whose tokenizer_config.json names the folder's own code: a tokenizer alone and
   a model whose tokenizer class exists only as that code are refused in one line; a model that
@@ -115,6 +117,7 @@ print(json.dumps(attempts))
 """
 
 
+@pytest.mark.slow
 def test_local_data_and_tokenizer_open_no_connection(tmp_path):
   """Every kind of local source, map-style and streaming, with the hub's offline switches unset
   (datasets would send a download-count request for each packaged builder, local files too)."""

@@ -10,6 +10,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
@@ -89,9 +90,9 @@ def test_pass_at_k_counts_subsets(n, c, k):
 
 
 def test_accuracy_metrics():
-  assert answers.accuracy_metrics([[True], [False], [True], [True]], "x") == {
+  assert answers.accuracy_metrics([[True], [False], [True], [True]], "x_") == {
       "x_n": 4, "x_accuracy": 0.75}
-  out = answers.accuracy_metrics([[True, False, False], [False, False, False]], "x")
+  out = answers.accuracy_metrics([[True, False, False], [False, False, False]], "x_")
   assert out == {"x_n": 2, "x_avg@3": pytest.approx(1 / 6), "x_pass@3": 0.5}
 
 
@@ -297,6 +298,118 @@ def test_holdout_suite_scores_the_held_out_rows_of_the_training_file(tmp_path):
   assert out["holdout_target_prob"] == pytest.approx(np.exp(target).mean(), rel=1e-4)
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp")  # perplexity: logp ~ -400
+def test_eval_sets_score_each_set_under_its_own_name(tmp_path):
+  """Three sets of eval.sets with their own field names: answers (prompts ending in A are
+  answered '\\boxed{7}', in B 'The answer is 8'), forced, and kl on a text file. Accuracy is
+  counted by hand; the teacher-forced figures come from float64 numpy on the rows encoded
+  independently (data.Encoder with the set's fields)."""
+  tokenizer = models.load(TINY)[1]
+  last = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"][-1]
+  model = answering_model(tokenizer, {last("? A"): "\\boxed{7}", last("? B"): "The answer is 8"})
+  q = "Tom has 3 apples and buys 4 more. How many?"
+  quiz = write_jsonl(tmp_path / "quiz.jsonl", [
+      {"question": f"{q} A", "final": "7"}, {"question": f"{q} B", "final": "8"},
+      {"question": f"{q} B", "final": "7"}, {"question": f"{q} A", "final": "7.0"}])
+  solved = write_jsonl(tmp_path / "solved.jsonl", [
+      {"task": "Add 2 and 3.", "solution": "2 + 3 = 5"}, {"task": "Name a colour.", "solution": "Blue"}])
+  prose = write_jsonl(tmp_path / "prose.jsonl", [{"body": "The sky is blue."}])
+  d = data_cfg()
+  d.chat_template = "none"
+  graphdef, params = nnx.split(model)
+  ev = evaluator.RunEvaluator(eval_cfg(suites="none", sets=(
+      f"quiz={quiz},kind=answers,prompt_field=question,answer_field=final,max_new_tokens=12",
+      f"solved={solved},kind=forced,prompt_field=task,response_field=solution",
+      dict(name="prose", source=prose, kind="kl", format="text", text_field="body"))),
+      d, tokenizer, graphdef, params)
+  out = ev(params)
+  assert out["quiz/accuracy"] == 0.75 and out["quiz/answered"] == 1.0 and out["quiz/n"] == 4
+  assert out["quiz/correct"] == [1, 1, 0, 1]
+  encoder = data.Encoder(ml_collections.ConfigDict(dict(d, prompt_field="task",
+                                                        response_field="solution")), tokenizer)
+  rows = [json.loads(line) for line in open(solved)]
+  batch = teacher_forced.encoded_batch([encoder.encode(r, i) for i, r in enumerate(rows)],
+                                       sampling.pad_id(tokenizer))
+  target, _, _ = numpy_stats(model, model, batch)
+  assert out["solved/nll"] == pytest.approx(-target.mean(), rel=1e-4)
+  assert out["solved/target_prob"] == pytest.approx(np.exp(target).mean(), rel=1e-4)
+  assert sum(out["solved/target_prob_hist"]) == target.size
+  assert out["prose/kl_to_base"] == 0.0 and out["prose/rows"] == 1 and out["prose/perplexity"] > 1
+  assert out["sets"]["quiz"] == f"set quiz: {quiz} (4 problems, math-verify)"
+  assert out["sets"]["prose"] == f"set prose: {prose} (1 rows, KL to the base)"
+  # The in_domain suite's file lacks 'prompt' / 'answer': named before anything runs.
+  with pytest.raises(DataError, match="eval.in_domain reads the prompt from prompt_field='prompt'"):
+    evaluator.check_sets(eval_cfg(suites="in_domain", in_domain=quiz), d)
+  # Each set is a section of the table, under its description.
+  lines = evaluate.format_sections(["before"], evaluate.table_sections([out]))
+  assert lines[lines.index(out["sets"]["quiz"]) + 1].split() == [
+      "accuracy", "(greedy,", "math-verify)", "0.750"]
+  assert lines[lines.index(out["sets"]["solved"]) + 1].split()[:3] == [
+      "target", "prob", "(teacher-forced)"]
+
+
+def test_suite_sets_take_their_own_field_names(tiny, tmp_path):
+  """eval.in_domain with the user's field names serves both the in_domain suite (prompt, answer)
+  and target_probs (prompt, response), which no longer reads it with the training fields."""
+  _, tokenizer, graphdef, params = tiny
+  rows = [{"question": r["prompt"], "final": r["answer"], "worked": r["response"]}
+          for r in data.load_builtin("arith_test")[:3]]
+  path = write_jsonl(tmp_path / "mine.jsonl", rows)
+  ev = evaluator.RunEvaluator(
+      eval_cfg(suites="in_domain,target_probs", num_examples=3, num_hist=3, max_new_tokens=2,
+               in_domain=f"{path},prompt_field=question,answer_field=final,response_field=worked"),
+      data_cfg(), tokenizer, graphdef, params)
+  out = ev(params)
+  assert out["in_domain_n"] == 3 and out["sets"]["in_domain"] == f"in-domain set {path} (3 problems)"
+  reference = evaluator.RunEvaluator(eval_cfg(suites="target_probs", num_hist=3), data_cfg(),
+                                     tokenizer, graphdef, params)(params)
+  assert out["target_prob_hist"] == reference["target_prob_hist"]  # the same rows, renamed
+
+
+@pytest.mark.parametrize("sets,message", [
+    (("quiz",), r"eval.sets\[0\]='quiz': expected NAME=SOURCE"),
+    (("quiz=q.jsonl,kind=exam",), r"eval.sets\[0\] \(quiz\): kind='exam'; expected one of answers"),
+    (("quiz=q.jsonl,kind=answers,prompt=question",), r"unknown field\(s\) prompt"),
+    (("q=a.jsonl,kind=kl", "q=b.jsonl,kind=kl"), r"eval.sets\[0\]: name='q' is used twice"),
+    (("math=a.jsonl,kind=kl",), r"name='math' is a suite's name"),
+    (("q=a.jsonl,kind=answers,format=text",), "format must be prompt_response"),
+    (("q=a.jsonl,kind=kl,num=0",), r"eval.sets\[0\]: num='0' must be a positive integer"),
+])
+def test_eval_sets_errors_name_the_entry(sets, message):
+  with pytest.raises(ConfigError, match=message):
+    evaluate.settings(eval_cfg(sets=sets))
+
+
+def test_eval_sets_from_the_command_line():
+  """--config.eval.sets takes entries joined by ';' (a tuple field would refuse the commas)."""
+  from absl import flags
+  from dft_jax import cli as common
+  argv = ["dft_jax.evaluate", "--config.eval.sets=quiz=q.jsonl,kind=answers,prompt_field=question;"
+          "prose=p.txt,kind=kl,format=text"]
+  common.define_config(argv)
+  common.parse_flags(argv)
+  resolved = evaluate.settings(flags.FLAGS.config.eval)["sets"]
+  assert [(s.name, s.source, s.kind, s.prompt_field, s.format) for s in resolved] == [
+      ("quiz", "q.jsonl", "answers", "question", "prompt_response"),
+      ("prose", "p.txt", "kl", "prompt", "text")]
+
+
+def test_eval_set_file_errors_name_file_row_and_field(tmp_path):
+  """A held-out file with the wrong field names fails before any model is loaded: the message
+  names the file, the row, the field it lacks, the entry of eval.sets and what to add."""
+  path = write_jsonl(tmp_path / "held.jsonl", [{"question": "1+1?", "answer": "2"},
+                                                 {"problem": "2+2?", "answer": "4"}])
+  with pytest.raises(DataError) as e:
+    evaluator.check_sets(eval_cfg(suites="forgetting", sets=(
+        f"held={path},kind=answers,prompt_field=question",)), data_cfg())
+  assert str(e.value).startswith(f"row 1 of {path} has no field 'question': eval.sets[0] reads "
+                                 "the prompt from prompt_field='question'; the row's fields are "
+                                 "'answer', 'problem'; name the prompt's field: "
+                                 f"'held={path},prompt_field=NAME' in eval.sets")
+  with pytest.raises(DataError, match=r"eval.sets\[0\]='/no/such.jsonl': no such file"):
+    evaluator.check_sets(eval_cfg(sets=("held=/no/such.jsonl,kind=kl",)), data_cfg())
+
+
 @pytest.mark.parametrize("source,math_file,expected", [
     ("builtin:arith_train", None, ("in_domain", "forgetting")),
     ("builtin:arith_train", "math.jsonl", ("in_domain", "math", "forgetting")),
@@ -351,13 +464,13 @@ def test_run_evaluator_forgetting_and_target_probs(tiny):
   out = ev(params)
   assert out["kl_to_base"] == 0.0 and out["kl_heldout"] == 0.0
   # Perplexity: exp of the mean NLL over every held-out token after the first (float64 reference).
-  texts = [tokenizer(r["text"])["input_ids"] for r in evaluator.load_rows("builtin:heldout_text")]
+  texts = [tokenizer(r["text"])["input_ids"] for r in data.load_builtin("heldout_text")]
   batch = teacher_forced.teacher_forced_batch([t[:1] for t in texts], [t[1:] for t in texts],
                                               sampling.pad_id(tokenizer))
   target, _, _ = numpy_stats(model, model, batch)
   assert out["perplexity_heldout"] == pytest.approx(math.exp(-target.mean()), rel=1e-4)
   # Histogram: every reference response token of the held-out problems is counted once.
-  rows = evaluator.load_rows("builtin:arith_test")[:4]
+  rows = data.load_builtin("arith_test")[:4]
   encoder = data.Encoder(data_cfg(), tokenizer)
   expected = 0
   for i, r in enumerate(rows):
@@ -382,12 +495,13 @@ def test_math_rows_need_problem_and_answer(tiny, tmp_path):
                                              {"question": "2+2?", "answer": "4"}])
   ev = evaluator.RunEvaluator(eval_cfg(suites="math", math_file=path), data_cfg(), tokenizer,
                               graphdef, params)
-  with pytest.raises(DataError, match="row 1 has no field.*'problem'"):
+  with pytest.raises(DataError, match=f"row 1 of {path} has no field 'problem': eval.math_file "
+                     "reads the prompt from prompt_field='problem'.*--config.eval.math_file="):
     ev(params)
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (dict(suites="in_domain,nope"), "allowed names are auto or holdout, in_domain, math"),
+    (dict(suites="in_domain,nope"), "allowed names are auto, none .* or holdout, in_domain"),
     (dict(suites="math"), "needs eval.math_file"),
     (dict(samples=0), "eval.samples=0"),
     (dict(samples=4, temperature=0.0), "needs a temperature > 0"),
@@ -425,17 +539,19 @@ def test_cli_on_a_model_takes_its_settings_from_the_default_config(tmp_path, cap
   evaluate_cli(f"--model={TINY}", "--config.eval.suites=target_probs", f"--out={out}")
   assert "target NLL, reference responses" in capsys.readouterr().out
   written = json.loads(out.read_text())
-  expected = dict(testing.default_config().eval, suites=["target_probs"])
+  expected = json.loads(json.dumps(dict(testing.default_config().eval, suites="target_probs")))
   assert written["settings"] == expected and written["model"] == written["base"] == TINY
   assert sum(written["results"]["target_prob_hist"]) > 0
 
 
+@pytest.mark.slow
 def test_python_m_dft_jax_evaluate_runs_the_cli():
   done = subprocess.run([sys.executable, "-m", "dft_jax.evaluate", "--help"], capture_output=True,
                         text=True, timeout=300, check=False)
   assert done.returncode == 0 and "--model" in done.stdout and "eval.math_file=None" in done.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lora", [False, True])
 def test_cli_on_a_run_folder(tmp_path, capsys, lora):
   """--model=RUN: the run's checkpoint, scored with the run's config (its data file, so its

@@ -1,18 +1,17 @@
-"""Faults and bad input: kill, interrupt and poison real training runs; nothing may be lost.
+"""Faults: kill, interrupt and poison real training runs; nothing may be lost.
 
-The run tests start the real CLI (`python -m dft_jax.train`) on the tiny Llama in a subprocess
-(one CPU device, a JAX compilation cache shared by all of them) and compare what survives with an
-uninterrupted reference run bit for bit: metrics rows, parameters, optimizer state, data position.
-Damaged checkpoints, a second run on a workdir, a changed config on resume and a finished run run
-again are tried on copies of that reference run.
-The bad-input corpus (tests/bad_inputs/cases.json) goes through the CLI entry points in forks of one
-warm process (tests/bad_inputs/runner.py).
+The signals, kills, a second run on a workdir and a full disk (slow tier) start the real CLI
+(`python -m dft_jax.train`) on the tiny Llama in a subprocess (one CPU device, a JAX compilation
+cache shared by all of them) and compare what survives with an uninterrupted reference run bit for
+bit: metrics rows, parameters, optimizer state, data position. Where a process of its own adds
+nothing (damaged checkpoints, a changed config or another model on resume, a finished run run
+again) the command runs in the test process (commands_testlib) on copies of a run trained there
+(conftest.tiny_run), and a resumed run must end bit for bit as that run.
 """
 import hashlib
 import json
 import logging
 import os
-import random
 import re
 import select
 import shutil
@@ -31,17 +30,18 @@ import pytest
 from flax import nnx
 
 from dft_jax import checkpoint as ckpt
+from dft_jax import data
 from dft_jax import files
 from dft_jax import run_control
 from dft_jax import step as step_lib
 from dft_jax.errors import ConfigError, ModelError
+from commands_testlib import error_lines, run_command
 from conftest import FAST_COMPILE
+import fault_run
 import test_train
 from test_train import REPO, TINY, cli_flags, read_jsonl, tiny_config
 
 STEPS = 8
-CORPUS = REPO / "tests" / "bad_inputs"
-CASES = json.loads((CORPUS / "cases.json").read_text())
 VOLATILE = ("time", "step_seconds", "tokens_per_s", "mfu")  # wall-clock metrics
 
 
@@ -79,6 +79,12 @@ def command(config, workdir, *extra):
 def slow_save(env, step, seconds):
   """The environment that holds checkpoint `step`'s commit back for `seconds` (tests/fault_run.py)."""
   return dict(env, FAULT_SLOW_SAVE_AT_STEP=str(step), FAULT_SAVE_DELAY_S=str(seconds))
+
+
+def train_here(workdir, config, *extra):
+  """(exit code, stdout, stderr) of `python -m dft_jax.train` with `config`'s flags on `workdir`,
+  run in this process."""
+  return run_command("dft_jax.train", [*cli_flags(config), f"--workdir={workdir}", *extra])
 
 
 def run(cmd, env, **kwargs):
@@ -138,10 +144,6 @@ def metric_steps(workdir):
   return [r["step"] for r in read_jsonl(path)] if path.exists() else []
 
 
-def error_lines(output):
-  return [line for line in output.splitlines() if line.startswith("dft_jax: error:")]
-
-
 def read_state(workdir, step):
   """{path: numpy array} of checkpoint `step`'s state (params and optimizer state)."""
   with warnings.catch_warnings():
@@ -166,13 +168,14 @@ def assert_same_run(workdir, reference):
   """Bit-identical to the reference: every logged metric of every step, the final state and the
   data position; no temporary checkpoint folder and no lock left behind."""
   rows, ref_rows = read_jsonl(workdir / "metrics.jsonl"), read_jsonl(reference / "metrics.jsonl")
-  assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+  last = ref_rows[-1]["step"]
+  assert [r["step"] for r in rows] == list(range(1, last + 1))
   for row, ref in zip(rows, ref_rows):
     for key in ref:
       if key not in VOLATILE:
         assert row[key] == ref[key], (row["step"], key)
-  assert_same_state(read_state(workdir, STEPS), read_state(reference, STEPS))
-  assert read_data_state(workdir, STEPS) == read_data_state(reference, STEPS)
+  assert_same_state(read_state(workdir, last), read_state(reference, last))
+  assert read_data_state(workdir, last) == read_data_state(reference, last)
   assert not temporary_folders(workdir)
   assert not (workdir / "run.lock").exists()
 
@@ -220,12 +223,13 @@ def reference(rows_dir, env, tmp_path_factory):
   return workdir
 
 
-def stopped_copy(reference, step, workdir):
-  """The reference workdir as a run killed after checkpoint `step` leaves it: later checkpoints
+def stopped_copy(finished, step, workdir):
+  """A finished run's workdir as a run killed after checkpoint `step` leaves it: later checkpoints
   gone, metrics rows of later steps still in metrics.jsonl."""
-  shutil.copytree(reference, workdir)
-  for later in range(step + 1, STEPS + 1):
-    shutil.rmtree(workdir / "checkpoints" / str(later))
+  shutil.copytree(finished, workdir)
+  for later in complete_steps(workdir):
+    if later > step:
+      shutil.rmtree(workdir / "checkpoints" / str(later))
   (workdir / "summary.json").unlink()
   return workdir
 
@@ -233,6 +237,7 @@ def stopped_copy(reference, step, workdir):
 # ----------------------------------------------------------------------------- stop signals
 
 
+@pytest.mark.slow
 def test_sigterm_finishes_the_step_checkpoints_and_resume_continues(rows_dir, env, reference,
                                                                      tmp_path):
   """SIGTERM while the checkpoint of step 3 is still being written (slow commit): the run waits
@@ -259,6 +264,7 @@ def test_sigterm_finishes_the_step_checkpoints_and_resume_continues(rows_dir, en
   assert_same_run(workdir, reference)
 
 
+@pytest.mark.slow
 def test_second_signal_exits_at_once_and_keeps_the_last_checkpoint(rows_dir, env, tmp_path):
   """SIGTERM, then SIGINT while the run waits for a slow (60 s) checkpoint commit: the process
   ends at once, the last complete checkpoint is untouched and the next run resumes from it."""
@@ -269,16 +275,18 @@ def test_second_signal_exits_at_once_and_keeps_the_last_checkpoint(rows_dir, env
   before = tree_digest(workdir / "checkpoints" / "2")
   proc.send_signal(signal.SIGTERM)
   read_until(proc, "SIGTERM: stopping after the current step")
-  signalled = time.time()
   proc.send_signal(signal.SIGINT)
   proc.communicate(timeout=30)
-  assert proc.returncode == -signal.SIGINT and time.time() - signalled < 10
+  # killed by SIGINT's default action with checkpoint 3's commit still held back: it did not wait
+  assert proc.returncode == -signal.SIGINT and temporary_folders(workdir) == [
+      "3.orbax-checkpoint-tmp"]
   assert complete_steps(workdir) == [1, 2] and tree_digest(workdir / "checkpoints" / "2") == before
   resumed = run(cmd + ["--config.train.num_steps=3"], env)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert metric_steps(workdir) == [1, 2, 3] and 3 in complete_steps(workdir)
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_process_stops_all_at_the_same_step(rows_dir, env, tmp_path):
   """Two processes (jax.distributed, one CPU device each); only process 1 gets SIGTERM. JAX's
   preemption sync point makes both checkpoint the same step and exit 0."""
@@ -304,6 +312,7 @@ def test_sigterm_to_one_process_stops_all_at_the_same_step(rows_dir, env, tmp_pa
 # ----------------------------------------------------------------------------- hard kills
 
 
+@pytest.mark.slow
 def test_kill9_during_an_async_save_resumes_from_the_previous_checkpoint(rows_dir, env, reference,
                                                                          tmp_path):
   """kill -9 while checkpoint 3 sits written but uncommitted in its temporary folder (its commit
@@ -326,37 +335,41 @@ def test_kill9_during_an_async_save_resumes_from_the_previous_checkpoint(rows_di
   assert_same_run(workdir, reference)
 
 
-@pytest.mark.parametrize("every,seed", [(1, 0), (3, 1)])
-def test_kill9_at_a_random_moment_then_resume_is_bit_identical(rows_dir, env, reference, tmp_path,
-                                                              every, seed):
-  """kill -9 at a random moment after the first checkpoint (with a save after every step it mostly
-  hits an async save in flight or the deletion of an old one; with one every 3 steps, a step or
-  the time between saves), then the same command: same metrics, parameters, optimizer state and
+@pytest.mark.slow
+@pytest.mark.parametrize("every,hold,checkpoints,logged", [
+    (1, 4, [2, 3], [1, 2, 3]),     # a save after every step: checkpoint 3 the last one
+    (3, 6, [3], [1, 2, 3, 4]),     # step 4's metrics logged after checkpoint 3, then rewound
+], ids=["saving_every_step", "between_saves"])
+def test_kill9_inside_a_step_then_resume_is_bit_identical(rows_dir, env, reference, tmp_path,
+                                                         every, hold, checkpoints, logged):
+  """kill -9 inside step `hold` (tests/fault_run.py holds the run there: the step's batch taken
+  from the data and its update computed, its metrics and checkpoint not written, every earlier
+  checkpoint committed), then the same command: same metrics, parameters, optimizer state and
   data position as the run that was never interrupted."""
-  delay = random.Random(seed).uniform(0.0, 0.4)
   workdir = tmp_path / "run"
   cmd = command(fault_config(rows_dir, checkpoint__every_steps=every), workdir)
-  proc = start(cmd, env)
-  wait_for(lambda: (workdir / "checkpoints").is_dir() and complete_steps(workdir), proc)
-  time.sleep(delay)
+  proc = start(cmd, dict(env, FAULT_HOLD_IN_STEP=str(hold)))
+  read_until(proc, f"{fault_run.HOLDING} {hold}\n", timeout=300)
   proc.kill()
   proc.wait()
-  where = (f"killed {delay:.3f} s after checkpoint {every}: complete {complete_steps(workdir)}, "
-           f"temporary {temporary_folders(workdir)}, logged steps {metric_steps(workdir)}")
-  print(where)
+  assert complete_steps(workdir) == checkpoints  # killed in step `hold`
+  assert not temporary_folders(workdir) and metric_steps(workdir) == logged
+  assert (workdir / "run.lock").exists() and not (workdir / "summary.json").exists()
   resumed = run(cmd, env)
-  assert resumed.returncode == 0, (where, resumed.stderr[-3000:])
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert f"resuming from step {checkpoints[-1]} of {STEPS}" in resumed.stderr
   assert_same_run(workdir, reference)
 
 
 # ----------------------------------------------------------------------------- checkpoint integrity
 
 
-def test_every_complete_checkpoint_carries_the_sha256_of_its_files(reference):
+def test_every_complete_checkpoint_carries_the_sha256_of_its_files(tiny_run):
   """checksums.json (written before orbax's commit rename) lists every file of the items with its
   sha256, computed here with hashlib; only orbax's commit records are left out."""
-  for step in complete_steps(reference):
-    folder = reference / "checkpoints" / str(step)
+  assert complete_steps(tiny_run.workdir) == [1, 2, 3, 4]
+  for step in complete_steps(tiny_run.workdir):
+    folder = tiny_run.workdir / "checkpoints" / str(step)
     listed = json.loads((folder / ckpt.MANIFEST).read_text())["sha256"]
     on_disk = {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
                for p in folder.rglob("*") if p.is_file()}
@@ -397,37 +410,38 @@ def tear_the_manifest(folder):
 
 @pytest.mark.parametrize("harm", [remove_a_file, add_a_file, alter_a_byte, remove_the_manifest,
                                   tear_the_manifest])
-def test_damage_names_what_differs_from_the_checksums(reference, tmp_path, harm):
+def test_damage_names_what_differs_from_the_checksums(tiny_run, tmp_path, harm):
   folder = tmp_path / "2"
-  shutil.copytree(reference / "checkpoints" / "2", folder)
+  shutil.copytree(tiny_run.workdir / "checkpoints" / "2", folder)
   assert ckpt.damage(str(folder)) is None
   expected = harm(folder)
   assert ckpt.damage(str(folder)).startswith(expected)
 
 
-def test_a_damaged_latest_checkpoint_is_never_trained_on(rows_dir, env, reference, tmp_path):
+@pytest.mark.slow
+def test_a_damaged_latest_checkpoint_is_never_trained_on(tiny_run, tmp_path):
   """One bit of checkpoint 4's parameters flipped after it was written: the resumed run says in one
-  line that it uses checkpoint 3 instead, moves 4 aside, and ends as the reference run."""
-  workdir = stopped_copy(reference, 4, tmp_path / "run")
+  line that it uses checkpoint 3 instead, moves 4 aside, and ends as the run it was copied from."""
+  workdir = stopped_copy(tiny_run.workdir, 4, tmp_path / "run")
   params = workdir / "checkpoints" / "4" / "params"
   flip_a_byte(largest_file(params))
-  resumed = run(command(fault_config(rows_dir), workdir), env)
-  assert resumed.returncode == 0, resumed.stderr[-3000:]
-  [line] = warning_lines(resumed.stderr, "cannot be used")
+  code, _, err = train_here(workdir, tiny_run.config)
+  assert code == 0, err[-3000:]
+  [line] = warning_lines(err, "cannot be used")
   assert re.search(rf"checkpoint {re.escape(str(workdir))}/checkpoints/4 cannot be used: its file "
                    r"params/\S+ is not what was written \(its sha256 differs from "
                    r"checksums.json\); "
                    r"using checkpoint 3, the newest usable one; moved to "
                    rf"{re.escape(str(workdir))}/rejected_checkpoints$", line), line
-  assert f"resuming from step 3 of {STEPS}" in resumed.stderr
+  assert "resuming from step 3 of 4" in err
   assert (workdir / "rejected_checkpoints" / "4" / "params").is_dir()
-  assert_same_run(workdir, reference)
+  assert_same_run(workdir, tiny_run.workdir)
 
 
-def test_restore_skips_a_checkpoint_orbax_cannot_read(reference, tmp_path, caplog):
+def test_restore_skips_a_checkpoint_orbax_cannot_read(tiny_run, tmp_path, caplog):
   """Checkpoint 3 lost its params manifest.ocdbt and was sealed again (its checksums match, orbax
   cannot read it): inference uses checkpoint 2, says so, and moves nothing."""
-  workdir = stopped_copy(reference, 3, tmp_path / "run")
+  workdir = stopped_copy(tiny_run.workdir, 3, tmp_path / "run")
   folder = workdir / "checkpoints" / "3"
   (folder / "params" / "manifest.ocdbt").unlink()
   files.write_json(str(folder / ckpt.MANIFEST), {"sha256": ckpt.checksums(str(folder))})
@@ -436,14 +450,14 @@ def test_restore_skips_a_checkpoint_orbax_cannot_read(reference, tmp_path, caplo
   assert re.search(rf"checkpoint {re.escape(str(workdir))}/checkpoints/3 cannot be used: orbax "
                    r"cannot read it: .*; using checkpoint 2, the newest usable one$", caplog.text,
                    re.MULTILINE), caplog.text
-  expected, _, _, _ = ckpt.restore_model(str(reference), step=2)
+  expected, _, _, _ = ckpt.restore_model(str(tiny_run.workdir), step=2)
   for a, b in zip(jax.tree.leaves(nnx.state(model)), jax.tree.leaves(nnx.state(expected))):
     assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
   assert complete_steps(workdir) == [1, 2, 3] and not (workdir / "rejected_checkpoints").exists()
 
 
-def test_no_usable_checkpoint_is_one_error(reference, tmp_path):
-  workdir = stopped_copy(reference, 2, tmp_path / "run")
+def test_no_usable_checkpoint_is_one_error(tiny_run, tmp_path):
+  workdir = stopped_copy(tiny_run.workdir, 2, tmp_path / "run")
   for step in (1, 2):
     flip_a_byte(largest_file(workdir / "checkpoints" / str(step) / "params"))
   with pytest.raises(ckpt.CheckpointError, match=(
@@ -522,6 +536,7 @@ HOLD_LOCK = ("import sys, time; from dft_jax import run_control; "
              "time.sleep(600)")
 
 
+@pytest.mark.slow
 def test_workdir_lock_names_its_holder_and_is_taken_over_after_a_kill(env, tmp_path, caplog):
   holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(tmp_path)], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, text=True)
@@ -560,6 +575,7 @@ def test_without_flock_a_live_pid_on_this_host_holds_the_lock(tmp_path, monkeypa
     alive.kill()
 
 
+@pytest.mark.slow
 def test_a_second_run_is_refused_until_the_first_is_killed(rows_dir, env, reference, tmp_path):
   """While a run trains, the same command on its workdir is refused in one line naming it (and
   changes nothing); after a kill -9 of the first, the command takes the stale lock over, resumes
@@ -586,37 +602,38 @@ def test_a_second_run_is_refused_until_the_first_is_killed(rows_dir, env, refere
 # ----------------------------------------------------------------------------- resume
 
 
-def test_a_finished_run_run_again_prints_its_summary_and_changes_nothing(rows_dir, env, reference,
-                                                                         tmp_path):
+def test_a_finished_run_run_again_prints_its_summary_and_changes_nothing(tiny_run, tmp_path):
   workdir = tmp_path / "run"
-  shutil.copytree(reference, workdir)
+  shutil.copytree(tiny_run.workdir, workdir)
   before, times = tree_digest(workdir), file_times(workdir)
-  again = run(command(fault_config(rows_dir), workdir), env)
-  assert again.returncode == 0, again.stderr[-3000:]
-  assert f"{workdir}: this run finished all its {STEPS} steps; nothing to do" in again.stderr
-  assert f"dft on {TINY}: {STEPS} steps in" in again.stdout
-  assert "loading" not in again.stderr and "compiling" not in again.stderr
+  code, out, err = train_here(workdir, tiny_run.config)
+  assert code == 0, err[-3000:]
+  assert f"{workdir}: this run finished all its 4 steps; nothing to do" in err
+  assert f"dft on {TINY}: 4 steps in" in out
+  assert "loading" not in err and "compiling" not in err
   assert tree_digest(workdir) == before and file_times(workdir) == times
 
 
-def test_a_changed_field_on_resume_is_refused_unless_allowed(rows_dir, env, reference, tmp_path):
+@pytest.mark.slow
+def test_a_changed_field_on_resume_is_refused_unless_allowed(tiny_run, tmp_path):
   """Another learning rate and compute dtype on resume: refused in one line naming both fields
   with their old and new values, nothing changed; with --allow_config_change the run resumes,
   logs the changes and config.json holds the new values."""
-  workdir = stopped_copy(reference, 6, tmp_path / "run")
-  changed = fault_config(rows_dir, optimizer__learning_rate=2e-3, model__compute_dtype="bfloat16")
+  workdir = stopped_copy(tiny_run.workdir, 2, tmp_path / "run")
+  changed = tiny_run.config.copy_and_resolve_references()
+  changed.optimizer.learning_rate, changed.model.compute_dtype = 2e-3, "bfloat16"
   before = tree_digest(workdir)
-  refused = run(command(changed, workdir), env)
-  assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
-  [line] = error_lines(refused.stderr)
+  code, _, err = train_here(workdir, changed)
+  assert code == 2 and "Traceback" not in err, err[-3000:]
+  [line] = error_lines(err)
   assert (f"--workdir={workdir} holds checkpoints of a run with model.compute_dtype='float32', "
           "optimizer.learning_rate=0.001, but this run has model.compute_dtype='bfloat16', "
           "optimizer.learning_rate=0.002: run the same config to resume, pass "
           "--allow_config_change") in line, line
-  assert "loading" not in refused.stderr and tree_digest(workdir) == before
-  allowed = run(command(changed, workdir, "--allow_config_change"), env)
-  assert allowed.returncode == 0, allowed.stderr[-3000:]
-  [line] = warning_lines(allowed.stderr, "--allow_config_change")
+  assert "loading" not in err and tree_digest(workdir) == before
+  code, _, err = train_here(workdir, changed, "--allow_config_change")
+  assert code == 0, err[-3000:]
+  [line] = warning_lines(err, "--allow_config_change")
   assert line.endswith(f"{workdir} resumes with model.compute_dtype='bfloat16', "
                        "optimizer.learning_rate=0.002 (its checkpoints were written with "
                        "model.compute_dtype='float32', optimizer.learning_rate=0.001); config.json "
@@ -624,19 +641,21 @@ def test_a_changed_field_on_resume_is_refused_unless_allowed(rows_dir, env, refe
   config = json.loads((workdir / "config.json").read_text())
   assert (config["optimizer"]["learning_rate"], config["model"]["compute_dtype"]) == (2e-3,
                                                                                       "bfloat16")
-  assert metric_steps(workdir) == list(range(1, STEPS + 1))
+  assert metric_steps(workdir) == [1, 2, 3, 4]
 
 
 # ----------------------------------------------------------------------------- non-finite values
 
 
-def test_nan_batch_is_skipped_and_only_finite_states_are_saved(rows_dir, env, tmp_path):
+@pytest.mark.slow
+def test_nan_batch_is_skipped_and_only_finite_states_are_saved(rows_dir, tmp_path, monkeypatch):
   """train.nonfinite=skip: a NaN batch at step 2 leaves parameters and optimizer state exactly
   as after step 1 (checked bit for bit in checkpoint 2), is counted, and training goes on."""
   workdir = tmp_path / "run"
   config = fault_config(rows_dir, train__num_steps=3, checkpoint__keep=3)
-  result = run(command(config, workdir), dict(env, FAULT_NAN_AT_STEP="2"))
-  assert result.returncode == 0, result.stderr[-3000:]
+  monkeypatch.setattr(data, "make_train_iterator", fault_run.poisoned(data.make_train_iterator, 2))
+  code, _, err = train_here(workdir, config)
+  assert code == 0, err[-3000:]
   rows = read_jsonl(workdir / "metrics.jsonl")
   assert [r["skipped"] for r in rows] == [0.0, 1.0, 0.0] and np.isnan(rows[1]["loss"])
   assert json.loads((workdir / "summary.json").read_text())["skipped_steps"] == 1
@@ -666,15 +685,17 @@ def test_metric_writers_write_nan_without_a_warning_per_value(tmp_path, caplog):
   assert all(np.isnan(e.value) for e in acc.Scalars("grad_norm"))
 
 
-def test_nan_batch_stops_the_run_with_one_line(rows_dir, env, tmp_path):
+@pytest.mark.slow
+def test_nan_batch_stops_the_run_with_one_line(rows_dir, tmp_path, monkeypatch):
   """train.nonfinite=stop: one line naming the step and where its batch starts, exit 2, and no
   checkpoint of that step or later (checkpoints are written after every step here)."""
   workdir = tmp_path / "run"
   config = fault_config(rows_dir, train__num_steps=4, train__nonfinite="stop")
-  result = run(command(config, workdir), dict(env, FAULT_NAN_AT_STEP="2"))
-  assert result.returncode == 2
-  assert "Traceback" not in result.stderr
-  [line] = error_lines(result.stderr)
+  monkeypatch.setattr(data, "make_train_iterator", fault_run.poisoned(data.make_train_iterator, 2))
+  code, _, err = train_here(workdir, config)
+  assert code == 2
+  assert "Traceback" not in err
+  [line] = error_lines(err)
   assert line.startswith("dft_jax: error: step 2: non-finite loss or gradient (loss=nan")
   assert '"epoch": 0, "row": 8' in line and "train.nonfinite='stop'" in line
   assert complete_steps(workdir) == [1] and not temporary_folders(workdir)
@@ -709,6 +730,7 @@ def with_file_size_limit(cmd, limit):
   return [sys.executable, "-c", limit_and_exec, *cmd]
 
 
+@pytest.mark.slow
 def test_full_disk_during_a_save_keeps_earlier_checkpoints(rows_dir, env, reference, tmp_path):
   """A run resumed from checkpoint 2 cannot write checkpoint 3 (files over 256 KiB fail, the
   state's are ~1 MiB): one line naming the folder and the intact checkpoint, exit 2; once the
@@ -735,32 +757,35 @@ def test_full_disk_during_a_save_keeps_earlier_checkpoints(rows_dir, env, refere
   assert_same_run(workdir, reference)
 
 
-def test_workdir_of_another_model_or_config_is_refused(rows_dir, env, reference, tmp_path):
+@pytest.mark.slow
+def test_workdir_of_another_model_or_config_is_refused(tiny_run, tmp_path):
   """Another model in a workdir with checkpoints: refused by config.json (one line, before any
   work); without config.json the restore itself fails in one line. Nothing in the folder changes,
-  and the original command then resumes and ends as the reference."""
-  workdir = stopped_copy(reference, 4, tmp_path / "run")
-  qwen = fault_config(rows_dir, model__name=str(REPO / "tests" / "fixtures" / "tiny_qwen2"))
+  and the original command then resumes and ends as the run it was copied from."""
+  workdir = stopped_copy(tiny_run.workdir, 2, tmp_path / "run")
+  qwen = tiny_run.config.copy_and_resolve_references()
+  qwen.model.name = str(REPO / "tests" / "fixtures" / "tiny_qwen2")
   before = tree_digest(workdir)
-  refused = run(command(qwen, workdir), env)
-  assert refused.returncode == 2
-  [line] = error_lines(refused.stderr)
+  code, _, err = train_here(workdir, qwen)
+  assert code == 2
+  [line] = error_lines(err)
   assert "holds checkpoints of a run with model.name=" in line and "tiny_llama" in line
   assert tree_digest(workdir) == before
   (workdir / "config.json").unlink()
   before = tree_digest(workdir)
-  mismatch = run(command(qwen, workdir), env)
-  assert mismatch.returncode == 2 and "Traceback" not in mismatch.stderr
-  [line] = error_lines(mismatch.stderr)
-  assert line.startswith(f"dft_jax: error: cannot restore checkpoint step 4 from "
+  code, _, err = train_here(workdir, qwen)
+  assert code == 2 and "Traceback" not in err
+  [line] = error_lines(err)
+  assert line.startswith(f"dft_jax: error: cannot restore checkpoint step 2 from "
                          f"{workdir / 'checkpoints'}: "), line
   assert "written for another model or config" in line
   assert tree_digest(workdir) == before  # config.json is written only after a good restore
-  resumed = run(command(fault_config(rows_dir), workdir), env)
-  assert resumed.returncode == 0, resumed.stderr[-3000:]
-  assert_same_run(workdir, reference)
+  code, _, err = train_here(workdir, tiny_run.config)
+  assert code == 0, err[-3000:]
+  assert_same_run(workdir, tiny_run.workdir)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
 def test_read_only_workdir_is_one_line(rows_dir, env, tmp_path):
   workdir = tmp_path / "run"
@@ -780,59 +805,3 @@ def test_rewind_jsonl_drops_rows_after_the_checkpoint_and_a_torn_line(tmp_path):
   assert [r["step"] for r in read_jsonl(path)] == [1, 2, 3]
   run_control.rewind_jsonl(str(path), 0)
   assert path.read_text() == ""
-
-
-# ----------------------------------------------------------------------------- bad input corpus
-
-
-@pytest.fixture(scope="module")
-def corpus_results(rows_dir, tmp_path_factory):
-  """Every case of tests/bad_inputs/cases.json through its CLI entry, in forks of one process.
-
-  In a case, {here} is the corpus folder, {tmp} a folder of its own and {trained} the workdir of
-  a one-step run made first; "workdir_in_use": true runs it while its workdir is locked.
-  """
-  tmp = tmp_path_factory.mktemp("bad_inputs")
-  base = cli_flags(fault_config(rows_dir, train__num_steps=1))
-  trained = tmp / "trained_run"
-  jobs = [dict(name="trained_run", entry="train", argv=[*base, f"--workdir={trained}"])]
-  for case in CASES:
-    argv = [a.format(here=CORPUS, tmp=tmp / case["name"], trained=trained) for a in case["argv"]]
-    entry = case.get("entry", "train")
-    workdir = tmp / case["name"] / "run"
-    if entry == "train":  # ml_collections wants --config=FILE before any --config.a.b override
-      config_files = [a for a in argv if a.startswith("--config=")]
-      argv = [*config_files, *base, f"--workdir={workdir}",
-              *(a for a in argv if a not in config_files)]
-    jobs.append(dict(name=case["name"], entry=entry, argv=argv,
-                     hold_lock=str(workdir) if case.get("workdir_in_use") else None))
-  (tmp / "jobs.json").write_text(json.dumps(jobs))
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count=8 {FAST_COMPILE}")
-  result = subprocess.run([sys.executable, str(CORPUS / "runner.py"), str(tmp / "jobs.json"),
-                           str(tmp / "results.json")], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=600)
-  assert result.returncode == 0, result.stderr[-3000:]
-  results = json.loads((tmp / "results.json").read_text())
-  assert results["trained_run"]["code"] == 0, results["trained_run"]["stderr"][-3000:]
-  assert not list(tmp.rglob("run.lock"))  # released on every way out
-  return results
-
-
-def test_corpus_has_every_kind_of_case():
-  names = [c["name"] for c in CASES]
-  assert len(names) >= 60 and len(set(names)) == len(names)
-  for kind, least in (("config_", 15), ("data_", 7), ("model_", 4), ("resume_", 2),
-                      ("workdir_", 2)):
-    assert sum(n.startswith(kind) for n in names) >= least, kind
-
-
-@pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
-def test_bad_input_is_one_line_naming_it(corpus_results, case):
-  result = corpus_results[case["name"]]
-  output = result["stdout"] + result["stderr"]
-  assert result["code"] == 2, output[-3000:]
-  assert "Traceback" not in output, output[-3000:]
-  lines = error_lines(result["stderr"])
-  assert len(lines) == 1, output[-3000:]
-  assert case["expect"].format(here=CORPUS) in lines[0], lines[0]

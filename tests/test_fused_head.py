@@ -1,5 +1,6 @@
 """lm_head.fused_loss / fused_objective_loss (gradient formed in the forward pass) against the naive
 head (full logits, token_stats_naive + objectives.objective_loss, autodiff); the exact block top-k."""
+import dataclasses
 import re
 
 import jax
@@ -14,8 +15,9 @@ from dft_jax.errors import ConfigError
 
 B, T, D, V = 4, 37, 16, 50  # B * T = 148 tokens: no chunk size used here divides them
 CHUNK = 16                   # 4 rows x 4 positions per chunk, T padded to 40
-# Every objective the fused head fits (not dft_seq, iw_sft, asft), and other statistics;
-# each with the entropy bonus and the KL anchor on, so that their gradients flow too.
+# Every objective (the fused head fits them all: closed-form gradients, sequence gates from a
+# forward-only pass, the reference's logits in the chunk loop), and other statistics; each with the
+# entropy bonus and the KL anchor on, so that their gradients flow too.
 PER_TOKEN = [dict(name=name) for name in objectives.OBJECTIVES
              if step_lib.fused_head_fits(objectives.validate(dict(name=name)))] + [
     dict(name="eaft", eaft=dict(entropy="full", norm=4.0)),
@@ -26,7 +28,8 @@ CFG_IDS = [f"{c['name']}-{c.get(c['name'], '')}" for c in PER_TOKEN]
 
 def make_data(seed=0):
   """Two packed documents per row, padding (zero hidden states, targets -100, no loss) at the end
-  of the last row, one unmasked token per row masked; old_logp / ref_logp near the model's."""
+  of the last row, one unmasked token per row masked; old_logp / ref_logp near the model's, a
+  reference model's hidden states and head weight near the model's."""
   rng = np.random.default_rng(seed)
   hidden = rng.normal(size=(B, T, D)).astype(np.float32)
   w = (2.0 * rng.normal(size=(D, V)) / np.sqrt(D)).astype(np.float32)
@@ -40,16 +43,27 @@ def make_data(seed=0):
   loss_mask[:, 19] = 0.0
   logp = np.asarray(lm_head.token_stats_naive(hidden, w, targets)["logp"])
   extra = {"old_logp": logp + rng.normal(scale=0.3, size=(B, T)).astype(np.float32),
-           "ref_logp": logp + rng.normal(scale=0.3, size=(B, T)).astype(np.float32)}
-  return dict(hidden=hidden, w=w, targets=targets, loss_mask=loss_mask,
-              segment_ids=segment_ids), extra
+           "ref_logp": logp + rng.normal(scale=0.3, size=(B, T)).astype(np.float32),
+           "token_key": np.asarray(step_lib.token_keys(seed, 0, (B, T)))}
+  ref_hidden = (hidden + 0.5 * rng.normal(size=hidden.shape)).astype(np.float32)
+  ref_w = (w + 0.2 * rng.normal(size=w.shape)).astype(np.float32)
+  return dict(hidden=hidden, w=w, targets=targets, loss_mask=loss_mask, segment_ids=segment_ids,
+              ref_hidden=ref_hidden, ref_w=ref_w), extra
+
+
+def reference_of(batch, setting):
+  """The reference model's hidden states and head weight, when a statistic compares with it."""
+  if not lm_head.needs_reference(setting.stats):
+    return {}
+  return dict(ref_hidden_BxTxD=batch["ref_hidden"], ref_w_DxV=batch["ref_w"])
 
 
 def naive_loss(hidden, w, batch, cfg, extra, compute_dtype=None):
   """(loss, metrics) through the full logits: the reference."""
   setting = objectives.validate(cfg)
   stats = lm_head.token_stats_naive(hidden, w, batch["targets"], compute_dtype=compute_dtype,
-                                    stats=setting.stats)
+                                    stats=setting.stats, extra_BxT=extra,
+                                    **reference_of(batch, setting))
   return objectives.objective_loss({**stats, **extra}, batch, setting)
 
 
@@ -57,7 +71,8 @@ def fused(hidden, w, batch, cfg, extra, **kwargs):
   setting = objectives.validate(cfg)
   needed = {k: v for k, v in extra.items() if k in setting.needs}
   return step_lib.objective_loss_fused(hidden, w, batch, setting, extra_BxT=needed,
-                                      chunk_size=kwargs.pop("chunk_size", CHUNK), **kwargs)
+                                      chunk_size=kwargs.pop("chunk_size", CHUNK),
+                                      **reference_of(batch, setting), **kwargs)
 
 
 def value_and_grads(loss_fn, data, cfg, extra, **kwargs):
@@ -127,7 +142,8 @@ def test_psft_with_the_current_policy_as_snapshot():
 
   def naive_current(hidden, w, batch, cfg, extra):
     setting = objectives.validate(cfg)
-    stats = lm_head.token_stats_naive(hidden, w, batch["targets"], stats=setting.stats)
+    stats = lm_head.token_stats_naive(hidden, w, batch["targets"], stats=setting.stats,
+                                      extra_BxT=extra)
     stats = dict(stats, old_logp=jax.lax.stop_gradient(stats["logp"]), **extra)
     return objectives.objective_loss(stats, batch, setting)
 
@@ -317,7 +333,7 @@ def count_dots(loss_fn, cfg, chunk_size=32):
 def checkpointed_loss(hidden, w, batch, cfg, extra, chunk_size):
   setting = objectives.validate(cfg)
   stats = lm_head.token_stats(hidden, w, batch["targets"], chunk_size=chunk_size,
-                              stats=setting.stats)
+                              stats=setting.stats, extra_BxT=extra)
   return objectives.objective_loss({**stats, **extra}, batch, setting)
 
 
@@ -333,13 +349,40 @@ def test_three_matmuls_a_chunk_instead_of_four(cfg):
 
 def test_what_the_fused_head_refuses():
   data, extra = make_data()
-  for name in ("dft_seq", "iw_sft", "asft"):  # sequence sums / the reference's distribution
-    assert not step_lib.fused_head_fits(objectives.validate(dict(name=name)))
-    with pytest.raises(ConfigError, match=f"objective.name='{name}': the fused LM head"):
-      fused(data["hidden"], data["w"], data, dict(name=name), extra)
-  with pytest.raises(ConfigError, match="'kl_from_ref' is not available in fused_loss .*"
+  assert all(step_lib.fused_head_fits(objectives.validate(dict(name=name)))
+             for name in objectives.OBJECTIVES)
+  without_gradient = lm_head.Statistic("sum_of_logits", lambda logp_xV, _: logp_xV.sum(-1))
+  assert not step_lib.fused_head_fits(dataclasses.replace(
+      objectives.validate(dict(name="sft")), stats=(lm_head.LOGP, without_gradient)))
+  with pytest.raises(ConfigError, match="'sum_of_logits' is not available in fused_loss .*"
                                        "token_stats has it"):
+    lm_head.fused_loss(data["hidden"], data["w"], data["targets"], per_token_loss=lambda v: 0.0,
+                       weights_BxT=data["loss_mask"], stats=("logp", without_gradient))
+  with pytest.raises(ConfigError, match="compare with a reference model: pass its"):
     lm_head.fused_loss(data["hidden"], data["w"], data["targets"], per_token_loss=lambda v: 0.0,
                        weights_BxT=data["loss_mask"], stats=("logp", "kl_from_ref"))
   with pytest.raises(ConfigError, match="chunk_size=0"):
     fused(data["hidden"], data["w"], data, dict(name="sft"), extra, chunk_size=0)
+
+
+def test_reference_objectives_cost_one_more_matmul_a_chunk():
+  """ASFT forms the reference's chunk logits in the loop, iw-SFT a forward-only pass of the head
+  for its sequence gates: four matmuls a chunk where SFT's per-token objectives take three (the
+  reference's own forward runs outside the head)."""
+  shapes = dict(hidden=((2, 64, 16), jnp.bfloat16), w=((16, 300), jnp.float32),
+                targets=((2, 64), jnp.int32), loss_mask=((2, 64), jnp.float32),
+                segment_ids=((2, 64), jnp.int32), ref_logp=((2, 64), jnp.float32))
+  args = {k: jax.ShapeDtypeStruct(*v) for k, v in shapes.items()}
+  batch = {k: args[k] for k in ("targets", "loss_mask", "segment_ids")}
+  dots = {}
+  for name in ("sft", "asft", "iw_sft"):
+    setting = objectives.validate(dict(name=name))
+    extra = {"ref_logp": args["ref_logp"]} if "ref_logp" in setting.needs else {}
+    ref = (dict(ref_hidden_BxTxD=args["hidden"], ref_w_DxV=args["w"])
+           if lm_head.needs_reference(setting.stats) else {})
+    loss = lambda h, w, b, e, r, s=setting: step_lib.objective_loss_fused(
+        h, w, b, s, extra_BxT=e, chunk_size=32, **r)[0]
+    text = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(
+        args["hidden"], args["w"], batch, extra, ref).as_text()
+    dots[name] = text.count("stablehlo.dot_general")
+  assert dots == {"sft": 3, "asft": 4, "iw_sft": 4}

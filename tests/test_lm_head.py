@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from dft_jax import lm_head, objectives
+from dft_jax import step as step_lib
 from dft_jax.errors import ConfigError
 from objectives_testlib import objective_cfg, stats_from_logits
 
@@ -34,23 +35,26 @@ def make_data(seed=0):
   ref_logp = lm_head.token_stats_naive(ref_hidden, ref_w, targets)["logp"]
   return dict(hidden=hidden, w=w, targets=targets, loss_mask=mask, segment_ids=segment_ids,
               old_logp=old_logp.astype(np.float32), ref_logp=np.asarray(ref_logp),
-              ref_hidden=ref_hidden, ref_w=ref_w)
+              ref_hidden=ref_hidden, ref_w=ref_w,
+              token_key=np.asarray(step_lib.token_keys(seed, 0, (B, T))))
 
 
 def composite_loss(hidden, w, data, cfg, head):
   setting = objectives.validate(cfg)
   stats = head(hidden, w, data["targets"], stats=setting.stats,
-               ref_hidden_BxTxD=data["ref_hidden"], ref_w_DxV=data["ref_w"])
-  stats = dict(stats, old_logp=data["old_logp"], ref_logp=data["ref_logp"])
+               ref_hidden_BxTxD=data["ref_hidden"], ref_w_DxV=data["ref_w"],
+               extra_BxT={"token_key": data["token_key"]})
+  stats = dict(stats, old_logp=data["old_logp"], ref_logp=data["ref_logp"],
+               token_key=data["token_key"])
   return objectives.objective_loss(stats, data, setting)[0]
 
 
 def reference_head(hidden, w, targets, stats=lm_head.DEFAULT_STATS, ref_hidden_BxTxD=None,
-                   ref_w_DxV=None):
-  """Full logits -> the objectives' math directly, independent of lm_head's statistics table."""
+                   ref_w_DxV=None, extra_BxT=None):
+  """Full logits -> the statistics' own math directly, not through the heads."""
   full = lambda h, m: jnp.einsum("btd,dv->btv", h, m, precision="highest")
   ref_logits = None if ref_hidden_BxTxD is None else full(ref_hidden_BxTxD, ref_w_DxV)
-  return stats_from_logits(full(hidden, w), targets, stats, ref_logits)
+  return stats_from_logits(full(hidden, w), targets, stats, ref_logits, extra_BxT)
 
 
 NAIVE = lm_head.token_stats_naive

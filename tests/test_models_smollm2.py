@@ -45,6 +45,7 @@ def test_logits_match_transformers_gguf(logits, golden):
   assert np.abs(logits[at[:, 0], at[:, 1]] - golden["full_logits"]).max() <= ATOL
 
 
+@pytest.mark.slow
 def test_greedy_continuations_match_transformers(smollm2, golden):
   """Theirs ran on past EOS (min_new_tokens masks it); ours stops at the first EOS it picks. So
   the rows agree up to our stop, and our stop is an EOS of our own greedy choice (row 0 stops
@@ -72,6 +73,7 @@ def test_chat_template_prompt_matches_golden(smollm2, golden):
   assert ids == golden["prompt_ids"][0, :golden["prompt_lengths"][0]].tolist()
 
 
+@pytest.mark.slow
 def test_generate_cli_answers_paris(capsys):
   generate.cli_main(["dft_jax.generate", "--model=smollm2-135m-instruct",
                      "--prompt=What is the capital of France?", "--max_new_tokens=16"])

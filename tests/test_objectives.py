@@ -313,8 +313,9 @@ def test_dft_seq_long_response_underflows_to_zero_finitely():
                                 axis=1)
   logp = jnp.where(segment_ids == 1, -0.5, -1.0)  # sums -50 and -200: exp(-200) underflows
   mask = jnp.ones((2, 300))
-  loss_fn = lambda lp: objectives.aggregate(
-      objectives.dft_seq(lp, loss_mask=mask, segment_ids=segment_ids), mask)
+  setting = objectives.validate({"name": "dft_seq"})
+  loss_fn = lambda lp: objectives.aggregate(objectives.per_token_terms(
+      {"logp": lp}, dict(loss_mask=mask, segment_ids=segment_ids), setting)["objective"], mask)
   loss, grad = jax.jit(jax.value_and_grad(loss_fn))(logp)
   np.testing.assert_allclose(grad[:, :100], -np.exp(-50.0) / 600, rtol=1e-5)  # short: live
   assert np.all(np.asarray(grad[:, 100:]) == 0.0) and np.isfinite(loss)      # long: underflow

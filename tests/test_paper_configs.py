@@ -59,6 +59,7 @@ def write_rows(path, prompt_field, response_field, n=24):
   return str(path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,prompt_field", [
     ("dft_numina_qwen25_math_1p5b", None),
     # The hub rows keep the user turn at prompt[1].content; the local file has it flat.

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from dft_jax import config_files, lm_head, objectives
+from dft_jax import step as step_lib
 
 NAMES = list(objectives.OBJECTIVES)
 
@@ -26,7 +27,8 @@ def test_defaults_validate_and_round_trip(name):
     assert hp.ok(hp.default), (name, field)
   again = objectives.validate(json.loads(block.to_json()))
   assert again == setting
-  assert set(record.needs) <= set(objectives.NEEDS) and setting.needs == set(record.needs)
+  sides = {n for stat in setting.stats for n in stat.side if n != "reference"}
+  assert setting.needs == set(record.needs) | sides and setting.needs <= set(objectives.NEEDS)
   assert all(isinstance(stat, lm_head.Statistic) for stat in setting.stats)
   assert [s.name for s in setting.stats[:2]] == ["logp", "entropy"]
 
@@ -48,14 +50,16 @@ def make_data(seed=0, b=2, t=9, d=6, v=41):  # v > EAFT's default top-20
               loss_mask=mask, segment_ids=segment_ids,
               ref_hidden=(hidden + 0.4 * rng.normal(size=hidden.shape)).astype(np.float32),
               ref_w=(w + 0.2 * rng.normal(size=w.shape)).astype(np.float32),
-              old_logp=(-3.0 + rng.normal(size=(b, t))).astype(np.float32))
+              old_logp=(-3.0 + rng.normal(size=(b, t))).astype(np.float32),
+              token_key=np.asarray(step_lib.token_keys(seed, 0, (b, t))))
 
 
 def loss(hidden, w, data, cfg, head):
   setting = objectives.validate(cfg)
   stats = head(hidden, w, data["targets"], stats=setting.stats,
-               ref_hidden_BxTxD=data["ref_hidden"], ref_w_DxV=data["ref_w"])
-  stats["old_logp"] = data["old_logp"]
+               ref_hidden_BxTxD=data["ref_hidden"], ref_w_DxV=data["ref_w"],
+               extra_BxT={"token_key": data["token_key"]})
+  stats.update(old_logp=data["old_logp"], token_key=data["token_key"])
   stats["ref_logp"] = lm_head.token_stats_naive(data["ref_hidden"], data["ref_w"],
                                                 data["targets"], stats=(lm_head.LOGP,))["logp"]
   return objectives.objective_loss(stats, data, setting)[0]
@@ -88,8 +92,9 @@ def test_metric_names_are_the_metrics_the_loss_reports(name):
   setting = objectives.validate(cfg)
   stats = lm_head.token_stats_naive(data["hidden"], data["w"], data["targets"],
                                     stats=setting.stats, ref_hidden_BxTxD=data["ref_hidden"],
-                                    ref_w_DxV=data["ref_w"])
-  stats.update(old_logp=data["old_logp"], ref_logp=data["old_logp"])
+                                    ref_w_DxV=data["ref_w"],
+                                    extra_BxT={"token_key": data["token_key"]})
+  stats.update(old_logp=data["old_logp"], ref_logp=data["old_logp"], token_key=data["token_key"])
   _, metrics = objectives.objective_loss(stats, data, setting)
   reported = {k for k in objectives.finalize_metrics(metrics) if not k.startswith("hist/")}
   assert set(objectives.metric_names(setting)) == reported

@@ -26,6 +26,7 @@ from conftest import FAST_COMPILE
 
 REPO = pathlib.Path(__file__).parent.parent
 TINY = str(REPO / "tests" / "fixtures" / "tiny_llama")
+SLOW = pytest.mark.slow  # the other settings of a parametrised test: the slow tier
 
 
 def write_rows(path, n=64, seed=0):
@@ -107,7 +108,8 @@ def reference_run(objective, rows_path):
 
 
 @pytest.mark.parametrize("objective,layout", [
-    ("dft", dict(data=8)), ("dft", dict(fsdp=8)), ("dft", dict(data=2, tensor=4)),
+    pytest.param("dft", dict(data=8), marks=SLOW), pytest.param("dft", dict(fsdp=8), marks=SLOW),
+    pytest.param("dft", dict(data=2, tensor=4), marks=SLOW),
     ("psft", dict(data=2, fsdp=2, tensor=2))])
 def test_sharded_equals_single_device(rows_dir, objective, layout):
   config, host, (single_metrics, single_params) = reference_run(objective, str(rows_dir))
@@ -133,7 +135,8 @@ def test_params_really_sharded(tmp_path):
   assert adam.count.sharding.spec == jax.sharding.PartitionSpec()
 
 
-@pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean", "sum_norm"])
+@pytest.mark.parametrize("aggregation", [
+    "token_mean", pytest.param("seq_mean", marks=SLOW), pytest.param("sum_norm", marks=SLOW)])
 def test_microbatches_equal_one_big_batch(tmp_path, aggregation):
   base = tiny_config(tmp_path, objective__aggregation=aggregation)
   host = batches(base, 1)
@@ -145,6 +148,7 @@ def test_microbatches_equal_one_big_batch(tmp_path, aggregation):
   assert_trees_close(acc, one)
 
 
+@pytest.mark.slow
 def test_psft_first_update_equals_sft(tmp_path):
   """With K=1 the snapshot is the current policy: r = 1, so PSFT's gradient is SFT's."""
   host = batches(tiny_config(tmp_path), 1)
@@ -153,6 +157,7 @@ def test_psft_first_update_equals_sft(tmp_path):
   assert_trees_close(psft, sft)
 
 
+@pytest.mark.slow
 def test_psft_snapshot_is_held_across_minibatches(tmp_path):
   """K=4 updates against one old_logp: later minibatches see r != 1, so the mean ratio moves and
   the update differs from K=4 updates of SFT."""
@@ -166,6 +171,30 @@ def test_psft_snapshot_is_held_across_minibatches(tmp_path):
   assert diff > 1e-6
 
 
+def test_psft_default_updates_per_snapshot_differ_from_sft(tmp_path):
+  """configs/default.py:psft takes several updates per policy snapshot (the paper's recipe), so
+  the main job's PSFT does not reproduce SFT's numbers; the main job refuses the K = 1 setting that
+  would, naming the field."""
+  from dft_jax import config_files
+  variant = config_files.load("default.py", "psft")
+  assert variant.train.minibatches > 1 and config_files.load("default.py").train.minibatches == 1
+  geometry = dict(train__minibatches=variant.train.minibatches,
+                  train__microbatches=variant.train.microbatches)
+  host = batches(tiny_config(tmp_path), 1)
+  psft_config = tiny_config(tmp_path, objective__name="psft", **geometry)
+  train.check_updates_per_snapshot(objectives.validate(psft_config.objective), psft_config.train)
+  psft_metrics, psft = run_steps(psft_config, mesh_of(1), host)
+  sft_metrics, sft = run_steps(tiny_config(tmp_path, objective__name="sft", **geometry),
+                               mesh_of(1), host)
+  assert psft_metrics[0]["loss"] != sft_metrics[0]["loss"]
+  diff = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(psft), jax.tree.leaves(sft)))
+  assert diff > 1e-6
+  with pytest.raises(ConfigError, match=r"objective.name='psft' with train.minibatches=1 is SFT.*"
+                     "set train.minibatches"):
+    train.validate_config(tiny_config(tmp_path, objective__name="psft"))
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("objective,extra", [
     ("sft", {}), ("dft", {}), ("power", {}), ("psft", {}),
     ("sft", {"objective__entropy_coef": 0.01}), ("dft", {"objective__kl_coef": 0.001})])
@@ -214,7 +243,8 @@ def test_resume_equals_uninterrupted(tmp_path):
 
 
 def test_logs_tensorboard_and_jsonl(tmp_path):
-  config = tiny_config(tmp_path, train__num_steps=2, objective__name="psft")
+  config = tiny_config(tmp_path, train__num_steps=2, objective__name="psft", train__minibatches=2,
+                       train__global_batch_size=16)
   train.train_and_evaluate(config, str(tmp_path / "run"))
   rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
   assert [r["step"] for r in rows] == [1, 2]
@@ -258,7 +288,7 @@ ACCEPTED = {"train.seed": (0,), "optimizer.warmup_steps": (0,), "optimizer.min_l
             "optimizer.grad_clip_norm": (0,), "optimizer.max_update_ratio": (0,),
             "data.shuffle_buffer": (0,),
             "data.shuffle_seed": (0,), "data.eval_holdout": (0,), "eval.temperature": (0,),
-            "eval.seed": (0,), "model.router_aux_loss_coef": (0,),
+            "eval.seed": (0,), "eval.every_steps": (0,), "model.router_aux_loss_coef": (0,),
             "mesh.data": (-1,)}
 
 
@@ -313,6 +343,7 @@ def cli_flags(config):
   return list(differences(config, default_config(), "config"))
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one(tmp_path):
   """jax.distributed over 2 CPU processes (one device each, gloo collectives), each reading half of
   the global batch: same losses as one process with the same global batch on 2 devices."""
@@ -341,6 +372,7 @@ def test_two_processes_equal_one(tmp_path):
     np.testing.assert_allclose(b["grad_norm"], a["grad_norm"], rtol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("objective,extra", [
     ("dft", {}), ("psft", {"train__minibatches": 2}), ("eaft", {"objective__kl_coef": 0.05}),
     ("asft", {})])  # asft: the fused head does not fit it, the step takes the checkpointed one
@@ -398,6 +430,7 @@ def run_lora(config, mesh, host_batches):
   return metrics, jax.device_get(state.params), before, jax.device_get(frozen.base)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("objective", ["dft", "psft", "asft"])
 def test_lora_step_moves_adapters_keeps_base_and_uses_the_base_as_reference(tmp_path, objective):
   """Gradients reach the adapters only; with a KL anchor / ASFT the reference is the base with the
@@ -416,6 +449,7 @@ def test_lora_step_moves_adapters_keeps_base_and_uses_the_base_as_reference(tmp_
     assert metrics[1]["asft/kl"] > 0
 
 
+@pytest.mark.slow
 def test_lora_run_resumes_exports_merged_and_peft(tmp_path):
   """The whole job with LoRA: checkpoints hold the adapters, resume continues exactly, the merged
   HF export reproduces the adapted model's logits and the PEFT folder holds the adapters."""

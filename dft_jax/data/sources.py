@@ -98,7 +98,7 @@ class Source:
     map-style row whose text column holds bytes that are not UTF-8) -> one DataError naming the
     file and line; our own DataErrors pass through."""
     try:
-      with quiet_datasets():
+      with quiet_datasets(keep_bars=True):
         yield
     except DataError:
       raise
@@ -437,16 +437,22 @@ def _file_of_row(files, builder, index, cache_dir):
 
 
 @contextlib.contextmanager
-def quiet_datasets():
-  """Silences the library while we load: its own error logging (we report the error ourselves)
-  and its download-count request (`load_dataset` sends one for every packaged builder, local
-  files included: datasets.load.increase_load_count)."""
+def quiet_datasets(keep_bars=False):
+  """Silences the library while we load: its own error logging (we report the error ourselves),
+  its progress bars unless `keep_bars` ("Generating train split": our own lines say what is
+  loaded; the tokenising map keeps its bar) and its download-count request (`load_dataset` sends
+  one for every packaged builder, local files included: datasets.load.increase_load_count)."""
   logger = logging.getLogger("datasets")
   level, counts = logger.level, datasets.config.HF_UPDATE_DOWNLOAD_COUNTS
+  bars = datasets.is_progress_bar_enabled()
   logger.setLevel(logging.CRITICAL)
   datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = False
+  if not keep_bars:
+    datasets.disable_progress_bars()
   try:
     yield
   finally:
     logger.setLevel(level)
     datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = counts
+    if bars:
+      datasets.enable_progress_bars()

@@ -19,17 +19,23 @@ Suites (config.eval.suites / `--suite`, comma-separated):
                 histogram over objectives.HIST_EDGES, mean and mean NLL -- the before / after
                 picture of the DFT paper, on data the run never trained on.
 
+Sets (eval.sets, sets.py): any number of the user's own sets, each `NAME=SOURCE[,FIELD=VALUE...]`
+with its own format and field names like data.*, and a kind: answers (greedy replies checked by
+math-verify), forced (teacher-forced target probability, NLL, histogram), kl (KL to the base,
+entropy, perplexity on its text); their metrics are `NAME/...` in the results, `eval/NAME/...` in
+the metric writers (writer_metrics). The sets of the suites take the same `SOURCE[,FIELD=VALUE]`.
+
 A model evaluated against itself has KL 0. Results are one flat dict of numbers (plus "samples"):
 `RunEvaluator(eval_cfg, data_cfg, tokenizer, graphdef, base_params)(params)`, which the train job
 calls before and after training and the scanner study once per run; eval_cfg is config.eval,
 whose fields and defaults are those of configs/default.py.
 
 Modules: answers (math-verify, accuracy, pass@k), generation (batched sampling), teacher_forced
-(logp, entropy, KL through the chunked LM head), evaluator (RunEvaluator, sets, results table),
-cli (`python -m dft_jax.evaluate`).
+(logp, entropy, KL through the chunked LM head), sets (evaluation sets: sources, fields, checks),
+evaluator (RunEvaluator, results table), cli (`python -m dft_jax.evaluate`).
 """
-from dft_jax.evaluate.evaluator import (ROWS, SUITES, RunEvaluator, format_sections, format_table,
-                                       settings, table_sections)
+from dft_jax.evaluate.evaluator import (ROWS, SUITES, RunEvaluator, check_sets, format_sections,
+                                       format_table, settings, table_sections, writer_metrics)
 
-__all__ = ["ROWS", "SUITES", "RunEvaluator", "format_sections", "format_table", "settings",
-           "table_sections"]
+__all__ = ["ROWS", "SUITES", "RunEvaluator", "check_sets", "format_sections", "format_table",
+           "settings", "table_sections", "writer_metrics"]

@@ -63,14 +63,15 @@ def is_math_correct(reply, answer):
 
 
 def accuracy_metrics(correct_NxK, prefix):
-  """{prefix}_n and {prefix}_accuracy (k = 1 reply per row), or, with k > 1 replies per row,
-  {prefix}_avg@k = mean over all replies and {prefix}_pass@k = mean over rows of pass_at_k."""
+  """{prefix}n and {prefix}accuracy (k = 1 reply per row), or, with k > 1 replies per row,
+  {prefix}avg@k = mean over all replies and {prefix}pass@k = mean over rows of pass_at_k (prefix
+  ends in its separator: "math_", "NAME/")."""
   c = np.asarray(correct_NxK, bool)
   n, k = c.shape
-  out = {f"{prefix}_n": n}
+  out = {f"{prefix}n": n}
   if k == 1:
-    out[f"{prefix}_accuracy"] = float(c[:, 0].mean())
+    out[f"{prefix}accuracy"] = float(c[:, 0].mean())
   else:
-    out[f"{prefix}_avg@{k}"] = float(c.mean())
-    out[f"{prefix}_pass@{k}"] = float(np.mean([pass_at_k(k, int(r.sum()), k) for r in c]))
+    out[f"{prefix}avg@{k}"] = float(c.mean())
+    out[f"{prefix}pass@{k}"] = float(np.mean([pass_at_k(k, int(r.sum()), k) for r in c]))
   return out

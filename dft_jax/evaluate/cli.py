@@ -53,6 +53,10 @@ def main(argv):
   spec = cli.model_spec()
   evaluator.settings(flags_.config.eval)  # field errors before anything is loaded
   run = checkpoint.is_workdir(spec)
+  # The sets to score, read and checked before a model loads (a run: its own config's sets).
+  planned = (cli.with_overrides(checkpoint.read_config(spec), flags_.config, cli.overridden())
+             if run else flags_.config)
+  evaluator.check_sets(planned.eval, planned.data)
   model, tokenizer, config, step = cli.load_model(spec, flags_.config, step=flags_.step)
   if tokenizer is None:
     raise ModelError(f"--model={spec!r} has no tokenizer; evaluation needs one (set "
@@ -70,7 +74,7 @@ def main(argv):
   print(evaluator.format_table(results, f"{scored} (base: {base_name})"), flush=True)
   if flags_.out:
     write_results(flags_.out, {"model": spec, "step": step, "base": base_name,
-                               "settings": evaluator.settings(config.eval), "results": results})
+                               "settings": config.eval.to_dict(), "results": results})
 
 
 def define_flags(argv):

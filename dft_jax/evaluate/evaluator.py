@@ -1,7 +1,8 @@
-"""The RunEvaluator: the configured suites on one set of parameters, against a fixed base model;
-the sets it scores, the checks of config.eval, and the results table."""
+"""The RunEvaluator: the configured suites and eval.sets on one set of parameters, against a fixed
+base model; the sets it scores, the checks of config.eval, the results table and the figures the
+metric writers get."""
 import logging
-import os
+import numbers
 import time
 
 import ml_collections
@@ -9,6 +10,7 @@ import numpy as np
 from flax import nnx
 
 from dft_jax import data as data_lib
+from dft_jax import objectives
 from dft_jax import sampling
 from dft_jax.data import formats
 from dft_jax.data import holdout as holdout_lib
@@ -16,6 +18,7 @@ from dft_jax.data import sources
 from dft_jax.errors import ConfigError, DataError, check_number
 from dft_jax.evaluate import answers
 from dft_jax.evaluate import generation
+from dft_jax.evaluate import sets as sets_lib
 from dft_jax.evaluate import teacher_forced
 
 SUITES = ("holdout", "in_domain", "math", "forgetting", "target_probs")
@@ -28,6 +31,23 @@ TITLES = {  # progress-bar titles of the sets: suite prefixes and teacher-forced
 POSITIVE_FIELDS = ("num_examples", "num_general", "num_factual", "num_hist", "batch_size",
                    "forced_batch_size", "max_new_tokens", "factual_max_new_tokens",
                    "math_max_new_tokens")
+SET_DEFAULTS = {  # config.eval fields naming one set -> the fields their rows have by default
+    "in_domain": dict(prompt_field="prompt", answer_field="answer", response_field="response"),
+    "math_file": dict(prompt_field="problem", answer_field="answer"),
+    "general_prompts": dict(prompt_field="prompt"),
+    "factual_qa": dict(prompt_field="prompt", aliases_field="aliases"),
+    "heldout_text": dict(format="text", text_field="text"),
+}
+SUITE_SETS = {  # a suite's rows -> (the eval field naming the set, its count field, fields read)
+    "in_domain": ("in_domain", "num_examples", ("prompt", "answer")),
+    "hist": ("in_domain", "num_hist", ("prompt", "response")),
+    "math": ("math_file", "num_math", ("prompt", "answer")),
+    "general": ("general_prompts", "num_general", ("prompt",)),
+    "factual": ("factual_qa", "num_factual", ("prompt", "aliases")),
+    "heldout": ("heldout_text", None, ("text",)),
+}
+SUITE_ROWS = {"in_domain": ("in_domain",), "math": ("math",),  # the SUITE_SETS each suite reads
+              "forgetting": ("general", "factual", "heldout"), "target_probs": ("hist",)}
 
 
 def settings(eval_cfg):
@@ -35,7 +55,9 @@ def settings(eval_cfg):
   plain dict with `suites` parsed to a tuple (or "auto", see auto_suites); ConfigError naming the
   field if a value is bad."""
   s = dict(eval_cfg)
-  s["suites"] = "auto" if s["suites"] == "auto" else parse_suites(s["suites"])
+  special = {"auto": "auto", "none": ()}  # none: eval.sets only
+  s["suites"] = special[s["suites"]] if s["suites"] in special else parse_suites(s["suites"])
+  check_number("eval.every_steps", s["every_steps"], integer=True, minimum=0)
   if not isinstance(s["samples"], int) or s["samples"] < 1:
     raise ConfigError(f"eval.samples={s['samples']!r}: must be an integer >= 1")
   if s["samples"] > 1 and not s["temperature"] > 0:
@@ -51,6 +73,11 @@ def settings(eval_cfg):
   if "math" in s["suites"] and not s["math_file"]:
     raise ConfigError("the math suite needs eval.math_file: MATH500-format rows {problem, answer} "
                       "in a .jsonl / .json / .parquet file or a hub name")
+  for field, defaults in SET_DEFAULTS.items():
+    if field == "math_file":
+      defaults = dict(defaults, split=s["math_split"])
+    s[field] = s[field] and sets_lib.resolve(s[field], f"eval.{field}", defaults)
+  s["sets"] = sets_lib.resolve_list(s["sets"], reserved=SUITES)
   return s
 
 
@@ -59,7 +86,8 @@ def parse_suites(value):
   names = [n.strip() for n in (value.split(",") if isinstance(value, str) else value) if n.strip()]
   unknown = [n for n in names if n not in SUITES]
   if unknown or not names:
-    raise ConfigError(f"eval.suites={value!r}: allowed names are auto or {', '.join(SUITES)}")
+    raise ConfigError(f"eval.suites={value!r}: allowed names are auto, none (eval.sets only) or "
+                      f"{', '.join(SUITES)}")
   return tuple(dict.fromkeys(names))
 
 
@@ -77,30 +105,27 @@ def auto_suites(eval_settings, data_cfg, has_holdout):
 # ----------------------------------------------------------------------------- sets
 
 
-def load_rows(spec, split="train", field="data.source"):
-  """Rows of an evaluation set: builtin:NAME, a local file / folder or a hub name (as
-  data.source); errors name `field`, the config field that gave `spec`."""
-  cfg = ml_collections.ConfigDict(dict(source=spec, split=split, subset=None, max_rows=None,
-                                       cache_dir=None))
-  try:
-    return list(sources.load_source(cfg).dataset)
-  except DataError as e:
-    raise DataError(str(e).replace("data.source=", f"{field}=", 1)) from None
+def set_rows(eval_settings, name):
+  """(rows, locate) of a suite's set (a SUITE_SETS name) or of an eval.sets entry (an EvalSet),
+  every row checked for the fields it is read for (DataError naming file, row, field and the
+  config field to set)."""
+  if isinstance(name, sets_lib.EvalSet):
+    s, num, roles = name, None, sets_lib.required_roles(name)
+  else:
+    field, count, roles = SUITE_SETS[name]
+    s, num = eval_settings[field], eval_settings[count] if count else None
+  rows, locate = sets_lib.load(s, num)
+  return sets_lib.check_rows(s, rows, locate, roles), locate
 
 
-def is_hub_name(spec):
-  """ORG/NAME that is no local path: a hub dataset (MATH-500 there has only a 'test' split)."""
-  return (not spec.startswith(("builtin:", ".", "/", "~")) and not os.path.exists(spec)
-          and not any(c in spec for c in "*?[") and spec.count("/") == 1)
-
-
-def require_fields(rows, fields, spec):
-  for i, row in enumerate(rows):
-    missing = [f for f in fields if row.get(f) is None]
-    if missing:
-      raise DataError(f"{spec}: row {i} has no field(s) {', '.join(map(repr, missing))}; expected "
-                      f"rows with {', '.join(fields)}")
-  return rows
+def check_sets(eval_cfg, data_cfg):
+  """Reads and checks every set the evaluation will score (the configured suites' and eval.sets),
+  before a model is loaded; the held-out rows of the training data are the data's to check."""
+  s = settings(eval_cfg)
+  suites = auto_suites(s, data_cfg, has_holdout=False) if s["suites"] == "auto" else s["suites"]
+  names = [name for suite in suites for name in SUITE_ROWS.get(suite, ())]
+  for name in names + list(s["sets"]):
+    set_rows(s, name)
 
 
 # ----------------------------------------------------------------------------- the evaluator
@@ -113,9 +138,9 @@ class RunEvaluator:
   prompts are rendered exactly as in training; the source and data.eval_holdout: the held-out
   split, holdout.split); graphdef / base_params: nnx.split of the model. Sets are loaded and
   teacher-forced batches built once (the base model's replies to the general prompts are
-  generated once) and reused by every call. `__call__(params)` runs the configured suites and
-  returns a flat dict of numbers, "sets" (what each suite scored, with its size) and "samples" (a
-  few replies).
+  generated once) and reused by every call. `__call__(params)` runs the configured suites, then
+  every set of eval.sets, and returns a flat dict of numbers (a set's under `NAME/`), "sets" (what
+  each suite and set scored, with its size) and "samples" (a few replies).
   """
 
   def __init__(self, eval_cfg, data_cfg, tokenizer, graphdef, base_params):
@@ -142,29 +167,22 @@ class RunEvaluator:
     return self._cache[name]
 
   def _load(self, name):
-    c = self.cfg
+    """The rows of a suite's set (holdout: its examples), or of an eval.sets entry (an EvalSet),
+    each checked for the fields it is read for."""
     if name == "holdout":
       return self._holdout_examples()
-    if name == "in_domain":
-      return require_fields(load_rows(c["in_domain"], field="eval.in_domain")[:c["num_examples"]], ("prompt", "answer"),
-                            c["in_domain"])
-    if name == "math":
-      split = c["math_split"] or ("test" if is_hub_name(c["math_file"]) else "train")
-      return require_fields(load_rows(c["math_file"], split, "eval.math_file")[:c["num_math"]],
-                            ("problem", "answer"), c["math_file"])
-    if name == "general":
-      return [r["prompt"] for r in require_fields(
-          load_rows(c["general_prompts"], field="eval.general_prompts")[:c["num_general"]], ("prompt",), c["general_prompts"])]
-    if name == "factual":
-      return require_fields(load_rows(c["factual_qa"], field="eval.factual_qa")[:c["num_factual"]], ("prompt", "aliases"),
-                            c["factual_qa"])
-    if name == "heldout":
-      return [r["text"] for r in require_fields(load_rows(c["heldout_text"], field="eval.heldout_text"), ("text",),
-                                                c["heldout_text"])]
-    if name == "hist":
-      return require_fields(load_rows(c["in_domain"], field="eval.in_domain")[:c["num_hist"]], ("prompt", "response"),
-                            c["in_domain"])
-    raise KeyError(name)
+    rows, self._cache[("locate", name)] = set_rows(self.cfg, name)
+    return rows
+
+  def set_encoder(self, s):
+    """data.Encoder of an evaluation set's rows: the training data's template and system prompt,
+    the set's format and fields; errors name the set's rows and file."""
+    if ("encoder", s) not in self._cache:
+      name = s if s.named else "hist"  # the set's rows were read under this name
+      self.rows(name)
+      self._cache[("encoder", s)] = data_lib.Encoder(sets_lib.data_config(s, self.data_cfg),
+                                                     self.tokenizer, self._cache[("locate", name)])
+    return self._cache[("encoder", s)]
 
   def _holdout_examples(self):
     """The held-out rows of the training data (data/holdout.py), encoded as in training; rows
@@ -212,14 +230,19 @@ class RunEvaluator:
       answered = sum(e["answer"] is not None and bool(e["prompt"]) for e in examples)
       return (f"held-out rows of {self.data_cfg.source} ({len(examples)} rows"
               + (f", {answered} with a final answer: math-verify)" if answered else ")"))
+    if isinstance(suite, sets_lib.EvalSet):
+      what = {"answers": "problems, math-verify", "forced": "rows, teacher-forced p(y_t)",
+              "kl": "rows, KL to the base"}[suite.kind]
+      return f"set {suite.name}: {suite.source} ({len(self.rows(suite))} {what})"
     if suite == "in_domain":
-      return f"in-domain set {c['in_domain']} ({len(self.rows('in_domain'))} problems)"
+      return f"in-domain set {c['in_domain'].source} ({len(self.rows('in_domain'))} problems)"
     if suite == "math":
-      return f"math set {c['math_file']} ({len(self.rows('math'))} problems, math-verify)"
+      return f"math set {c['math_file'].source} ({len(self.rows('math'))} problems, math-verify)"
     if suite == "forgetting":
       return (f"forgetting ({len(self.rows('general'))} general prompts, "
               f"{len(self.rows('factual'))} questions, {len(self.rows('heldout'))} prose texts)")
-    return f"target probabilities ({len(self.rows('hist'))} responses of {c['in_domain']})"
+    return (f"target probabilities ({len(self.rows('hist'))} responses of "
+            f"{c['in_domain'].source})")
 
   # -- helpers
 
@@ -235,24 +258,26 @@ class RunEvaluator:
                                    seed=c["seed"], label=self._label(label), **kw)
 
   def _forced(self, params, name, against_base=True):
+    title = name.name if isinstance(name, sets_lib.EvalSet) else TITLES[name]
     return teacher_forced.forced_stats(self.graphdef, params,
                                        self.base_params if against_base else None,
                                        self.forced_batch(name),
                                        batch_size=self.cfg["forced_batch_size"],
-                                       label=self._label(f"{TITLES[name]}, teacher-forced"))
+                                       label=self._label(f"{title}, teacher-forced"))
 
-  def _scored(self, model, prompt_ids, check, prefix, max_new_tokens, extract=None):
+  def _scored(self, model, prompt_ids, check, prefix, max_new_tokens, extract=None, title=None):
     """Greedy (and, with samples > 1, sampled) replies scored by check(text, i); with
-    extract(text) -> answer or None, also the fraction of greedy replies that give an answer."""
-    greedy = self._texts(model, prompt_ids, f"{TITLES[prefix]}, greedy",
-                         max_new_tokens=max_new_tokens)
+    extract(text) -> answer or None, also the fraction of greedy replies that give an answer.
+    Keys start with `prefix` ("in_domain_", "NAME/"); progress bars say `title`."""
+    title = title or TITLES[prefix.rstrip("_")]
+    greedy = self._texts(model, prompt_ids, f"{title}, greedy", max_new_tokens=max_new_tokens)
     correct = [[check(t, i) for t in texts] for i, texts in enumerate(greedy)]
     out = answers.accuracy_metrics(correct, prefix)
-    out[f"{prefix}_correct"] = [int(c[0]) for c in correct]  # per problem: intervals over problems
+    out[f"{prefix}correct"] = [int(c[0]) for c in correct]  # per problem: intervals over problems
     if extract is not None:
-      out[f"{prefix}_answered"] = float(np.mean([extract(g[0]) is not None for g in greedy]))
+      out[f"{prefix}answered"] = float(np.mean([extract(g[0]) is not None for g in greedy]))
     if self.cfg["samples"] > 1:
-      sampled = self._texts(model, prompt_ids, f"{TITLES[prefix]}, sampled",
+      sampled = self._texts(model, prompt_ids, f"{title}, sampled",
                             max_new_tokens=max_new_tokens, sampled=True)
       out.update(answers.accuracy_metrics(
           [[check(t, i) for t in texts] for i, texts in enumerate(sampled)], prefix))
@@ -264,7 +289,7 @@ class RunEvaluator:
     """The teacher-forced batch of a set, built once: "drift" (the base model's greedy replies to
     the general prompts), "heldout" (prose, every token after the first), "hist" (the in-domain
     reference responses), "holdout" (the held-out rows of the training data, trained tokens as in
-    training)."""
+    training), an EvalSet (its rows encoded as training would, with the set's fields)."""
     if ("batch", name) not in self._cache:
       self._cache[("batch", name)] = teacher_forced.encoded_batch(
           self._forced_examples(name), sampling.pad_id(self.tokenizer))
@@ -274,17 +299,24 @@ class RunEvaluator:
     """(ids, trained flags) per row of a teacher-forced set."""
     if name == "drift":
       base = nnx.merge(self.graphdef, self.base_params)
-      prompt_ids = [self.encoder.prompt_ids(p) for p in self.rows("general")]
+      s = self.cfg["general_prompts"]
+      prompt_ids = [self.prompt_ids(str(formats.get_field(r, s.prompt_field)))
+                    for r in self.rows("general")]
       replies = generation.generate_ids(
           base, self.tokenizer, prompt_ids, max_new_tokens=self.cfg["max_new_tokens"],
           batch_size=self.cfg["batch_size"], label=self._label("base model replies"))
       return [(p + r, [0] * len(p) + [1] * len(r)) for p, r in zip(prompt_ids, replies)]
     if name == "heldout":
-      texts = [self.tokenizer(t)["input_ids"] for t in self.rows("heldout")]
+      field = self.cfg["heldout_text"].text_field
+      texts = [self.tokenizer(str(formats.get_field(r, field)))["input_ids"]
+               for r in self.rows("heldout")]
       return [(t, [0] + [1] * (len(t) - 1)) for t in texts]
     if name == "holdout":
       return [(e["ids"], e["trained"]) for e in self.rows("holdout")]
-    return [self.encoder.encode(row, i) for i, row in enumerate(self.rows("hist"))]
+    s, rows = ((name, self.rows(name)) if isinstance(name, sets_lib.EvalSet)
+               else (self.cfg["in_domain"], self.rows("hist")))
+    encoder = self.set_encoder(s)
+    return [encoder.encode(row, i) for i, row in enumerate(rows)]
 
   # -- suites: (model, params) -> (metrics, example replies)
 
@@ -300,45 +332,54 @@ class RunEvaluator:
                          max(e["reply_len"] for e in answered) + HOLDOUT_REPLY_SLACK)
     scored, shown = self._scored(
         model, [e["prompt"] for e in answered],
-        lambda t, i: answers.is_math_correct(t, answered[i]["answer"]), "holdout", max_new_tokens,
-        extract=answers.stated_answer)
+        lambda t, i: answers.is_math_correct(t, answered[i]["answer"]), "holdout_",
+        max_new_tokens, extract=answers.stated_answer)
     for e, row in zip(shown, answered):
       e.update(prompt=self.tokenizer.decode(row["prompt"], skip_special_tokens=True),
                answer=row["answer"])
     return {**out, **scored}, shown
 
+  def _answered(self, model, s, rows, check, prefix, max_new_tokens, system_prompt=None,
+                extract=None, title=None):
+    """Greedy replies to the set's prompts (rendered as in training, under `system_prompt` when
+    given), each checked by check(reply, answer) against the row's answer."""
+    prompts = [str(formats.get_field(r, s.prompt_field)) for r in rows]
+    golds = [formats.get_field(r, s.answer_field) for r in rows]
+    prompt_ids = [self.prompt_ids(p, system_prompt) for p in prompts]
+    out, examples = self._scored(model, prompt_ids, lambda t, i: check(t, golds[i]), prefix,
+                                 max_new_tokens, extract=extract, title=title)
+    for e, prompt, gold in zip(examples, prompts, golds):
+      e.update(prompt=prompt, answer=gold)
+    return out, examples
+
+  def prompt_ids(self, prompt, system_prompt=None):
+    """The prompt rendered as training renders its prompts; a system prompt, when given, goes in
+    the system turn (appended to the prompt when there is no template)."""
+    if not system_prompt:
+      return self.encoder.prompt_ids(prompt)
+    if self.encoder.template is None:
+      return self.encoder.prompt_ids(f"{prompt}\n{system_prompt}")
+    if ("system", system_prompt) not in self._cache:
+      cfg = ml_collections.ConfigDict(dict(self.data_cfg))
+      cfg.system_prompt = system_prompt
+      self._cache[("system", system_prompt)] = data_lib.Encoder(cfg, self.tokenizer)
+    return self._cache[("system", system_prompt)].prompt_ids(prompt)
+
+  def math_prompt_ids(self, problem):
+    """The problem under MATH_SYSTEM_PROMPT, as the math suite asks it."""
+    return self.prompt_ids(problem, MATH_SYSTEM_PROMPT)
+
   def in_domain(self, model, params):
     del params
-    rows = self.rows("in_domain")
-    prompt_ids = [self.encoder.prompt_ids(r["prompt"]) for r in rows]
-    out, examples = self._scored(model, prompt_ids,
-                                 lambda t, i: data_lib.is_correct(t, rows[i]["answer"]),
-                                 "in_domain", self.cfg["max_new_tokens"],
-                                 extract=data_lib.extract_answer)
-    for e, r in zip(examples, rows):
-      e.update(prompt=r["prompt"], answer=r["answer"])
-    return out, examples
+    return self._answered(model, self.cfg["in_domain"], self.rows("in_domain"),
+                          data_lib.is_correct, "in_domain_", self.cfg["max_new_tokens"],
+                          extract=data_lib.extract_answer)
 
   def math(self, model, params):
     del params
-    rows = self.rows("math")
-    prompt_ids = [self.math_prompt_ids(r["problem"]) for r in rows]
-    out, examples = self._scored(model, prompt_ids,
-                                 lambda t, i: answers.is_math_correct(t, rows[i]["answer"]),
-                                 "math", self.cfg["math_max_new_tokens"])
-    for e, r in zip(examples, rows):
-      e.update(prompt=r["problem"], answer=r["answer"])
-    return out, examples
-
-  def math_prompt_ids(self, problem):
-    """The problem under MATH_SYSTEM_PROMPT (appended to the problem when there is no template)."""
-    if self.encoder.template is None:
-      return self.encoder.prompt_ids(f"{problem}\n{MATH_SYSTEM_PROMPT}")
-    if "math_encoder" not in self._cache:
-      cfg = ml_collections.ConfigDict(dict(self.data_cfg))
-      cfg.system_prompt = MATH_SYSTEM_PROMPT
-      self._cache["math_encoder"] = data_lib.Encoder(cfg, self.tokenizer)
-    return self._cache["math_encoder"].prompt_ids(problem)
+    return self._answered(model, self.cfg["math_file"], self.rows("math"),
+                          lambda t, gold: answers.is_math_correct(t, str(gold)), "math_",
+                          self.cfg["math_max_new_tokens"], MATH_SYSTEM_PROMPT)
 
   def forgetting(self, model, params):
     general = self._forced(params, "drift")
@@ -346,18 +387,19 @@ class RunEvaluator:
            "kl_per_prompt": teacher_forced.per_row_means(
                general["kl_from_ref"], self.forced_batch("drift")["loss_mask"]),
            "entropy_general": float(general["entropy"].mean())}
-    facts = self.rows("factual")
-    prompt_ids = [self.encoder.prompt_ids(r["prompt"]) for r in facts]
-    replies = self._texts(model, prompt_ids, "questions",
+    s, facts = self.cfg["factual_qa"], self.rows("factual")
+    questions = [str(formats.get_field(r, s.prompt_field)) for r in facts]
+    replies = self._texts(model, [self.prompt_ids(q) for q in questions], "questions",
                           max_new_tokens=self.cfg["factual_max_new_tokens"])
-    correct = [data_lib.matches_fact(t[0], r["aliases"]) for t, r in zip(replies, facts)]
+    correct = [data_lib.matches_fact(t[0], formats.get_field(r, s.aliases_field))
+               for t, r in zip(replies, facts)]
     out["factual_accuracy"] = float(np.mean(correct))
     out["factual_correct"] = [int(c) for c in correct]
     heldout = self._forced(params, "heldout")
     out["perplexity_heldout"] = float(np.exp(-heldout["logp"].mean()))
     out["kl_heldout"] = float(heldout["kl_from_ref"].mean())
-    examples = [{"prompt": r["prompt"], "reply": t[0], "correct": ok}
-                for r, t, ok in zip(facts, replies, correct)][:NUM_SAMPLES_KEPT]
+    examples = [{"prompt": q, "reply": t[0], "correct": ok}
+                for q, t, ok in zip(questions, replies, correct)][:NUM_SAMPLES_KEPT]
     return out, examples
 
   def target_probs(self, model, params):
@@ -367,19 +409,45 @@ class RunEvaluator:
             "target_nll": float(-stats["logp"].mean()),
             "target_prob_hist": teacher_forced.target_prob_histogram(stats["logp"]).tolist()}, []
 
+  def eval_set(self, model, params, s):
+    """One eval.sets entry, its metrics under `NAME/`: answers (n problems, accuracy, answered,
+    avg@k / pass@k, correct per problem), forced (rows, target_prob, nll, target_prob_hist), kl
+    (rows, kl_to_base, entropy, perplexity)."""
+    rows, prefix = self.rows(s), f"{s.name}/"
+    if s.kind == "answers":
+      out, examples = self._answered(
+          model, s, rows, lambda t, gold: answers.is_math_correct(t, str(gold)), prefix,
+          s.max_new_tokens or self.cfg["math_max_new_tokens"], s.system_prompt,
+          extract=answers.stated_answer, title=s.name)
+      return out, examples
+    stats = self._forced(params, s, against_base=s.kind == "kl")
+    if s.kind == "forced":
+      return {f"{prefix}rows": len(rows), f"{prefix}target_prob": float(np.exp(stats["logp"]).mean()),
+              f"{prefix}nll": float(-stats["logp"].mean()),
+              f"{prefix}target_prob_hist": teacher_forced.target_prob_histogram(
+                  stats["logp"]).tolist()}, []
+    return {f"{prefix}rows": len(rows), f"{prefix}kl_to_base": float(stats["kl_from_ref"].mean()),
+            f"{prefix}entropy": float(stats["entropy"].mean()),
+            f"{prefix}perplexity": float(np.exp(-stats["logp"].mean()))}, []
+
   def __call__(self, params, suites=None):
+    """The suites (`suites`, else the configured ones) and, unless `suites` is given, every set of
+    eval.sets."""
     model = nnx.merge(self.graphdef, params)
     results, examples, sets = {}, {}, {}
-    for name in (parse_suites(suites) if suites else self.suites):
-      sets[name] = self.describe(name)
+    chosen = parse_suites(suites) if suites else self.suites + self.cfg["sets"]
+    for name in chosen:
+      key = name.name if isinstance(name, sets_lib.EvalSet) else name
+      sets[key] = self.describe(name)
       if self.cfg["progress"]:
-        logging.info("scoring %s", sets[name])
+        logging.info("scoring %s", sets[key])
       started = time.time()
-      out, ex = getattr(self, name)(model, params)
+      out, ex = (self.eval_set(model, params, name) if isinstance(name, sets_lib.EvalSet)
+                 else getattr(self, name)(model, params))
       results.update(out)
-      results[f"seconds/{name}"] = round(time.time() - started, 2)
+      results[f"seconds/{key}"] = round(time.time() - started, 2)
       if ex:
-        examples[name] = ex
+        examples[key] = ex
     results["sets"] = sets
     results["samples"] = examples.get("in_domain") or next(iter(examples.values()), [])
     return results
@@ -403,26 +471,50 @@ ROWS = (  # (suite, key, label, format) of the printed table, in order
     ("target_probs", "target_prob_mean", "target prob, reference responses", "{:.4f}"),
     ("target_probs", "target_nll", "target NLL, reference responses", "{:.4f}"),
 )
+SET_ROWS = (  # (metric, label, format) of an eval.sets entry, under NAME/, in order
+    ("accuracy", "accuracy (greedy, math-verify)", "{:.3f}"),
+    ("answered", "replies with a final answer", "{:.3f}"),
+    ("target_prob", "target prob (teacher-forced)", "{:.4f}"),
+    ("nll", "target NLL (teacher-forced)", "{:.4f}"),
+    ("kl_to_base", "KL(base || model)", "{:.4f}"),
+    ("entropy", "entropy", "{:.4f}"),
+    ("perplexity", "perplexity", "{:.3f}"),
+)
 
 
 def table_sections(columns):
   """[(set title, [(label, [cell per column])])]: for each suite any of the results dicts
-  `columns` scored, in ROWS order, titled by what it scored (results["sets"]); avg@k / pass@k
-  after the suite's fixed rows; "-" where a column lacks a number."""
+  `columns` scored, in ROWS order, then each eval.sets entry (SET_ROWS), titled by what it scored
+  (results["sets"]); avg@k / pass@k after the fixed rows; "-" where a column lacks a number."""
   sets = {}
   for results in columns:
     sets.update({k: v for k, v in (results.get("sets") or {}).items() if k not in sets})
   cell = lambda results, key, fmt: fmt.format(results[key]) if key in results else "-"  # noqa: E731
+  layout = [(suite, f"{suite}_", [(key, label, fmt) for s, key, label, fmt in ROWS if s == suite])
+            for suite in SUITES]
+  layout += [(name, f"{name}/", [(f"{name}/{m}", label, fmt) for m, label, fmt in SET_ROWS])
+             for name in sets if name not in SUITES]
   sections = []
-  for suite in SUITES:
+  for name, prefix, fixed in layout:
     rows = [(label, [cell(r, key, fmt) for r in columns])
-            for s, key, label, fmt in ROWS if s == suite and any(key in r for r in columns)]
-    sampled = sorted({k for r in columns for k in r if k.startswith(f"{suite}_") and "@" in k})
-    rows += [(k.removeprefix(f"{suite}_"), [cell(r, k, "{:.3f}") for r in columns])
-             for k in sampled]
+            for key, label, fmt in fixed if any(key in r for r in columns)]
+    sampled = sorted({k for r in columns for k in r if k.startswith(prefix) and "@" in k})
+    rows += [(k.removeprefix(prefix), [cell(r, k, "{:.3f}") for r in columns]) for k in sampled]
     if rows:
-      sections.append((sets.get(suite, suite), rows))
+      sections.append((sets.get(name, name), rows))
   return sections
+
+
+def writer_metrics(results):
+  """An evaluation's results as the metric writers take them: (scalars, histograms), every name
+  under eval/ (eval/in_domain_accuracy, eval/NAME/accuracy; histograms eval/.../target_prob_hist
+  over objectives.HIST_EDGES); per-problem lists, timings and texts left out."""
+  scalars = {f"eval/{k}": float(v) for k, v in results.items()
+             if isinstance(v, numbers.Real) and not isinstance(v, bool)
+             and not k.startswith("seconds/")}
+  histograms = {f"eval/{k}": (objectives.HIST_EDGES, np.asarray(v)) for k, v in results.items()
+                if k.endswith("target_prob_hist")}
+  return scalars, histograms
 
 
 def format_sections(headers, sections):
