@@ -40,8 +40,9 @@ import ml_collections
 from dft_jax import config_files
 
 # label -> overrides of this config (nested like it; an arm may not set optimizer.learning_rate:
-# the grid does). The first six are the seed's question and its controls; the rest are the
-# registry's other objectives.
+# the grid does). The first six are the seed's question and its controls, then the newest answers
+# to "SFT forgets" (TALR, OTR, FINCH's loss-adaptive rate on SFT: its cap stays 2.5 times each
+# grid rate, the paper code's 5e-5 over 2e-5), then the registry's other objectives.
 ARMS = dict(
     sft=dict(objective=dict(name="sft")),
     sft_kl=dict(objective=dict(name="sft", kl_coef=0.1)),           # SFT + KL anchor (k3)
@@ -49,6 +50,9 @@ ARMS = dict(
     psft=dict(objective=dict(name="psft")),
     sft_entropy=dict(objective=dict(name="sft", entropy_coef=0.05)),
     asft=dict(objective=dict(name="asft")),
+    talr=dict(objective=dict(name="talr")),
+    otr=dict(objective=dict(name="otr")),
+    sft_finch=dict(objective=dict(name="sft"), optimizer=dict(schedule="finch")),  # FINCH's rate
     dft_kl=dict(objective=dict(name="dft", kl_coef=0.1)),
     power_0_5=dict(objective=dict(name="power", power=dict(alpha=0.5))),
     p=dict(objective=dict(name="power", power=dict(alpha=1.0))),    # Beyond-LL's -p
@@ -59,7 +63,7 @@ ARMS = dict(
     chord_phi=dict(objective=dict(name="chord_phi")),
     iw_sft=dict(objective=dict(name="iw_sft")),
 )
-FIRST_ARMS = "sft,sft_kl,dft,psft,sft_entropy,asft"
+FIRST_ARMS = "sft,sft_kl,dft,psft,sft_entropy,asft,talr,otr,sft_finch"
 
 REGIME_SETS = dict(
     model_weak=dict(

@@ -42,7 +42,9 @@ def tiny():
 def solo_run(config, model, tokenizer, member, mesh):
   """The train job's path: one state at member.lr, data seed member.seed, the jitted step."""
   c = config.copy_and_resolve_references()
+  ratio = c.optimizer.finch.max_learning_rate / c.optimizer.learning_rate
   c.optimizer.learning_rate, c.train.seed = member.lr, member.seed
+  c.optimizer.finch.max_learning_rate = ratio * member.lr  # FINCH's cap, the same multiple
   graphdef, params = nnx.split(model)
   model = nnx.merge(graphdef, jax.tree.map(jnp.copy, params))  # the step donates its state
   setting = objectives.validate(c.objective)
@@ -56,11 +58,16 @@ def solo_run(config, model, tokenizer, member, mesh):
   return state.params, losses
 
 
-@pytest.mark.parametrize("objective", ["sft", "psft"])
-def test_each_member_trains_as_a_run_of_its_own(tiny, objective):
+@pytest.mark.parametrize("objective,schedule", [
+    ("sft", "cosine"), pytest.param("psft", "cosine", marks=pytest.mark.slow),
+    pytest.param("sft", "finch", marks=pytest.mark.slow)])
+def test_each_member_trains_as_a_run_of_its_own(tiny, objective, schedule):
+  """Also PSFT (its snapshot under vmap) and FINCH (a rate that depends on the loss: its cap is
+  the same multiple of every member's rate)."""
   config, model, tokenizer = tiny
   config = config.copy_and_resolve_references()
-  config.objective.name = objective
+  config.objective.name, config.optimizer.schedule = objective, schedule
+  config.optimizer.finch.max_learning_rate = 2.5 * config.optimizer.learning_rate
   mesh = one_device_mesh()
   chosen = pop.members((1e-3, 3e-3), (0, 1))
   setting = objectives.validate(config.objective)
@@ -85,7 +92,8 @@ def test_each_member_trains_as_a_run_of_its_own(tiny, objective):
     # data would put them as far apart as the distance moved
     assert apart < 1e-2 * moved, (apart, moved)
   lrs = [[h["learning_rate"] for h in rows] for rows in history.rows]
-  assert lrs[0] == lrs[1] and lrs[2] == pytest.approx([3 * v for v in lrs[0]])
+  if schedule != "finch":  # FINCH's rate follows each member's own losses
+    assert lrs[0] == lrs[1] and lrs[2] == pytest.approx([3 * v for v in lrs[0]])
   assert all(h["update_norm"] > 0 for rows in history.rows for h in rows)
 
 

@@ -65,8 +65,12 @@ def scale_by_member_lr(lr=1.0):
 
 
 def unit_rate_config(config):
-  """The config with optimizer.learning_rate = 1: the shape of every member's schedule."""
+  """The config with optimizer.learning_rate = 1: the shape of every member's schedule. FINCH's
+  cap (optimizer.finch.max_learning_rate) is kept as the same multiple of the peak rate (the
+  paper code's 5e-5 over 2e-5: 2.5), so its rate min(lr / sqrt(L), cap) stays linear in lr."""
   c = ml_collections.ConfigDict(config.to_dict())
+  if c.optimizer.schedule == "finch":
+    c.optimizer.finch.max_learning_rate /= c.optimizer.learning_rate
   c.optimizer.learning_rate = 1.0
   return c
 
@@ -135,11 +139,16 @@ class History:
 
   def __call__(self, step, metrics, position=None):
     del position
-    values = jax.device_get({k: v for k, v in metrics.items() if k in self.keys})
-    unit = float(self.population.unit_schedule(step * self.minibatches - 1))
+    values = jax.device_get({k: v for k, v in metrics.items()
+                             if k in self.keys or k == "learning_rate"})
+    # the step reports a data-dependent rate (FINCH's, at peak 1); a schedule's is known
+    unit = values.pop("learning_rate", None)
+    if unit is None:
+      unit = np.full(len(self.population.members),
+                     float(self.population.unit_schedule(step * self.minibatches - 1)))
     for m, member in enumerate(self.population.members):
       row = {"step": step, **{k: float(v[m]) for k, v in values.items()}}
-      self.rows[m].append(dict(row, learning_rate=member.lr * unit))
+      self.rows[m].append(dict(row, learning_rate=member.lr * float(unit[m])))
 
 
 # ----------------------------------------------------------------------------- evaluation
