@@ -103,7 +103,7 @@ def test_population_evaluator_scores_each_member_like_the_run_evaluator(tiny):
   moved = jax.tree.map(lambda p: p + 0.01 * jnp.sin(jnp.arange(p.size).reshape(p.shape)), base)
   ev = evaluate.RunEvaluator(config.eval, config.data, tokenizer, graphdef, base)
   rows = ev.rows("in_domain")
-  answer_set = pop.AnswerSet([ev.encoder.prompt_ids(r["prompt"]) for r in rows],
+  answer_set = pop.AnswerSet([ev.prompt_ids(r["prompt"]) for r in rows],
                              [r["answer"] for r in rows], config.eval.max_new_tokens)
   population = pop.PopulationEvaluator(ev, {"in_domain": answer_set}, batch_size=3,
                                        forced_batch_size=3)
@@ -116,10 +116,20 @@ def test_population_evaluator_scores_each_member_like_the_run_evaluator(tiny):
     assert mine["in_domain_correct"] == pop.bits(theirs["in_domain_correct"])
     assert mine["factual_correct"] == pop.bits(theirs["factual_correct"])
     assert mine["target_prob_hist"] == theirs["target_prob_hist"]
-    # token-weighted KL: the per-prompt sums over the token counts; the run evaluator's
-    # per-prompt means weighted by those counts give the same number
-    weighted = np.dot(theirs["kl_per_prompt"], mine["tokens_per_prompt"]) / sum(
-        mine["tokens_per_prompt"])
-    assert mine["kl_to_base"] == pytest.approx(weighted, rel=1e-5, abs=1e-9)
+    assert mine["kl_sum_per_prompt"] == pytest.approx(theirs["kl_sum_per_prompt"], rel=1e-5,
+                                                      abs=1e-9)
+    assert mine["tokens_per_prompt"] == theirs["tokens_per_prompt"]
     assert mine["kl_to_base"] == pytest.approx(theirs["kl_to_base"], rel=1e-5, abs=1e-9)
   assert scored[0]["kl_to_base"] == 0.0 and scored[1]["kl_to_base"] > 0
+
+
+def test_kl_is_token_weighted_with_per_prompt_sums():
+  """Replies of 1 and 3 tokens with KL 1 and 0, 0, 0: token-weighted 1/4, not the mean of the
+  per-prompt means (1/2); the per-prompt sums and counts carry the weighting."""
+  from dft_jax.evaluate import teacher_forced  # pylint: disable=g-import-not-at-top
+  drift = {"kl_from_ref": [[1.0], [0.0, 0.0, 0.0]], "entropy": [[2.0], [1.0, 1.0, 1.0]]}
+  prose = {"logp": [[-1.0, -3.0]], "kl_from_ref": [[0.5, 0.5]]}
+  m = teacher_forced.forgetting_measures(drift, prose)
+  assert m["kl_to_base"] == 0.25 and m["entropy_general"] == 1.25
+  assert (m["kl_sum_per_prompt"], m["tokens_per_prompt"]) == ([1.0, 0.0], [1, 3])
+  assert m["perplexity_heldout"] == pytest.approx(np.exp(2.0)) and m["kl_heldout"] == 0.5

@@ -382,11 +382,10 @@ class RunEvaluator:
                           self.cfg["math_max_new_tokens"], MATH_SYSTEM_PROMPT)
 
   def forgetting(self, model, params):
-    general = self._forced(params, "drift")
-    out = {"kl_to_base": float(general["kl_from_ref"].mean()),
-           "kl_per_prompt": teacher_forced.per_row_means(
-               general["kl_from_ref"], self.forced_batch("drift")["loss_mask"]),
-           "entropy_general": float(general["entropy"].mean())}
+    rows = lambda name, stats: {k: teacher_forced.per_row(  # noqa: E731
+        v, self.forced_batch(name)["loss_mask"]) for k, v in stats.items()}
+    out = teacher_forced.forgetting_measures(rows("drift", self._forced(params, "drift")),
+                                             rows("heldout", self._forced(params, "heldout")))
     s, facts = self.cfg["factual_qa"], self.rows("factual")
     questions = [str(formats.get_field(r, s.prompt_field)) for r in facts]
     replies = self._texts(model, [self.prompt_ids(q) for q in questions], "questions",
@@ -395,9 +394,6 @@ class RunEvaluator:
                for t, r in zip(replies, facts)]
     out["factual_accuracy"] = float(np.mean(correct))
     out["factual_correct"] = [int(c) for c in correct]
-    heldout = self._forced(params, "heldout")
-    out["perplexity_heldout"] = float(np.exp(-heldout["logp"].mean()))
-    out["kl_heldout"] = float(heldout["kl_from_ref"].mean())
     examples = [{"prompt": q, "reply": t[0], "correct": ok}
                 for q, t, ok in zip(questions, replies, correct)][:NUM_SAMPLES_KEPT]
     return out, examples

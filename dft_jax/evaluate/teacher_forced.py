@@ -98,12 +98,26 @@ def forced_stats(graphdef, params, base_params, batch, *, batch_size, label=None
   return {k: np.concatenate(v) for k, v in out.items()}
 
 
-def per_row_means(values, loss_mask_NxT):
-  """forced_stats' flat per-token values (row-major over loss_mask) -> the mean of each row that
-  has loss tokens, as a list."""
+def per_row(values, loss_mask_NxT):
+  """forced_stats' flat per-token values (row-major over loss_mask) -> one array per row."""
   counts = np.asarray(loss_mask_NxT > 0).sum(axis=1)
-  rows = np.split(np.asarray(values, np.float64), np.cumsum(counts)[:-1])
-  return [float(r.mean()) for r in rows if r.size]
+  return np.split(np.asarray(values, np.float64), np.cumsum(counts)[:-1])
+
+
+def forgetting_measures(drift, prose):
+  """The forgetting measures from per-row teacher-forced values ({stat: [row values]}) on the
+  base's replies to general prompts (`drift`) and on held-out prose: KL(base || model) on the
+  replies, token-weighted -- the sum over every reply token over the number of tokens, the one
+  definition everything reports -- with each prompt's sum and token count (a bootstrap over
+  prompts keeps the token weighting); the model's entropy there; perplexity and KL on the
+  prose."""
+  flat = lambda rows: np.concatenate([np.asarray(r, np.float64) for r in rows])  # noqa: E731
+  kl_sums = [float(np.sum(r)) for r in drift["kl_from_ref"]]
+  counts = [len(r) for r in drift["kl_from_ref"]]
+  return {"kl_to_base": sum(kl_sums) / sum(counts), "kl_sum_per_prompt": kl_sums,
+          "tokens_per_prompt": counts, "entropy_general": float(flat(drift["entropy"]).mean()),
+          "perplexity_heldout": float(np.exp(-flat(prose["logp"]).mean())),
+          "kl_heldout": float(flat(prose["kl_from_ref"]).mean())}
 
 
 def target_prob_histogram(logp):

@@ -28,6 +28,7 @@ from flax import nnx
 from dft_jax import sampling
 from dft_jax import step as step_lib
 from dft_jax.data import answers
+from dft_jax.data import formats
 from dft_jax.evaluate import teacher_forced
 
 
@@ -246,15 +247,16 @@ class PopulationEvaluator:
       s = self.answer_sets[name]
       for m, texts in enumerate(self.replies(states, s.prompt_ids, s.max_new_tokens)):
         out[m].update(score_answers(name, texts, s.answers))
-    facts = self.ev.rows("factual")
-    prompts = [self.ev.encoder.prompt_ids(r["prompt"]) for r in facts]
+    facts, s = self.ev.rows("factual"), self.ev.cfg["factual_qa"]
+    prompts = [self.ev.prompt_ids(str(formats.get_field(r, s.prompt_field))) for r in facts]
     for m, texts in enumerate(self.replies(states, prompts, self.ev.cfg["factual_max_new_tokens"])):
-      correct = [answers.matches_fact(t, r["aliases"]) for t, r in zip(texts, facts)]
+      correct = [answers.matches_fact(t, formats.get_field(r, s.aliases_field))
+                 for t, r in zip(texts, facts)]
       out[m].update(factual_accuracy=float(np.mean(correct)), factual_correct=bits(correct))
     for m, (drift, prose, hist) in enumerate(zip(self.forced(states, "drift"),
                                                  self.forced(states, "heldout"),
                                                  self.forced(states, "hist", against_base=False))):
-      out[m].update(forgetting_measures(drift, prose))
+      out[m].update(teacher_forced.forgetting_measures(drift, prose))
       out[m].update(target_measures(hist))
     return out
 
@@ -269,20 +271,6 @@ def score_answers(name, texts, references):
   return {f"{name}_accuracy": float(np.mean(correct)), f"{name}_correct": bits(correct),
           f"{name}_answered": float(np.mean([answers.extract_answer(t) is not None
                                              for t in texts]))}
-
-
-def forgetting_measures(drift, prose):
-  """From per-row teacher-forced values: KL(base || model) on the base's replies to the general
-  prompts, token-weighted (the study's one definition: the sum over every reply token over the
-  number of tokens), with each prompt's sum and token count (so a bootstrap over prompts keeps
-  the token weighting); the entropy there; perplexity and KL on held-out prose."""
-  kl_sums = [float(np.sum(r)) for r in drift["kl_from_ref"]]
-  counts = [len(r) for r in drift["kl_from_ref"]]
-  flat = lambda rows: np.concatenate([np.asarray(r, np.float64) for r in rows])  # noqa: E731
-  return {"kl_to_base": sum(kl_sums) / sum(counts), "kl_sum_per_prompt": kl_sums,
-          "tokens_per_prompt": counts, "entropy_general": float(flat(drift["entropy"]).mean()),
-          "perplexity_heldout": float(np.exp(-flat(prose["logp"]).mean())),
-          "kl_heldout": float(flat(prose["kl_from_ref"]).mean())}
 
 
 def target_measures(hist):

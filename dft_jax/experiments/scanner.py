@@ -39,7 +39,8 @@ import numpy as np
 from dft_jax import cli
 from dft_jax import config_files
 from dft_jax import evaluate
-from dft_jax.evaluate import evaluator as evaluator_lib
+from dft_jax.data import formats
+from dft_jax.evaluate import sets as sets_lib
 from dft_jax import files
 from dft_jax import loop
 from dft_jax import models
@@ -194,10 +195,12 @@ class Regime:
     sets, study = config.study.regime_sets[name], config.study
     self.run_evaluator = evaluate.RunEvaluator(config.eval, config.data, tokenizer, graphdef,
                                                base_params)
-    answer_sets = {"in_domain": self.answer_set(sets.test, config.eval.num_examples),
-                   **{f"ood_{k}": self.answer_set(v, study.ood_examples)
+    where = f"study.regime_sets.{name}"
+    answer_sets = {"in_domain": self.answer_set(sets.test, config.eval.num_examples,
+                                                f"{where}.test"),
+                   **{f"ood_{k}": self.answer_set(v, study.ood_examples, f"{where}.ood.{k}")
                       for k, v in sets.ood.items()},
-                   "val": self.answer_set(sets.val, study.val_examples)}
+                   "val": self.answer_set(sets.val, study.val_examples, f"{where}.val")}
     self.evaluator = pop.PopulationEvaluator(
         self.run_evaluator, answer_sets, batch_size=config.eval.batch_size,
         forced_batch_size=config.eval.forced_batch_size)
@@ -209,13 +212,16 @@ class Regime:
                          "target_probs": self.run_evaluator.describe("target_probs")}
     self.batches = {seed: data_batches(config, tokenizer, seed) for seed in range(study.seeds)}
 
-  def answer_set(self, spec, num):
-    rows = evaluator_lib.require_fields(
-        evaluator_lib.load_rows(spec, field="study.regime_sets")[:num],
-                                   ("prompt", "answer"), spec)
-    return pop.AnswerSet([self.run_evaluator.encoder.prompt_ids(r["prompt"]) for r in rows],
-                         [r["answer"] for r in rows],
-                         self.config.study.regime_sets[self.name].max_new_tokens)
+  def answer_set(self, spec, num, where):
+    """The greedy-answer set `spec` (SOURCE[,FIELD=VALUE...], as eval.in_domain) from
+    study.regime_sets: its prompts rendered as training renders them, its answers."""
+    s = sets_lib.resolve(spec, where)
+    rows, locate = sets_lib.load(s, num)
+    rows = sets_lib.check_rows(s, rows, locate, ("prompt", "answer"))
+    return pop.AnswerSet(
+        [self.run_evaluator.prompt_ids(str(formats.get_field(r, s.prompt_field))) for r in rows],
+        [str(formats.get_field(r, s.answer_field)) for r in rows],
+        self.config.study.regime_sets[self.name].max_new_tokens)
 
   def score(self, states, final):
     """[R] results of the population states on every set (the validation set only at the
