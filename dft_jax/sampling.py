@@ -58,6 +58,14 @@ def sample_token(logits_BxV, key, *, temperature, top_p, greedy: bool):
   return jax.random.categorical(key, logits_BxV, axis=-1).astype(jnp.int32)
 
 
+def einsum_f32(spec, a, b):
+  """einsum accumulating in float32. XLA:CPU has no batched bf16 x bf16 -> f32 dot (an accelerator
+  reads the bf16 operands as they are): on the CPU the operands are cast first."""
+  if jax.default_backend() == "cpu":
+    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+  return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+
+
 def attend_cache(q_BxTxNxH, k_BxKxSxH, v_BxKxSxH, mask_BxTxS, scale):
   """softmax(scale q k^T) v over the cache slots the mask allows (float32 scores; scale
   1/sqrt(H), or Gemma's 1/sqrt(query_pre_attn_scalar): config.attention_scale). GQA: the query
@@ -67,11 +75,10 @@ def attend_cache(q_BxTxNxH, k_BxKxSxH, v_BxKxSxH, mask_BxTxS, scale):
   b, t, n, h = q_BxTxNxH.shape
   kv = k_BxKxSxH.shape[1]
   q_BxTxKxGxH = q_BxTxNxH.reshape(b, t, kv, n // kv, h)
-  scores = jnp.einsum("btkgh,bksh->bkgts", q_BxTxKxGxH, k_BxKxSxH,
-                      preferred_element_type=jnp.float32) * scale
+  scores = einsum_f32("btkgh,bksh->bkgts", q_BxTxKxGxH, k_BxKxSxH) * scale
   scores = jnp.where(mask_BxTxS[:, None, None], scores, -jnp.inf)
   probs = jax.nn.softmax(scores, axis=-1).astype(v_BxKxSxH.dtype)
-  out = jnp.einsum("bkgts,bksh->btkgh", probs, v_BxKxSxH, preferred_element_type=jnp.float32)
+  out = einsum_f32("bkgts,bksh->btkgh", probs, v_BxKxSxH)
   return out.reshape(b, t, n, h).astype(q_BxTxNxH.dtype)
 
 

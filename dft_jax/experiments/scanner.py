@@ -35,19 +35,20 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from flax import nnx
 
 from dft_jax import cli
 from dft_jax import config_files
 from dft_jax import evaluate
-from dft_jax.data import formats
-from dft_jax.evaluate import sets as sets_lib
 from dft_jax import files
 from dft_jax import loop
 from dft_jax import models
 from dft_jax import objectives
 from dft_jax import sharding
 from dft_jax import step as step_lib
+from dft_jax.data import formats
 from dft_jax.errors import ConfigError
+from dft_jax.evaluate import sets as sets_lib
 from dft_jax.experiments import population as pop
 from dft_jax.experiments import report
 
@@ -261,8 +262,9 @@ def compile_population_step(config, setting, graphdef, base_params, members):
                                        models_lib.logical_specs(base_params))
   rates = jax.ShapeDtypeStruct((len(members),), jnp.float32)
   state = jax.eval_shape(lambda p, r: pop.population_state(p, base_tx, r), base_params, rates)
-  reference = base_params if setting.needs_reference else None
-  frozen = jax.eval_shape(lambda r: step_lib.Frozen(reference=r), reference)
+  compute_dtype = nnx.merge(graphdef, base_params).compute_dtype  # the reference's (init_train_state)
+  frozen = jax.eval_shape(lambda p: step_lib.Frozen(reference=jax.tree.map(
+      lambda x: x.astype(compute_dtype), p) if setting.needs_reference else None), base_params)
   batch = {k: jax.ShapeDtypeStruct((len(members), t.global_batch_size, t.seq_len),
                                    jnp.float32 if k == "loss_mask" else jnp.int32)
            for k in step_lib.BATCH_KEYS}
@@ -306,7 +308,6 @@ def train_arm(regime, label, config, setting, members, compiled, mesh, log):
 
 def regime_model(regime):
   """A fresh copy of the base model (a population copies its parameters, the step donates them)."""
-  from flax import nnx  # pylint: disable=g-import-not-at-top
   return nnx.merge(regime.graphdef, jax.tree.map(jnp.copy, regime.base_params))
 
 
