@@ -1,4 +1,4 @@
-"""Tokens/s of the embedded default on this machine's CPU (benchmark issue #8).
+"""Tokens/s of the embedded default on this machine's CPU.
 
   JAX_PLATFORMS=cpu python benchmarks/cpu_default.py [--steps=8] [--out=benchmarks/results/cpu_default.json]
   JAX_PLATFORMS=cpu python benchmarks/cpu_default.py --config.train.seq_len=512   # a changed default

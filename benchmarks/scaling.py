@@ -1,4 +1,4 @@
-"""Scaling of the full train step over the GPUs of one host: data, FSDP, data x FSDP (issue #9).
+"""Scaling of the full train step over the GPUs of one host: data, FSDP, data x FSDP.
 
   python benchmarks/scaling.py --out=DIR [--budget_s=480] [--ns=1,2,4,8]   # this machine's plan
   python benchmarks/scaling.py --smoke --out=DIR      # tiny shapes, 8 fake CPU devices (tests)
@@ -307,7 +307,7 @@ def summarize(records):
     for kind in ("weak", "strong"):
       if r["model"] == main and r["n_gpus"] > 1 and r[f"{kind}_efficiency"] is not None:
         s[f"{kind}_efficiency"].setdefault(label, {})[str(r["n_gpus"])] = r[f"{kind}_efficiency"]
-  # Issue #9: >= 95 % on 2 GPUs (data x fsdp is 2x1 or 1x2 there: the data and fsdp rows),
+  # The targets: >= 95 % on 2 GPUs (data x fsdp is 2x1 or 1x2 there: the data and fsdp rows),
   # >= 90 % on 8 GPUs (data x fsdp), weak scaling.
   for n, layouts, goal in ((2, ("data", "fsdp"), 0.95), (8, ("data_fsdp",), 0.90)):
     for layout in layouts:

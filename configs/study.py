@@ -115,6 +115,7 @@ def get_config(arg=None):
       report=True,             # write results.md and the figures at the end (False: only the
                                # result files; --replot writes the report from them later)
       compilation_cache="~/.cache/dft_jax/xla",  # persistent XLA cache folder ("": none)
+      # the study's folder: per regime base.json and arms/LABEL.json, then results.md, figures
       out=os.path.join("results", "scanner", *(["cpu"] if scale == "cpu" else [])),
   ))
 

@@ -20,9 +20,11 @@ def test_sizes_and_fields():
   sizes = {name: len(data.load_builtin(name)) for name in data.BUILTINS}
   assert sizes == {"arith_train": 2000, "arith_test": 300, "arith_val": 200,
                    "arith_terse_train": 2000,
-                   "arith_terse_test": 300, "lookup_train": 2000, "lookup_test": 300,
-                   "lookup_val": 200, "general_prompts": 80, "factual_qa": 70,
-                   "heldout_text": 8}
+                   "arith_terse_test": 300, "arith_ood_longer": 300,
+                   "arith_ood_expressions": 300, "lookup_train": 2000, "lookup_test": 300,
+                   "lookup_val": 200, "lookup_hard_train": 2000, "lookup_hard_test": 300,
+                   "lookup_hard_val": 200, "lookup_ood_list": 300, "lookup_ood_sum": 300,
+                   "general_prompts": 80, "factual_qa": 70, "heldout_text": 8}
   for name in ("arith_train", "arith_test", "arith_terse_train", "lookup_train", "factual_qa",
                "general_prompts"):
     assert {"prompt", "response", "answer"} <= set(data.load_builtin(name)[0])

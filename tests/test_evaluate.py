@@ -534,6 +534,7 @@ def test_cli_errors_are_one_line(argv, message, capsys):
   assert err.startswith("dft_jax: error:") and message in err
 
 
+@pytest.mark.slow
 def test_cli_on_a_model_takes_its_settings_from_the_default_config(tmp_path, capsys):
   out = tmp_path / "eval.json"
   evaluate_cli(f"--model={TINY}", "--config.eval.suites=target_probs", f"--out={out}")

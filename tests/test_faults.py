@@ -665,8 +665,8 @@ def test_nan_batch_is_skipped_and_only_finite_states_are_saved(rows_dir, tmp_pat
   assert_same_state(states[2], states[1])
   assert states[3]["['params']['embed']['value']"].tobytes() != \
       states[2]["['params']['embed']['value']"].tobytes()
-  assert len(warning_lines(result.stderr, "step 2: non-finite loss or gradient")) == 1
-  assert "NaN or Inf" not in result.stderr  # TensorBoard's own warning, once per NaN metric
+  assert len(warning_lines(err, "step 2: non-finite loss or gradient")) == 1
+  assert "NaN or Inf" not in err  # TensorBoard's own warning, once per NaN metric
 
 
 def test_metric_writers_write_nan_without_a_warning_per_value(tmp_path, caplog):

@@ -284,7 +284,8 @@ def test_not_a_gguf_file(tmp_path):
   _one_line_error(tmp_path / "empty.gguf", "not a GGUF file")
 
 
-@pytest.mark.parametrize("size", [10, 1000, 2_000_000, -1])
+@pytest.mark.parametrize("size", [10, 1000, pytest.param(2_000_000, marks=pytest.mark.slow),
+                                  pytest.param(-1, marks=pytest.mark.slow)])
 def test_truncated_gguf(tmp_path, size):
   path = tmp_path / "cut.gguf"
   with open(SMOLLM2, "rb") as src:
@@ -325,6 +326,7 @@ def test_shape_mismatch_and_unexpected_tensors(tmp_path):
   _one_line_error(path, r"1 tensors missing, e.g. \['model.layers.1.mlp.up_proj.weight'\]")
 
 
+@pytest.mark.slow
 def test_unsupported_tokenizer_and_rope(tmp_path):
   weights = tiny_hf_weights("llama")
   path = write_tiny_gguf(tmp_path / "pre.gguf", "llama", weights,

@@ -205,7 +205,7 @@ def _loss(graphdef, tokens):
   return loss
 
 
-@pytest.mark.parametrize("base_quant", [None, "nf4"])
+@pytest.mark.parametrize("base_quant", [None, pytest.param("nf4", marks=pytest.mark.slow)])
 def test_gradients_reach_only_the_adapters(base_quant):
   golden = _golden("qwen3")
   tokens = jnp.asarray(golden["tokens"])
@@ -247,7 +247,7 @@ def _global_norm(tree):
 # ---------------------------------------------------------------- QLoRA in the decoder
 
 
-@pytest.mark.parametrize("base_quant, close", [("int8", 0.05), ("nf4", 0.5)])
+@pytest.mark.parametrize("base_quant, close", [("int8", 0.05), pytest.param("nf4", 0.5, marks=pytest.mark.slow)])
 def test_quantised_base_is_the_dequantised_model(base_quant, close, tmp_path):
   """QLoRA with fresh adapters computes the model whose weights are the dequantised ones (the
   merged export holds them), close to the float base; adapters=False gives the same."""

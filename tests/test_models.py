@@ -252,6 +252,7 @@ def test_export_cli(tmp_path, capsys):
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_export_cli_from_a_training_checkpoint(tmp_path, capsys):
   """A trained workdir exports to an HF folder that loads back to the checkpoint's weights."""
   from dft_jax import checkpoint, train

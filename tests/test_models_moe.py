@@ -124,6 +124,7 @@ def test_active_parameters_leave_out_the_unrouted_experts():
   assert 1e9 < total - unrouted < 3e9  # the benchmark's "1-3B active" shape
 
 
+@pytest.mark.slow
 def test_train_step_adds_the_router_loss_with_its_coefficient(tmp_path, microbatches=2):
   """The step's loss = the objective's terms (loss/*) + coef * router_aux_loss, the metric being
   the mean over the update's slices of each forward's load-balancing loss."""
@@ -175,6 +176,7 @@ def test_experts_shard_by_the_logical_rules_on_a_mesh(moe):
   np.testing.assert_allclose(np.asarray(logits), golden["logits"], atol=1e-4)
 
 
+@pytest.mark.slow
 def test_lora_targets_of_a_moe_family():
   """Adapters on the attention projections; the experts take none (a clear error names the
   targets that exist); QLoRA quantises the attention projections only."""

@@ -34,6 +34,7 @@ def logits(smollm2, golden):
   return np.asarray(smollm2[0](jnp.asarray(golden["prompt_ids"])))
 
 
+@pytest.mark.slow
 def test_logits_match_transformers_gguf(logits, golden):
   real = np.arange(logits.shape[1])[None] < golden["prompt_lengths"][:, None]  # right padding
   np.testing.assert_array_equal(logits.argmax(-1)[real], golden["argmax"][real])
@@ -60,12 +61,14 @@ def test_greedy_continuations_match_transformers(smollm2, golden):
     assert whole[len(row):len(row) + 1] in ([], [tokenizer.eos_token_id])
 
 
+@pytest.mark.slow
 def test_config_from_gguf_metadata(smollm2):
   path = models.ALIASES["smollm2-135m-instruct"]()
   assert models.ModelConfig.from_gguf(path) == smollm2[0].config
   assert smollm2[0].config.tie_word_embeddings and smollm2[0].config.num_kv_heads == 3
 
 
+@pytest.mark.slow
 def test_chat_template_prompt_matches_golden(smollm2, golden):
   _, tokenizer = smollm2
   config = testing.default_config()

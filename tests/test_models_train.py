@@ -58,7 +58,7 @@ def test_train_with_dft_then_export_a_folder_transformers_reads(family, tmp_path
   assert theirs.model_type == hf_config["model_type"]
   assert theirs.architectures == hf_config["architectures"]
   back, _ = models.load(str(tmp_path / "hf"))
-  trained, _, _ = checkpoint.restore_model(str(tmp_path / "run"))
+  trained, _, _, _ = checkpoint.restore_model(str(tmp_path / "run"))
   start, _ = models.load(str(folder))
   moved = False
   for a, b, c in zip(_params(back), _params(trained), _params(start)):

@@ -136,8 +136,9 @@ def otr_gradients(data, setting, steps):
   return jax.jit(jax.vmap(lambda key: grad(data["hidden"], data["w"], key)))(keys)
 
 
-@pytest.mark.parametrize("temperature,penalty,samples", [(1.0, 1.0, 8), (0.7, 0.5, 4),
-                                                         (1.5, 0.0, 2)])
+@pytest.mark.parametrize("temperature,penalty,samples", [
+    pytest.param(1.0, 1.0, 8, marks=pytest.mark.slow), (0.7, 0.5, 4),
+    pytest.param(1.5, 0.0, 2, marks=pytest.mark.slow)])
 def test_otr_expected_gradient_over_the_draws_matches_float64(temperature, penalty, samples):
   """The mean of OTR's gradient over 3,000 draws of keys equals the float64 expectation within
   five standard errors (elementwise); the expectation at another temperature or penalty does
@@ -270,6 +271,7 @@ def assert_same_run(a, b, rtol=1e-5):
     np.testing.assert_allclose(x, y, rtol=rtol, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("objective", [dict(name="otr"), dict(name="talr", talr=dict(tau=0.5))],
                          ids=["otr", "talr"])
 def test_step_is_exact_under_microbatching_and_data_parallelism(objective):
@@ -278,6 +280,7 @@ def test_step_is_exact_under_microbatching_and_data_parallelism(objective):
   assert_same_run(one, run_train_steps(objective, devices=4))
 
 
+@pytest.mark.slow
 def test_otr_step_draws_again_the_same_on_a_resumed_step():
   """The keys follow train.seed and the state's step: a state put back (as a restore does)
   draws what the uninterrupted run drew; another step draws otherwise."""

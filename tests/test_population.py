@@ -59,7 +59,8 @@ def solo_run(config, model, tokenizer, member, mesh):
 
 
 @pytest.mark.parametrize("objective,schedule", [
-    ("sft", "cosine"), pytest.param("psft", "cosine", marks=pytest.mark.slow),
+    pytest.param("sft", "cosine", marks=pytest.mark.slow),
+    pytest.param("psft", "cosine", marks=pytest.mark.slow),
     pytest.param("sft", "finch", marks=pytest.mark.slow)])
 def test_each_member_trains_as_a_run_of_its_own(tiny, objective, schedule):
   """Also PSFT (its snapshot under vmap) and FINCH (a rate that depends on the loss: its cap is
@@ -97,6 +98,7 @@ def test_each_member_trains_as_a_run_of_its_own(tiny, objective, schedule):
   assert all(h["update_norm"] > 0 for rows in history.rows for h in rows)
 
 
+@pytest.mark.slow
 def test_population_evaluator_scores_each_member_like_the_run_evaluator(tiny):
   config, model, tokenizer = tiny
   graphdef, base = nnx.split(model)

@@ -20,7 +20,9 @@ MACHINE_PATH = re.compile(ROOTED + r"(?:root|home|Users|work|mnt|scratch|workspa
 SCRATCH_PATH = re.compile(ROOTED + r"(?:tmp|var/folders|private/var)/[\w.-]")
 DATA_SUFFIXES = (".json", ".jsonl", ".txt", ".csv")
 # "issue 16", "issues 15 and 16", "Issue #9", a bare "#20"; `owner/repo#N` is a citation.
-ISSUE_NUMBER = re.compile(r"\bissues?\s*#?\d+|(?<![\w/.#&-])#\d+\b", re.IGNORECASE)
+# A six-digit "#RRGGBB" is a colour, not an issue.
+ISSUE_NUMBER = re.compile(r"\bissues?\s*#?\d+|(?<![\w/.#&-])#(?![0-9a-f]{6}\b)\d+\b",
+                          re.IGNORECASE)
 # Citations of other projects written otherwise: (path, text on the line).
 CITATIONS = {("dft_jax/models/attention.py", "jax PR #39521")}
 THIS_FILE = "tests/test_repository.py"  # its patterns and examples name what they look for
@@ -73,6 +75,8 @@ def test_no_machine_path_or_issue_number_is_committed():
     ("yongliang-wu/DFT#27", False),
     ("tests/fixtures/home/x and ~/.cache/dft_jax", False),
     ("color='#1f77b4'  # 3 layers", False),
+    ('ax.axvline(x, color="#999999")', False),
+    ("see #123456 and #12", True),
     ("lm_head/work/x", False),
 ])
 def test_the_check_finds_what_it_should(line, offends):

@@ -155,6 +155,7 @@ def _perturbed(state, seed):
       if jnp.issubdtype(x.dtype, jnp.floating) else x for x, k in zip(leaves, keys)])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("folder, layer_types", [
     ("tiny_llama", None), ("tiny_mistral", ("sliding_attention", "full_attention"))],
                          ids=["llama", "mistral_windowed_and_global"])

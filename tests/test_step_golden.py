@@ -19,7 +19,11 @@ def test_every_case_recorded():
   assert sorted(GOLDEN) == sorted(golden_lib.CASES)
 
 
-@pytest.mark.parametrize("case", sorted(golden_lib.CASES))
+FAST_CASES = ("sft", "dft", "dft_kl", "psft_k2")  # the rest in the slow tier
+
+
+@pytest.mark.parametrize("case", [c if c in FAST_CASES else pytest.param(c, marks=pytest.mark.slow)
+                                  for c in sorted(golden_lib.CASES)])
 def test_three_steps_equal_recorded(case):
   now = golden_lib.run_case(golden_lib.CASES[case])
   np.testing.assert_allclose(now["losses"], GOLDEN[case]["losses"], rtol=2e-6, atol=1e-9)

@@ -94,7 +94,9 @@ def mesh_of(n, **axes):
   return sharding.make_mesh(cfg, jax.devices()[:n])
 
 
-def assert_trees_close(a, b, rtol=2e-5, atol=2e-6):
+def assert_trees_close(a, b, rtol=2e-5, atol=1e-5):
+  """Equal up to summation order: Adam divides by sqrt(v), so where a gradient is ~0 a reordered
+  sum moves that element's update by a fraction of it; atol is 1 % of one update at lr 1e-3."""
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
 
@@ -110,7 +112,7 @@ def reference_run(objective, rows_path):
 @pytest.mark.parametrize("objective,layout", [
     pytest.param("dft", dict(data=8), marks=SLOW), pytest.param("dft", dict(fsdp=8), marks=SLOW),
     pytest.param("dft", dict(data=2, tensor=4), marks=SLOW),
-    ("psft", dict(data=2, fsdp=2, tensor=2))])
+    pytest.param("psft", dict(data=2, fsdp=2, tensor=2), marks=SLOW)])
 def test_sharded_equals_single_device(rows_dir, objective, layout):
   config, host, (single_metrics, single_params) = reference_run(objective, str(rows_dir))
   metrics, params = run_steps(config, mesh_of(8, **layout), host)
@@ -171,6 +173,7 @@ def test_psft_snapshot_is_held_across_minibatches(tmp_path):
   assert diff > 1e-6
 
 
+@pytest.mark.slow
 def test_psft_default_updates_per_snapshot_differ_from_sft(tmp_path):
   """configs/default.py:psft takes several updates per policy snapshot (the paper's recipe), so
   the main job's PSFT does not reproduce SFT's numbers; the main job refuses the K = 1 setting that
@@ -207,6 +210,7 @@ def test_each_objective_learns(tmp_path, objective, extra):
   assert nll[-1] < nll[0] - 0.05, nll
 
 
+@pytest.mark.slow
 def test_dft_seq_stalls_when_the_sequence_probability_underflows(tmp_path):
   """The sequence-level weight sg(pi(y|x)) is exp(sum of ~20 logps of about -6) = 0 in float32 for
   a fresh tiny model: no gradient, no update -- the instability that makes DFT token-level."""
@@ -225,6 +229,7 @@ def read_jsonl(path):
     return [json.loads(line) for line in f]
 
 
+@pytest.mark.slow
 def test_resume_equals_uninterrupted(tmp_path):
   straight = tiny_config(tmp_path, train__num_steps=4)
   train.train_and_evaluate(straight, str(tmp_path / "straight"))
@@ -320,6 +325,7 @@ def test_every_numeric_field_is_checked_before_anything_loads(tmp_path, value):
     assert field in str(e.value) and "\n" not in str(e.value), (field, str(e.value))
 
 
+@pytest.mark.slow
 def test_workdir_of_another_run_is_refused(tmp_path):
   train.train_and_evaluate(tiny_config(tmp_path, train__num_steps=2), str(tmp_path / "run"))
   with pytest.raises(ConfigError, match="objective.name='dft'"):
