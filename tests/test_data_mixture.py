@@ -188,8 +188,8 @@ def test_each_source_reads_its_own_format_and_fields(tok, mixed, tmp_path):
   assert "alpha question" in seen[0] and "delta" in seen[1]
 
 
-@pytest.mark.parametrize("lm_head_impl", [pytest.param("checkpointed", marks=pytest.mark.slow),
-                                          "fused"])
+@pytest.mark.slow
+@pytest.mark.parametrize("lm_head_impl", ["checkpointed", "fused"])
 def test_the_step_reports_each_sources_tokens_and_mean_loss(tmp_path, lm_head_impl):
   """Against a float64 reference from the model's own per-token log-probabilities: DFT's per-token
   loss -p log p averaged over each source's loss tokens, and each source's token counts."""

@@ -139,6 +139,7 @@ def small_batch(tokenizer):
   return teacher_forced.teacher_forced_batch(prompts, replies, sampling.pad_id(tokenizer))
 
 
+@pytest.mark.slow
 def test_kl_zero_against_itself_and_positive_after_a_step(tiny):
   model, tokenizer, graphdef, params = tiny
   batch = small_batch(tokenizer)

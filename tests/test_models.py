@@ -117,7 +117,8 @@ def loss_and_grad(request):
 
 
 @pytest.mark.parametrize("remat, scan_layers", [
-    ("nothing_saveable", True), ("dots_with_no_batch_dims_saveable", False)])
+    ("nothing_saveable", True),
+    pytest.param("dots_with_no_batch_dims_saveable", False, marks=pytest.mark.slow)])
 def test_remat_and_unrolled_layers_same_loss_and_grads(loss_and_grad, remat, scan_layers):
   ref_loss, ref_grad = loss_and_grad("none", True)
   loss, grad = loss_and_grad(remat, scan_layers)

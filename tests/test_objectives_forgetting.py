@@ -169,7 +169,7 @@ def test_otr_is_deterministic_per_key_and_differs_across_steps():
   assert not np.array_equal(keys, step_lib.token_keys(1, 5, (B, T)))  # another seed
 
 
-@pytest.mark.parametrize("temperature", [1.0, 0.5, 2.0])
+@pytest.mark.parametrize("temperature", [pytest.param(1.0, marks=pytest.mark.slow), 0.5, 2.0])
 def test_sampler_draws_the_tempered_distribution(temperature):
   """lm_head.sample_tokens over a 300-entry vocabulary (three blocks, the last partial) with
   zero-probability entries: the frequencies of 200,000 draws match softmax(logp / T) (chi-square

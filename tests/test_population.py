@@ -60,10 +60,9 @@ def solo_run(config, model, tokenizer, member, mesh):
 
 @pytest.mark.parametrize("objective,schedule", [
     pytest.param("sft", "cosine", marks=pytest.mark.slow),
-    pytest.param("psft", "cosine", marks=pytest.mark.slow),
-    pytest.param("sft", "finch", marks=pytest.mark.slow)])
+    pytest.param("psft", "finch", marks=pytest.mark.slow)])
 def test_each_member_trains_as_a_run_of_its_own(tiny, objective, schedule):
-  """Also PSFT (its snapshot under vmap) and FINCH (a rate that depends on the loss: its cap is
+  """Also PSFT (its snapshot under vmap) with FINCH (a rate that depends on the loss: its cap is
   the same multiple of every member's rate)."""
   config, model, tokenizer = tiny
   config = config.copy_and_resolve_references()
