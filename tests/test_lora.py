@@ -247,7 +247,8 @@ def _global_norm(tree):
 # ---------------------------------------------------------------- QLoRA in the decoder
 
 
-@pytest.mark.parametrize("base_quant, close", [("int8", 0.05), pytest.param("nf4", 0.5, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("base_quant, close", [
+    ("int8", 0.05), pytest.param("nf4", 0.5, marks=pytest.mark.slow)])
 def test_quantised_base_is_the_dequantised_model(base_quant, close, tmp_path):
   """QLoRA with fresh adapters computes the model whose weights are the dequantised ones (the
   merged export holds them), close to the float base; adapters=False gives the same."""
