@@ -19,7 +19,8 @@ TINY = golden_fixture().TINY
 @pytest.mark.parametrize("objective", [
     pytest.param(dict(name="asft"), marks=pytest.mark.slow),
     pytest.param(dict(name="iw_sft"), marks=pytest.mark.slow),
-    pytest.param(dict(name="dft_seq"), marks=pytest.mark.slow), dict(name="dft", kl_coef=0.1)],
+    pytest.param(dict(name="dft_seq"), marks=pytest.mark.slow),
+    pytest.param(dict(name="dft", kl_coef=0.1), marks=pytest.mark.slow)],
                          ids=lambda o: o["name"] + ("+kl" if "kl_coef" in o else ""))
 def test_fused_step_equals_checkpointed(objective):
   """ASFT's KL over the vocabulary from the reference's chunk logits in the fused head's loop,

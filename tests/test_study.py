@@ -112,12 +112,19 @@ def test_ood_generators_never_repeat_an_excluded_problem():
 
 @pytest.mark.slow
 def test_study_end_to_end(tmp_path):
-  """Both regimes, sft and dft, 2 rates x 2 seeds: the files, their shapes and the report; a
-  second run refuses without --resume, finds nothing to do with it, and refuses another config."""
+  """Both regimes, sft and dft, 2 rates x 2 seeds: a budget that stops before the first arm
+  keeps the first regime's base results and --resume adds the rest; the files, their shapes and
+  the report; a second run refuses without --resume, finds nothing to do with it, and refuses
+  another config."""
   config = study_config()
-  config.study.compilation_cache = str(tmp_path / "xla")
+  config.study.update(compilation_cache=str(tmp_path / "xla"), budget_s=1e-3)
   out = str(tmp_path / "out")
-  regimes = scanner.run_study(config, out, log=lambda s: None)
+  scanner.run_study(config, out, log=lambda s: None)  # past the budget once loaded: no arm
+  assert os.path.exists(scanner.base_path(out, "model_weak"))
+  assert not os.path.exists(scanner.base_path(out, "model_strong"))
+  assert not os.path.exists(os.path.dirname(scanner.arm_path(out, "model_weak", "sft")))
+  config.study.budget_s = 0.0
+  regimes = scanner.run_study(config, out, resume=True, log=lambda s: None)
   for name in ("model_weak", "model_strong"):
     base = regimes[name]["base"]["eval"]
     assert base["kl_to_base"] == 0.0 and base["tokens_per_prompt"]
@@ -151,19 +158,6 @@ def test_study_end_to_end(tmp_path):
   config.train.num_steps = 3
   with pytest.raises(ConfigError, match="another config"):
     scanner.run_study(config, out, resume=True, log=lambda s: None)
-
-
-@pytest.mark.slow
-def test_budget_stops_and_resume_adds_the_rest(tmp_path):
-  config = study_config()
-  config.study.update(regimes="model_strong", budget_s=1e-3, compilation_cache="")
-  out = str(tmp_path / "out")
-  scanner.run_study(config, out, log=lambda s: None)  # past the budget once loaded: no arm
-  assert os.path.exists(scanner.base_path(out, "model_strong"))
-  assert not os.path.exists(os.path.dirname(scanner.arm_path(out, "model_strong", "sft")))
-  config.study.budget_s = 0.0
-  regimes = scanner.run_study(config, out, resume=True, log=lambda s: None)
-  assert list(regimes["model_strong"]["arms"]) == ["sft", "dft"]
 
 
 @pytest.mark.slow
