@@ -126,6 +126,7 @@ def test_study_end_to_end(tmp_path):
   config.study.budget_s = 0.0
   regimes = scanner.run_study(config, out, resume=True, log=lambda s: None)
   for name in ("model_weak", "model_strong"):
+    assert list(regimes[name]["arms"]) == ["sft", "dft"]
     base = regimes[name]["base"]["eval"]
     assert base["kl_to_base"] == 0.0 and base["tokens_per_prompt"]
     for label in ("sft", "dft"):
