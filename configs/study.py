@@ -127,8 +127,10 @@ def get_config(arg=None):
     # 255 GiB with one microbatch and no remat, 94 GiB with 4 microbatches, 66 GiB with 2 and the
     # projections' outputs kept (recomputing attention): 4 microbatches and that policy fit an
     # H200 with room for the evaluation's KV caches.
+    # XLA attention: JAX's cuDNN attention has no batching rule for packed rows under vmap (the
+    # population's), and at 512 tokens a row XLA's is cheap.
     c.model.update(compute_dtype="bfloat16", remat="dots_with_no_batch_dims_saveable",
-                   max_segments=16)
+                   max_segments=16, attention="xla")
     c.train.update(num_steps=12, global_batch_size=32, seq_len=512, minibatches=4,
                    microbatches=4)
     c.optimizer.update(warmup_steps=5)
