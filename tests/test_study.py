@@ -75,6 +75,14 @@ def test_regimes_and_grid():
     scanner.check_grid(gpu)
 
 
+def test_the_population_refuses_cudnn_attention():
+  model_cfg = study_config("gpu").model
+  scanner.check_attention(model_cfg)  # the GPU study's own setting: xla
+  model_cfg.attention = "cudnn"
+  with pytest.raises(ConfigError, match="model.attention='cudnn' resolves to cudnn"):
+    scanner.check_attention(model_cfg)
+
+
 @pytest.mark.parametrize("regime", ["model_weak", "model_strong"])
 def test_ood_sets_are_deterministic_and_disjoint_from_training(regime):
   sets = study_config("gpu").study.regime_sets[regime]

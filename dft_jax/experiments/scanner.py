@@ -51,6 +51,7 @@ from dft_jax.errors import ConfigError
 from dft_jax.evaluate import sets as sets_lib
 from dft_jax.experiments import population as pop
 from dft_jax.experiments import report
+from dft_jax.models import attention
 
 HISTORY_KEYS = ("grad_norm", "update_norm", "loss_tokens", "skipped", *objectives.metric_names())
 
@@ -124,6 +125,15 @@ def regime_config(config, name):
   c = copy.deepcopy(config)
   c.data.source, c.eval.in_domain = sets.train, sets.test
   return c
+
+
+def check_attention(model_cfg):
+  """The population trains its runs under jax.vmap, and JAX's cuDNN attention has no batching rule
+  for packed rows: model.attention must resolve to "xla" (on GPU, "auto" resolves to cudnn)."""
+  if attention.resolve_impl(model_cfg.attention, model_cfg.compute_dtype) == "cudnn":
+    raise ConfigError(f"model.attention={model_cfg.attention!r} resolves to cudnn here, which the "
+                      "study's vmapped population cannot batch over packed rows; set "
+                      "--config.model.attention=xla")
 
 
 def check_grid(study_cfg):
@@ -346,6 +356,7 @@ def run_study(config, out_dir, *, resume=False, log=print):
   labels = run_arm_labels(config.study)
   names = select_regimes(config.study)
   grid = check_grid(config.study)
+  check_attention(config.model)
   members = pop.members(grid, range(config.study.seeds))
   configs = {n: regime_config(config, n) for n in names}
   arm_configs = {(n, a): arm_config(c, a) for n, c in configs.items() for a in labels}  # (c, s)
