@@ -356,10 +356,11 @@ def run_study(config, out_dir, *, resume=False, log=print):
   labels = run_arm_labels(config.study)
   names = select_regimes(config.study)
   grid = check_grid(config.study)
-  check_attention(config.model)
   members = pop.members(grid, range(config.study.seeds))
   configs = {n: regime_config(config, n) for n in names}
   arm_configs = {(n, a): arm_config(c, a) for n, c in configs.items() for a in labels}  # (c, s)
+  for arm_cfg, _ in arm_configs.values():  # an arm may override model fields too
+    check_attention(arm_cfg.model)
   t = config.train
   for c in configs.values():
     step_lib.validate(c, 1)
