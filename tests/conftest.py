@@ -8,8 +8,11 @@ import os
 import pytest
 
 # Tests check values, not speed: XLA:CPU without its LLVM optimisation passes compiles a tiny step
-# about twice as fast, and subprocesses (the CLI tests) inherit the flags.
-FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+# about twice as fast, and its classic loop emitters instead of the MLIR fusion emitters another
+# third faster (the fast tier: 3 min 6 s -> 2 min 12 s on 2 cores); subprocesses (the CLI tests)
+# inherit the flags.
+FAST_COMPILE = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true "
+                "--xla_cpu_use_fusion_emitters=false")
 os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {FAST_COMPILE}")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

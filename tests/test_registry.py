@@ -1,11 +1,9 @@
 """Every objective of the registry through the same checks: its defaults validate, its config
-block survives a JSON round trip (as config.json stores it), and its loss is finite with gradients
-through the chunked LM head equal to the naive head's (also in tests/test_lm_head.py, with the
-full-logits reference)."""
-import functools
+block survives a JSON round trip (as config.json stores it), and its loss reports the metrics its
+record names. (Its loss and gradients through both heads against full logits, for every registered
+objective: tests/test_lm_head.py.)"""
 import json
 
-import jax
 import ml_collections
 import numpy as np
 import pytest
@@ -52,35 +50,6 @@ def make_data(seed=0, b=2, t=9, d=6, v=41):  # v > EAFT's default top-20
               ref_w=(w + 0.2 * rng.normal(size=w.shape)).astype(np.float32),
               old_logp=(-3.0 + rng.normal(size=(b, t))).astype(np.float32),
               token_key=np.asarray(step_lib.token_keys(seed, 0, (b, t))))
-
-
-def loss(hidden, w, data, cfg, head):
-  setting = objectives.validate(cfg)
-  stats = head(hidden, w, data["targets"], stats=setting.stats,
-               ref_hidden_BxTxD=data["ref_hidden"], ref_w_DxV=data["ref_w"],
-               extra_BxT={"token_key": data["token_key"]})
-  stats.update(old_logp=data["old_logp"], token_key=data["token_key"])
-  stats["ref_logp"] = lm_head.token_stats_naive(data["ref_hidden"], data["ref_w"],
-                                                data["targets"], stats=(lm_head.LOGP,))["logp"]
-  return objectives.objective_loss(stats, data, setting)[0]
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_finite_and_chunked_equals_naive(name):
-  data = make_data()
-  cfg = {"name": name}
-  grads = {}
-  for label, head in (("chunked", functools.partial(lm_head.token_stats, chunk_size=4)),
-                      ("naive", lm_head.token_stats_naive)):
-    fn = jax.jit(jax.value_and_grad(functools.partial(loss, data=data, cfg=cfg, head=head),
-                                    argnums=(0, 1)))
-    grads[label] = fn(data["hidden"], data["w"])
-  (value, (d_hidden, d_w)), (naive_value, (naive_hidden, naive_w)) = grads.values()
-  assert np.isfinite(value) and np.all(np.isfinite(d_hidden)) and np.all(np.isfinite(d_w))
-  np.testing.assert_allclose(value, naive_value, rtol=1e-5)
-  np.testing.assert_allclose(d_hidden, naive_hidden, rtol=1e-4, atol=1e-7)
-  np.testing.assert_allclose(d_w, naive_w, rtol=1e-4, atol=1e-7)
-  assert np.abs(d_w).max() > 0
 
 
 @pytest.mark.parametrize("name", NAMES)
